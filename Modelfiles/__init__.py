@@ -1,0 +1,1 @@
+"""Ollama Modelfile TEMPLATE bases per chat family (package data)."""

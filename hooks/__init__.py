@@ -1,0 +1,1 @@
+"""Built-in plugins of ollama-compress, one module per stage."""

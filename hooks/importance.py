@@ -1,0 +1,502 @@
+"""Layer importance: how much each decoder layer changes what flows through the model.
+
+Every metric returns one score per decoder layer, higher meaning more important (the prune stage
+removes the lowest). All are measured with forward hooks on the decoder layers:
+
+* ``block_influence`` (ShortGPT, Men et al. 2024): ``1 - mean cos(input, output)`` of each layer over
+  every calibration token. A layer that barely turns the residual stream scores near 0.
+* ``angular`` (Gromov et al. 2024): ``d(l, n) = arccos(cos(h_l, h_{l+n})) / pi`` on the last token,
+  where ``h_l`` is the input of layer ``l``. With ``block_size`` n = 1 it is a per-layer score; for
+  n > 1 a layer scores the smallest distance of any n-block containing it, so the n lowest layers
+  form the best block. ``best_block`` returns that block directly.
+* ``drop_one``: ``KL(full || layer skipped)`` of the next-token distributions, averaged over all
+  tokens; one extra forward pass per layer. Slowest, and the most faithful to what removal does.
+
+``block_influence`` and ``angular`` share one hooked forward pass when computed together.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from ollama_compress.errors import NotAvailable, UserError
+from ollama_compress.fsutil import atomic_path, write_json
+from ollama_compress.hookspecs import hookimpl
+
+HIDDEN_STATE_METRICS = ("block_influence", "angular")
+
+
+# ---------------------------------------------------------------- finding the layers
+def get_decoder_layers(model) -> "torch.nn.ModuleList":
+    """The decoder layer list of a causal LM (``model.model.layers`` for the supported families)."""
+    import torch
+
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0 or (
+            expected is not None and len(layers) != expected):
+        arch = type(model).__name__
+        raise UserError(f"{arch}: the decoder layers aren't where the architecture says (model.model.layers "
+                        f"with config.num_hidden_layers entries); this architecture is not supported yet")
+    return layers
+
+
+def _layer_input(args: tuple, kwargs: dict):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _layer_output(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _device_of(model):
+    return next(model.parameters()).device
+
+
+def _forward(model, batch):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=batch.to(_device_of(model)), use_cache=False)
+
+
+# ---------------------------------------------------------------- one hooked pass: hidden states
+@dataclass
+class HiddenStateStats:
+    """What one hooked pass over the calibration batches measured."""
+
+    cos_sum: list[float]  # per layer: sum over tokens of cos(input, output)
+    tokens: int  # tokens seen
+    last_states: list["torch.Tensor"] = field(default_factory=list)  # h_0..h_L at the last token, [N, H]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.cos_sum)
+
+
+def collect_hidden_stats(model, batches: list) -> HiddenStateStats:
+    """One forward per batch with hooks: per-layer token cosines and last-token residual states."""
+    import torch
+    import torch.nn.functional as F
+
+    layers = get_decoder_layers(model)
+    n = len(layers)
+    cos_sum = torch.zeros(n, dtype=torch.float64)
+    last_in: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    last_out: list[torch.Tensor] = []
+    tokens = 0
+
+    def make_hook(index: int):
+        def hook(module, args, kwargs, output):
+            h_in = _layer_input(args, kwargs).float()
+            h_out = _layer_output(output).float()
+            cos = F.cosine_similarity(h_in, h_out, dim=-1)  # [batch, seq]
+            cos_sum[index] += cos.double().sum().cpu()
+            last_in[index].append(h_in[:, -1].cpu())
+            if index == n - 1:
+                last_out.append(h_out[:, -1].cpu())
+        return hook
+
+    handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for batch in batches:
+            _forward(model, batch)
+            tokens += batch.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    states = [torch.cat(s) for s in last_in] + [torch.cat(last_out)]
+    return HiddenStateStats(cos_sum.tolist(), tokens, states)
+
+
+def block_influence_from(stats: HiddenStateStats) -> list[float]:
+    return [1.0 - s / stats.tokens for s in stats.cos_sum]
+
+
+def block_distances_from(stats: HiddenStateStats, block_size: int) -> list[float]:
+    """``d(l, n)`` for every start ``l`` (``L - n + 1`` values), averaged over sequences."""
+    import torch
+    import torch.nn.functional as F
+
+    n = block_size
+    if not 1 <= n < stats.num_layers:
+        raise UserError(f"block size {n} must be between 1 and {stats.num_layers - 1} (the model has "
+                        f"{stats.num_layers} layers)")
+    h = stats.last_states
+    out = []
+    for start in range(stats.num_layers - n + 1):
+        cos = F.cosine_similarity(h[start].double(), h[start + n].double(), dim=-1).clamp(-1.0, 1.0)
+        out.append(float((torch.arccos(cos) / math.pi).mean()))
+    return out
+
+
+def angular_from(stats: HiddenStateStats, block_size: int = 1) -> list[float]:
+    distances = block_distances_from(stats, block_size)
+    n = block_size
+    return [min(distances[max(0, l - n + 1):l + 1]) for l in range(stats.num_layers)]
+
+
+# ---------------------------------------------------------------- metrics
+def block_influence(model, batches: list, **options: Any) -> list[float]:
+    """ShortGPT block influence per layer: 1 - mean cosine of its input and output."""
+    return block_influence_from(collect_hidden_stats(model, batches))
+
+
+def angular(model, batches: list, block_size: int = 1, **options: Any) -> list[float]:
+    """Angular distance per layer (last token); for block_size > 1 the best block containing it."""
+    return angular_from(collect_hidden_stats(model, batches), int(block_size))
+
+
+def block_distances(model, batches: list, n: int) -> list[float]:
+    """Angular distance ``d(l, n)`` for each start ``l`` of a contiguous block of ``n`` layers."""
+    return block_distances_from(collect_hidden_stats(model, batches), n)
+
+
+def best_block(model, batches: list, n: int) -> tuple[int, float]:
+    """The contiguous block of ``n`` layers whose removal changes the last token least: (start, distance)."""
+    distances = block_distances(model, batches, n)
+    start = min(range(len(distances)), key=distances.__getitem__)
+    return start, distances[start]
+
+
+def _skip_hook(module, args, kwargs, output):
+    """Forward hook making a decoder layer an identity: its output is its input, same structure."""
+    h_in = _layer_input(args, kwargs)
+    if isinstance(output, tuple):
+        return (h_in,) + tuple(output[1:])
+    return h_in
+
+
+def drop_one(model, batches: list, **options: Any) -> list[float]:
+    """Per layer: mean KL(full model || model with that layer skipped) of next-token distributions."""
+    import torch
+    import torch.nn.functional as F
+
+    layers = get_decoder_layers(model)
+    kl_sum = torch.zeros(len(layers), dtype=torch.float64)
+    tokens = 0
+    for batch in batches:
+        ref = F.log_softmax(_forward(model, batch).logits.float(), dim=-1)
+        tokens += batch.numel()
+        for index, layer in enumerate(layers):
+            handle = layer.register_forward_hook(_skip_hook, with_kwargs=True)
+            try:
+                logp = F.log_softmax(_forward(model, batch).logits.float(), dim=-1)
+            finally:
+                handle.remove()
+            kl = F.kl_div(logp, ref, log_target=True, reduction="sum")  # KL(ref || skipped)
+            kl_sum[index] += float(kl)
+        del ref
+    return (kl_sum / tokens).tolist()
+
+
+@hookimpl
+def register_importance_metrics(register) -> None:
+    register("block_influence", block_influence,
+             "ShortGPT: 1 - mean cosine of each layer's input and output (one pass)")
+    register("angular", angular,
+             "Gromov et al.: arccos(cos)/pi across a block of block_size layers, last token (one pass)")
+    register("drop_one", drop_one,
+             "KL of next-token distributions when that one layer is skipped (one pass per layer)")
+
+
+# ---------------------------------------------------------------- scoring several metrics
+def _metric_fn(name: str) -> Callable:
+    from ollama_compress.plugins import capability
+
+    try:
+        return capability("importance_metrics", name).fn
+    except NotAvailable as exc:
+        raise UserError(str(exc)) from None
+
+
+def known_metrics() -> list[str]:
+    from ollama_compress.plugins import capabilities
+
+    return sorted(capabilities("importance_metrics"))
+
+
+def _shared_pass_names(metrics: list[str]) -> list[str]:
+    """Requested built-in hidden-state metrics that one hooked pass can serve together."""
+    from ollama_compress.plugins import capabilities
+
+    caps = capabilities("importance_metrics")
+    builtin = {"block_influence": block_influence, "angular": angular}
+    return [m for m in metrics if m in builtin and caps.get(m) and caps[m].fn is builtin[m]]
+
+
+def score_model_timed(model, batches: list, metrics: list[str], **options: Any
+                      ) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Like ``score_model``, also returning seconds per metric (a shared pass counts for each)."""
+    metrics = list(dict.fromkeys(metrics))
+    fns = {m: _metric_fn(m) for m in metrics}
+    get_decoder_layers(model)
+    scores: dict[str, list[float]] = {}
+    seconds: dict[str, float] = {}
+    shared = _shared_pass_names(metrics)
+    if len(shared) > 1:
+        start = time.perf_counter()
+        stats = collect_hidden_stats(model, batches)
+        block_size = int(options.get("block_size", 1))
+        computed = {"block_influence": lambda: block_influence_from(stats),
+                    "angular": lambda: angular_from(stats, block_size)}
+        for m in shared:
+            scores[m] = computed[m]()
+        elapsed = time.perf_counter() - start
+        seconds.update({m: elapsed for m in shared})
+    for m in metrics:
+        if m in scores:
+            continue
+        start = time.perf_counter()
+        scores[m] = [float(v) for v in fns[m](model, batches, **options)]
+        seconds[m] = time.perf_counter() - start
+    return {m: scores[m] for m in metrics}, seconds
+
+
+def score_model(model, batches: list, metrics: list[str], **options: Any) -> dict[str, list[float]]:
+    """``{metric: [score per layer]}`` for each named metric (registered importance metrics)."""
+    return score_model_timed(model, batches, metrics, **options)[0]
+
+
+def _check_scores(scores: dict[str, list[float]], num_layers: int) -> None:
+    from ollama_compress.errors import StageFailed
+
+    for name, values in scores.items():
+        if len(values) != num_layers or not all(math.isfinite(v) for v in values):
+            raise StageFailed(f"metric '{name}' did not give {num_layers} finite scores (got {values!r:.200})")
+
+
+# ---------------------------------------------------------------- outputs
+def rank_least_important(values: list[float]) -> list[int]:
+    """Rank of each layer, 1 = least important (removed first)."""
+    order = sorted(range(len(values)), key=lambda i: (values[i], i))
+    ranks = [0] * len(values)
+    for r, i in enumerate(order, 1):
+        ranks[i] = r
+    return ranks
+
+
+def plot_scores(name: str, values: list[float], path: Path, title: str = "") -> Path:
+    """A bar chart of one metric per layer, written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = rank_least_important(values)
+    lowest = max(1, len(values) // 5)
+    colors = ["tab:red" if r <= lowest else "tab:blue" for r in ranks]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(values) + 2), 3.6))
+    ax.bar(range(len(values)), values, color=colors)
+    ax.set_xlabel("layer (0-based)")
+    ax.set_ylabel(f"{name} (higher = more important)")
+    ax.set_title(title or name)
+    ax.set_xticks(range(len(values)))
+    ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_scores(out_dir: Path, scores: dict[str, list[float]], info: dict[str, Any], title: str = "") -> Path:
+    """Write ``scores.json`` (metrics plus ``info``) and ``<metric>.png`` per metric into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, values in scores.items():
+        plot_scores(name, values, out_dir / f"{name}.png", f"{title} {name}".strip())
+    return write_json(out_dir / "scores.json", {**scores, **info})
+
+
+@dataclass
+class Analysis:
+    """Result of ``analyze_model``: scores per metric and how they were obtained."""
+
+    scores: dict[str, list[float]]
+    num_layers: int
+    tokens: int
+    seconds: dict[str, float]
+
+    def info(self) -> dict[str, Any]:
+        return {"num_layers": self.num_layers, "tokens": self.tokens,
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+
+
+def analyze_model(model, tokenizer, metrics: list[str], data_spec, ctx=None, cache_dir=None,
+                  **options: Any) -> Analysis:
+    """Score every decoder layer of a loaded model with ``metrics`` on the text of ``data_spec``."""
+    from ollama_compress.hooks.data import calibration_batches
+
+    for m in metrics:
+        _metric_fn(m)  # unknown names fail before any work
+    num_layers = len(get_decoder_layers(model))
+    batches = calibration_batches(data_spec, tokenizer, ctx=ctx, model=model, cache_dir=cache_dir)
+    scores, seconds = score_model_timed(model, batches, metrics, **options)
+    _check_scores(scores, num_layers)
+    return Analysis(scores, num_layers, sum(b.numel() for b in batches), seconds)
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- stage hook
+@hookimpl
+def score_layers(ctx, model_dir: Path) -> dict[str, list[float]] | None:
+    from ollama_compress import modelio
+
+    prune = ctx.recipe.prune
+    metrics = list(dict.fromkeys([prune.metric, *prune.report_metrics])) if prune else ["block_influence"]
+    for m in metrics:
+        _metric_fn(m)
+    spec = ctx.recipe.data.calibration
+    _seed_everything(spec.seed)
+    model = modelio.load_model(model_dir, ctx.options, dtype=ctx.recipe.source.dtype, device=ctx.device)
+    tokenizer = modelio.load_tokenizer(model_dir, ctx.options)
+    options = {"block_size": prune.remove} if prune and prune.block and prune.remove else {}
+    ctx.log(f"scoring {len(get_decoder_layers(model))} layers with {', '.join(metrics)}")
+    result = analyze_model(model, tokenizer, metrics, spec, ctx=ctx, **options)
+    write_scores(ctx.out_dir, result.scores, result.info(), Path(model_dir).name)
+    ctx.metrics.update({"num_layers": result.num_layers, "tokens": result.tokens,
+                        "seconds": {k: round(v, 3) for k, v in result.seconds.items()}})
+    return result.scores
+
+
+# ---------------------------------------------------------------- analyze command
+def resolve_model_dir(model: str, options) -> Path:
+    """An HF directory for ``model``: the directory itself, or a .gguf file imported once into the cache."""
+    from ollama_compress import modelio
+
+    path = Path(model)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _imported_gguf(path)
+    modelio.check_model_dir(path, options)
+    modelio.check_causal_lm(path)
+    return path
+
+
+def _imported_gguf(path: Path) -> Path:
+    try:
+        from ollama_compress.hooks.source import import_gguf
+    except ImportError:
+        raise UserError(f"{path}: reading GGUF files needs the source plugin (ollama_compress.hooks.source)") from None
+    from ollama_compress.embedded import cache_dir
+    from ollama_compress.fsutil import file_sha256
+
+    target = cache_dir() / "gguf-import" / f"{path.stem}-{file_sha256(path)[:12]}"
+    if not (target / "config.json").is_file():
+        with atomic_path(target, is_dir=True) as tmp:
+            import_gguf(path, tmp)
+    return target
+
+
+def _data_spec(calibration: str | None, samples: int | None, seq_len: int | None, seed: int):
+    from ollama_compress.recipe import TextSource
+
+    fields: dict[str, Any] = {"seed": seed}
+    if calibration:
+        kind = "jsonl" if calibration.lower().endswith(".jsonl") else "text"
+        fields.update({"from": kind, "path": calibration})
+    if samples is not None:
+        fields["samples"] = samples
+    if seq_len is not None:
+        fields["seq_len"] = seq_len
+    try:
+        return TextSource.model_validate(fields)
+    except Exception as exc:
+        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+        where = ".".join(str(p) for p in first["loc"])
+        raise UserError(f"--{where.replace('_', '-')}: {first['msg']}") from None
+
+
+def print_table(scores: dict[str, list[float]], console, title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, caption="rank 1 = least important (removed first)")
+    table.add_column("layer", justify="right")
+    ranks = {m: rank_least_important(v) for m, v in scores.items()}
+    for m in scores:
+        table.add_column(m, justify="right")
+        table.add_column("rank", justify="right")
+    num_layers = len(next(iter(scores.values())))
+    for layer in range(num_layers):
+        cells = [str(layer)]
+        for m, values in scores.items():
+            cells += [f"{values[layer]:.5f}", str(ranks[m][layer])]
+        table.add_row(*cells)
+    console.print(table)
+
+
+def analyze(model: str, metrics: list[str], calibration: str | None = None, samples: int | None = None,
+            seq_len: int | None = None, block_size: int = 1, out: str | None = None, options=None,
+            seed: int = 0, log: Callable[[str], None] = lambda m: None) -> tuple[Analysis, Path]:
+    """The ``analyze`` command as a function: score ``model`` (HF dir or .gguf) and write the outputs."""
+    from ollama_compress import modelio
+
+    for m in metrics:
+        _metric_fn(m)
+    spec = _data_spec(calibration, samples, seq_len, seed)
+    model_dir = resolve_model_dir(model, options)
+    out_dir = Path(out) if out else Path.cwd() / f"analyze-{Path(model).name.removesuffix('.gguf')}"
+    device = options.device if options and options.device != "auto" else None
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    _seed_everything(seed)
+    tokenizer = modelio.load_tokenizer(model_dir, options)
+    if calibration:  # read the text before loading weights: bad files fail fast
+        from ollama_compress.hooks.data import load_texts
+
+        load_texts(spec, tokenizer)
+    log(f"loading {model_dir}")
+    loaded = modelio.load_model(model_dir, options, dtype="float32", device=device)
+    log(f"scoring {len(get_decoder_layers(loaded))} layers with {', '.join(metrics)} "
+        f"({spec.samples} x {spec.seq_len} tokens)")
+    result = analyze_model(loaded, tokenizer, metrics, spec, block_size=block_size)
+    write_scores(out_dir, result.scores, {**result.info(), "model": str(model)}, Path(model).name)
+    return result, out_dir
+
+
+@hookimpl
+def register_commands(cli) -> None:
+    from ollama_compress.cli import make_options, run_options
+
+    @cli.command("analyze")
+    @click.argument("model")
+    @click.option("--metric", "metrics", multiple=True, help="Importance metric (repeatable); default block_influence.")
+    @click.option("--calibration", type=str, help="Calibration text (.txt) or JSON lines (.jsonl); default: shipped corpus.")
+    @click.option("--samples", type=int, help="Number of calibration sequences (default 32).")
+    @click.option("--seq-len", type=int, help="Tokens per sequence (default 256).")
+    @click.option("--block-size", type=int, default=1, show_default=True, help="Block size n for 'angular'.")
+    @click.option("--seed", type=int, default=0, show_default=True, help="Seed for choosing the sequences.")
+    @click.option("--out", type=str, help="Output directory (default ./analyze-<model name>).")
+    @click.option("--json", "as_json", is_flag=True, help="Print only {metric: [scores]} as JSON on stdout.")
+    @run_options
+    def analyze_command(model, metrics, calibration, samples, seq_len, block_size, seed, out, as_json, **run_opts):
+        """Score each layer of MODEL (HF directory or .gguf file): higher = more important."""
+        from rich.console import Console
+
+        stderr = Console(stderr=True)
+        result, out_dir = analyze(model, list(metrics) or ["block_influence"], calibration, samples, seq_len,
+                                  block_size, out, make_options(**run_opts), seed,
+                                  log=lambda m: stderr.print(f"[dim]{m}[/dim]"))
+        if as_json:
+            click.echo(json.dumps(result.scores))
+            stderr.print(f"wrote {out_dir / 'scores.json'}")
+            return
+        console = Console()
+        print_table(result.scores, console, f"{Path(model).name}: layer importance ({result.tokens} tokens)")
+        times = ", ".join(f"{m} {s:.1f}s" for m, s in result.seconds.items())
+        console.print(f"{times}; wrote {out_dir / 'scores.json'} and one PNG per metric")

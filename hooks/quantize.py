@@ -1,0 +1,419 @@
+"""Quantize GGUF files with llama.cpp's own quantizer and measure what each quant costs in quality.
+
+* ``quantize_file``: F32/F16/BF16 GGUF -> Q8_0, Q4_K_M, ... through llama-cpp-python's
+  ``llama_model_quantize`` (the code behind ``llama-quantize``); input and output verified.
+* ``measure_quants``: size, bits per weight, perplexity on held-out text, and KL / top-1
+  agreement against a reference GGUF, all from llama.cpp logits.
+* The ``quantize_gguf`` stage hook and the ``verify`` / ``quantize`` commands.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import math
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+
+from ollama_compress.errors import StageFailed, UserError
+from ollama_compress.fsutil import atomic_path, write_json
+from ollama_compress.gguf_verify import GGUFSummary, verify_gguf
+from ollama_compress.hookspecs import hookimpl
+from ollama_compress.recipe import QUANT_TYPES
+
+UNQUANTIZED = ("F32", "F16", "BF16")
+# Quants llama.cpp refuses without an importance matrix: llama-quantize stops on IQ1_S, IQ1_M,
+# IQ2_XXS, IQ2_XS, IQ2_S and Q2_K_S; IQ2_M's main tensor type is IQ2_S, which the library
+# itself refuses to produce without one ("this quantization requires an importance matrix").
+NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S")
+# Nominal bits per weight of each quant's main tensor type: only to check free disk space.
+_NOMINAL_BPW = {
+    "F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.5,
+    "Q5_0": 5.5, "Q5_1": 6.0, "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_0": 4.5, "Q4_1": 5.0,
+    "IQ4_XS": 4.3, "IQ4_NL": 4.5, "Q3_K_L": 4.3, "Q3_K_M": 3.9, "Q3_K_S": 3.5, "Q2_K": 3.0,
+    "Q2_K_S": 2.8, "IQ3_XXS": 3.1, "IQ3_XS": 3.3, "IQ3_S": 3.5, "IQ3_M": 3.7, "IQ2_XXS": 2.1,
+    "IQ2_XS": 2.3, "IQ2_S": 2.5, "IQ2_M": 2.7, "IQ1_S": 1.6, "IQ1_M": 1.8,
+}
+_OUTTYPE_SUFFIX = re.compile(r"-(F32|F16|BF16)$", re.IGNORECASE)
+
+
+# ---------------------------------------------------------------- quantization
+def quantize_file(src: Path, quant: str, dst: Path, imatrix: Path | None = None, nthreads: int = 0,
+                  *, allow_requantize: bool = False) -> Path:
+    """Quantize the GGUF ``src`` to ``quant`` (llama.cpp spelling) and write ``dst`` atomically.
+
+    ``src`` must be an F32/F16/BF16 GGUF unless ``allow_requantize``. Quants in
+    ``NEEDS_IMATRIX`` need ``imatrix`` (an importance-matrix file from ``llama-imatrix``); since
+    llama-cpp-python cannot pass one (llama.cpp takes it as a C++ map), such runs use the
+    ``llama-quantize`` program, which must then be on PATH. ``nthreads`` 0 uses every core.
+    Returns ``dst``; raises UserError for bad input and StageFailed when llama.cpp fails.
+    """
+    src, dst = Path(src), Path(dst)
+    quant = _check_quant(quant, imatrix)
+    summary = verify_gguf(src)
+    _check_source(summary, allow_requantize)
+    if dst.resolve() == src.resolve():
+        raise UserError(f"{dst}: the output would overwrite the input; choose another output path")
+    _check_disk_space(summary, quant, dst)
+    with atomic_path(dst) as tmp:
+        if imatrix is not None:
+            _quantize_with_tool(src, quant, tmp, Path(imatrix), nthreads, allow_requantize)
+        else:
+            _quantize_with_library(src, quant, tmp, nthreads, allow_requantize)
+        verify_gguf(tmp)  # never rename a file llama.cpp could not load
+    return dst
+
+
+def quant_file_name(gguf_path: Path, quant: str) -> str:
+    """``smol-F16.gguf`` + ``Q4_K_M`` -> ``smol-Q4_K_M.gguf`` (the export's naming)."""
+    stem = _OUTTYPE_SUFFIX.sub("", Path(gguf_path).stem)
+    return f"{stem}-{quant}.gguf"
+
+
+def _check_quant(quant: str, imatrix: Path | None) -> str:
+    if quant not in QUANT_TYPES:
+        upper = quant.upper()
+        hint = f" (did you mean {upper}?)" if upper in QUANT_TYPES else ""
+        raise UserError(f"unknown quant '{quant}'{hint}; known: {', '.join(QUANT_TYPES)}")
+    if quant in NEEDS_IMATRIX and imatrix is None:
+        raise UserError(
+            f"{quant} needs an importance matrix: make one with llama.cpp's llama-imatrix and give it "
+            f"(export.imatrix / --imatrix), or pick a quant that does not (Q2_K, Q3_K_M, IQ4_XS, ...)"
+        )
+    if imatrix is not None and not Path(imatrix).is_file():
+        raise UserError(f"{imatrix}: importance matrix file not found")
+    return quant
+
+
+def _check_source(summary: GGUFSummary, allow_requantize: bool) -> None:
+    quantized = sorted({t.type for t in summary.tensors if t.type not in UNQUANTIZED})
+    if quantized and not allow_requantize:
+        raise UserError(
+            f"{summary.path}: already quantized ({', '.join(quantized)} tensors); quantize from the "
+            f"F32/F16/BF16 export instead (requantizing compounds the error)"
+        )
+    if summary.architecture is None:
+        raise UserError(f"{summary.path}: no general.architecture key; not a model llama.cpp can quantize")
+
+
+def _estimated_size(summary: GGUFSummary, quant: str) -> int:
+    bits = 0.0
+    for t in summary.tensors:
+        if len(t.shape) < 2:
+            bits += 8 * t.nbytes  # norms and biases stay as they are
+        else:
+            bits += t.n_elements * max(_NOMINAL_BPW[quant], 8.5 if t.name.startswith(("token_embd", "output.")) else 0)
+    return int(bits / 8 * 1.05) + summary.data_offset
+
+
+def _check_disk_space(summary: GGUFSummary, quant: str, dst: Path) -> None:
+    if dst.parent.exists() and not dst.parent.is_dir():
+        raise UserError(f"{dst.parent} is a file; choose an output directory")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output directory {dst.parent}: {exc.strerror or exc}") from None
+    need = _estimated_size(summary, quant)
+    free = shutil.disk_usage(dst.parent).free
+    if free < need:
+        raise UserError(f"not enough disk space in {dst.parent} for {quant}: need about "
+                        f"{need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free")
+
+
+def _ftype(llama_cpp: Any, quant: str) -> int:
+    name = "LLAMA_FTYPE_ALL_F32" if quant == "F32" else f"LLAMA_FTYPE_MOSTLY_{quant}"
+    value = getattr(llama_cpp, name, None)
+    if value is None:
+        raise UserError(f"{quant} is not supported by the installed llama-cpp-python; upgrade it or pick another quant")
+    return int(value)
+
+
+def _import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise StageFailed(f"llama-cpp-python is needed for quantization and quality checks ({exc}); "
+                          f"pip install llama-cpp-python") from None
+    return llama_cpp
+
+
+@contextlib.contextmanager
+def llama_log_capture() -> Iterator[list[str]]:
+    """Collect llama.cpp's log lines (instead of printing them) while the block runs."""
+    llama_cpp = _import_llama_cpp()
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):  # noqa: ARG001
+        if text:
+            lines.append(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        default = getattr(getattr(llama_cpp, "_logger", None), "llama_log_callback", None)
+        llama_cpp.llama_log_set(default, ctypes.c_void_p(0))
+
+
+def _failure_reason(log: list[str]) -> str:
+    text = "".join(log)
+    for pattern in (r"failed to quantize: ([^\n]+)", r"error[^:\n]*: ([^\n]+)", r"ERROR: ([^\n]+)"):
+        found = re.findall(pattern, text, flags=re.IGNORECASE)
+        if found:
+            return found[-1].strip()
+    tail = [line.strip() for line in text.splitlines() if line.strip()]
+    return tail[-1] if tail else "no message from llama.cpp"
+
+
+def _quantize_with_library(src: Path, quant: str, dst: Path, nthreads: int, allow_requantize: bool) -> list[str]:
+    llama_cpp = _import_llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = _ftype(llama_cpp, quant)
+    params.nthread = nthreads
+    params.allow_requantize = allow_requantize
+    with llama_log_capture() as log:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        reason = _failure_reason(log)
+        error = UserError if re.search(r"unknown model architecture|requires an imatrix|importance matrix", reason) else StageFailed
+        raise error(f"llama.cpp could not quantize {src} to {quant}: {reason}")
+    return log
+
+
+def _quantize_with_tool(src: Path, quant: str, dst: Path, imatrix: Path, nthreads: int, allow_requantize: bool) -> None:
+    tool = shutil.which("llama-quantize")
+    if tool is None:
+        raise UserError(
+            "an importance matrix cannot be passed through llama-cpp-python (llama.cpp takes it as a C++ "
+            "map); put llama.cpp's llama-quantize on PATH to quantize with --imatrix, or drop the imatrix"
+        )
+    cmd = [tool, "--imatrix", str(imatrix)]
+    if allow_requantize:
+        cmd.append("--allow-requantize")
+    cmd += [str(src), str(dst), quant]
+    if nthreads > 0:
+        cmd.append(str(nthreads))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StageFailed(f"llama-quantize could not quantize {src} to {quant}: {_failure_reason([proc.stderr])}")
+
+
+def fallback_count(log: list[str]) -> int:
+    """How many tensors llama.cpp quantized with a fallback type (row size not a multiple of 256)."""
+    found = re.findall(r"(\d+) of \d+ tensor\(s\) required fallback quantization", "".join(log))
+    return int(found[-1]) if found else 0
+
+
+# ---------------------------------------------------------------- quality
+def heldout_texts() -> list[str]:
+    """The shipped held-out corpus (``ollama_compress.data/heldout.txt``), split into paragraphs."""
+    from importlib import resources
+
+    try:
+        text = (resources.files("ollama_compress.data") / "heldout.txt").read_text(encoding="utf-8")
+    except (FileNotFoundError, OSError):
+        raise UserError("no held-out text shipped (ollama_compress/data/heldout.txt); pass texts to measure quants") from None
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+class _LlamaScorer:
+    """One GGUF loaded in llama.cpp, giving log-probabilities for token windows."""
+
+    def __init__(self, path: Path, n_ctx: int):
+        llama_cpp = _import_llama_cpp()
+        with llama_log_capture() as log:
+            try:
+                self.llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, verbose=False)
+            except (ValueError, RuntimeError) as exc:
+                raise StageFailed(f"llama.cpp could not load {path}: {_failure_reason(log) or exc}") from None
+
+    @property
+    def n_vocab(self) -> int:
+        return self.llm.n_vocab()
+
+    def tokenize(self, texts: list[str], max_tokens: int) -> tuple[list[int], list[int]]:
+        """(BOS prefix the model wants, text tokens) for the joined texts, at most ``max_tokens``."""
+        prefix = self.llm.tokenize(b"", add_bos=True)
+        tokens = self.llm.tokenize("\n\n".join(texts).encode("utf-8"), add_bos=False)
+        return prefix, tokens[:max_tokens]
+
+    def log_probs(self, window: list[int]) -> Any:
+        """Log-softmax of the logits at each position but the last: row i predicts window[i+1]."""
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(window)
+        logits = np.array(self.llm.scores[: len(window) - 1], dtype=np.float32)
+        return _log_softmax(logits)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.llm.close()
+
+
+def _log_softmax(x: Any) -> Any:
+    import numpy as np
+
+    z = x - x.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)
+
+
+def _windows(prefix: list[int], tokens: list[int], n_ctx: int) -> list[list[int]]:
+    step = n_ctx - len(prefix)
+    chunks = [tokens[i : i + step] for i in range(0, len(tokens), step)]
+    return [prefix + c for c in chunks if len(prefix + c) >= 2]
+
+
+def _file_row(name: str, path: Path, summary: GGUFSummary) -> dict[str, Any]:
+    return {
+        "name": name, "path": str(path), "file_type": summary.file_type,
+        "size_bytes": summary.size, "size_mib": round(summary.size / 2**20, 2),
+        "bits_per_weight": round(summary.bits_per_weight, 4),
+    }
+
+
+def measure_quants(reference_gguf: Path, quant_ggufs: dict[str, Path], texts: list[str] | None = None,
+                   n_ctx: int = 512, max_tokens: int = 4096) -> list[dict]:
+    """Size, bits per weight, perplexity, and KL(reference || quant) / top-1 agreement per quant.
+
+    Text is tokenized once with the reference, cut into windows of ``n_ctx`` tokens (BOS first
+    when the model adds one) and every token after the first of a window is scored. The
+    reference's log-probabilities are kept in a temporary file, so memory stays at one window.
+    Returns one row per model, reference first (its KL is 0 and agreement 1 by definition).
+    """
+    import numpy as np
+
+    if n_ctx < 8:
+        raise UserError(f"n_ctx {n_ctx} is too small to measure perplexity; use 8 or more")
+    texts = texts if texts is not None else heldout_texts()
+    if not any(t.strip() for t in texts):
+        raise UserError("no held-out text to measure perplexity on")
+    reference_gguf = Path(reference_gguf)
+    summaries = {"reference": verify_gguf(reference_gguf)}
+    for name, path in quant_ggufs.items():
+        summaries[name] = verify_gguf(path)
+    ref_name = summaries["reference"].file_type or "reference"
+
+    with tempfile.TemporaryDirectory(prefix="quants-") as tmp:
+        ref = _LlamaScorer(reference_gguf, n_ctx)
+        try:
+            prefix, tokens = ref.tokenize(texts, max_tokens)
+            windows = _windows(prefix, tokens, n_ctx)
+            if not windows:
+                raise UserError("the held-out text tokenizes to fewer than 2 tokens; give more text")
+            n_scored = sum(len(w) - 1 for w in windows)
+            n_vocab = ref.n_vocab
+            ref_lp = np.lib.format.open_memmap(Path(tmp) / "ref.npy", mode="w+", dtype=np.float32, shape=(n_scored, n_vocab))
+            start, nll, t0 = 0, 0.0, time.perf_counter()
+            for w in windows:
+                lp = ref.log_probs(w)
+                ref_lp[start : start + len(lp)] = lp
+                nll -= float(lp[np.arange(len(lp)), w[1:]].sum(dtype=np.float64))
+                start += len(lp)
+            ref_seconds = time.perf_counter() - t0
+        finally:
+            ref.close()
+        rows = [_file_row(ref_name, reference_gguf, summaries["reference"]) | {
+            "reference": True, "perplexity": math.exp(nll / n_scored), "mean_kl": 0.0, "top1_agreement": 1.0,
+            "tokens": n_scored, "n_ctx": n_ctx, "eval_seconds": round(ref_seconds, 2)}]
+        for name, path in quant_ggufs.items():
+            rows.append(_file_row(name, Path(path), summaries[name]) | {"reference": False}
+                        | _compare(Path(path), windows, ref_lp, n_vocab, n_ctx))
+    return rows
+
+
+def _compare(path: Path, windows: list[list[int]], ref_lp: Any, n_vocab: int, n_ctx: int) -> dict[str, Any]:
+    import numpy as np
+
+    scorer = _LlamaScorer(path, n_ctx)
+    try:
+        if scorer.n_vocab != n_vocab:
+            raise UserError(f"{path}: vocabulary of {scorer.n_vocab} tokens differs from the reference's {n_vocab}")
+        start, nll, kl, agree, t0 = 0, 0.0, 0.0, 0, time.perf_counter()
+        for w in windows:
+            lp = scorer.log_probs(w)
+            ref = np.asarray(ref_lp[start : start + len(lp)])
+            nll -= float(lp[np.arange(len(lp)), w[1:]].sum(dtype=np.float64))
+            kl += float((np.exp(ref) * (ref - lp)).sum(dtype=np.float64))
+            agree += int((ref.argmax(axis=1) == lp.argmax(axis=1)).sum())
+            start += len(lp)
+        seconds = time.perf_counter() - t0
+    finally:
+        scorer.close()
+    return {"perplexity": math.exp(nll / start), "mean_kl": kl / start, "top1_agreement": agree / start,
+            "tokens": start, "n_ctx": n_ctx, "eval_seconds": round(seconds, 2)}
+
+
+def write_quants_report(rows: list[dict], out_dir: Path) -> Path:
+    """Write ``quants.json`` (atomically) into ``out_dir``; return its path."""
+    return write_json(Path(out_dir) / "quants.json", {"quants": rows})
+
+
+def format_quants_table(rows: list[dict]):
+    """A rich Table of the rows of ``measure_quants``."""
+    from rich.table import Table
+
+    table = Table(title="Quants: size and quality against the reference (llama.cpp logits)")
+    for header in ("quant", "MiB", "bits/weight", "perplexity", "KL vs ref", "top-1 agree"):
+        table.add_column(header, justify="left" if header == "quant" else "right")
+    for row in rows:
+        name = row["name"] + (" (ref)" if row.get("reference") else "")
+        table.add_row(name, f"{row['size_mib']:.1f}", f"{row['bits_per_weight']:.2f}", f"{row['perplexity']:.3f}",
+                      f"{row['mean_kl']:.5f}", f"{100 * row['top1_agreement']:.1f}%")
+    return table
+
+
+# ---------------------------------------------------------------- stage hook and commands
+@hookimpl
+def quantize_gguf(ctx, gguf_path: Path, quant: str) -> Path:
+    imatrix = getattr(ctx.settings, "imatrix", None)
+    dst = Path(ctx.out_dir) / quant_file_name(gguf_path, quant)
+    started = time.perf_counter()
+    quantize_file(Path(gguf_path), quant, dst, imatrix=Path(imatrix) if imatrix else None)
+    summary = verify_gguf(dst)
+    ctx.metrics.setdefault("quantize", {})[quant] = {
+        "file": dst.name, "size_bytes": summary.size, "bits_per_weight": round(summary.bits_per_weight, 4),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    ctx.log(f"{quant}: {dst.name} ({summary.size / 2**20:.1f} MiB, {summary.bits_per_weight:.2f} bits/weight)")
+    return dst
+
+
+@hookimpl
+def register_commands(cli: click.Group) -> None:
+    @cli.command("verify")
+    @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+    @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON.")
+    def verify_command(files: tuple[Path, ...], as_json: bool) -> None:
+        """Check GGUF files the way llama.cpp loads them (stops at the first bad file, exit 2)."""
+        summaries = []
+        for path in files:
+            summary = verify_gguf(path)
+            summaries.append(summary.to_dict())
+            if not as_json:
+                click.echo(summary.one_line())
+        if as_json:
+            click.echo(json.dumps(summaries, indent=2))
+
+    @cli.command("quantize")
+    @click.argument("gguf", type=click.Path(path_type=Path))
+    @click.option("--quant", "-q", "quants", multiple=True, required=True, help="llama.cpp quant name; repeatable.")
+    @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output directory (default: beside GGUF).")
+    @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix (needs llama-quantize on PATH).")
+    @click.option("--threads", default=0, show_default=True, help="Threads (0: all cores).")
+    def quantize_command(gguf: Path, quants: tuple[str, ...], out_dir: Path | None, imatrix: Path | None, threads: int) -> None:
+        """Quantize an F32/F16/BF16 GGUF with llama.cpp (GGUF-F16.gguf -> GGUF-Q4_K_M.gguf ...)."""
+        for quant in quants:  # check every name before the first slow quantization
+            _check_quant(quant, imatrix)
+        target = out_dir or gguf.parent
+        for quant in quants:
+            dst = quantize_file(gguf, quant, target / quant_file_name(gguf, quant), imatrix=imatrix, nthreads=threads)
+            click.echo(verify_gguf(dst).one_line())

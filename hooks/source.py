@@ -1,0 +1,172 @@
+"""Sources: local HF directories, hub ids (offline unless asked), GGUF files, and embedded models.
+
+A GGUF source is imported once into a clean HF directory (safetensors, config without any
+quantization_config, tokenizer, chat template, generation config): the weights are de-quantized
+by transformers' GGUF loader, so a Q4 GGUF yields float weights equal to what llama.cpp computes with.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from ollama_compress.context import RunOptions, StageContext
+from ollama_compress.errors import StageFailed, UserError
+from ollama_compress.fsutil import atomic_path, file_sha256
+from ollama_compress.hookspecs import hookimpl
+from ollama_compress.modelio import check_causal_lm, check_model_dir
+
+GGUF_MAGIC = b"GGUF"
+
+
+# ---------------------------------------------------------------- GGUF import
+def check_gguf(path: str | os.PathLike) -> Path:
+    """``path`` if it looks like a complete GGUF file, else a UserError naming the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; give a .gguf file")
+    if not path.is_file():
+        raise UserError(f"{path} is not a file; give a .gguf file")
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise UserError(f"{path}: not a GGUF file (bad magic); give a .gguf model file")
+    try:
+        from ollama_compress.gguf_verify import verify_gguf
+    except ImportError:  # pragma: no cover - the verifier ships with the package
+        return path
+    verify_gguf(path)
+    return path
+
+
+def _strip_quantization(model) -> None:
+    """Forget that weights came from a quantized GGUF: they are de-quantized floats now."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32") -> Path:
+    """Write a clean HF directory for ``gguf_path`` into the existing directory ``out_dir``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = check_gguf(gguf_path)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=getattr(torch, dtype), local_files_only=True
+        )
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{gguf_path}: transformers cannot load this GGUF ({first})") from None
+    _strip_quantization(model)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
+    return out_dir
+
+
+def imported_gguf_dir(gguf_path: str | os.PathLike) -> Path:
+    """The HF import of a GGUF, made once and cached by the GGUF's content hash."""
+    from ollama_compress.embedded import cache_dir
+
+    gguf_path = check_gguf(gguf_path)
+    target = cache_dir() / "imported" / f"{gguf_path.stem}-{file_sha256(gguf_path)[:12]}"
+    if not (target / "config.json").is_file():
+        with atomic_path(target, is_dir=True) as tmp:
+            import_gguf(gguf_path, tmp)
+    return target
+
+
+# ---------------------------------------------------------------- resolving a source
+def resolve_source(spec: str, options: RunOptions | None = None, revision: str | None = None) -> Path:
+    """A local HF directory or GGUF file for a source spec (path, ``scheme:name`` or hub id)."""
+    from ollama_compress.plugins import capabilities
+
+    options = options or RunOptions()
+    scheme, sep, rest = spec.partition(":")
+    schemes = capabilities("sources")
+    if sep and scheme in schemes:
+        return Path(schemes[scheme].fn(rest, options))
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.endswith(".gguf"):
+        if not path.exists():
+            raise UserError(f"{spec} does not exist; give an HF model directory, a .gguf file or a hub id")
+        return path
+    return _hub_snapshot(spec, options, revision)
+
+
+def _hub_snapshot(repo_id: str, options: RunOptions, revision: str | None) -> Path:
+    if repo_id.count("/") != 1:
+        raise UserError(f"{repo_id} is neither a local path nor a hub id (org/name)")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
+    if options.allow_pickle:
+        patterns.append("*.bin")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                      local_files_only=options.offline))
+    except Exception as exc:  # the hub client raises many kinds
+        if options.offline:
+            raise UserError(f"{repo_id} is not in the local HF cache; download it first or pass --online") from None
+        raise StageFailed(f"could not download {repo_id}: {str(exc).splitlines()[0]}") from None
+
+
+def resolve_model_dir(spec: str, options: RunOptions | None = None, revision: str | None = None) -> Path:
+    """A checked local HF causal-LM directory for any source spec (GGUF files are imported once)."""
+    options = options or RunOptions()
+    path = resolve_source(spec, options, revision)
+    if path.is_file():
+        path = imported_gguf_dir(path)
+    check_model_dir(path, options)
+    check_causal_lm(path)
+    return path
+
+
+# ---------------------------------------------------------------- hooks
+def _embedded(name: str, options: RunOptions) -> Path:
+    from ollama_compress.embedded import EMBEDDED_MODELS, smollm2_gguf
+
+    if name not in EMBEDDED_MODELS:
+        raise UserError(f"no embedded model '{name}'; known: {', '.join(EMBEDDED_MODELS)}")
+    return smollm2_gguf()
+
+
+@hookimpl
+def register_sources(register):
+    register("embedded", _embedded, "models that ship with a PyPI wheel (embedded:smollm2-135m-instruct)")
+
+
+@hookimpl
+def load_source(ctx: StageContext) -> Path:
+    source = ctx.recipe.source
+    path = resolve_source(source.model, ctx.options, source.revision)
+    if path.is_dir() and source.gguf_file:
+        path = path / source.gguf_file
+    if path.is_file():
+        ctx.log(f"importing {path.name} into an HF directory")
+        out = import_gguf(path, ctx.out_dir, dtype=source.dtype)
+        ctx.metrics["imported_gguf"] = str(path)
+        return out
+    check_model_dir(path, ctx.options)
+    check_causal_lm(path)
+    return path
+
+
+@hookimpl
+def register_commands(cli):
+    @cli.command("import-gguf")
+    @click.argument("gguf_file", type=click.Path(path_type=Path))
+    @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="HF directory to write.")
+    @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+    def import_gguf_command(gguf_file: Path, out_dir: Path, dtype: str):
+        """Convert a GGUF file into a clean Hugging Face model directory."""
+        check_gguf(gguf_file)
+        with atomic_path(out_dir, is_dir=True) as tmp:
+            import_gguf(gguf_file, tmp, dtype=dtype)
+        click.echo(f"wrote {out_dir}")

@@ -1,0 +1,59 @@
+"""The small objects handed to every hook, so new fields never break a plugin's signature."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
+
+    from .recipe import Recipe
+
+
+@dataclass
+class RunOptions:
+    """Choices that only the command line may make (never a recipe)."""
+
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    device: str = "auto"  # "auto" picks cuda when available, else cpu
+    offline: bool = True  # never reach a model hub unless the user says so
+
+
+@dataclass
+class StageContext:
+    """What a stage hook gets: the recipe, where to write, and what earlier stages produced.
+
+    ``out_dir`` is a fresh temporary directory; the pipeline renames it to its final place
+    (``run_dir/NN-stage``) only when the stage returns without error.
+    ``inputs`` maps earlier stage names to their outputs (``"model"``: the newest HF directory).
+    Put JSON-able figures into ``metrics``: they end up in ``run.json``.
+    """
+
+    stage: str
+    recipe: "Recipe"
+    run_dir: Path
+    out_dir: Path
+    options: RunOptions = field(default_factory=RunOptions)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    console: "Console | None" = None
+    section: str | None = None  # recipe section when it differs from the stage name
+
+    @property
+    def settings(self) -> Any:
+        """This stage's section of the recipe (``recipe.prune`` for the prune stage, ...)."""
+        return getattr(self.recipe, self.section or self.stage, None)
+
+    def log(self, message: str) -> None:
+        if self.console is not None:
+            self.console.print(message)
+
+    @property
+    def device(self) -> str:
+        if self.options.device != "auto":
+            return self.options.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,1 @@
+"""Shipped data: the default calibration and held-out corpora."""

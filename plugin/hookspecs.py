@@ -1,0 +1,160 @@
+"""Every hook of ollama-compress. Built-in stages are plugins of these hooks like any other.
+
+Two kinds of hook:
+
+* Capability hooks run once, when the plugin manager starts. Each gets a ``register`` callable and
+  adds named things a recipe can then refer to by name (``metric: block_influence``).
+* Stage hooks run when the pipeline reaches a stage. Unless a docstring says otherwise, the first
+  plugin to return something other than ``None`` wins, so a plugin can take over a stage by
+  returning a result, or decline by returning ``None``. Plugins registered later run first.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import pluggy
+
+from .context import StageContext
+
+hookspec = pluggy.HookspecMarker("ollama_compress")
+hookimpl = pluggy.HookimplMarker("ollama_compress")
+
+Register = Callable[..., None]
+
+
+# ---------------------------------------------------------------- capability hooks
+@hookspec
+def register_importance_metrics(register: Register) -> None:
+    """Add layer-importance metrics.
+
+    Call ``register(name, fn, description)``. ``fn(model, batches, **options) -> list[float]``
+    gets a causal LM in eval mode and a list of ``input_ids`` tensors and returns one score per
+    layer, higher meaning more important (the prune stage removes the lowest).
+    """
+
+
+@hookspec
+def register_losses(register: Register) -> None:
+    """Add heal (distillation) losses: ``register(name, fn, description)``.
+
+    ``fn(student_out, teacher_out, batch, **options) -> torch.Tensor`` returns a scalar loss.
+    """
+
+
+@hookspec
+def register_sources(register: Register) -> None:
+    """Add model source schemes: ``register(scheme, fn, description)``.
+
+    A recipe ``source.model`` of ``scheme:rest`` is resolved by ``fn(rest, options) -> Path``,
+    which returns a local HF directory or GGUF file.
+    """
+
+
+@hookspec
+def register_data_sources(register: Register) -> None:
+    """Add calibration/held-out text sources: ``register(kind, fn, description)``.
+
+    ``fn(spec, tokenizer, ctx) -> list[str]`` returns texts for a recipe ``data`` entry whose
+    ``from`` is ``kind``.
+    """
+
+
+@hookspec
+def register_chat_templates(register: Register) -> None:
+    """Add Ollama chat families: ``register(family, match, template_path, stops)``.
+
+    ``match(hf_chat_template: str) -> bool`` tells whether an HF Jinja template belongs to the
+    family; ``template_path`` is a Go-template TEMPLATE file; ``stops`` are stop strings.
+    """
+
+
+@hookspec
+def register_commands(cli: click.Group) -> None:
+    """Add subcommands to the ``ollama-compress`` command line (``cli.command()`` etc.)."""
+
+
+# ---------------------------------------------------------------- stage hooks
+@hookspec(firstresult=True)
+def run_stage(ctx: StageContext) -> dict[str, Any] | None:
+    """Run one pipeline stage (``ctx.stage``) and return its JSON-able result.
+
+    The built-in implementation dispatches to the stage hooks below. Implement it as a
+    ``wrapper=True`` hookimpl to time, log or guard every stage. First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def load_source(ctx: StageContext) -> Path | None:
+    """Make ``ctx.recipe.source`` available as a local HF directory and return its path.
+
+    Runs first. A local directory may be returned as is; anything converted (a GGUF file,
+    a download) is written into ``ctx.out_dir``. First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def score_layers(ctx: StageContext, model_dir: Path) -> dict[str, list[float]] | None:
+    """Score each transformer layer of ``model_dir`` on calibration text.
+
+    Runs after ``load_source``. Returns ``{metric_name: [score per layer]}`` (higher = more
+    important) and writes ``scores.json`` and plots into ``ctx.out_dir``. First non-None wins.
+    """
+
+
+@hookspec(firstresult=True)
+def prune_layers(ctx: StageContext, model_dir: Path, scores: dict[str, list[float]]) -> Path | None:
+    """Remove layers chosen from ``scores`` and the recipe's ``prune`` section.
+
+    Writes an HF directory with ``layer_map.json`` under ``ctx.out_dir`` and returns it.
+    First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def heal(ctx: StageContext, student_dir: Path, teacher_dir: Path) -> Path | None:
+    """Fine-tune the pruned student by distillation from the teacher; return the healed HF dir.
+
+    Runs after pruning, before export (quantizing first loses quality). First non-None wins.
+    """
+
+
+@hookspec(firstresult=True)
+def export_gguf(ctx: StageContext, model_dir: Path, outtype: str) -> Path | None:
+    """Convert an HF directory to one GGUF file of ``outtype`` (F32, F16, BF16) in ``ctx.out_dir``.
+
+    Returns the GGUF path. First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def quantize_gguf(ctx: StageContext, gguf_path: Path, quant: str) -> Path | None:
+    """Quantize an F16/F32 GGUF to ``quant`` (llama.cpp spelling, e.g. Q4_K_M); return the path.
+
+    Runs after ``export_gguf``, once per quant. First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def write_modelfile(ctx: StageContext, gguf_path: Path, quant: str, model_dir: Path) -> Path | None:
+    """Write an Ollama Modelfile (FROM, TEMPLATE, stops, parameters) for one quant; return it.
+
+    First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def register_model(ctx: StageContext, modelfile: Path, name: str) -> str | None:
+    """Create ``name`` in the user's Ollama from ``modelfile``; return the registered name.
+
+    First non-None result wins.
+    """
+
+
+@hookspec
+def evaluate(ctx: StageContext, model_path: Path) -> dict[str, Any] | None:
+    """Measure a model (HF directory or GGUF file). Every plugin's results are merged.
+
+    Returns ``{metric_name: value}``.
+    """

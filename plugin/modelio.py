@@ -1,0 +1,117 @@
+"""Loading and saving Hugging Face causal LMs safely: safetensors only unless the user allows pickle,
+remote code only from the command line, never a hub unless asked."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .context import RunOptions
+from .errors import UserError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def check_model_dir(path: str | os.PathLike, options: RunOptions | None = None) -> Path:
+    """Return ``path`` if it is a loadable HF model directory; else a UserError saying why."""
+    options = options or RunOptions()
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; give an HF model directory, a .gguf file or a hub id")
+    if not path.is_dir():
+        raise UserError(f"{path} is not a model directory (expected config.json and *.safetensors)")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json; is it a Hugging Face model directory?")
+    files = [p.name for p in path.iterdir() if p.is_file()]
+    if any(f.endswith(".safetensors") for f in files):
+        return path
+    if any(f.endswith(PICKLE_SUFFIXES) for f in files):
+        if options.allow_pickle:
+            return path
+        raise UserError(
+            f"{path} has only pickle weights (.bin), which can run code when loaded; "
+            "convert them to safetensors or pass --allow-pickle if you trust the source"
+        )
+    raise UserError(f"{path} has no weights (*.safetensors)")
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {Path(path) / 'config.json'}: {exc}") from None
+
+
+def check_causal_lm(path: str | os.PathLike) -> dict[str, Any]:
+    """The config of ``path`` if it is a causal LM, else a UserError naming what it is."""
+    config = read_config(path)
+    archs = config.get("architectures") or []
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return config
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not archs and config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return config
+    what = ", ".join(archs) or config.get("model_type") or "unknown"
+    raise UserError(f"{path} is not a causal language model ({what}); give a *ForCausalLM model")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES.get(name, "float32"))
+
+
+def load_model(path: str | os.PathLike, options: RunOptions | None = None, dtype: str = "float32",
+               device: str = "cpu"):
+    """Load a causal LM in eval mode from a checked local directory."""
+    options = options or RunOptions()
+    path = check_model_dir(path, options)
+    check_causal_lm(path)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=torch_dtype(dtype),
+        trust_remote_code=options.trust_remote_code,
+        use_safetensors=not options.allow_pickle or None,
+        local_files_only=True,
+    )
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | os.PathLike, options: RunOptions | None = None):
+    options = options or RunOptions()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        path, trust_remote_code=options.trust_remote_code, local_files_only=True
+    )
+
+
+def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy tokenizer, chat template and generation config files that save_pretrained may skip."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    names = (
+        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+        "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+        "generation_config.json",
+    )
+    for name in names:
+        if (src / name).is_file() and not (dst / name).exists():
+            shutil.copy2(src / name, dst / name)
+
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None) -> Path:
+    """Save weights as safetensors with tokenizer and side files into ``out_dir`` (which must exist)."""
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    if source_dir is not None:
+        copy_side_files(source_dir, out_dir)
+    return out_dir

@@ -1,0 +1,179 @@
+"""The plugin manager. Built-in stages load through the entry-point group like any third party."""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pluggy
+
+from . import hookspecs
+from .errors import NotAvailable
+
+GROUP = "ollama_compress"
+LOAD_ENV = "OLLAMA_COMPRESS_LOAD_PLUGINS"
+
+# The built-in plugins, as declared in pyproject's entry points; used when the package runs from a
+# source tree without installed metadata.
+DEFAULT_PLUGINS = {
+    "source": "ollama_compress.hooks.source",
+    "data": "ollama_compress.hooks.data",
+    "importance": "ollama_compress.hooks.importance",
+    "prune": "ollama_compress.hooks.prune",
+    "export": "ollama_compress.hooks.export",
+    "quantize": "ollama_compress.hooks.quantize",
+    "modelfile": "ollama_compress.hooks.modelfile",
+    "ollama": "ollama_compress.hooks.ollama",
+    "stages": "ollama_compress.hooks.stages",
+}
+
+CAPABILITY_HOOKS = {
+    "importance_metrics": "register_importance_metrics",
+    "losses": "register_losses",
+    "sources": "register_sources",
+    "data_sources": "register_data_sources",
+    "chat_templates": "register_chat_templates",
+}
+
+_pm: pluggy.PluginManager | None = None
+_dists: dict[str, md.Distribution] = {}
+_capabilities: dict[str, dict[str, "Capability"]] = {}
+
+
+@dataclass
+class Capability:
+    """One named thing a plugin registered (a metric, a loss, a source scheme, ...)."""
+
+    name: str
+    fn: Any
+    description: str
+    plugin: str
+    extra: tuple = ()
+
+
+def _is_builtin(module: str) -> bool:
+    return module.startswith("ollama_compress.hooks")
+
+
+def _wanted_external() -> set[str] | None:
+    raw = os.environ.get(LOAD_ENV)
+    if raw is None:
+        return None
+    return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def _load(pm: pluggy.PluginManager) -> None:
+    wanted = _wanted_external()
+    builtin_seen = set()
+    for ep in md.entry_points(group=GROUP):
+        builtin = _is_builtin(ep.value)
+        if not builtin and wanted is not None and ep.name not in wanted and ep.dist.name not in wanted:
+            continue
+        if pm.get_plugin(ep.name) is not None:
+            continue
+        module = _import_plugin(ep.name, ep.load)
+        if module is None:
+            continue
+        pm.register(module, name=ep.name)
+        _dists[ep.name] = ep.dist
+        if builtin:
+            builtin_seen.add(ep.name)
+    for name, module in DEFAULT_PLUGINS.items():
+        if name not in builtin_seen and pm.get_plugin(name) is None:
+            loaded = _import_plugin(name, lambda: importlib.import_module(module))
+            if loaded is not None:
+                pm.register(loaded, name=name)
+
+
+def _import_plugin(name: str, load: Callable[[], Any]) -> Any:
+    """Import one plugin; a broken plugin is reported on stderr and left out, never fatal."""
+    try:
+        return load()
+    except Exception as exc:  # any import-time error of a plugin
+        print(f"warning: plugin '{name}' failed to load and is left out: {exc}", file=sys.stderr)
+        return None
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, with built-in and allowed external plugins loaded."""
+    global _pm
+    if _pm is None:
+        pm = pluggy.PluginManager(GROUP)
+        pm.add_hookspecs(hookspecs)
+        _load(pm)
+        _pm = pm
+    return _pm
+
+
+def reset() -> None:
+    """Forget the plugin manager and registries (tests, or after installing a plugin)."""
+    global _pm
+    _pm = None
+    _capabilities.clear()
+
+
+def register_plugin(plugin: object, name: str) -> None:
+    """Register a plugin object at run time (tests, notebooks)."""
+    get_plugin_manager().register(plugin, name=name)
+    _capabilities.clear()
+
+
+def capabilities(kind: str) -> dict[str, Capability]:
+    """All registered capabilities of ``kind`` (see ``CAPABILITY_HOOKS``), by name."""
+    if kind not in _capabilities:
+        pm = get_plugin_manager()
+        found: dict[str, Capability] = {}
+        hook = getattr(pm.hook, CAPABILITY_HOOKS[kind])
+        for impl in reversed(hook.get_hookimpls()):
+            def register(name: str, fn: Any, description: str = "", *extra: Any, _p=impl.plugin_name) -> None:
+                found[name] = Capability(name, fn, description, _p, extra)
+
+            impl.function(register=register)
+        _capabilities[kind] = found
+    return _capabilities[kind]
+
+
+def capability(kind: str, name: str) -> Capability:
+    """The capability ``name`` of ``kind``, or NotAvailable listing the known names."""
+    known = capabilities(kind)
+    if name not in known:
+        label = kind.replace("_", " ").rstrip("s")
+        raise NotAvailable(f"unknown {label} '{name}'; known: {', '.join(sorted(known)) or 'none'}")
+    return known[name]
+
+
+def describe_plugins() -> list[dict[str, Any]]:
+    """Name, version and implemented hooks of each loaded plugin (for ``ollama-compress plugins``)."""
+    pm = get_plugin_manager()
+    rows = []
+    for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
+        dist = _dists.get(name)
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+        rows.append(
+            {
+                "name": name,
+                "version": dist.version if dist else _own_version(),
+                "builtin": _is_builtin(getattr(plugin, "__name__", "")),
+                "hooks": hooks,
+            }
+        )
+    return rows
+
+
+def _own_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def call_first(hook_name: str, **kwargs: Any) -> Any:
+    """Call a first-result stage hook; NotAvailable if no installed plugin handled it."""
+    result = getattr(get_plugin_manager().hook, hook_name)(**kwargs)
+    if result is None:
+        raise NotAvailable(f"no installed plugin implements '{hook_name}' for this input")
+    return result
+
+

@@ -1,0 +1,63 @@
+"""Shared fixtures: the real SmolLM2 (imported once per machine and cached), tiny random models."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny_models import ARCHITECTURES, save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from ollama_compress.embedded import smollm2_gguf
+
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf) -> Path:
+    """SmolLM2 as a clean HF directory, imported from the GGUF once and cached across sessions."""
+    from ollama_compress.embedded import cache_dir
+    from ollama_compress.fsutil import atomic_path, file_sha256
+    from ollama_compress.hooks.source import import_gguf
+
+    target = cache_dir() / "test" / f"smollm2-hf-{file_sha256(smollm2_gguf)[:12]}"
+    if not (target / "config.json").is_file():
+        with atomic_path(target, is_dir=True) as tmp:
+            import_gguf(smollm2_gguf, tmp)
+    return target
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_hf):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_hf, local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """Factory: ``tiny_model_dir(arch, num_layers=6)`` -> HF directory with the SmolLM2 tokenizer."""
+    made: dict[tuple, Path] = {}
+
+    def make(arch: str, num_layers: int = 6, seed: int = 0) -> Path:
+        key = (arch, num_layers, seed)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"tiny-{arch}-{num_layers}")
+            made[key] = save_tiny_model(arch, out, smollm2_tokenizer, num_layers, seed)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def arch(request) -> str:
+    return request.param

@@ -1,0 +1,96 @@
+"""Small GGUF files written with gguf-py for the verifier and quantization tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+
+def write_small_gguf(path: Path, block_count: int = 2, alignment: int | None = None) -> Path:
+    """A minimal well-formed llama-style GGUF (no tokenizer): a few F32 tensors and one F16.
+
+    The last tensor is 32 floats (128 bytes), a multiple of the alignment, so the file ends exactly
+    at the end of its data: cutting one byte cuts tensor data.
+    """
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(block_count)
+    w.add_name("sample")
+    w.add_file_type(0)
+    if alignment is not None:
+        w.add_custom_alignment(alignment)
+    rng = np.random.default_rng(0)
+    w.add_tensor("token_embd.weight", rng.standard_normal((16, 32), dtype=np.float32))
+    for i in range(block_count):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(32, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", rng.standard_normal((8, 32)).astype(np.float16))
+    w.add_tensor("output_norm.weight", np.ones(32, np.float32))
+    _finish(w)
+    return Path(path)
+
+
+def _finish(w: GGUFWriter) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _copy_tokenizer(w: GGUFWriter, source_gguf: Path) -> None:
+    """Copy every ``tokenizer.*`` key of ``source_gguf`` (SmolLM2's BPE vocabulary)."""
+    reader = GGUFReader(str(source_gguf))
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == GGUFValueType.ARRAY else None
+        w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+
+
+def write_tiny_llama_gguf(path: Path, tokenizer_gguf: Path, hidden: int = 256, layers: int = 2,
+                          ffn: int = 512, heads: int = 4, kv_heads: int = 2, seed: int = 0,
+                          dtype=np.float16) -> Path:
+    """A random-weight llama GGUF llama.cpp can load and run, with SmolLM2's tokenizer.
+
+    ``hidden`` and ``ffn`` multiples of 256 let the k-quants quantize every matrix (narrower
+    rows fall back to Q5_0/Q8_0 in llama.cpp). Weights use std 0.05, so logits are neither flat
+    nor one-hot. Matrices are written in ``dtype`` (F16 by default), norms in F32.
+    """
+    reader_vocab = len(GGUFReader(str(tokenizer_gguf)).fields["tokenizer.ggml.tokens"].data)
+    head_dim = hidden // heads
+    rng = np.random.default_rng(seed)
+
+    def matrix(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.05).astype(dtype)
+
+    def norm(n: int) -> np.ndarray:
+        return (1.0 + 0.1 * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
+
+    w = GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_block_count(layers)
+    w.add_context_length(512)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(reader_vocab)
+    w.add_file_type(1 if dtype == np.float16 else 0)
+    _copy_tokenizer(w, tokenizer_gguf)
+    w.add_tensor("token_embd.weight", matrix(reader_vocab, hidden))
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", norm(hidden))
+        w.add_tensor(f"blk.{i}.attn_q.weight", matrix(hidden, hidden))
+        w.add_tensor(f"blk.{i}.attn_k.weight", matrix(kv_heads * head_dim, hidden))
+        w.add_tensor(f"blk.{i}.attn_v.weight", matrix(kv_heads * head_dim, hidden))
+        w.add_tensor(f"blk.{i}.attn_output.weight", matrix(hidden, hidden))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", norm(hidden))
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", matrix(ffn, hidden))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", matrix(ffn, hidden))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", matrix(hidden, ffn))
+    w.add_tensor("output_norm.weight", norm(hidden))
+    _finish(w)
+    return Path(path)
