@@ -89,11 +89,13 @@ def main() -> None:
         texts, text_source = heldout_texts(), "ollama_compress/data/heldout.txt"
     except Exception:  # noqa: BLE001 - the bench still runs, and says which text it used
         texts, text_source = FALLBACK_TEXT, "bench/quants.py FALLBACK_TEXT (heldout.txt missing)"
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     rows = measure_quants(f16, quant_paths, texts=texts, n_ctx=args.n_ctx, max_tokens=args.max_tokens)
     measure_s = time.perf_counter() - t0
+    load = f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after the measurement"
     write_quants_report(rows, args.out)
-    write_results(rows, quant_s, export_s, measure_s, text_source, args, verify_gguf(f16).n_weights)
+    write_results(rows, quant_s, export_s, measure_s, text_source, args, verify_gguf(f16).n_weights, load)
     print(RESULTS.read_text())
 
 
@@ -102,7 +104,7 @@ def types(path: str) -> str:
     return ", ".join(f"{t} {n}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def write_results(rows, quant_s, export_s, measure_s, text_source, args, n_weights) -> None:
+def write_results(rows, quant_s, export_s, measure_s, text_source, args, n_weights, load) -> None:
     lines = [
         "# Quants of SmolLM2-135M-Instruct: size and quality (llama.cpp)",
         "",
@@ -114,9 +116,14 @@ def write_results(rows, quant_s, export_s, measure_s, text_source, args, n_weigh
         f"- held-out text: {text_source}; {rows[0]['tokens']} scored tokens in windows of {args.n_ctx}.",
         "- perplexity, KL(F16 || quant) per token (nats) and top-1 agreement all from llama.cpp logits "
         "(llama-cpp-python, `logits_all`).",
-        f"- F16 export: {export_s:.1f} s; quality measurement of all rows: {measure_s:.1f} s.",
+        f"- F16 export: {export_s:.1f} s; quality measurement of all rows: {measure_s:.1f} s ({load}; "
+        "the machine may be shared, so times are upper bounds).",
         "- SmolLM2's hidden size 576 is not a multiple of 256: llama.cpp gives tensors with such rows a "
         "fallback type, visible in the tensor-types column (count of tensors per ggml type).",
+        "- The only SmolLM2 weights here are the Q4_1 GGUF's, so the F16 reference is dequantized Q4_1: "
+        "every weight already sits on a Q4_1 grid, which other 4/5-bit grids do not reproduce. The order "
+        "among close quants (e.g. Q5_K_M vs Q4_K_M, whose fallbacks are Q5_1 vs Q5_0) can differ from a "
+        "model with original weights.",
         "",
         "| quant | size (MiB) | bits/weight | quantize (s) | perplexity | KL vs F16 | top-1 agreement | tensor types |",
         "|---|---:|---:|---:|---:|---:|---:|---|",

@@ -3,7 +3,8 @@
 A recipe ``data`` entry (``TextSource``) names a *kind* of source in ``from``:
 
 * ``default``: the corpus that ships with the package (``ollama_compress.data``):
-  ``calibration.txt`` (about 40 KB) and, for ``split: heldout``, ``heldout.txt`` (about 12 KB).
+  ``calibration.txt`` (about 40 KB, ~9,700 SmolLM2 tokens: the default 32 x 256 without reuse)
+  and, for ``split: heldout``, ``heldout.txt`` (about 16 KB, ~4,200 tokens: 16 x 256).
   Both are original mixed text written for this project: expository prose on many topics,
   dialogues, instructions with answers, a little Python and JavaScript, lists and numbers, and a
   few paragraphs in French, German and Spanish. The two files share no paragraph.
@@ -13,7 +14,8 @@ A recipe ``data`` entry (``TextSource``) names a *kind* of source in ``from``:
 * ``hf``: a Hugging Face dataset by name (``dataset``, ``split``); needs the optional ``datasets``
   package and a network.
 * ``teacher``: text the model itself generates (greedy, so reproducible) from seed prompts
-  (``prompts``, or a built-in set), rendered through its chat template. This is the model-generated
+  (``prompts``, or a built-in set of 36), rendered through its chat template; the token budget
+  ``samples x seq_len`` is spread over the prompts (16 to 256 new tokens per reply). This is the model-generated
   alternative to the shipped corpus: the text matches what the model actually produces. It is
   generated once and cached (in the run directory, or a given cache directory).
 
@@ -219,26 +221,41 @@ def _teacher_cache_file(spec: TextSource, model, ctx, cache_dir) -> Path:
     return Path(cache_dir) / f"{key[:20]}.jsonl"
 
 
-def _generate_replies(model, tokenizer, prompts: list[str], token_budget: int, seed: int) -> list[tuple[str, str]]:
+def reply_length(token_budget: int, num_prompts: int) -> int:
+    """New tokens per reply: the token budget spread over the prompts, within [16, 256]."""
+    return min(TEACHER_MAX_NEW_TOKENS, max(16, -(-token_budget // max(1, num_prompts))))
+
+
+def _generate_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int) -> list[tuple[str, str]]:
     import torch
 
-    max_new = min(TEACHER_MAX_NEW_TOKENS, token_budget)
-    pairs, produced = [], 0
+    pairs = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(seed)
     for prompt in prompts:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]
         ids = ids.to(model.device)
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, repetition_penalty=1.2,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        new = out[0, ids.shape[1]:]
-        pairs.append((prompt, tokenizer.decode(new, skip_special_tokens=True).strip()))
-        produced += ids.shape[1] + len(new)
-        if produced >= token_budget:
-            break
+                                 pad_token_id=pad)
+        pairs.append((prompt, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()))
     return pairs
+
+
+def _loaded_teacher(model, tokenizer, ctx):
+    """The model (loaded from its directory if a path) and a tokenizer with a chat template."""
+    if isinstance(model, (str, os.PathLike)):
+        from ollama_compress import modelio
+
+        options = ctx.options if ctx is not None else None
+        tokenizer = tokenizer or modelio.load_tokenizer(model, options)
+        device = ctx.device if ctx is not None else "cpu"
+        model = modelio.load_model(model, options, dtype="float32", device=device)
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise UserError("data source 'teacher' needs a tokenizer with a chat template")
+    return model, tokenizer
 
 
 def teacher_texts(spec: TextSource, tokenizer=None, ctx=None, model=None, cache_dir=None) -> list[str]:
@@ -254,17 +271,10 @@ def teacher_texts(spec: TextSource, tokenizer=None, ctx=None, model=None, cache_
     if cache_file.is_file():
         pairs = [json.loads(line) for line in cache_file.read_text(encoding="utf-8").splitlines() if line]
     else:
-        if isinstance(model, (str, os.PathLike)):
-            from ollama_compress import modelio
-
-            options = ctx.options if ctx is not None else None
-            tokenizer = tokenizer or modelio.load_tokenizer(model, options)
-            device = ctx.device if ctx is not None else "cpu"
-            model = modelio.load_model(model, options, dtype="float32", device=device)
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise UserError("data source 'teacher' needs a tokenizer with a chat template")
+        model, tokenizer = _loaded_teacher(model, tokenizer, ctx)
         prompts = list(spec.prompts or TEACHER_PROMPTS)
-        pairs = _generate_replies(model, tokenizer, prompts, spec.samples * spec.seq_len, spec.seed)
+        max_new = reply_length(spec.samples * spec.seq_len, len(prompts))
+        pairs = _generate_replies(model, tokenizer, prompts, max_new, spec.seed)
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache_file) as tmp:
             tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")

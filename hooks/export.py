@@ -44,7 +44,6 @@ class ArchSpec:
     permute_qk: bool = False  # llama.cpp's llama ropes interleaved pairs; HF stores rotate-half rows
     norm_shift: float = 0.0  # gemma RMSNorm computes x * (1 + w); llama.cpp computes x * w
     always_tied: bool = False  # llama.cpp's gemma2 has no output tensor: it always reuses token_embd
-    swa_pattern_default: int | None = None  # llama.cpp's hard-coded pattern when the key is absent
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -52,20 +51,17 @@ ARCHS: dict[str, ArchSpec] = {
     "mistral": ArchSpec("LLAMA", permute_qk=True),  # llama.cpp converts Mistral as llama
     "qwen2": ArchSpec("QWEN2"),
     "qwen3": ArchSpec("QWEN3"),
-    "gemma2": ArchSpec("GEMMA2", norm_shift=1.0, always_tied=True, swa_pattern_default=2),
-    "gemma3_text": ArchSpec("GEMMA3", norm_shift=1.0, swa_pattern_default=6),
-    "gemma3": ArchSpec("GEMMA3", norm_shift=1.0, swa_pattern_default=6),  # text part of the multimodal one
+    "gemma2": ArchSpec("GEMMA2", norm_shift=1.0, always_tied=True),
+    "gemma3_text": ArchSpec("GEMMA3", norm_shift=1.0),  # Gemma3ForCausalLM
     "phi3": ArchSpec("PHI3"),
 }
-SUPPORTED = "llama, mistral, qwen2, qwen3, gemma2, gemma3 (text), phi3"
+SUPPORTED = "llama, mistral, qwen2, qwen3, gemma2, gemma3 (text-only, gemma3_text), phi3"
 
 # llama.cpp special-cases the 27B gemmas' attention scale by their layer count (llama-model.cpp).
-_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62, "gemma3": 62}
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
 
 # Tensors HF keeps that llama.cpp recomputes.
 _SKIP_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
-# Multimodal parts of Gemma3ForConditionalGeneration: not part of a text-only export.
-_SKIP_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
 def _gguf():
@@ -75,7 +71,7 @@ def _gguf():
 
 
 def read_model_config(model_dir: Path):
-    """The transformers config of ``model_dir`` (text part) and its ArchSpec; UserError when unsupported."""
+    """(model_type, ArchSpec, transformers config) of ``model_dir``; UserError when unsupported."""
     from ollama_compress.modelio import read_config
 
     raw = read_config(model_dir)
@@ -90,13 +86,22 @@ def read_model_config(model_dir: Path):
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (ValueError, OSError) as exc:
         raise UserError(f"cannot read {model_dir / 'config.json'}: {exc}") from None
-    if model_type == "gemma3":
-        config = config.get_text_config()
     return model_type, spec, config
 
 
 # ------------------------------------------------------------------------- safetensors index
 def _weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors shards the index names (a repo may also hold e.g. consolidated.safetensors)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise UserError(f"{index} is not a valid safetensors index: {exc}") from None
+        missing = [s for s in sorted(shards) if not (model_dir / s).is_file()]
+        if missing:
+            raise UserError(f"{model_dir} lacks weight shards listed in its index: {', '.join(missing[:3])}")
+        return [model_dir / s for s in sorted(shards)]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise UserError(f"{model_dir} has no *.safetensors weights; GGUF export reads safetensors only")
@@ -125,16 +130,6 @@ def _read_tensor(path: Path, name: str):
 
     with safe_open(path, framework="pt") as f:
         return f.get_tensor(name).to(torch.float32)
-
-
-def _normalize_name(name: str) -> str:
-    """HF names of the Gemma3 multimodal wrapper -> the plain causal-LM names."""
-    for prefix in ("model.language_model.", "language_model.model."):
-        if name.startswith(prefix):
-            return "model." + name[len(prefix):]
-    if name.startswith("language_model.lm_head."):
-        return name[len("language_model."):]
-    return name
 
 
 def _block_id(name: str) -> int | None:
@@ -231,10 +226,11 @@ def _write_hparams(w, model_type: str, config, n_layers: int, ftype) -> None:
         w.add_sliding_window(config.sliding_window)
         if (pattern := _layer_is_swa(config)) is not None:
             w.add_sliding_window_pattern(pattern[:n_layers])
-    elif model_type in ("gemma3_text", "gemma3"):
+    elif model_type == "gemma3_text":
         local = _rope_params(config, "sliding_attention").get("rope_theta") or getattr(config, "rope_local_base_freq", None)
         if local is not None:
             w.add_rope_freq_base_swa(float(local))
+            w.add_float32(f"{w.arch}.rope.local.freq_base", float(local))  # the key Ollama's own engine reads
         if getattr(config, "final_logit_softcapping", None):
             w.add_final_logit_softcapping(config.final_logit_softcapping)
         pattern = _layer_is_swa(config)
@@ -341,7 +337,7 @@ def _tensor_qtype(gguf_name: str, shape: Sequence[int], outtype: str):
     return getattr(gguf.GGMLQuantizationType, outtype)
 
 
-def _is_tied(model_type: str, spec: ArchSpec, config) -> bool:
+def _is_tied(spec: ArchSpec, config) -> bool:
     if spec.always_tied:
         return True
     return bool(getattr(config, "tie_word_embeddings", False))
@@ -355,30 +351,29 @@ def plan_tensors(model_dir: Path, outtype: str = "F16") -> tuple[list[PlannedTen
     n_layers = config.num_hidden_layers
     name_map = gguf.get_tensor_name_map(arch, n_layers)
     query_scale = _gemma_query_scale(model_type, config, n_layers)
-    tied = _is_tied(model_type, spec, config)
+    tied = _is_tied(spec, config)
     index = _tensor_index(model_dir)
     planned: list[PlannedTensor] = []
     unknown: list[str] = []
-    for stored_name, (path, shape) in index.items():
-        hf_name = _normalize_name(stored_name)
-        if hf_name.endswith(_SKIP_SUFFIXES) or stored_name.startswith(_SKIP_PREFIXES):
+    for hf_name, (path, shape) in index.items():
+        if hf_name.endswith(_SKIP_SUFFIXES):
             continue
         if hf_name == "lm_head.weight" and tied:
             continue  # llama.cpp reuses token_embd when there is no output tensor
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            unknown.append(stored_name)
+            unknown.append(hf_name)
             continue
         fix = _transform(hf_name, model_type, spec, config, query_scale)
         planned.append(PlannedTensor(
             gguf_name, shape, _tensor_qtype(gguf_name, shape, outtype),
-            lambda p=path, n=stored_name, f=fix: f(_read_tensor(p, n)), stored_name,
+            lambda p=path, n=hf_name, f=fix: f(_read_tensor(p, n)), hf_name,
         ))
     if unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise UserError(f"{model_dir}: {len(unknown)} tensor(s) have no llama.cpp {spec.arch.lower()} name ({shown}); "
                         f"this {model_type} variant is not supported")
-    planned.extend(_extra_tensors(model_type, config, name_map))
+    planned.extend(_extra_tensors(model_type, config))
     _check_layers(planned, n_layers, model_dir)
     planned.sort(key=_tensor_order)
     info = {"model_type": model_type, "arch": gguf.MODEL_ARCH_NAMES[arch], "spec": spec, "config": config,
@@ -403,7 +398,7 @@ def _check_layers(planned: list[PlannedTensor], n_layers: int, model_dir: Path) 
         raise UserError(f"{model_dir}: no token embedding tensor found")
 
 
-def _extra_tensors(model_type: str, config, name_map) -> Iterable[PlannedTensor]:
+def _extra_tensors(model_type: str, config) -> Iterable[PlannedTensor]:
     """Tensors llama.cpp wants that HF computes on the fly: llama3 rope factors, phi3 longrope factors."""
     import torch
 
@@ -477,11 +472,12 @@ class Vocab:
     tokens: list[Any]
     types: list[int]
     scores: list[float] | None = None
-    merges: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def approx_bytes(self) -> int:
-        return sum(len(t) + 12 for t in self.tokens) + sum(len(m) + 8 for m in self.merges) + 4 * len(self.tokens)
+    def approx_bytes(self, model_dir: Path) -> int:
+        """Bytes the vocabulary takes in the GGUF (merges bounded by the tokenizer files' size)."""
+        files = sum((model_dir / n).stat().st_size for n in ("tokenizer.json", "merges.txt") if (model_dir / n).is_file())
+        return sum(len(t) + 16 for t in self.tokens) + files
 
 
 def bpe_pre_name(tokenizer, model_type: str) -> tuple[str, str | None]:
@@ -626,8 +622,8 @@ def _load_tokenizer(model_dir: Path, options: RunOptions):
         return None
 
 
-def _write_vocab(w, vocab: Vocab, model_dir: Path, tokenizer, model_type: str) -> dict[str, Any]:
-    """Tokens, merges, special ids, add_bos/add_eos and chat template; returns what was written."""
+def _write_vocab(w, vocab: Vocab, model_dir: Path, tokenizer, model_type: str) -> None:
+    """Tokens, merges, special ids, add_bos/add_eos and chat template."""
     gguf = _gguf()
     w.add_tokenizer_model(vocab.model)
     w.add_tokenizer_pre(vocab.pre)
@@ -640,8 +636,6 @@ def _write_vocab(w, vocab: Vocab, model_dir: Path, tokenizer, model_type: str) -
     special = gguf.SpecialVocab(model_dir, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
     _fill_special_from_tokenizer(special, tokenizer, len(vocab.tokens))
     special.add_to_gguf(w, quiet=True)
-    return {"merges": len(special.merges), "special": dict(special.special_token_ids),
-            "add": dict(special.add_special_token), "chat_template": special.chat_template is not None}
 
 
 def _fill_special_from_tokenizer(special, tokenizer, n_vocab: int) -> None:
@@ -675,17 +669,24 @@ def _layer_map(model_dir: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def provenance(model_dir: Path, metadata: dict[str, Any] | None) -> dict[str, Any]:
-    """Our own ``ollama_compress.*`` keys: source hash, layer map, recipe, plus the caller's."""
+def layer_map_keys(model_dir: Path) -> dict[str, Any]:
+    """Provenance keys from the prune stage's ``layer_map.json`` in ``model_dir`` (empty if none)."""
     out: dict[str, Any] = {}
     layer_map = _layer_map(model_dir)
     if isinstance(layer_map.get("removed"), list):
         out["removed_layers"] = [int(i) for i in layer_map["removed"]]
     if isinstance(layer_map.get("student_to_teacher"), list):
         out["layer_map"] = [int(i) for i in layer_map["student_to_teacher"]]
-    for key in ("teacher_layers", "metric"):
-        if key in layer_map and isinstance(layer_map[key], (int, str)):
-            out[key] = layer_map[key]
+    if isinstance(layer_map.get("num_layers_before"), int):
+        out["teacher_layers"] = layer_map["num_layers_before"]
+    if isinstance(layer_map.get("metric"), str):
+        out["prune_metric"] = layer_map["metric"]
+    return out
+
+
+def provenance(model_dir: Path, metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """Our own ``ollama_compress.*`` keys: source hash, layer map, recipe, plus the caller's."""
+    out = layer_map_keys(model_dir)
     for key, value in (metadata or {}).items():
         if not key.startswith("general.") and key not in ("name", "license", "base_model", "description"):
             out[key.removeprefix(META_PREFIX)] = value
@@ -711,11 +712,31 @@ def _add_value(w, key: str, value: Any) -> None:
         w.add_string(key, json.dumps(value, sort_keys=True, default=str))
 
 
-def _write_general(w, model_dir: Path, metadata: dict[str, Any], total_params: int) -> None:
+# llama.cpp looks these tokens up (and fails to load) when general.name contains "phi3" or "phi-3".
+_PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def _loadable_name(name: str, tokens: Sequence[Any]) -> str:
+    """``name``, unless it would make llama.cpp apply Phi-3 token rules to a vocabulary without them."""
+    lowered = name.lower()
+    if "phi3" not in lowered and "phi-3" not in lowered:
+        return name
+    texts = {t.decode("utf-8", "replace") if isinstance(t, bytes) else t for t in tokens}
+    if all(tok in texts for tok in _PHI3_NAME_TOKENS):
+        return name
+    import re
+
+    safe = re.sub(r"(?i)phi-?3", lambda m: m.group(0)[:3] + " 3", name)
+    log.warning("model name %r renamed %r: llama.cpp expects Phi-3 tokens for such names", name, safe)
+    return safe
+
+
+def _write_general(w, model_dir: Path, metadata: dict[str, Any], total_params: int, tokens: Sequence[Any]) -> None:
     gguf = _gguf()
     meta = gguf.Metadata.load(None, model_dir, metadata.get("name") or metadata.get("general.name"), total_params)
     if meta.name is None:
         meta.name = model_dir.name
+    meta.name = _loadable_name(meta.name, tokens)
     if metadata.get("license"):
         meta.license = metadata["license"]
     if metadata.get("description"):
@@ -787,28 +808,44 @@ def export_gguf(model_dir: Path, out_path: Path, outtype: str = "F16", metadata:
     """
     from ollama_compress.modelio import check_causal_lm, check_model_dir
 
-    gguf = _gguf()
     options = options or RunOptions()
     outtype = outtype.upper()
     if outtype not in OUTTYPES:
         raise UserError(f"unknown outtype '{outtype}'; choose one of {', '.join(OUTTYPES)}")
     model_dir, out_path = Path(model_dir), Path(out_path)
     check_model_dir(model_dir, options)
+    read_model_config(model_dir)  # names an unsupported architecture before anything else
     check_causal_lm(model_dir)
     _check_output_dir(out_path)
     metadata = dict(metadata or {})
 
+    writer, planned = _prepare(model_dir, out_path, outtype, metadata, options)
+    with atomic_path(out_path) as tmp:
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for t in planned:
+                _write_one(writer, t)
+        finally:
+            writer.close()
+    return out_path
+
+
+def _prepare(model_dir: Path, out_path: Path, outtype: str, metadata: dict[str, Any], options: RunOptions):
+    """A GGUFWriter holding every key and tensor index entry, and the tensors to stream after them."""
+    gguf = _gguf()
     planned, info = plan_tensors(model_dir, outtype)
     n_vocab = next(t.shape[0] for t in planned if t.name == "token_embd.weight")
     tokenizer = _load_tokenizer(model_dir, options)
     vocab = build_vocab(model_dir, info["model_type"], n_vocab, tokenizer)
     for note in vocab.notes:
         log.warning(note)
-    _check_disk(out_path, expected_size(planned, vocab.approx_bytes()))
+    _check_disk(out_path, expected_size(planned, vocab.approx_bytes(model_dir)))
 
     w = gguf.GGUFWriter(None, info["arch"])
     total_params = sum(int(np.prod(t.shape)) for t in planned)
-    _write_general(w, model_dir, metadata, total_params)
+    _write_general(w, model_dir, metadata, total_params, vocab.tokens)
     _write_hparams(w, info["model_type"], info["config"], info["n_layers"], _ftype(outtype))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_vocab(w, vocab, model_dir, tokenizer, info["model_type"])
@@ -816,17 +853,7 @@ def export_gguf(model_dir: Path, out_path: Path, outtype: str = "F16", metadata:
         _add_value(w, META_PREFIX + key, value)
     for t in planned:
         w.add_tensor_info(t.name, t.shape, _np_dtype(t.qtype), t.nbytes, raw_dtype=t.qtype)
-
-    with atomic_path(out_path) as tmp:
-        try:
-            w.write_header_to_file(tmp)
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
-            for t in planned:
-                _write_one(w, t)
-        finally:
-            w.close()
-    return out_path
+    return w, planned
 
 
 def _np_dtype(qtype):
@@ -843,13 +870,8 @@ def _write_one(w, t: PlannedTensor) -> None:
 
 
 # ------------------------------------------------------------------------- width warning
-# What llama.cpp's quantizer does with a tensor whose rows are not a multiple of 256 (llama-quant.cpp,
-# tensor_type_fallback): the 256-block type is swapped for a 32-block one.
-K_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
-              "IQ4_XS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ2_S": "IQ4_NL",
-              "IQ2_XS": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ1_S": "IQ4_NL"}
-
-
+# llama.cpp's quantizer (llama-quant.cpp, tensor_type_fallback) swaps a 256-block type for a 32-block
+# one on a tensor whose rows are not a multiple of 256, and for F16 when not a multiple of 32 either.
 def _weight_shapes(path: Path) -> list[tuple[str, tuple[int, ...]]]:
     """(GGUF name, numpy shape) of each 2-D weight of an HF directory or a GGUF file."""
     if path.is_file() and path.suffix == ".gguf":
@@ -876,15 +898,16 @@ def width_warnings(model_dir: Path) -> list[str]:
             if width % QK_K:
                 by_width.setdefault(width, []).append(name)
     lines = []
-    for width, names in sorted(by_width.items()):
-        if width % QK_SMALL:
-            effect = "every block quant falls back to F16 for them"
-        else:
-            effect = ("llama.cpp quantizes them with a 32-block type instead: Q2_K/Q3_K->Q4_0, Q4_K->Q5_0, "
-                      "Q5_K->Q5_1, Q6_K->Q8_0, IQ4_XS and other i-quants->IQ4_NL, so the K and IQ quants "
-                      "(Q2_K..Q6_K, IQ*) come out larger and differ from their nominal type")
-        lines.append(f"{len(names)} tensor(s) have rows of {width} values, not a multiple of {QK_K} "
-                     f"(e.g. {names[0]}): {effect}")
+    for widths, effect in (
+        ([w for w in by_width if w % QK_SMALL == 0],
+         "llama.cpp quantizes them with a 32-block type instead (Q2_K/Q3_K->Q4_0, Q4_K->Q5_0, Q5_K->Q5_1, "
+         "Q6_K->Q8_0, IQ4_XS and other i-quants->IQ4_NL), so K and IQ quants come out larger than nominal"),
+        ([w for w in by_width if w % QK_SMALL], "every block quant falls back to F16 for them"),
+    ):
+        if widths:
+            count = sum(len(by_width[w]) for w in widths)
+            what = ", ".join(f"{w} (e.g. {by_width[w][0]})" for w in sorted(widths))
+            lines.append(f"{count} tensor(s) have rows not a multiple of {QK_K} values: {what}; {effect}")
     return lines
 
 
@@ -896,6 +919,9 @@ def _stage_metadata(ctx: StageContext) -> dict[str, Any]:
         meta["source_model"] = source.model
         if "/" in source.model and not Path(source.model).exists() and not source.model.endswith(".gguf"):
             meta["base_model"] = source.model
+    pruned = ctx.inputs.get("pruned_dir")
+    if pruned and Path(pruned).is_dir():  # a healed directory may not carry the prune stage's layer map
+        meta.update(layer_map_keys(Path(pruned)))
     return meta
 
 
@@ -904,7 +930,7 @@ def _run_stage(ctx: StageContext, model_dir: Path, outtype: str) -> Path:
     out_path = Path(ctx.out_dir) / f"{ctx.recipe.name}-{outtype}.gguf"
     start = time.perf_counter()
     export_gguf(Path(model_dir), out_path, outtype, _stage_metadata(ctx), ctx.options)
-    warnings = width_warnings(Path(model_dir))
+    warnings = width_warnings(out_path)
     for line in warnings:
         ctx.log(f"[yellow]width warning:[/] {line}")
     ctx.metrics.update({
@@ -958,8 +984,8 @@ def export_model(model: Path, out_dir: Path, quants: Sequence[str] = (), outtype
     wanted = [q for q in _parse_quants(quants) if q != outtype]
     model, out_dir = Path(model), Path(out_dir)
     check_model_dir(model, options)
-    check_causal_lm(model)
     read_model_config(model)
+    check_causal_lm(model)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file; --out must be a directory")
     if imatrix is not None and not Path(imatrix).is_file():
@@ -997,6 +1023,16 @@ def _print_rows(rows: list[dict]) -> None:
             click.echo("\t".join(str(row.get(k, "")) for k in keys))
 
 
+def _read_heldout(path: Path) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read held-out text {path}: {exc}") from None
+    if not text.strip():
+        raise UserError(f"held-out text {path} is empty")
+    return [text]
+
+
 @hookimpl
 def register_commands(cli: click.Group) -> None:
     from ollama_compress.cli import echo_json, make_options, run_options
@@ -1008,11 +1044,14 @@ def register_commands(cli: click.Group) -> None:
                   type=click.Choice(OUTTYPES, case_sensitive=False), help="Type of the unquantized GGUF.")
     @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
     @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix for low-bit quants.")
+    @click.option("--heldout", type=click.Path(path_type=Path),
+                  help="UTF-8 text file to measure the quants on (default: the built-in held-out text).")
     @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
     @run_options
-    def export_command(model, quants, outtype, out_dir, imatrix, as_json, **opts):
+    def export_command(model, quants, outtype, out_dir, imatrix, heldout, as_json, **opts):
         """Convert an HF model directory to GGUF, then quantize it with llama.cpp."""
-        result = export_model(model, out_dir, quants, outtype, imatrix, make_options(**opts))
+        texts = _read_heldout(heldout) if heldout else None
+        result = export_model(model, out_dir, quants, outtype, imatrix, make_options(**opts), texts=texts)
         if as_json:
             echo_json(result)
             return

@@ -16,9 +16,10 @@ removes the lowest). All are measured with forward hooks on the decoder layers:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +176,62 @@ def _skip_hook(module, args, kwargs, output):
     return h_in
 
 
+def _record_layers(model, batch) -> tuple["torch.Tensor", list]:
+    """Reference forward: logits plus every decoder layer's raw output."""
+    layers = get_decoder_layers(model)
+    outputs: list = [None] * len(layers)
+
+    def make_hook(index: int):
+        def hook(module, args, output):
+            outputs[index] = output
+        return hook
+
+    handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
+    try:
+        logits = _forward(model, batch).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, outputs
+
+
+@contextlib.contextmanager
+def skipping_layer(model, index: int, outputs: list | None = None):
+    """Run the model with decoder layer ``index`` returning its input unchanged.
+
+    With the reference pass's per-layer ``outputs`` for the same batch, the layers
+    before ``index`` replay their recorded outputs instead of recomputing them (same values, about
+    half the work on average); without them they run normally.
+    """
+    layers = get_decoder_layers(model)
+    patched = []
+
+    def replay(recorded):
+        return lambda *args, **kwargs: recorded
+
+    def identity(*args, **kwargs):
+        h_in = _layer_input(args, kwargs)
+        like = outputs[index] if outputs is not None else None
+        return (h_in,) + tuple(like[1:]) if isinstance(like, tuple) else h_in
+
+    handle = None
+    try:
+        if outputs is None:
+            handle = layers[index].register_forward_hook(_skip_hook, with_kwargs=True)
+        else:
+            for i in range(index):
+                layers[i].forward = replay(outputs[i])
+                patched.append(layers[i])
+            layers[index].forward = identity
+            patched.append(layers[index])
+        yield model
+    finally:
+        for layer in patched:
+            del layer.forward  # back to the class's forward
+        if handle is not None:
+            handle.remove()
+
+
 def drop_one(model, batches: list, **options: Any) -> list[float]:
     """Per layer: mean KL(full model || model with that layer skipped) of next-token distributions."""
     import torch
@@ -184,17 +241,15 @@ def drop_one(model, batches: list, **options: Any) -> list[float]:
     kl_sum = torch.zeros(len(layers), dtype=torch.float64)
     tokens = 0
     for batch in batches:
-        ref = F.log_softmax(_forward(model, batch).logits.float(), dim=-1)
+        logits, outputs = _record_layers(model, batch)
+        ref = F.log_softmax(logits.float(), dim=-1)
+        del logits
         tokens += batch.numel()
-        for index, layer in enumerate(layers):
-            handle = layer.register_forward_hook(_skip_hook, with_kwargs=True)
-            try:
+        for index in range(len(layers)):
+            with skipping_layer(model, index, outputs):
                 logp = F.log_softmax(_forward(model, batch).logits.float(), dim=-1)
-            finally:
-                handle.remove()
-            kl = F.kl_div(logp, ref, log_target=True, reduction="sum")  # KL(ref || skipped)
-            kl_sum[index] += float(kl)
-        del ref
+            kl_sum[index] += float(F.kl_div(logp, ref, log_target=True, reduction="sum"))  # KL(ref || skipped)
+        del ref, outputs
     return (kl_sum / tokens).tolist()
 
 
@@ -296,7 +351,7 @@ def plot_scores(name: str, values: list[float], path: Path, title: str = "") -> 
     colors = ["tab:red" if r <= lowest else "tab:blue" for r in ranks]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(values) + 2), 3.6))
     ax.bar(range(len(values)), values, color=colors)
-    ax.set_xlabel("layer (0-based)")
+    ax.set_xlabel(f"layer (0-based); red: the {lowest} lowest")
     ax.set_ylabel(f"{name} (higher = more important)")
     ax.set_title(title or name)
     ax.set_xticks(range(len(values)))
@@ -331,74 +386,81 @@ class Analysis:
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
 
-def analyze_model(model, tokenizer, metrics: list[str], data_spec, ctx=None, cache_dir=None,
-                  **options: Any) -> Analysis:
-    """Score every decoder layer of a loaded model with ``metrics`` on the text of ``data_spec``."""
-    from ollama_compress.hooks.data import calibration_batches
-
-    for m in metrics:
-        _metric_fn(m)  # unknown names fail before any work
+def analyze_model(model, batches: list, metrics: list[str], **options: Any) -> Analysis:
+    """Score every decoder layer of a loaded model with ``metrics`` on calibration ``batches``."""
     num_layers = len(get_decoder_layers(model))
-    batches = calibration_batches(data_spec, tokenizer, ctx=ctx, model=model, cache_dir=cache_dir)
     scores, seconds = score_model_timed(model, batches, metrics, **options)
     _check_scores(scores, num_layers)
     return Analysis(scores, num_layers, sum(b.numel() for b in batches), seconds)
 
 
-def _seed_everything(seed: int) -> None:
-    import torch
+def batches_before_loading(spec, tokenizer, ctx=None) -> list | None:
+    """Calibration batches of sources that need no model, so bad data fails before weights load;
+    None for ``teacher`` (its text comes from the loaded model)."""
+    from ollama_compress.hooks.data import calibration_batches
 
-    torch.manual_seed(seed)
+    return None if spec.from_ == "teacher" else calibration_batches(spec, tokenizer, ctx=ctx)
+
+
+def _block_size(prune, num_layers: int) -> dict[str, int]:
+    """With ``prune.block``, angular scores blocks of the size that will be removed."""
+    if prune is None or not prune.block:
+        return {}
+    size = prune.remove if prune.remove is not None else num_layers - (prune.keep or num_layers)
+    return {"block_size": size} if 0 < size < num_layers else {}
 
 
 # ---------------------------------------------------------------- stage hook
 @hookimpl
 def score_layers(ctx, model_dir: Path) -> dict[str, list[float]] | None:
     from ollama_compress import modelio
+    from ollama_compress.hooks.data import calibration_batches
 
     prune = ctx.recipe.prune
     metrics = list(dict.fromkeys([prune.metric, *prune.report_metrics])) if prune else ["block_influence"]
     for m in metrics:
-        _metric_fn(m)
+        _metric_fn(m)  # unknown names fail before any work
     spec = ctx.recipe.data.calibration
-    _seed_everything(spec.seed)
-    model = modelio.load_model(model_dir, ctx.options, dtype=ctx.recipe.source.dtype, device=ctx.device)
+    torch_seed(spec.seed)
     tokenizer = modelio.load_tokenizer(model_dir, ctx.options)
-    options = {"block_size": prune.remove} if prune and prune.block and prune.remove else {}
-    ctx.log(f"scoring {len(get_decoder_layers(model))} layers with {', '.join(metrics)}")
-    result = analyze_model(model, tokenizer, metrics, spec, ctx=ctx, **options)
+    batches = batches_before_loading(spec, tokenizer, ctx)
+    model = modelio.load_model(model_dir, ctx.options, dtype=ctx.recipe.source.dtype, device=ctx.device)
+    if batches is None:
+        batches = calibration_batches(spec, tokenizer, ctx=ctx, model=model)
+    num_layers = len(get_decoder_layers(model))
+    ctx.log(f"scoring {num_layers} layers with {', '.join(metrics)}")
+    result = analyze_model(model, batches, metrics, **_block_size(prune, num_layers))
     write_scores(ctx.out_dir, result.scores, result.info(), Path(model_dir).name)
-    ctx.metrics.update({"num_layers": result.num_layers, "tokens": result.tokens,
-                        "seconds": {k: round(v, 3) for k, v in result.seconds.items()}})
+    ctx.metrics.update(result.info())
     return result.scores
 
 
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def _device(options) -> str:
+    import torch
+
+    if options is not None and options.device != "auto":
+        return options.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 # ---------------------------------------------------------------- analyze command
-def resolve_model_dir(model: str, options) -> Path:
-    """An HF directory for ``model``: the directory itself, or a .gguf file imported once into the cache."""
-    from ollama_compress import modelio
+def resolve_model_dir(model: str, options=None) -> Path:
+    """A checked HF causal-LM directory for ``model``: a directory, a .gguf file (imported once into
+    the cache), ``embedded:NAME`` or a hub id already in the local cache."""
+    from ollama_compress.hooks.source import resolve_model_dir as resolve
 
-    path = Path(model)
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return _imported_gguf(path)
-    modelio.check_model_dir(path, options)
-    modelio.check_causal_lm(path)
-    return path
+    return resolve(model, options)
 
 
-def _imported_gguf(path: Path) -> Path:
-    try:
-        from ollama_compress.hooks.source import import_gguf
-    except ImportError:
-        raise UserError(f"{path}: reading GGUF files needs the source plugin (ollama_compress.hooks.source)") from None
-    from ollama_compress.embedded import cache_dir
-    from ollama_compress.fsutil import file_sha256
-
-    target = cache_dir() / "gguf-import" / f"{path.stem}-{file_sha256(path)[:12]}"
-    if not (target / "config.json").is_file():
-        with atomic_path(target, is_dir=True) as tmp:
-            import_gguf(path, tmp)
-    return target
+def default_out_dir(model: str) -> Path:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).name.removesuffix(".gguf")).strip("-") or "model"
+    return Path.cwd() / f"analyze-{name}"
 
 
 def _data_spec(calibration: str | None, samples: int | None, seq_len: int | None, seed: int):
@@ -448,23 +510,19 @@ def analyze(model: str, metrics: list[str], calibration: str | None = None, samp
         _metric_fn(m)
     spec = _data_spec(calibration, samples, seq_len, seed)
     model_dir = resolve_model_dir(model, options)
-    out_dir = Path(out) if out else Path.cwd() / f"analyze-{Path(model).name.removesuffix('.gguf')}"
-    device = options.device if options and options.device != "auto" else None
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    _seed_everything(seed)
+    out_dir = Path(out) if out else default_out_dir(model)
+    torch_seed(seed)
     tokenizer = modelio.load_tokenizer(model_dir, options)
-    if calibration:  # read the text before loading weights: bad files fail fast
-        from ollama_compress.hooks.data import load_texts
-
-        load_texts(spec, tokenizer)
+    batches = batches_before_loading(spec, tokenizer)
     log(f"loading {model_dir}")
-    loaded = modelio.load_model(model_dir, options, dtype="float32", device=device)
+    loaded = modelio.load_model(model_dir, options, dtype="float32", device=_device(options))
+    if batches is None:
+        from ollama_compress.hooks.data import calibration_batches
+
+        batches = calibration_batches(spec, tokenizer, model=loaded)
     log(f"scoring {len(get_decoder_layers(loaded))} layers with {', '.join(metrics)} "
         f"({spec.samples} x {spec.seq_len} tokens)")
-    result = analyze_model(loaded, tokenizer, metrics, spec, block_size=block_size)
+    result = analyze_model(loaded, batches, metrics, block_size=block_size)
     write_scores(out_dir, result.scores, {**result.info(), "model": str(model)}, Path(model).name)
     return result, out_dir
 

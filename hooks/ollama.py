@@ -156,14 +156,19 @@ def _with_overrides(spec: ModelfileSpec, family: str | None, system: str | None)
     return spec
 
 
+def _visible(paths) -> list[Path]:
+    """Paths without hidden parts (atomic writes' temporaries start with a dot), sorted."""
+    return sorted(p for p in paths if not any(part.startswith(".") for part in p.parts[-2:]))
+
+
 def _plan_directory(directory: Path, name: str, family: str | None, system: str | None, tmp: Path):
-    modelfiles = sorted(directory.glob("Modelfile.*")) + sorted(directory.glob("*/Modelfile.*"))
+    modelfiles = _visible(directory.glob("Modelfile.*")) + _visible(directory.glob("*/Modelfile.*"))
     if modelfiles:
         for path in modelfiles:
             quant = path.name.split(".", 1)[1]
             yield model_tag(name, quant), _with_overrides(parse_modelfile(path), family, system)
         return
-    ggufs = sorted(directory.glob("*.gguf")) or sorted(directory.glob("*/*.gguf"))
+    ggufs = _visible(directory.glob("*.gguf")) or _visible(directory.glob("*/*.gguf"))
     if not ggufs:
         raise UserError(f"{directory} holds no Modelfile.* and no .gguf files; give a run directory or a GGUF file")
     hf_template = read_hf_chat_template(directory)
@@ -230,7 +235,7 @@ def register_model_stage(ctx, modelfile, name):
     full_name = _name_for(check_model_name(name), Path(modelfile))
     spec = parse_modelfile(modelfile)
     verify_gguf_file(spec.from_path)
-    url = require_server(settings.host)
+    url = require_server(ctx.inputs.get("ollama_host") or settings.host)
     create_model(ollama.Client(host=url), full_name, spec)
     ctx.metrics.setdefault("registered", []).append(full_name)
     ctx.metrics["ollama_host"] = url
@@ -261,11 +266,11 @@ def register_commands(cli):
     @click.option("--no-build", is_flag=True, help="Fail instead of building Ollama when no binary is found.")
     def serve(host: str | None, models: Path | None, no_build: bool) -> None:
         """Run an Ollama server in the foreground (building it with Go if needed) until Ctrl-C."""
-        with ensure_server(host, models, build=not no_build) as server:
+        with ensure_server(host, models, build=not no_build, log=click.echo) as server:
             if not server.started:
                 click.echo(f"an Ollama server already answers at {server.host}")
                 return
-            click.echo(f"Ollama serving at {server.host} (log: {server.log_path}); Ctrl-C stops it")
+            click.echo("Ctrl-C stops it")
             try:
                 while server_running(server.host):
                     time.sleep(2)

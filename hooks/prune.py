@@ -34,9 +34,12 @@ in transformers every kept layer keeps the attention it was trained with. Two co
 read that list and will see the shifted pattern: transformers before 4.53 (pattern computed from
 the index), and llama.cpp, which hard-codes the period (2 for gemma2, 6 for gemma3) when it loads
 a GGUF, so there student layer i is local or global by its own index i, not by its teacher's.
-A GGUF keeps every layer's teacher pattern only when whole periods are removed (gemma2: pairs
-of one local and the following global layer; gemma3: runs of 6 aligned to the period); any other
-selection changes the attention type of later layers in llama.cpp/Ollama until healing adapts them.
+A kept layer keeps its type in a GGUF only if the number of removed layers below it is a multiple
+of the period, i.e. every removed run that has kept layers after it is 2 (gemma2) or 6 (gemma3)
+layers long, or a multiple. Any other selection changes the attention type of later layers in
+llama.cpp/Ollama (healing can partly adapt them). For gemma2/gemma3, ``layer_map.json`` records
+``gguf_attention_pattern_matches`` (llama.cpp's pattern at the student indices versus the kept
+teacher types) and the prune command prints a warning when it is false.
 """
 from __future__ import annotations
 
@@ -117,7 +120,7 @@ def _check_layers(layers: Sequence[int], num_layers: int, protected: set[int]) -
         _check_index(index, num_layers)
     duplicates = sorted({i for i in layers if list(layers).count(i) > 1})
     if duplicates:
-        raise UserError(f"layers {duplicates} are named more than once; name each layer once")
+        raise UserError(f"layer {duplicates[0]} is named more than once; name each layer once")
     named = sorted(protected.intersection(layers))
     if named:
         raise UserError(
@@ -262,6 +265,23 @@ def pruned_config_fields(config: Any, kept: Sequence[int]) -> dict[str, Any]:
     if isinstance(max_window_layers, int):
         fields["max_window_layers"] = sum(1 for i in kept if i < max_window_layers)
     return fields
+
+
+# llama.cpp's fixed local/global period per architecture (``set_swa_pattern`` in llama-model.cpp)
+LLAMA_CPP_SWA_PERIOD = {"gemma2": 2, "gemma3": 6}
+
+
+def gguf_attention_pattern_matches(arch: str, teacher_layer_types: Sequence[str] | None,
+                                   kept: Sequence[int]) -> bool | None:
+    """Whether llama.cpp's fixed pattern gives each kept layer its teacher's attention type.
+
+    None for architectures without a fixed local/global pattern.
+    """
+    period = LLAMA_CPP_SWA_PERIOD.get(arch)
+    if period is None or teacher_layer_types is None:
+        return None
+    fixed = ["sliding_attention" if i % period < period - 1 else "full_attention" for i in range(len(kept))]
+    return fixed == [teacher_layer_types[t] for t in kept]
 
 
 def _renumber_per_layer_config(raw: dict[str, Any], kept: Sequence[int]) -> None:
@@ -481,6 +501,9 @@ def prune_dir(
     files = _weight_files(model_dir)
     if files:
         files = check_layer_tensors(model_dir, num_layers, arch)
+    matches = gguf_attention_pattern_matches(arch, getattr(config, "layer_types", None), kept)
+    if matches is not None:
+        extra.setdefault("gguf_attention_pattern_matches", matches)
     mapping = layer_map(removed, num_layers, arch, metric, scores, **extra)
     with atomic_path(out_dir, is_dir=True) as tmp:
         if files:
@@ -673,6 +696,9 @@ def plan_and_prune(
                   scores=scores if needs_scores else None, options=options, **extra)
     mapping = json.loads((out_dir / LAYER_MAP).read_text())
     description = describe_selection(mapping["removed"], num_layers)
+    if mapping.get("gguf_attention_pattern_matches") is False:
+        log(f"warning: in a GGUF (llama.cpp, Ollama) some kept {arch} layers will switch between local and "
+            "global attention, because llama.cpp fixes the pattern by layer index; see layer_map.json")
     return {"out": str(out_dir), "description": description, **mapping}
 
 
@@ -753,7 +779,7 @@ def register_commands(cli: click.Group) -> None:
         return
 
     @cli.command("prune")
-    @click.argument("model", type=click.Path(path_type=Path))
+    @click.argument("model")
     @click.option("--remove", type=int, help="How many layers to remove.")
     @click.option("--keep", type=int, help="Or: how many layers to keep.")
     @click.option("--layers", help="Or: exactly these 0-based layers, e.g. 3,7,9.")
@@ -761,7 +787,8 @@ def register_commands(cli: click.Group) -> None:
     @click.option("--block", is_flag=True, help="Remove one contiguous block of layers.")
     @click.option("--protect", default="first,last", show_default=True, help="Never remove: first,last | none | 0,5.")
     @click.option("--iterative", is_flag=True, help="Remove one layer, rescore, repeat.")
-    @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration .txt or .jsonl (default: built-in text).")
+    @click.option("--calibration", type=click.Path(path_type=Path),
+                  help="Calibration .txt or .jsonl (default: built-in text).")
     @click.option("--samples", type=int, default=32, show_default=True, help="Calibration sequences.")
     @click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence.")
     @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the pruned model.")
@@ -769,17 +796,24 @@ def register_commands(cli: click.Group) -> None:
     @run_options
     def prune_command(model, remove, keep, layers, metric, block, protect, iterative, calibration,
                       samples, seq_len, out, as_json, **run_kwargs):
-        """Remove the least important layers of MODEL (an HF directory) and write it to --out."""
+        """Remove the least important layers of MODEL and write the smaller model to --out.
+
+        MODEL is an HF directory, a .gguf file (imported once), embedded:NAME or a cached hub id.
+        """
+        from ollama_compress.hooks.source import resolve_model_dir
+
         options = make_options(**run_kwargs)
         if sum(x is not None for x in (remove, keep, layers)) != 1:
             raise UserError("give exactly one of --remove N, --keep N or --layers 3,7,9")
-        check_out_dir(out, model)
+        chosen = parse_layers(layers) if layers is not None else None
+        protect_items = parse_protect(protect)
+        spec = _calibration_spec(calibration, samples, seq_len)
+        model_dir = Path(model) if Path(model).is_dir() else resolve_model_dir(model, options)
+        check_out_dir(out, model_dir)
         result = plan_and_prune(
-            model, out, metric=metric, remove=remove, keep=keep,
-            layers=parse_layers(layers) if layers is not None else None, block=block,
-            protect=parse_protect(protect), iterative=iterative,
-            calibration=_calibration_spec(calibration, samples, seq_len), options=options,
-            log=(lambda m: None) if as_json else (lambda m: click.echo(m, err=True)),
+            model_dir, out, metric=metric, remove=remove, keep=keep, layers=chosen, block=block,
+            protect=protect_items, iterative=iterative, calibration=spec, options=options,
+            log=lambda message: click.echo(message, err=True),
         )
         if as_json:
             echo_json(result)

@@ -173,7 +173,7 @@ def _failure_reason(log: list[str]) -> str:
     return tail[-1] if tail else "no message from llama.cpp"
 
 
-def _quantize_with_library(src: Path, quant: str, dst: Path, nthreads: int, allow_requantize: bool) -> list[str]:
+def _quantize_with_library(src: Path, quant: str, dst: Path, nthreads: int, allow_requantize: bool) -> None:
     llama_cpp = _import_llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = _ftype(llama_cpp, quant)
@@ -185,7 +185,6 @@ def _quantize_with_library(src: Path, quant: str, dst: Path, nthreads: int, allo
         reason = _failure_reason(log)
         error = UserError if re.search(r"unknown model architecture|requires an imatrix|importance matrix", reason) else StageFailed
         raise error(f"llama.cpp could not quantize {src} to {quant}: {reason}")
-    return log
 
 
 def _quantize_with_tool(src: Path, quant: str, dst: Path, imatrix: Path, nthreads: int, allow_requantize: bool) -> None:
@@ -204,12 +203,6 @@ def _quantize_with_tool(src: Path, quant: str, dst: Path, imatrix: Path, nthread
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise StageFailed(f"llama-quantize could not quantize {src} to {quant}: {_failure_reason([proc.stderr])}")
-
-
-def fallback_count(log: list[str]) -> int:
-    """How many tensors llama.cpp quantized with a fallback type (row size not a multiple of 256)."""
-    found = re.findall(r"(\d+) of \d+ tensor\(s\) required fallback quantization", "".join(log))
-    return int(found[-1]) if found else 0
 
 
 # ---------------------------------------------------------------- quality

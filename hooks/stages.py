@@ -88,10 +88,12 @@ def _ollama(ctx: StageContext) -> dict[str, Any]:
 def _register_all(ctx: StageContext, name: str, modelfiles: dict[str, str]) -> dict[str, str]:
     from ollama_compress.ollama_server import ensure_server
 
-    with ensure_server(ctx.settings.host) as host:
-        ctx.inputs["ollama_host"] = host
+    with ensure_server(ctx.settings.host) as server:
+        if server.started:
+            ctx.log(f"no Ollama server was running: started one at {server.host} for this run")
+        ctx.inputs["ollama_host"] = server.host
         return {
-            quant: call_first("register_model", ctx=ctx, modelfile=Path(path), name=f"{name}:{quant}")
+            quant: call_first("register_model", ctx=ctx, modelfile=Path(path), name=name)
             for quant, path in modelfiles.items()
         }
 

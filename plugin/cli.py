@@ -70,9 +70,14 @@ def _print_summary(console, lock: dict, out) -> None:
         console.print(f"[yellow]{name}: {stages[name]['status']} ({stages[name].get('reason', '')})[/yellow]")
     models = (stages.get("ollama", {}).get("outputs") or {}).get("ollama_models") or {}
     if models:
+        import shutil
+
+        from .ollama_server import find_ollama
+
         first = next(iter(models.values()))
+        binary = "ollama" if shutil.which("ollama") else str(find_ollama() or "ollama")
         console.print("Chat with the compressed model:")
-        console.print(f"  ollama serve   # if no Ollama server is running\n  ollama run {first}")
+        console.print(f"  {binary} serve   # if no Ollama server is running\n  {binary} run {first}")
         if len(models) > 1:
             console.print("Other quants: " + ", ".join(list(models.values())[1:]))
 

@@ -48,10 +48,11 @@ def check_causal_lm(path: str | os.PathLike) -> dict[str, Any]:
     """The config of ``path`` if it is a causal LM, else a UserError naming what it is."""
     config = read_config(path)
     archs = config.get("architectures") or []
-    if any(a.endswith("ForCausalLM") for a in archs):
-        return config
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if any(a.endswith("ForCausalLM") or a in causal for a in archs):
+        return config
     if not archs and config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return config
     what = ", ".join(archs) or config.get("model_type") or "unknown"

@@ -98,9 +98,17 @@ class Run:
 
     # ------------------------------------------------------------ keys
     def source_hash(self) -> str:
-        from ollama_compress.hooks.source import resolve_source
+        from ollama_compress.hooks.source import check_gguf, resolve_source
+        from ollama_compress.modelio import check_causal_lm, check_model_dir
 
-        path = resolve_source(self.recipe.source.model, self.options, self.recipe.source.revision)
+        source = self.recipe.source
+        path = resolve_source(source.model, self.options, source.revision)
+        if path.is_dir() and source.gguf_file:
+            path = path / source.gguf_file
+        if path.is_file():
+            check_gguf(path)
+        else:
+            check_causal_lm(check_model_dir(path, self.options))
         digest = tree_sha256(path)
         self.lock["inputs"]["source"] = {"path": str(path), "sha256": digest}
         return digest

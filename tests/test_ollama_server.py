@@ -3,10 +3,8 @@ check our templates render what the HF chat templates render, and fail cleanly o
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -24,7 +22,7 @@ from ollama_compress.ollama_server import (
     port_in_use,
     server_running,
 )
-from ollama_fixtures import ollama_binary, ollama_server, rendered_prompts  # noqa: F401
+from ollama_fixtures import RUNNER_OPTIONS, ollama_binary, ollama_server, rendered_prompts  # noqa: F401
 
 pytestmark = pytest.mark.ollama
 CONVERSATION = [
@@ -33,7 +31,7 @@ CONVERSATION = [
     {"role": "assistant", "content": "Hello!"},
     {"role": "user", "content": "What is 2+2?"},
 ]
-FAST = {"num_predict": 16, "temperature": 0, "seed": 0, "num_ctx": 512}
+FAST = {"num_predict": 16, "temperature": 0, "seed": 0, **RUNNER_OPTIONS}
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -157,7 +155,7 @@ def test_ollama_renders_what_the_hf_template_renders(client, ollama_server, smol
     path = mf.write_modelfile(smollm2_gguf, tmp_path / "Modelfile", hf)
     name = reg.register_gguf(client, f"render-{family}", path)
     for messages in (CONVERSATION, CONVERSATION[1:2]):
-        client.chat(name, messages=messages, options={"num_predict": 1, "num_ctx": 512})
+        client.chat(name, messages=messages, options={"num_predict": 1, **RUNNER_OPTIONS})
         assert rendered_prompts(ollama_server)[-1] == render(hf, messages)
 
 
@@ -178,11 +176,19 @@ def test_register_command_on_a_folder_tags_each_quant(client, ollama_server, smo
     folder = tmp_path / "run" / "40-gguf"
     folder.mkdir(parents=True)
     os.symlink(smollm2_gguf, folder / "model-Q4_1.gguf")
+    unfinished = tmp_path / "run" / ".50-modelfiles.tmp-1"  # an interrupted stage is ignored
+    unfinished.mkdir()
+    (unfinished / "Modelfile.Q8_0").write_text("half-written")
     done = cli("register", str(tmp_path / "run"), "--name", "folder-test", "--host", ollama_server.host)
     assert done.returncode == 0, done.stderr
     assert "registered folder-test:Q4_1" in done.stdout
     assert "ollama run folder-test:Q4_1" in done.stdout
     assert "folder-test:Q4_1" in model_names(client)
+    done = cli("register", str(folder / "model-Q4_1.gguf"), "--name", "single", "--host", ollama_server.host,
+               "--template", "phi3", "--system", "Be brief.")
+    assert done.returncode == 0, done.stderr
+    shown = client.show("single")
+    assert shown.template == mf.chat_family("phi3").template and "Be brief." in shown.modelfile
 
 
 @pytest.mark.slow

@@ -69,17 +69,19 @@ def test_import_gguf_of_a_missing_file(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_pickle_only_weights_need_allow_pickle(tmp_path):
+def pickle_only_model_dir(tmp_path):
     from tiny_models import tiny_model
 
     model_dir = tmp_path / "pickled"
-    tiny_model("llama", 3).save_pretrained(model_dir, safe_serialization=False)
-    if any(p.suffix == ".safetensors" for p in model_dir.iterdir()):  # newer transformers always write safetensors
-        for p in model_dir.glob("*.safetensors"):
-            torch.save({k: v for k, v in __import__("safetensors.torch").torch.load_file(p).items()},
-                       model_dir / "pytorch_model.bin")
-            p.unlink()
-    proc = cli("analyze", model_dir, "--json")
+    model_dir.mkdir()
+    model = tiny_model("llama", 2)
+    model.config.save_pretrained(model_dir)
+    torch.save(model.state_dict(), model_dir / "pytorch_model.bin")
+    return model_dir
+
+
+def test_pickle_only_weights_need_allow_pickle(tmp_path):
+    proc = cli("analyze", pickle_only_model_dir(tmp_path), "--json")
     assert_clean_error(proc, "pickle", "--allow-pickle")
 
 
@@ -91,3 +93,12 @@ def test_analyze_refuses_a_model_that_is_not_a_causal_lm(tmp_path):
                          vocab_size=100)).save_pretrained(model_dir)
     proc = cli("analyze", model_dir, "--json")
     assert_clean_error(proc, "not a causal language model")
+
+
+def test_run_on_a_pickle_only_source_exits_2_and_writes_nothing(tmp_path):
+    model_dir = pickle_only_model_dir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"recipe_version: 1\nname: p\nsource: {{model: {model_dir}}}\nexport: {{quants: [Q8_0]}}\n")
+    proc = cli("run", recipe, "--out", tmp_path / "run")
+    assert_clean_error(proc, "pickle")
+    assert not (tmp_path / "run").exists()

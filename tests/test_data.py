@@ -1,0 +1,163 @@
+"""Calibration data sources (ollama_compress.hooks.data): kinds, token batches and bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ollama_compress.context import StageContext
+from ollama_compress.errors import UserError
+from ollama_compress.hooks import data
+from ollama_compress.recipe import TextSource, validate
+
+PROSE = ("The ferry leaves the harbour at seven and crosses the bay in forty minutes. "
+         "Gulls follow it, hoping for bread from the passengers on the upper deck. ") * 30
+
+
+def _spec(**fields) -> TextSource:
+    return TextSource.model_validate(fields)
+
+
+def _write(path, text: str):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+# ---------------------------------------------------------------- default corpus
+def test_default_corpus_ships_two_disjoint_texts(smollm2_tokenizer):
+    calibration = data.load_texts(_spec())
+    heldout = data.load_texts(_spec(split="heldout"))
+    assert len(calibration) == 1 and len(heldout) == 1
+    cal_paragraphs = {p.strip() for p in calibration[0].split("\n\n") if p.strip()}
+    held_paragraphs = {p.strip() for p in heldout[0].split("\n\n") if p.strip()}
+    assert len(cal_paragraphs) > 50 and len(held_paragraphs) > 20
+    assert not cal_paragraphs & held_paragraphs
+    # Enough tokens for the recipe defaults without reusing text: 32 x 256 and 16 x 256.
+    assert len(data.token_stream(calibration, smollm2_tokenizer)) >= 32 * 256
+    assert len(data.token_stream(heldout, smollm2_tokenizer)) >= 16 * 256
+
+
+def test_default_batches_are_deterministic_and_follow_the_seed(smollm2_tokenizer):
+    spec = _spec(samples=8, seq_len=64)
+    first = data.calibration_batches(spec, smollm2_tokenizer)
+    again = data.calibration_batches(spec, smollm2_tokenizer)
+    other = data.calibration_batches(_spec(samples=8, seq_len=64, seed=1), smollm2_tokenizer)
+    assert len(first) == 8 and all(b.shape == (1, 64) and b.dtype == torch.long for b in first)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    # Enough text: windows don't overlap, so no sequence repeats.
+    assert len({tuple(b[0].tolist()) for b in first}) == 8
+
+
+def test_batches_are_windows_of_the_token_stream(smollm2_tokenizer, tmp_path):
+    spec = _spec(**{"from": "text", "path": _write(tmp_path / "t.txt", PROSE)}, samples=4, seq_len=32)
+    stream = data.token_stream(data.load_texts(spec), smollm2_tokenizer)
+    batches = data.calibration_batches(spec, smollm2_tokenizer, batch_size=2)
+    assert [b.shape for b in batches] == [(2, 32), (2, 32)]
+    for row in torch.cat(batches).tolist():
+        starts = [i for i in range(0, len(stream) - 31, 32) if stream[i:i + 32] == row]
+        assert starts, "every sequence is an aligned window of the tokenized text"
+
+
+def test_short_text_fills_up_with_overlapping_windows(smollm2_tokenizer, tmp_path):
+    text = "Short text about a cat who sleeps on a warm windowsill all afternoon long."
+    spec = _spec(**{"from": "text", "path": _write(tmp_path / "s.txt", text)}, samples=5, seq_len=8)
+    batches = data.calibration_batches(spec, smollm2_tokenizer)
+    assert len(batches) == 5 and all(b.shape == (1, 8) for b in batches)
+
+
+def test_text_shorter_than_one_sequence_is_a_user_error(smollm2_tokenizer, tmp_path):
+    spec = _spec(**{"from": "text", "path": _write(tmp_path / "s.txt", "Too short.")}, seq_len=64)
+    with pytest.raises(UserError, match="fewer than seq_len=64"):
+        data.calibration_batches(spec, smollm2_tokenizer)
+
+
+@pytest.mark.parametrize("content", ["", "  \n\n \t\n"])
+def test_empty_text_file_is_a_user_error(tmp_path, content):
+    spec = _spec(**{"from": "text", "path": _write(tmp_path / "e.txt", content)})
+    with pytest.raises(UserError, match="is empty"):
+        data.load_texts(spec)
+
+
+def test_missing_file_and_missing_path_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        data.load_texts(_spec(**{"from": "text", "path": str(tmp_path / "nope.txt")}))
+    with pytest.raises(UserError, match="needs 'path'"):
+        data.load_texts(_spec(**{"from": "jsonl"}))
+
+
+def test_unknown_kind_lists_the_known_ones():
+    with pytest.raises(UserError, match="known: .*jsonl.*teacher.*text"):
+        data.load_texts(_spec(**{"from": "parquet"}))
+
+
+# ---------------------------------------------------------------- JSON lines
+def test_jsonl_text_and_messages_use_the_model_chat_template(smollm2_tokenizer, tmp_path):
+    messages = [{"role": "user", "content": "What is a lighthouse?"},
+                {"role": "assistant", "content": "A tower with a bright light that guides ships."}]
+    lines = [json.dumps({"text": "Plain text line."}), "", json.dumps({"messages": messages})]
+    spec = _spec(**{"from": "jsonl", "path": _write(tmp_path / "d.jsonl", "\n".join(lines))})
+    texts = data.load_texts(spec, smollm2_tokenizer)
+    assert texts == ["Plain text line.", smollm2_tokenizer.apply_chat_template(messages, tokenize=False)]
+    assert "What is a lighthouse?" in texts[1] and texts[1] != messages[0]["content"]
+
+
+@pytest.mark.parametrize("line, message", [
+    (json.dumps({"content": "no text field"}), "line 2: no 'text' or 'messages' field"),
+    ("{not json", "line 2: not valid JSON"),
+    (json.dumps(["a", "list"]), "line 2: expected a JSON object"),
+    (json.dumps({"messages": [{"role": "user"}]}), "line 2: 'messages' must be"),
+])
+def test_bad_jsonl_lines_are_user_errors_naming_the_line(smollm2_tokenizer, tmp_path, line, message):
+    content = json.dumps({"text": "fine"}) + "\n" + line + "\n"
+    spec = _spec(**{"from": "jsonl", "path": _write(tmp_path / "bad.jsonl", content)})
+    with pytest.raises(UserError, match=message):
+        data.load_texts(spec, smollm2_tokenizer)
+
+
+# ---------------------------------------------------------------- HF datasets
+def test_hf_dataset_unavailable_is_a_user_error():
+    # Without the optional package, or offline (tests never reach a hub): one clear line either way.
+    with pytest.raises(UserError, match="datasets|cannot load dataset"):
+        data.load_texts(_spec(**{"from": "hf", "dataset": "no-such-org/no-such-dataset"}))
+    with pytest.raises(UserError, match="needs 'dataset'"):
+        data.load_texts(_spec(**{"from": "hf"}))
+
+
+# ---------------------------------------------------------------- teacher
+def test_teacher_generates_chat_text_once_and_caches_it(tiny_model_dir, smollm2_tokenizer, tmp_path):
+    model_dir = tiny_model_dir("llama")
+    prompts = ["Name a fruit.", "Say hello."]
+    spec = _spec(**{"from": "teacher", "prompts": prompts}, samples=2, seq_len=24)
+    cache = tmp_path / "cache"
+    texts = data.load_texts(spec, smollm2_tokenizer, model=model_dir, cache_dir=cache)
+    assert len(texts) == 2
+    for prompt, text in zip(prompts, texts):
+        reply = text.split(prompt, 1)[1]
+        assert text.startswith(smollm2_tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False))
+        assert len(reply) > 0
+    (cached,) = cache.glob("*.jsonl")
+    stamp = cached.stat().st_mtime_ns
+    again = data.load_texts(spec, smollm2_tokenizer, model=model_dir, cache_dir=cache)
+    assert again == texts and cached.stat().st_mtime_ns == stamp  # read back, not regenerated
+    batches = data.calibration_batches(spec, smollm2_tokenizer, model=model_dir, cache_dir=cache)
+    assert len(batches) == 2 and batches[0].shape == (1, 24)
+
+
+def test_teacher_takes_the_model_from_the_stage_and_caches_in_the_run_dir(tiny_model_dir, smollm2_tokenizer,
+                                                                         tmp_path):
+    model_dir = tiny_model_dir("qwen2")
+    recipe = validate({"recipe_version": 1, "name": "t", "source": {"model": str(model_dir)}})
+    ctx = StageContext(stage="importance", recipe=recipe, run_dir=tmp_path, out_dir=tmp_path / "out",
+                       inputs={"model_dir": str(model_dir)})
+    spec = _spec(**{"from": "teacher", "prompts": ["Count to three."]}, samples=1, seq_len=16)
+    texts = data.load_texts(spec, smollm2_tokenizer, ctx=ctx)
+    assert len(texts) == 1 and "Count to three." in texts[0]
+    assert list((tmp_path / "cache" / "teacher-data").glob("*.jsonl"))
+
+
+def test_teacher_without_a_model_is_a_user_error(smollm2_tokenizer):
+    with pytest.raises(UserError, match="needs the model"):
+        data.load_texts(_spec(**{"from": "teacher"}), smollm2_tokenizer)
