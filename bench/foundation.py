@@ -44,7 +44,7 @@ def main() -> None:
         hf = Path(tmp) / "smollm2"
         import_s, import_rss, _ = timed("import-gguf", str(gguf), "--out", str(hf))
         rows = []
-        for metric, extra in (("block_influence", []), ("angular", []), ("drop_one", [])):
+        for metric, extra in (("block_influence", []),):  # drop_one/angular timings: bench/metrics.py
             s, rss, out = timed("analyze", str(hf), "--metric", metric, "--json", "--out", str(Path(tmp) / metric), *extra)
             scores = json.loads(out)[metric]
             rows.append((metric, s, rss, len(scores)))

@@ -35,7 +35,7 @@ def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, CPU only, torch "
-            f"{torch.__version__}, {torch.get_num_threads()} threads; load average at start {load}")
+            f"{torch.__version__}, torch threads: {torch.get_num_threads()}; load average at start {load}")
 
 
 def evaluate(teacher, students: dict[str, torch.nn.Module], batches: list) -> dict[str, tuple[float, float]]:
@@ -128,7 +128,8 @@ def main() -> None:
         lines.append(f"| {label} | {removed} | {kept} | {seconds:.1f} | {ppl:.2f} | {kl:.4f} |")
     lines += [
         "",
-        f"Held-out evaluation of all models took {eval_s:.0f} s. Lower PPL and KL are better. "
+        f"Held-out evaluation of all models took {eval_s:.0f} s. Lower PPL and KL are better. Load average "
+        f"at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())} (the machine is shared: seconds vary). "
         f"Smallest angular block distance d(start={min(range(len(distances)), key=distances.__getitem__)}, "
         f"n={REMOVE}) = {min(distances):.4f}.",
     ]

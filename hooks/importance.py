@@ -10,7 +10,9 @@ removes the lowest). All are measured with forward hooks on the decoder layers:
   n > 1 a layer scores the smallest distance of any n-block containing it, so the n lowest layers
   form the best block. ``best_block`` returns that block directly.
 * ``drop_one``: ``KL(full || layer skipped)`` of the next-token distributions, averaged over all
-  tokens; one extra forward pass per layer. Slowest, and the most faithful to what removal does.
+  tokens; one extra forward pass per layer, in which the skipped layer returns its input and the
+  layers before it replay their recorded outputs (about half the work of a full pass). Slowest,
+  and the most faithful to what removing one layer does.
 
 ``block_influence`` and ``angular`` share one hooked forward pass when computed together.
 """
