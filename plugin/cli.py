@@ -5,6 +5,7 @@ Built-in stages add their own commands through the ``register_commands`` hook, l
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -64,22 +65,32 @@ def run_command(recipe, overrides, out, dry_run, **flags):
 
 def _print_summary(console, lock: dict, out) -> None:
     stages = lock["stages"]
-    problems = [name for name, s in stages.items() if s["status"] in ("not available", "failed")]
     console.print(f"run finished; lock written to {out or 'runs/' + lock['recipe']['name']}/run.json")
-    for name in problems:
-        console.print(f"[yellow]{name}: {stages[name]['status']} ({stages[name].get('reason', '')})[/yellow]")
+    quants = (stages.get("export", {}).get("metrics") or {}).get("quants")
+    if quants:
+        from .hooks.quantize import format_quants_table
+
+        console.print(format_quants_table(quants))
+    for name, stage in stages.items():
+        if stage["status"] in ("not available", "failed"):
+            console.print(f"[yellow]{name}: {stage['status']} ({stage.get('reason', '')})[/yellow]")
     models = (stages.get("ollama", {}).get("outputs") or {}).get("ollama_models") or {}
     if models:
-        import shutil
+        _print_chat_hint(console, models, lock["recipe"].get("export", {}).get("quants", []))
 
-        from .ollama_server import find_ollama
 
-        first = next(iter(models.values()))
-        binary = "ollama" if shutil.which("ollama") else str(find_ollama() or "ollama")
-        console.print("Chat with the compressed model:")
-        console.print(f"  {binary} serve   # if no Ollama server is running\n  {binary} run {first}")
-        if len(models) > 1:
-            console.print("Other quants: " + ", ".join(list(models.values())[1:]))
+def _print_chat_hint(console, models: dict[str, str], quants: list[str]) -> None:
+    import shutil
+
+    from .ollama_server import find_ollama
+
+    first = next((models[q] for q in quants if q in models), next(iter(models.values())))
+    binary = "ollama" if shutil.which("ollama") else str(find_ollama() or "ollama")
+    console.print("Chat with the compressed model:")
+    console.print(f"  {binary} serve   # if no Ollama server is running\n  {binary} run {first}")
+    others = [name for name in models.values() if name != first]
+    if others:
+        console.print("Other quants: " + ", ".join(others))
 
 
 @cli.command("validate")
@@ -143,6 +154,7 @@ def _add_plugin_commands() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors and exit codes (0 ok, 1 failure during work, 2 bad input)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own progress is enough
     try:
         _add_plugin_commands()
         code = cli.main(args=argv, prog_name="ollama-compress", standalone_mode=False)
