@@ -155,24 +155,10 @@ def read_hf_chat_template(model_dir: Path) -> str | None:
 
 
 def read_gguf_chat_template(gguf_path: Path) -> str | None:
-    """``tokenizer.chat_template`` from a GGUF file's metadata, or None when it has none.
+    """``tokenizer.chat_template`` from a GGUF file's metadata (checked first), or None."""
+    from ollama_compress.gguf_verify import verify_gguf
 
-    Uses the strict verifier (``ollama_compress.gguf_verify``) when installed, else gguf-py.
-    """
-    try:
-        from ollama_compress.gguf_verify import verify_gguf
-    except ImportError:
-        verify_gguf = None
-    if verify_gguf is not None:
-        value = verify_gguf(gguf_path).metadata.get(GGUF_CHAT_TEMPLATE_KEY)
-    else:
-        from gguf import GGUFReader
-
-        try:
-            field_ = GGUFReader(str(gguf_path)).fields.get(GGUF_CHAT_TEMPLATE_KEY)
-        except (ValueError, OSError, IndexError) as exc:
-            raise UserError(f"{gguf_path}: not a valid GGUF file ({exc}); give a complete .gguf file") from None
-        value = field_.contents() if field_ is not None else None
+    value = verify_gguf(gguf_path).metadata.get(GGUF_CHAT_TEMPLATE_KEY)
     return value if isinstance(value, str) and value else None
 
 

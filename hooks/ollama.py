@@ -50,30 +50,12 @@ def check_model_name(name: str) -> str:
 
 def verify_gguf_file(path: Path) -> str | None:
     """Check that ``path`` is a complete GGUF (UserError otherwise); return its quant type if known."""
+    from ollama_compress.gguf_verify import verify_gguf
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such GGUF file")
-    try:
-        from ollama_compress.gguf_verify import verify_gguf
-    except ImportError:  # the strict verifier is optional; fall back to gguf-py
-        return _gguf_py_check(path)
     return verify_gguf(path).file_type
-
-
-def _gguf_py_check(path: Path) -> str | None:
-    from gguf import GGUFReader
-
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise UserError(f"{path}: not a valid GGUF file: bad magic")
-    try:
-        reader = GGUFReader(str(path))
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    except (ValueError, OSError, IndexError) as exc:
-        raise UserError(f"{path}: not a valid GGUF file: {exc}") from None
-    if end > path.stat().st_size:
-        raise UserError(f"{path}: not a valid GGUF file: truncated (tensor data ends past the file)")
-    return None
 
 
 def quant_from_filename(path: Path) -> str | None:

@@ -14,6 +14,7 @@ import click
 from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import atomic_path, file_sha256
+from ollama_compress.gguf_verify import verify_gguf
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.modelio import check_causal_lm, check_model_dir
 
@@ -31,10 +32,6 @@ def check_gguf(path: str | os.PathLike) -> Path:
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise UserError(f"{path}: not a GGUF file (bad magic); give a .gguf model file")
-    try:
-        from ollama_compress.gguf_verify import verify_gguf
-    except ImportError:  # pragma: no cover - the verifier ships with the package
-        return path
     verify_gguf(path)
     return path
 
