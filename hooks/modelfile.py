@@ -68,7 +68,8 @@ def _stops(name: str) -> list[str]:
 @hookimpl
 def register_chat_templates(register):
     for name, match in BUILTIN_FAMILIES:
-        register(name, match, str(_family_file(name, ".tmpl")), _stops(name))
+        register(name, match, f"{name} chat format", template_path=str(_family_file(name, ".tmpl")),
+                 stops=_stops(name))
 
 
 # ---------------------------------------------------------------- family lookup
@@ -96,9 +97,8 @@ def chat_family(name: str) -> ChatFamily:
     cap = _families().get(name)
     if cap is None:
         raise UserError(f"unknown chat template family '{name}'; known: {', '.join(family_names())}")
-    # register(family, match, template_path, stops): template_path lands in .description
-    template_path = Path(cap.description)
-    stops = list(cap.extra[0]) if cap.extra else []
+    template_path = Path(cap.extra["template_path"])
+    stops = list(cap.extra.get("stops", []))
     return ChatFamily(name, template_path.read_text(encoding="utf-8"), stops)
 
 

@@ -63,10 +63,11 @@ def register_data_sources(register: Register) -> None:
 
 @hookspec
 def register_chat_templates(register: Register) -> None:
-    """Add Ollama chat families: ``register(family, match, template_path, stops)``.
+    """Add Ollama chat families: ``register(family, match, description, template_path=..., stops=[...])``.
 
     ``match(hf_chat_template: str) -> bool`` tells whether an HF Jinja template belongs to the
     family; ``template_path`` is a Go-template TEMPLATE file; ``stops`` are stop strings.
+    Families of plugins are tried before the built-in ones.
     """
 
 

@@ -5,7 +5,7 @@ import importlib
 import importlib.metadata as md
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pluggy
@@ -51,7 +51,7 @@ class Capability:
     fn: Any
     description: str
     plugin: str
-    extra: tuple = ()
+    extra: dict[str, Any] = field(default_factory=dict)  # kind-specific details (chat templates: template_path, stops)
 
 
 def _is_builtin(module: str) -> bool:
@@ -122,17 +122,23 @@ def register_plugin(plugin: object, name: str) -> None:
 
 
 def capabilities(kind: str) -> dict[str, Capability]:
-    """All registered capabilities of ``kind`` (see ``CAPABILITY_HOOKS``), by name."""
+    """All registered capabilities of ``kind`` (see ``CAPABILITY_HOOKS``), by name.
+
+    Third-party plugins come first and win over a built-in of the same name.
+    """
     if kind not in _capabilities:
-        pm = get_plugin_manager()
-        found: dict[str, Capability] = {}
-        hook = getattr(pm.hook, CAPABILITY_HOOKS[kind])
-        for impl in reversed(hook.get_hookimpls()):
-            def register(name: str, fn: Any, description: str = "", *extra: Any, _p=impl.plugin_name) -> None:
-                found[name] = Capability(name, fn, description, _p, extra)
+        hook = getattr(get_plugin_manager().hook, CAPABILITY_HOOKS[kind])
+        builtin: dict[str, Capability] = {}
+        external: dict[str, Capability] = {}
+        for impl in hook.get_hookimpls():
+            found = builtin if _is_builtin(getattr(impl.plugin, "__name__", "")) else external
+
+            def register(name: str, fn: Any, description: str = "", _found=found, _p=impl.plugin_name,
+                         **extra: Any) -> None:
+                _found[name] = Capability(name, fn, description, _p, extra)
 
             impl.function(register=register)
-        _capabilities[kind] = found
+        _capabilities[kind] = {**external, **{k: v for k, v in builtin.items() if k not in external}}
     return _capabilities[kind]
 
 

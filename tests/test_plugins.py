@@ -73,3 +73,23 @@ def test_a_broken_plugin_is_reported_and_left_out(plugin_path):
     assert proc.returncode == 0
     assert "plugin 'weight_norm' failed to load" in proc.stderr
     assert "weight_norm" not in {p["name"] for p in json.loads(proc.stdout)}
+
+
+def test_a_plugin_capability_wins_over_a_builtin_of_the_same_name():
+    from ollama_compress import plugins
+    from ollama_compress.hookspecs import hookimpl
+
+    class Override:
+        @hookimpl
+        def register_importance_metrics(self, register):
+            register("block_influence", lambda model, batches, **o: [0.0], "replacement")
+
+    try:
+        plugins.register_plugin(Override(), name="override")
+        metrics = plugins.capabilities("importance_metrics")
+        assert metrics["block_influence"].description == "replacement"
+        assert metrics["block_influence"].plugin == "override"
+        assert next(iter(metrics)) == "block_influence"  # third-party names come first
+        assert "angular" in metrics and metrics["angular"].plugin == "importance"
+    finally:
+        plugins.reset()
