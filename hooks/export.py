@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from hashlib import sha256
@@ -24,7 +23,7 @@ import numpy as np
 
 from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import NotAvailable, StageFailed, UserError
-from ollama_compress.fsutil import atomic_path, tree_sha256
+from ollama_compress.fsutil import atomic_path, check_free_space, tree_sha256
 from ollama_compress.hookspecs import hookimpl
 
 OUTTYPES = ("F32", "F16", "BF16")
@@ -781,13 +780,7 @@ def _check_output_dir(out_path: Path) -> None:
 
 
 def _check_disk(out_path: Path, needed: int) -> None:
-    probe = out_path.parent
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed:
-        raise UserError(f"not enough disk space in {probe}: the GGUF needs about {needed / 2**30:.2f} GiB, "
-                        f"{free / 2**30:.2f} GiB free; free some space or choose another --out")
+    check_free_space(out_path.parent, needed, out_path.name)
 
 
 def expected_size(planned: list[PlannedTensor], vocab_bytes: int = 0) -> int:

@@ -443,23 +443,7 @@ def torch_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _device(options) -> str:
-    import torch
-
-    if options is not None and options.device != "auto":
-        return options.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # ---------------------------------------------------------------- analyze command
-def resolve_model_dir(model: str, options=None) -> Path:
-    """A checked HF causal-LM directory for ``model``: a directory, a .gguf file (imported once into
-    the cache), ``embedded:NAME`` or a hub id already in the local cache."""
-    from ollama_compress.hooks.source import resolve_model_dir as resolve
-
-    return resolve(model, options)
-
-
 def default_out_dir(model: str) -> Path:
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).name.removesuffix(".gguf")).strip("-") or "model"
     return Path.cwd() / f"analyze-{name}"
@@ -507,7 +491,10 @@ def analyze(model: str, metrics: list[str], calibration: str | None = None, samp
             seed: int = 0, log: Callable[[str], None] = lambda m: None) -> tuple[Analysis, Path]:
     """The ``analyze`` command as a function: score ``model`` (HF dir or .gguf) and write the outputs."""
     from ollama_compress import modelio
+    from ollama_compress.context import RunOptions
+    from ollama_compress.hooks.source import resolve_model_dir
 
+    options = options or RunOptions()
     for m in metrics:
         _metric_fn(m)
     spec = _data_spec(calibration, samples, seq_len, seed)
@@ -517,7 +504,7 @@ def analyze(model: str, metrics: list[str], calibration: str | None = None, samp
     tokenizer = modelio.load_tokenizer(model_dir, options)
     batches = batches_before_loading(spec, tokenizer)
     log(f"loading {model_dir}")
-    loaded = modelio.load_model(model_dir, options, dtype="float32", device=_device(options))
+    loaded = modelio.load_model(model_dir, options, dtype="float32", device=options.resolved_device())
     if batches is None:
         from ollama_compress.hooks.data import calibration_batches
 

@@ -529,14 +529,6 @@ def save_pruned_model(model, model_dir: Path, out_dir: Path, mapping: dict[str, 
 
 
 # ---------------------------------------------------------------- scoring
-def resolve_device(options: RunOptions) -> str:
-    if options.device != "auto":
-        return options.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def check_metric(metric: str) -> None:
     """NotAvailable (exit 2) listing the known metrics when ``metric`` is not registered."""
     from ollama_compress.plugins import capability
@@ -608,7 +600,7 @@ def prune_iteratively(
     protect = list(protect)
     protected = resolve_protect(protect, num_layers)
     select_layers([0.0] * num_layers, num_layers, remove=n_remove, protect=protect)  # bad input first
-    model = modelio.load_model(model_dir, options, dtype=dtype, device=resolve_device(options))
+    model = modelio.load_model(model_dir, options, dtype=dtype, device=options.resolved_device())
     batches = batches_fn(model)
     teacher_of = list(range(num_layers))
     steps: list[dict[str, Any]] = []
@@ -684,7 +676,7 @@ def plan_and_prune(
         block_scores = None
         if batches_fn is not None:
             log(f"scoring {num_layers} layers with {metric}")
-            model = modelio.load_model(model_dir, options, dtype=dtype, device=resolve_device(options))
+            model = modelio.load_model(model_dir, options, dtype=dtype, device=options.resolved_device())
             metric_scores, block_scores = score(model, batches_fn(model), metric,
                                                 block_size=len(planned) if block else None)
             scores = {**(scores or {}), metric: metric_scores}

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import click
 
 from ollama_compress.errors import StageFailed, UserError
-from ollama_compress.fsutil import atomic_path, write_json
+from ollama_compress.fsutil import atomic_path, check_free_space, write_json
 from ollama_compress.gguf_verify import GGUFSummary, verify_gguf
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.recipe import QUANT_TYPES
@@ -120,11 +120,7 @@ def _check_disk_space(summary: GGUFSummary, quant: str, dst: Path) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create output directory {dst.parent}: {exc.strerror or exc}") from None
-    need = _estimated_size(summary, quant)
-    free = shutil.disk_usage(dst.parent).free
-    if free < need:
-        raise UserError(f"not enough disk space in {dst.parent} for {quant}: need about "
-                        f"{need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free")
+    check_free_space(dst.parent, _estimated_size(summary, quant), quant)
 
 
 def _ftype(llama_cpp: Any, quant: str) -> int:

@@ -20,6 +20,14 @@ class RunOptions:
     device: str = "auto"  # "auto" picks cuda when available, else cpu
     offline: bool = True  # never reach a model hub unless the user says so
 
+    def resolved_device(self) -> str:
+        """``device``, with "auto" turned into cuda when a GPU is visible, else cpu."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
 
 @dataclass
 class StageContext:
@@ -52,8 +60,4 @@ class StageContext:
 
     @property
     def device(self) -> str:
-        if self.options.device != "auto":
-            return self.options.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.options.resolved_device()

@@ -57,6 +57,18 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[P
         os.replace(tmp, final)
 
 
+def check_free_space(target: str | os.PathLike, needed: int, what: str) -> None:
+    """UserError unless the filesystem holding ``target`` (or its nearest existing parent) has
+    ``needed`` bytes free for ``what``."""
+    probe = Path(target)
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise UserError(f"not enough disk space in {probe} for {what}: need about {needed / 2**20:.0f} MiB, "
+                        f"{free / 2**20:.0f} MiB free; free some space or choose another output directory")
+
+
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write ``data`` as indented JSON atomically."""
     path = Path(path)

@@ -274,7 +274,7 @@ def test_output_dir_is_a_file(tiny_model_dir, tmp_path):
 
 def test_not_enough_disk_space(tiny_model_dir, tmp_path, monkeypatch):
     real = shutil.disk_usage
-    monkeypatch.setattr(export_mod.shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 20))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 20))
     with pytest.raises(UserError, match="not enough disk space"):
         export_gguf(tiny_model_dir("llama"), tmp_path / "out" / "m.gguf")
     assert _no_outputs(tmp_path)

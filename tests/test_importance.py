@@ -179,15 +179,22 @@ def test_score_layers_stage_writes_scores_and_plots(tmp_path, tiny_model_dir):
 
 
 # ---------------------------------------------------------------- analyze command
-def test_analyze_json_prints_only_scores_and_repeats_exactly(tmp_path, tiny_model_dir, capsys):
-    model_dir = tiny_model_dir("llama")
-    argv = ["analyze", str(model_dir), "--metric", "block_influence", "--metric", "angular",
-            "--samples", "3", "--seq-len", "32", "--device", "cpu", "--json"]
+def _analyze_twice(argv, tmp_path, capsys) -> list[dict]:
+    """Run `analyze ARGV --out tmp/run{0,1}` twice; each must succeed and print JSON."""
     runs = []
     for i in range(2):
         code, out, err = _run_cli(argv + ["--out", str(tmp_path / f"run{i}")], capsys)
         assert code == 0, err
-        runs.append(json.loads(out))  # stdout is nothing but the JSON
+        runs.append(json.loads(out))
+    return runs
+
+
+def test_analyze_json_prints_only_scores_and_repeats_exactly(tmp_path, tiny_model_dir, capsys):
+    model_dir = tiny_model_dir("llama")
+    argv = ["analyze", str(model_dir), "--metric", "block_influence", "--metric", "angular",
+            "--samples", "3", "--seq-len", "32", "--device", "cpu", "--json"]
+    runs = _analyze_twice(argv, tmp_path, capsys)  # stdout is nothing but the JSON
+    for i in range(2):
         assert (tmp_path / f"run{i}" / "scores.json").is_file()
         assert (tmp_path / f"run{i}" / "angular.png").is_file()
     assert set(runs[0]) == {"block_influence", "angular"}
@@ -239,11 +246,7 @@ def test_analyze_unknown_metric_from_a_real_process(tiny_model_dir):
 def test_smollm2_analyze_gives_30_finite_scores_twice(smollm2_hf, tmp_path, capsys):
     argv = ["analyze", str(smollm2_hf), "--metric", "block_influence", "--metric", "angular",
             "--samples", "4", "--seq-len", "128", "--device", "cpu", "--json"]
-    runs = []
-    for i in range(2):
-        code, out, err = _run_cli(argv + ["--out", str(tmp_path / f"run{i}")], capsys)
-        assert code == 0, err
-        runs.append(json.loads(out))
+    runs = _analyze_twice(argv, tmp_path, capsys)
     for values in runs[0].values():
         assert len(values) == 30 and all(math.isfinite(v) for v in values)
     assert runs[0] == runs[1]
