@@ -934,7 +934,7 @@ def _run_stage(ctx: StageContext, model_dir: Path, outtype: str) -> Path:
 
 
 # The stage hook shares its name with the Python API above, so it is bound by ``specname``.
-@hookimpl(specname="export_gguf")
+@hookimpl(specname="export_gguf", trylast=True)
 def export_gguf_stage(ctx: StageContext, model_dir: Path, outtype: str) -> Path:
     return _run_stage(ctx, model_dir, outtype)
 

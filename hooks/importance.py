@@ -413,7 +413,7 @@ def _block_size(prune, num_layers: int) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------- stage hook
-@hookimpl
+@hookimpl(trylast=True)
 def score_layers(ctx, model_dir: Path) -> dict[str, list[float]] | None:
     from ollama_compress import modelio
     from ollama_compress.hooks.data import calibration_batches

@@ -330,7 +330,7 @@ def parse_modelfile(path: Path) -> ModelfileSpec:
 
 
 # ---------------------------------------------------------------- stage
-@hookimpl(specname="write_modelfile")
+@hookimpl(specname="write_modelfile", trylast=True)
 def write_modelfile_stage(ctx, gguf_path, quant, model_dir):
     from ollama_compress.recipe import Ollama
 

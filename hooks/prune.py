@@ -695,7 +695,7 @@ def plan_and_prune(
 
 
 # ---------------------------------------------------------------- stage hook
-@hookimpl
+@hookimpl(trylast=True)
 def prune_layers(ctx: StageContext, model_dir: Path, scores: dict[str, list[float]]) -> Path | None:
     """Prune per the recipe's ``prune`` section into ``ctx.out_dir / "model"`` and return that.
 

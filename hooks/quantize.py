@@ -361,7 +361,7 @@ def format_quants_table(rows: list[dict]):
 
 
 # ---------------------------------------------------------------- stage hook and commands
-@hookimpl
+@hookimpl(trylast=True)
 def quantize_gguf(ctx, gguf_path: Path, quant: str) -> Path:
     imatrix = getattr(ctx.settings, "imatrix", None)
     dst = Path(ctx.out_dir) / quant_file_name(gguf_path, quant)

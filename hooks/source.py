@@ -139,7 +139,7 @@ def register_sources(register):
     register("embedded", _embedded, "models that ship with a PyPI wheel (embedded:smollm2-135m-instruct)")
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def load_source(ctx: StageContext) -> Path:
     source = ctx.recipe.source
     path = resolve_source(source.model, ctx.options, source.revision)

@@ -93,7 +93,7 @@ def _register_all(ctx: StageContext, name: str, modelfiles: dict[str, str]) -> d
             ctx.log(f"no Ollama server was running: started one at {server.host} for this run")
         ctx.inputs["ollama_host"] = server.host
         return {
-            quant: call_first("register_model", ctx=ctx, modelfile=Path(path), name=name)
+            quant: call_first("create_ollama_model", ctx=ctx, modelfile=Path(path), name=name)
             for quant, path in modelfiles.items()
         }
 
@@ -108,7 +108,7 @@ DISPATCH = {
 }
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def run_stage(ctx: StageContext) -> dict[str, Any] | None:
     step = DISPATCH.get(ctx.stage)
     return step(ctx) if step else None

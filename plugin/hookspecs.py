@@ -6,7 +6,8 @@ Two kinds of hook:
   adds named things a recipe can then refer to by name (``metric: block_influence``).
 * Stage hooks run when the pipeline reaches a stage. Unless a docstring says otherwise, the first
   plugin to return something other than ``None`` wins, so a plugin can take over a stage by
-  returning a result, or decline by returning ``None``. Plugins registered later run first.
+  returning a result, or decline by returning ``None``. Built-in implementations are
+  ``trylast``, so any installed plugin runs before them, whatever the discovery order.
 """
 from __future__ import annotations
 
@@ -146,10 +147,12 @@ def write_modelfile(ctx: StageContext, gguf_path: Path, quant: str, model_dir: P
 
 
 @hookspec(firstresult=True)
-def register_model(ctx: StageContext, modelfile: Path, name: str) -> str | None:
+def create_ollama_model(ctx: StageContext, modelfile: Path, name: str) -> str | None:
     """Create ``name`` in the user's Ollama from ``modelfile``; return the registered name.
 
-    First non-None result wins.
+    Runs in the ollama stage, once per Modelfile, after ``write_modelfile``; the server to talk
+    to is ``ctx.settings.host`` (the pipeline has made sure one answers there). First non-None
+    result wins.
     """
 
 

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import pluggy
 
 from . import hookspecs
-from .errors import NotAvailable
+from .errors import NotAvailable, UserError
 
 GROUP = "ollama_compress"
 LOAD_ENV = "OLLAMA_COMPRESS_LOAD_PLUGINS"
@@ -26,7 +26,7 @@ DEFAULT_PLUGINS = {
     "export": "ollama_compress.hooks.export",
     "quantize": "ollama_compress.hooks.quantize",
     "modelfile": "ollama_compress.hooks.modelfile",
-    "ollama": "ollama_compress.hooks.ollama",
+    "registration": "ollama_compress.hooks.registration",
     "stages": "ollama_compress.hooks.stages",
 }
 
@@ -104,6 +104,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
         pm = pluggy.PluginManager(GROUP)
         pm.add_hookspecs(hookspecs)
         _load(pm)
+        _check_pending(pm)
         _pm = pm
     return _pm
 
@@ -115,9 +116,19 @@ def reset() -> None:
     _capabilities.clear()
 
 
+def _check_pending(pm: pluggy.PluginManager) -> None:
+    """A hookimpl whose name matches no hook (a misspelling) is an error that names it."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise UserError(f"plugin '{exc.plugin_name}': {exc}; fix the hook's name or uninstall the plugin") from None
+
+
 def register_plugin(plugin: object, name: str) -> None:
     """Register a plugin object at run time (tests, notebooks)."""
-    get_plugin_manager().register(plugin, name=name)
+    pm = get_plugin_manager()
+    pm.register(plugin, name=name)
+    _check_pending(pm)
     _capabilities.clear()
 
 

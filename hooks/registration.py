@@ -207,8 +207,8 @@ def _name_for(name: str, modelfile: Path) -> str:
     return model_tag(name, quant)
 
 
-@hookimpl(specname="register_model")
-def register_model_stage(ctx, modelfile, name):
+@hookimpl(specname="create_ollama_model", trylast=True)
+def create_ollama_model_stage(ctx, modelfile, name):
     import ollama
 
     from ollama_compress.recipe import Ollama
