@@ -31,7 +31,7 @@ import json
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ollama_compress.errors import UserError
 from ollama_compress.fsutil import atomic_path, settings_hash
@@ -357,3 +357,39 @@ def calibration_batches(spec: TextSource, tokenizer, ctx=None, model=None, batch
     windows = chunk_stream(token_stream(texts, tokenizer), spec.samples, spec.seq_len, spec.seed)
     rows = torch.tensor(windows, dtype=torch.long)
     return list(rows.split(max(1, batch_size)))
+
+
+def batches_provider(spec: TextSource, tokenizer, ctx=None) -> Callable[[Any], list]:
+    """``fn(model) -> batches`` for ``spec``.
+
+    Sources that need no model (files, the shipped corpus) are read and tokenized right away, so
+    bad data fails before any weights load; ``teacher`` text is generated with the model.
+    """
+    if spec.from_ == "teacher":
+        return lambda model: calibration_batches(spec, tokenizer, ctx=ctx, model=model)
+    batches = calibration_batches(spec, tokenizer, ctx=ctx)
+    return lambda model: batches
+
+
+def text_source_from_options(path: str | os.PathLike | None = None, samples: int | None = None,
+                             seq_len: int | None = None, seed: int = 0) -> TextSource:
+    """The ``TextSource`` of a command's ``--calibration/--samples/--seq-len/--seed`` options
+    (a ``.jsonl`` file is read as JSON lines, anything else as plain text)."""
+    from pydantic import ValidationError
+
+    fields: dict[str, Any] = {"seed": seed}
+    if path is not None:
+        if not Path(path).is_file():
+            raise UserError(f"--calibration {path} is not a file; give a .txt or .jsonl file")
+        fields.update({"from": "jsonl" if str(path).lower().endswith((".jsonl", ".json")) else "text",
+                       "path": str(path)})
+    if samples is not None:
+        fields["samples"] = samples
+    if seq_len is not None:
+        fields["seq_len"] = seq_len
+    try:
+        return TextSource.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        option = "--" + ".".join(str(p) for p in first["loc"]).replace("_", "-")
+        raise UserError(f"{option}: {first['msg']}") from None

@@ -396,14 +396,6 @@ def analyze_model(model, batches: list, metrics: list[str], **options: Any) -> A
     return Analysis(scores, num_layers, sum(b.numel() for b in batches), seconds)
 
 
-def batches_before_loading(spec, tokenizer, ctx=None) -> list | None:
-    """Calibration batches of sources that need no model, so bad data fails before weights load;
-    None for ``teacher`` (its text comes from the loaded model)."""
-    from ollama_compress.hooks.data import calibration_batches
-
-    return None if spec.from_ == "teacher" else calibration_batches(spec, tokenizer, ctx=ctx)
-
-
 def _block_size(prune, num_layers: int) -> dict[str, int]:
     """With ``prune.block``, angular scores blocks of the size that will be removed."""
     if prune is None or not prune.block:
@@ -412,27 +404,44 @@ def _block_size(prune, num_layers: int) -> dict[str, int]:
     return {"block_size": size} if 0 < size < num_layers else {}
 
 
+def score_model_dir(model_dir: Path, metrics: list[str], spec, out_dir: Path, *, options=None,
+                    dtype: str = "float32", block_size: Callable[[int], dict[str, int]] = lambda n: {},
+                    title: str = "", ctx=None, log: Callable[[str], None] = lambda m: None) -> Analysis:
+    """Score every layer of the HF model in ``model_dir`` with ``metrics`` on the calibration text
+    ``spec`` and write ``scores.json`` and one PNG per metric into ``out_dir``.
+
+    The ``analyze`` command and the importance stage both run this. ``block_size(num_layers)``
+    gives the angular block size, once the model's depth is known.
+    """
+    from ollama_compress import modelio
+    from ollama_compress.context import RunOptions
+    from ollama_compress.hooks.data import batches_provider
+
+    options = options or RunOptions()
+    for m in metrics:
+        _metric_fn(m)  # unknown names fail before any work
+    torch_seed(spec.seed)
+    tokenizer = modelio.load_tokenizer(model_dir, options)
+    batches_fn = batches_provider(spec, tokenizer, ctx)
+    log(f"loading {title or model_dir}")
+    model = modelio.load_model(model_dir, options, dtype=dtype, device=options.resolved_device())
+    batches = batches_fn(model)
+    num_layers = len(get_decoder_layers(model))
+    log(f"scoring {num_layers} layers with {', '.join(metrics)} ({spec.samples} x {spec.seq_len} tokens)")
+    result = analyze_model(model, batches, metrics, **block_size(num_layers))
+    write_scores(out_dir, result.scores, {**result.info(), "model": title}, title)
+    return result
+
+
 # ---------------------------------------------------------------- stage hook
 @hookimpl(trylast=True)
 def score_layers(ctx, model_dir: Path) -> dict[str, list[float]] | None:
-    from ollama_compress import modelio
-    from ollama_compress.hooks.data import calibration_batches
-
     prune = ctx.recipe.prune
     metrics = list(dict.fromkeys([prune.metric, *prune.report_metrics])) if prune else ["block_influence"]
-    for m in metrics:
-        _metric_fn(m)  # unknown names fail before any work
-    spec = ctx.recipe.data.calibration
-    torch_seed(spec.seed)
-    tokenizer = modelio.load_tokenizer(model_dir, ctx.options)
-    batches = batches_before_loading(spec, tokenizer, ctx)
-    model = modelio.load_model(model_dir, ctx.options, dtype=ctx.recipe.source.dtype, device=ctx.device)
-    if batches is None:
-        batches = calibration_batches(spec, tokenizer, ctx=ctx, model=model)
-    num_layers = len(get_decoder_layers(model))
-    ctx.log(f"scoring {num_layers} layers with {', '.join(metrics)}")
-    result = analyze_model(model, batches, metrics, **_block_size(prune, num_layers))
-    write_scores(ctx.out_dir, result.scores, result.info(), Path(model_dir).name)
+    result = score_model_dir(Path(model_dir), metrics, ctx.recipe.data.calibration, ctx.out_dir,
+                             options=ctx.options, dtype=ctx.recipe.source.dtype,
+                             block_size=lambda n: _block_size(prune, n), title=source_title(ctx.recipe.source.model),
+                             ctx=ctx, log=ctx.log)
     ctx.metrics.update(result.info())
     return result.scores
 
@@ -443,29 +452,15 @@ def torch_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def source_title(model: str) -> str:
+    """A short model name for titles: the last path part, without ``.gguf`` or a scheme."""
+    return Path(model.split(":", 1)[-1] if ":" in model and not Path(model).exists() else model).name.removesuffix(".gguf")
+
+
 # ---------------------------------------------------------------- analyze command
 def default_out_dir(model: str) -> Path:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).name.removesuffix(".gguf")).strip("-") or "model"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", source_title(model)).strip("-") or "model"
     return Path.cwd() / f"analyze-{name}"
-
-
-def _data_spec(calibration: str | None, samples: int | None, seq_len: int | None, seed: int):
-    from ollama_compress.recipe import TextSource
-
-    fields: dict[str, Any] = {"seed": seed}
-    if calibration:
-        kind = "jsonl" if calibration.lower().endswith(".jsonl") else "text"
-        fields.update({"from": kind, "path": calibration})
-    if samples is not None:
-        fields["samples"] = samples
-    if seq_len is not None:
-        fields["seq_len"] = seq_len
-    try:
-        return TextSource.model_validate(fields)
-    except Exception as exc:
-        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
-        where = ".".join(str(p) for p in first["loc"])
-        raise UserError(f"--{where.replace('_', '-')}: {first['msg']}") from None
 
 
 def print_table(scores: dict[str, list[float]], console, title: str) -> None:
@@ -489,30 +484,19 @@ def print_table(scores: dict[str, list[float]], console, title: str) -> None:
 def analyze(model: str, metrics: list[str], calibration: str | None = None, samples: int | None = None,
             seq_len: int | None = None, block_size: int = 1, out: str | None = None, options=None,
             seed: int = 0, log: Callable[[str], None] = lambda m: None) -> tuple[Analysis, Path]:
-    """The ``analyze`` command as a function: score ``model`` (HF dir or .gguf) and write the outputs."""
-    from ollama_compress import modelio
+    """The ``analyze`` command as a function: score ``model`` (any source form) and write the outputs."""
     from ollama_compress.context import RunOptions
+    from ollama_compress.hooks.data import text_source_from_options
     from ollama_compress.hooks.source import resolve_model_dir
 
     options = options or RunOptions()
     for m in metrics:
         _metric_fn(m)
-    spec = _data_spec(calibration, samples, seq_len, seed)
+    spec = text_source_from_options(calibration, samples, seq_len, seed)
     model_dir = resolve_model_dir(model, options)
     out_dir = Path(out) if out else default_out_dir(model)
-    torch_seed(seed)
-    tokenizer = modelio.load_tokenizer(model_dir, options)
-    batches = batches_before_loading(spec, tokenizer)
-    log(f"loading {model_dir}")
-    loaded = modelio.load_model(model_dir, options, dtype="float32", device=options.resolved_device())
-    if batches is None:
-        from ollama_compress.hooks.data import calibration_batches
-
-        batches = calibration_batches(spec, tokenizer, model=loaded)
-    log(f"scoring {len(get_decoder_layers(loaded))} layers with {', '.join(metrics)} "
-        f"({spec.samples} x {spec.seq_len} tokens)")
-    result = analyze_model(loaded, batches, metrics, block_size=block_size)
-    write_scores(out_dir, result.scores, {**result.info(), "model": str(model)}, Path(model).name)
+    result = score_model_dir(model_dir, metrics, spec, out_dir, options=options,
+                             block_size=lambda n: {"block_size": block_size}, title=source_title(model), log=log)
     return result, out_dir
 
 

@@ -539,22 +539,13 @@ def check_metric(metric: str) -> None:
 BatchesFn = Callable[[Any], list]
 
 
-def batches_provider(model_dir: Path, calibration, options: RunOptions,
-                     ctx: StageContext | None = None) -> BatchesFn:
-    """``fn(model) -> batches`` for ``calibration`` (a recipe ``TextSource``, None: built-in text).
-
-    Sources that need no model (files, the built-in text) are read and tokenized right away, so
-    bad data fails before any model is loaded; ``teacher`` text is generated with the model.
-    """
-    from ollama_compress.hooks import data
+def _batches_fn(model_dir: Path, calibration, options: RunOptions, ctx: StageContext | None) -> BatchesFn:
+    """Calibration batches for ``calibration`` (None: the shipped corpus), tokenized like ``model_dir``."""
+    from ollama_compress.hooks.data import batches_provider
     from ollama_compress.recipe import TextSource
 
     spec = calibration if calibration is not None else TextSource()
-    tokenizer = modelio.load_tokenizer(model_dir, options)
-    if spec.from_ == "teacher":
-        return lambda model: data.calibration_batches(spec, tokenizer, ctx=ctx, model=model)
-    batches = data.calibration_batches(spec, tokenizer, ctx=ctx)
-    return lambda model: batches
+    return batches_provider(spec, modelio.load_tokenizer(model_dir, options), ctx)
 
 
 def score(model, batches, metric: str, *, block_size: int | None = None
@@ -589,7 +580,7 @@ def prune_iteratively(
 ) -> Path:
     """Remove ``n_remove`` layers one at a time, rescoring the pruned model after each removal.
 
-    ``batches_fn(model)`` gives the calibration batches (called once, see ``batches_provider``).
+    ``batches_fn(model)`` gives the calibration batches (called once, see ``data.batches_provider``).
     ``between_steps(model, step, student_to_teacher)`` runs after each removal (a heal, later);
     without it the result is cut from the original weights (exact), else the in-memory model is
     saved. ``layer_map.json`` gets ``steps``: each step's scores and the layer it removed.
@@ -667,7 +658,7 @@ def plan_and_prune(
     if needs_scores:
         check_metric(metric)
     needs_batches = needs_scores and (iterative or not have_scores)
-    batches_fn = batches_provider(model_dir, calibration, options, ctx) if needs_batches else None
+    batches_fn = _batches_fn(model_dir, calibration, options, ctx) if needs_batches else None
 
     if needs_scores and iterative:
         prune_iteratively(model_dir, out_dir, len(planned), metric, batches_fn, protect=protect,
@@ -750,19 +741,6 @@ def parse_protect(text: str) -> list[str | int]:
     return items
 
 
-def _calibration_spec(path: Path | None, samples: int, seq_len: int):
-    from ollama_compress.recipe import TextSource
-
-    if samples < 1 or seq_len < 8:
-        raise UserError("--samples must be at least 1 and --seq-len at least 8")
-    if path is None:
-        return TextSource(samples=samples, seq_len=seq_len)
-    if not Path(path).is_file():
-        raise UserError(f"--calibration {path} is not a file; give a .txt or .jsonl file")
-    kind = "jsonl" if Path(path).suffix.lower() in (".jsonl", ".json") else "text"
-    return TextSource.model_validate({"from": kind, "path": str(path), "samples": samples, "seq_len": seq_len})
-
-
 @hookimpl
 def register_commands(cli: click.Group) -> None:
     from ollama_compress.cli import echo_json, make_options, run_options
@@ -799,7 +777,9 @@ def register_commands(cli: click.Group) -> None:
             raise UserError("give exactly one of --remove N, --keep N or --layers 3,7,9")
         chosen = parse_layers(layers) if layers is not None else None
         protect_items = parse_protect(protect)
-        spec = _calibration_spec(calibration, samples, seq_len)
+        from ollama_compress.hooks.data import text_source_from_options
+
+        spec = text_source_from_options(calibration, samples, seq_len)
         model_dir = Path(model) if Path(model).is_dir() else resolve_model_dir(model, options)
         check_out_dir(out, model_dir)
         result = plan_and_prune(

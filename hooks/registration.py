@@ -208,16 +208,13 @@ def _name_for(name: str, modelfile: Path) -> str:
 
 
 @hookimpl(specname="create_ollama_model", trylast=True)
-def create_ollama_model_stage(ctx, modelfile, name):
+def create_ollama_model_stage(ctx, modelfile, name, host):
     import ollama
 
-    from ollama_compress.recipe import Ollama
-
-    settings = ctx.recipe.ollama or Ollama()
     full_name = _name_for(check_model_name(name), Path(modelfile))
     spec = parse_modelfile(modelfile)
     verify_gguf_file(spec.from_path)
-    url = require_server(ctx.inputs.get("ollama_host") or settings.host)
+    url = require_server(host)
     create_model(ollama.Client(host=url), full_name, spec)
     ctx.metrics.setdefault("registered", []).append(full_name)
     ctx.metrics["ollama_host"] = url

@@ -13,7 +13,7 @@ import click
 
 from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import StageFailed, UserError
-from ollama_compress.fsutil import atomic_path, file_sha256
+from ollama_compress.fsutil import Fingerprints, atomic_path
 from ollama_compress.gguf_verify import verify_gguf
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.modelio import check_causal_lm, check_model_dir
@@ -72,7 +72,8 @@ def imported_gguf_dir(gguf_path: str | os.PathLike) -> Path:
     from ollama_compress.embedded import cache_dir
 
     gguf_path = check_gguf(gguf_path)
-    target = cache_dir() / "imported" / f"{gguf_path.stem}-{file_sha256(gguf_path)[:12]}"
+    digest = Fingerprints(cache_dir() / "fingerprints.json").sha256(gguf_path)
+    target = cache_dir() / "imported" / f"{gguf_path.stem}-{digest[:12]}"
     if not (target / "config.json").is_file():
         with atomic_path(target, is_dir=True) as tmp:
             import_gguf(gguf_path, tmp)
@@ -114,6 +115,18 @@ def _hub_snapshot(repo_id: str, options: RunOptions, revision: str | None) -> Pa
         raise StageFailed(f"could not download {repo_id}: {str(exc).splitlines()[0]}") from None
 
 
+def source_path(source, options: RunOptions) -> Path:
+    """The checked local GGUF file or causal-LM HF directory of a recipe's ``source`` section;
+    a bad source fails here, before anything is written."""
+    path = resolve_source(source.model, options, source.revision)
+    if path.is_dir() and source.gguf_file:
+        path = path / source.gguf_file
+    if path.is_file():
+        return check_gguf(path)
+    check_causal_lm(check_model_dir(path, options))
+    return path
+
+
 def resolve_model_dir(spec: str, options: RunOptions | None = None, revision: str | None = None) -> Path:
     """A checked local HF causal-LM directory for any source spec (GGUF files are imported once)."""
     options = options or RunOptions()
@@ -141,17 +154,11 @@ def register_sources(register):
 
 @hookimpl(trylast=True)
 def load_source(ctx: StageContext) -> Path:
-    source = ctx.recipe.source
-    path = resolve_source(source.model, ctx.options, source.revision)
-    if path.is_dir() and source.gguf_file:
-        path = path / source.gguf_file
+    path = source_path(ctx.recipe.source, ctx.options)
     if path.is_file():
         ctx.log(f"importing {path.name} into an HF directory")
-        out = import_gguf(path, ctx.out_dir, dtype=source.dtype)
         ctx.metrics["imported_gguf"] = str(path)
-        return out
-    check_model_dir(path, ctx.options)
-    check_causal_lm(path)
+        return import_gguf(path, ctx.out_dir, dtype=ctx.recipe.source.dtype)
     return path
 
 

@@ -1,26 +1,43 @@
 """The built-in stage runner: turns each pipeline stage into calls of the stage hooks.
 
-A plugin can replace a whole stage by implementing ``run_stage`` and returning a result for it,
-or wrap every stage with a ``wrapper=True`` implementation (as ``time_stage`` here does).
+One function per stage of ``ollama_compress.pipeline.STAGES``; each reads the ``ctx.inputs`` keys
+its stage declares and returns the keys it writes. A plugin can replace a whole stage by
+implementing ``run_stage`` and returning a result for it, or wrap every stage with a
+``wrapper=True`` implementation.
 """
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 from ollama_compress.context import StageContext
 from ollama_compress.errors import StageFailed
 from ollama_compress.hookspecs import hookimpl
+from ollama_compress.pipeline import STAGE_NAMES
 from ollama_compress.plugins import call_first
 
+STEPS: dict[str, Any] = {}
 
+
+def step(name: str):
+    """Register the built-in runner of stage ``name`` (a name of the stage table)."""
+    assert name in STAGE_NAMES, name
+
+    def add(fn):
+        STEPS[name] = fn
+        return fn
+
+    return add
+
+
+@step("source")
 def _source(ctx: StageContext) -> dict[str, Any]:
     model_dir = call_first("load_source", ctx=ctx)
     return {"model_dir": str(model_dir), "teacher_dir": str(model_dir)}
 
 
+@step("importance")
 def _importance(ctx: StageContext) -> dict[str, Any]:
     scores = call_first("score_layers", ctx=ctx, model_dir=Path(ctx.inputs["model_dir"]))
     path = ctx.out_dir / "scores.json"
@@ -29,6 +46,7 @@ def _importance(ctx: StageContext) -> dict[str, Any]:
     return {"scores_file": str(path)}
 
 
+@step("prune")
 def _prune(ctx: StageContext) -> dict[str, Any]:
     scores = {}
     if "scores_file" in ctx.inputs:
@@ -38,12 +56,17 @@ def _prune(ctx: StageContext) -> dict[str, Any]:
     return {"model_dir": str(model_dir), "pruned_dir": str(model_dir)}
 
 
+@step("heal")
 def _heal(ctx: StageContext) -> dict[str, Any]:
-    teacher = Path(ctx.settings.teacher or ctx.inputs["teacher_dir"])
-    model_dir = call_first("heal", ctx=ctx, student_dir=Path(ctx.inputs["model_dir"]), teacher_dir=teacher)
-    return {"model_dir": str(model_dir)}
+    from ollama_compress.hooks.source import resolve_model_dir
+
+    teacher = ctx.settings.teacher
+    teacher_dir = resolve_model_dir(teacher, ctx.options) if teacher else Path(ctx.inputs["teacher_dir"])
+    model_dir = call_first("heal", ctx=ctx, student_dir=Path(ctx.inputs["model_dir"]), teacher_dir=teacher_dir)
+    return {"model_dir": str(model_dir), "healed_dir": str(model_dir)}
 
 
+@step("export")
 def _export(ctx: StageContext) -> dict[str, Any]:
     settings = ctx.settings
     base = call_first("export_gguf", ctx=ctx, model_dir=Path(ctx.inputs["model_dir"]), outtype=settings.outtype)
@@ -68,6 +91,7 @@ def _measure(ctx: StageContext, reference: Path, quants: dict[str, Path]) -> Non
     ctx.metrics["quants"] = rows
 
 
+@step("ollama")
 def _ollama(ctx: StageContext) -> dict[str, Any]:
     settings = ctx.settings
     name = settings.name or ctx.recipe.name
@@ -88,36 +112,15 @@ def _ollama(ctx: StageContext) -> dict[str, Any]:
 def _register_all(ctx: StageContext, name: str, modelfiles: dict[str, str]) -> dict[str, str]:
     from ollama_compress.ollama_server import ensure_server
 
-    with ensure_server(ctx.settings.host) as server:
-        if server.started:
-            ctx.log(f"no Ollama server was running: started one at {server.host} for this run")
-        ctx.inputs["ollama_host"] = server.host
+    with ensure_server(ctx.settings.host, log=ctx.log) as server:
         return {
-            quant: call_first("create_ollama_model", ctx=ctx, modelfile=Path(path), name=name)
+            quant: call_first("create_ollama_model", ctx=ctx, modelfile=Path(path), name=name, host=server.host)
             for quant, path in modelfiles.items()
         }
 
 
-DISPATCH = {
-    "source": _source,
-    "importance": _importance,
-    "prune": _prune,
-    "heal": _heal,
-    "export": _export,
-    "ollama": _ollama,
-}
-
-
 @hookimpl(trylast=True)
 def run_stage(ctx: StageContext) -> dict[str, Any] | None:
-    step = DISPATCH.get(ctx.stage)
-    return step(ctx) if step else None
-
-
-@hookimpl(specname="run_stage", wrapper=True)
-def time_stage(ctx: StageContext):
-    started = time.perf_counter()
-    result = yield
-    ctx.metrics.setdefault("seconds", round(time.perf_counter() - started, 2))
-    return result
+    runner = STEPS.get(ctx.stage)
+    return runner(ctx) if runner else None
 

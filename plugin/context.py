@@ -34,8 +34,18 @@ class StageContext:
     """What a stage hook gets: the recipe, where to write, and what earlier stages produced.
 
     ``out_dir`` is a fresh temporary directory; the pipeline renames it to its final place
-    (``run_dir/NN-stage``) only when the stage returns without error.
-    ``inputs`` maps earlier stage names to their outputs (``"model"``: the newest HF directory).
+    (``run_dir/NN-stage``) only when the stage returns without error, and rewrites paths inside
+    it in the stage's result and ``metrics``.
+
+    ``inputs`` holds only the keys this stage reads (``pipeline.STAGES``), as JSON values:
+
+    * ``model_dir``: the newest HF model directory (source, then pruned, then healed);
+    * ``teacher_dir``: the unpruned source model as an HF directory;
+    * ``scores_file``: ``scores.json`` of the importance stage (``{metric: [score per layer]}``);
+    * ``pruned_dir`` / ``healed_dir``: the pruned and the healed HF directories;
+    * ``gguf``: ``{quant or outtype: GGUF path}`` of the export stage;
+    * ``modelfiles`` / ``ollama_models``: ``{quant: path}`` and ``{quant: Ollama name}``.
+
     Put JSON-able figures into ``metrics``: they end up in ``run.json``.
     """
 

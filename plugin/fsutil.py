@@ -102,3 +102,57 @@ def settings_hash(*parts: Any) -> str:
     """Stable hash of JSON-able settings."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def _stat_entries(path: Path) -> list[list[Any]]:
+    """(relative name, size, mtime_ns) of a file, or of every non-hidden file under a directory."""
+    if path.is_file():
+        st = path.stat()
+        return [[path.name, st.st_size, st.st_mtime_ns]]
+    rows = []
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            st = p.stat()
+            rows.append([str(rel), st.st_size, st.st_mtime_ns])
+    return rows
+
+
+class Fingerprints:
+    """sha256 of model files and directories, hashed once and reused while sizes and mtimes stay.
+
+    Kept in one JSON file (``cache_file``), keyed by absolute path.
+    """
+
+    def __init__(self, cache_file: str | os.PathLike):
+        self.cache_file = Path(cache_file)
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.cache_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def known(self, path: str | os.PathLike) -> str | None:
+        """The cached sha256 of ``path`` if its files are unchanged since it was hashed, else None.
+
+        Reads only file metadata, never contents."""
+        path = Path(path).resolve()
+        entry = self._load().get(str(path))
+        if entry and entry.get("stat") == _stat_entries(path):
+            return entry["sha256"]
+        return None
+
+    def sha256(self, path: str | os.PathLike) -> str:
+        """sha256 of ``path`` (``tree_sha256``), from the cache when the files are unchanged."""
+        path = Path(path).resolve()
+        cached = self.known(path)
+        if cached is not None:
+            return cached
+        stat = _stat_entries(path)
+        digest = tree_sha256(path)
+        table = self._load()
+        table[str(path)] = {"stat": stat, "sha256": digest}
+        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.cache_file, table)
+        return digest

@@ -147,12 +147,11 @@ def write_modelfile(ctx: StageContext, gguf_path: Path, quant: str, model_dir: P
 
 
 @hookspec(firstresult=True)
-def create_ollama_model(ctx: StageContext, modelfile: Path, name: str) -> str | None:
-    """Create ``name`` in the user's Ollama from ``modelfile``; return the registered name.
+def create_ollama_model(ctx: StageContext, modelfile: Path, name: str, host: str | None) -> str | None:
+    """Create ``name`` in the Ollama server at ``host`` from ``modelfile``; return the registered name.
 
-    Runs in the ollama stage, once per Modelfile, after ``write_modelfile``; the server to talk
-    to is ``ctx.settings.host`` (the pipeline has made sure one answers there). First non-None
-    result wins.
+    Runs in the ollama stage, once per Modelfile, after ``write_modelfile``; a server answers at
+    ``host`` (the stage started one if none was running). First non-None result wins.
     """
 
 

@@ -2,10 +2,12 @@
 
 Order: source -> importance -> prune -> heal -> export (GGUF + quants) -> ollama (Modelfiles,
 register). Quantization comes last, after healing: quantizing before the fine-tune loses quality.
-Each stage writes ``run_dir/NN-stage`` through a temporary directory renamed when it completes.
-A stage's cache key hashes its settings with the key of the stage before it (the source stage
-hashes the source itself), so a rerun skips finished stages and an edited setting reruns its stage
-and everything after it.
+``STAGES`` is the one stage table: each stage's directory, recipe section, hooks, the values it
+reads from earlier stages and writes for later ones, and the recipe fields it uses. Each stage
+writes ``run_dir/NN-stage`` through a temporary directory renamed when it completes. Its cache key
+hashes the recipe fields it uses with the keys of the stages that produced its inputs (the source
+stage hashes the source itself), so a rerun skips finished stages, and an edited setting reruns
+only the stages that read it and those downstream of them.
 """
 from __future__ import annotations
 
@@ -16,13 +18,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 
 from .context import RunOptions, StageContext
-from .errors import CompressError, NotAvailable, UserError
-from .fsutil import atomic_path, settings_hash, tree_sha256, write_json
+from .embedded import cache_dir
+from .errors import CompressError, NotAvailable, StageFailed, UserError
+from .fsutil import Fingerprints, atomic_path, settings_hash, write_json
 from .plugins import get_plugin_manager
 from .recipe import Recipe, load_recipe
 
@@ -31,27 +34,74 @@ PACKAGES = ("ollama-compress", "torch", "transformers", "safetensors", "gguf", "
             "ollama", "pluggy", "pydantic", "accelerate")
 
 
+def _scoring_settings(recipe: Recipe) -> dict[str, Any]:
+    """What importance scoring reads: the metrics, and the block size when scoring blocks."""
+    prune = recipe.prune
+    block = {"remove": prune.remove, "keep": prune.keep} if prune.block else {}
+    return {"metrics": [prune.metric, *prune.report_metrics], "block": prune.block, **block,
+            "calibration": _dump(recipe.data.calibration), "dtype": recipe.source.dtype}
+
+
+def _prune_settings(recipe: Recipe) -> dict[str, Any]:
+    settings = {"prune": _dump(recipe.prune), "dtype": recipe.source.dtype}
+    if recipe.prune.iterative:  # rescoring between steps, with a short heal when there is one
+        settings.update(calibration=_dump(recipe.data.calibration), heal=_dump(recipe.heal),
+                        heal_data=_dump(getattr(recipe.data, "heal", None)))
+    return settings
+
+
+def _dump(section: Any) -> Any:
+    return section.model_dump(mode="json", by_alias=True) if section is not None else None
+
+
 @dataclass(frozen=True)
 class Stage:
+    """One pipeline stage: where it writes, what turns it on, what it reads and writes.
+
+    ``reads`` and ``writes`` are keys of the values passed between stages (``StageContext.inputs``):
+    a stage sees only the keys it reads, and returns only the keys it writes. Its cache key hashes
+    ``settings(recipe)`` (the recipe fields it uses, nothing more) with the keys of the stages that
+    produced what it reads.
+    """
+
     name: str
     dirname: str
-    section: str  # recipe section that turns the stage on
-    hooks: tuple[str, ...]  # stage hooks it needs
+    section: str  # recipe section with the stage's settings
+    hooks: tuple[str, ...]  # stage hooks it calls
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    settings: Callable[[Recipe], Any]
+    enabled: Callable[[Recipe], bool]
 
-    def enabled(self, recipe: Recipe) -> bool:
-        if self.name == "importance":
-            return recipe.prune is not None and recipe.prune.layers is None
-        return getattr(recipe, self.section) is not None
+
+def _has(section: str) -> Callable[[Recipe], bool]:
+    return lambda recipe: getattr(recipe, section) is not None
 
 
 STAGES = (
-    Stage("source", "00-source", "source", ("load_source",)),
-    Stage("importance", "10-importance", "prune", ("score_layers",)),
-    Stage("prune", "20-pruned", "prune", ("prune_layers",)),
-    Stage("heal", "30-healed", "heal", ("heal",)),
-    Stage("export", "40-gguf", "export", ("export_gguf", "quantize_gguf")),
-    Stage("ollama", "50-ollama", "ollama", ("write_modelfile",)),
+    Stage("source", "00-source", "source", ("load_source",), reads=(), writes=("model_dir", "teacher_dir"),
+          settings=lambda r: {"gguf_file": r.source.gguf_file, "dtype": r.source.dtype},
+          enabled=lambda r: True),
+    Stage("importance", "10-importance", "prune", ("score_layers",), reads=("model_dir",),
+          writes=("scores_file",), settings=_scoring_settings,
+          enabled=lambda r: r.prune is not None and r.prune.layers is None),
+    Stage("prune", "20-pruned", "prune", ("prune_layers",), reads=("model_dir", "scores_file"),
+          writes=("model_dir", "pruned_dir"), settings=_prune_settings, enabled=_has("prune")),
+    Stage("heal", "30-healed", "heal", ("heal",), reads=("model_dir", "teacher_dir"),
+          writes=("model_dir", "healed_dir"),
+          settings=lambda r: {"heal": _dump(r.heal), "heal_data": _dump(getattr(r.data, "heal", None)),
+                              "heldout": _dump(r.data.heldout)},
+          enabled=_has("heal")),
+    Stage("export", "40-gguf", "export", ("export_gguf", "quantize_gguf"), reads=("model_dir", "pruned_dir"),
+          writes=("gguf",),
+          settings=lambda r: {"export": _dump(r.export), "name": r.name, "heldout": _dump(r.data.heldout),
+                              "calibration": _dump(r.data.calibration)},
+          enabled=_has("export")),
+    Stage("ollama", "50-ollama", "ollama", ("write_modelfile", "create_ollama_model"),
+          reads=("model_dir", "gguf"), writes=("modelfiles", "ollama_models"),
+          settings=lambda r: {"ollama": _dump(r.ollama), "name": r.name}, enabled=_has("ollama")),
 )
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 
 def missing_hooks(stage: Stage) -> list[str]:
@@ -89,6 +139,7 @@ class Run:
     def __init__(self, recipe: Recipe, run_dir: Path, options: RunOptions, console: Console):
         self.recipe, self.run_dir, self.options, self.console = recipe, Path(run_dir), options, console
         self.inputs: dict[str, Any] = {}
+        self.producers: dict[str, str] = {}  # input key -> cache key of the stage that wrote it
         self.lock: dict[str, Any] = {
             "recipe": recipe.model_dump(mode="json", by_alias=True, exclude_none=True),
             "versions": package_versions(),
@@ -97,31 +148,36 @@ class Run:
         }
 
     # ------------------------------------------------------------ keys
-    def source_hash(self) -> str:
-        from ollama_compress.hooks.source import check_gguf, resolve_source
-        from ollama_compress.modelio import check_causal_lm, check_model_dir
+    def source_hash(self, *, read: bool = True) -> str | None:
+        """The source's sha256 (hashed once per file version); None when ``read`` is False and
+        the source was never hashed in its current state."""
+        from ollama_compress.hooks.source import source_path
 
-        source = self.recipe.source
-        path = resolve_source(source.model, self.options, source.revision)
-        if path.is_dir() and source.gguf_file:
-            path = path / source.gguf_file
-        if path.is_file():
-            check_gguf(path)
-        else:
-            check_causal_lm(check_model_dir(path, self.options))
-        digest = tree_sha256(path)
-        self.lock["inputs"]["source"] = {"path": str(path), "sha256": digest}
+        path = source_path(self.recipe.source, self.options)
+        fingerprints = Fingerprints(cache_dir() / "fingerprints.json")
+        digest = fingerprints.sha256(path) if read else fingerprints.known(path)
+        if digest is not None:
+            self.lock["inputs"]["source"] = {"path": str(path), "sha256": digest}
         return digest
 
-    def stage_key(self, stage: Stage, previous_key: str) -> str:
-        section = getattr(self.recipe, stage.section)
-        settings = section.model_dump(mode="json", by_alias=True) if section is not None else None
-        data = self.recipe.data.model_dump(mode="json", by_alias=True)
-        return settings_hash(stage.name, settings, data, self.recipe.name, previous_key)
+    def stage_key(self, stage: Stage, source_key: str | None) -> str | None:
+        """Hash of what ``stage`` reads: its recipe settings and the keys of its inputs' producers."""
+        if stage.name == "source":
+            upstream: Any = source_key
+        else:
+            upstream = {key: self.producers.get(key) for key in stage.reads}
+        if upstream is None or (isinstance(upstream, dict) and None in upstream.values()
+                                and not any(upstream.values())):
+            return None
+        return settings_hash(stage.name, stage.settings(self.recipe), upstream)
 
-    def cached(self, stage: Stage, key: str) -> dict[str, Any] | None:
+    def _produced(self, stage: Stage, key: str | None) -> None:
+        for name in stage.writes:
+            self.producers[name] = key
+
+    def cached(self, stage: Stage, key: str | None) -> dict[str, Any] | None:
         marker = self.run_dir / stage.dirname / STAGE_FILE
-        if not marker.is_file():
+        if key is None or not marker.is_file():
             return None
         try:
             record = json.loads(marker.read_text())
@@ -131,32 +187,35 @@ class Run:
 
     # ------------------------------------------------------------ running
     def plan(self) -> list[dict[str, str]]:
-        """What each stage would do, without loading any weights."""
-        rows, key = [], self.source_hash()
+        """What each stage would do, reading no weights (the source is hashed only if it changed)."""
+        rows, source_key = [], self.source_hash(read=False)
         for stage in STAGES:
             if not stage.enabled(self.recipe):
                 rows.append({"stage": stage.name, "status": "skipped (no recipe section)"})
                 continue
-            key = self.stage_key(stage, key)
+            key = self.stage_key(stage, source_key)
+            self._produced(stage, key)
             missing = missing_hooks(stage)
             if missing:
                 status = f"not available (no installed plugin implements {', '.join(missing)})"
             elif self.cached(stage, key):
                 status = "cached"
+            elif key is None and stage.name == "source":
+                status = "will run (source not hashed yet)"
             else:
                 status = "will run"
             rows.append({"stage": stage.name, "dir": str(self.run_dir / stage.dirname), "status": status})
         return rows
 
     def execute(self) -> dict[str, Any]:
-        key = self.source_hash()  # bad sources fail here, before anything is written
+        source_key = self.source_hash()  # bad sources fail here, before anything is written
         self.run_dir.mkdir(parents=True, exist_ok=True)
         enabled = [s for s in STAGES if s.enabled(self.recipe)]
-        for number, stage in enumerate(STAGES, 1):
+        for stage in STAGES:
             if stage not in enabled:
                 self.lock["stages"][stage.name] = {"status": "skipped", "reason": "no recipe section"}
                 continue
-            key = self.stage_key(stage, key)
+            key = self.stage_key(stage, source_key)
             label = f"[{enabled.index(stage) + 1}/{len(enabled)}] {stage.name}"
             self._run_stage(stage, key, label)
             self._write_lock()
@@ -168,8 +227,7 @@ class Run:
         record = self.cached(stage, key)
         if record is not None:
             self.console.print(f"{label}: cached, skipped (finished earlier in {record.get('seconds', 0):.1f}s)")
-            self.inputs.update(record.get("outputs", {}))
-            self.lock["stages"][stage.name] = {**record, "status": "cached"}
+            self._accept(stage, key, {**record, "status": "cached"})
             return
         missing = missing_hooks(stage)
         if missing:
@@ -180,14 +238,13 @@ class Run:
         try:
             with atomic_path(final, is_dir=True) as tmp:
                 ctx = StageContext(stage=stage.name, recipe=self.recipe, run_dir=self.run_dir, out_dir=tmp,
-                                   options=self.options, inputs=dict(self.inputs), console=self.console,
-                                   section=stage.section)
+                                   options=self.options, console=self.console, section=stage.section,
+                                   inputs={k: self.inputs[k] for k in stage.reads if k in self.inputs})
                 with self.console.status(f"{label} ..."):
                     outputs = get_plugin_manager().hook.run_stage(ctx=ctx) or {}
-                outputs = _relocate(outputs, tmp, final)
-                metrics = _relocate(ctx.metrics, tmp, final)
+                _check_writes(stage, outputs)
                 record = {"key": key, "status": "done", "seconds": round(time.perf_counter() - started, 2),
-                          "outputs": outputs, "metrics": metrics}
+                          "outputs": _relocate(outputs, tmp, final), "metrics": _relocate(ctx.metrics, tmp, final)}
                 write_json(tmp / STAGE_FILE, record)
         except NotAvailable as exc:
             self._not_available(stage, label, str(exc))
@@ -197,7 +254,11 @@ class Run:
             self._write_lock()
             raise
         self.console.print(f"{label}: done in {record['seconds']:.1f}s")
-        self.inputs.update(record["outputs"])
+        self._accept(stage, key, record)
+
+    def _accept(self, stage: Stage, key: str, record: dict[str, Any]) -> None:
+        self.inputs.update(record.get("outputs", {}))
+        self._produced(stage, key)
         self.lock["stages"][stage.name] = record
 
     def _not_available(self, stage: Stage, label: str, reason: str) -> None:
@@ -206,6 +267,13 @@ class Run:
 
     def _write_lock(self) -> None:
         write_json(self.run_dir / "run.json", self.lock)
+
+
+def _check_writes(stage: Stage, outputs: dict[str, Any]) -> None:
+    unknown = sorted(set(outputs) - set(stage.writes))
+    if unknown:
+        raise StageFailed(f"the {stage.name} stage returned {', '.join(unknown)}, which it does not declare "
+                          f"(it writes {', '.join(stage.writes)}); fix the plugin that ran it")
 
 
 def default_run_dir(recipe: Recipe) -> Path:

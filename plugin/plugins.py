@@ -121,7 +121,9 @@ def _check_pending(pm: pluggy.PluginManager) -> None:
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise UserError(f"plugin '{exc.plugin_name}': {exc}; fix the hook's name or uninstall the plugin") from None
+        problem = str(exc).split(" in plugin ")[0]
+        raise UserError(f"plugin '{pm.get_name(exc.plugin)}': {problem}; fix the hook's name or uninstall "
+                        "the plugin") from None
 
 
 def register_plugin(plugin: object, name: str) -> None:

@@ -25,15 +25,9 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_gguf) -> Path:
     """SmolLM2 as a clean HF directory, imported from the GGUF once and cached across sessions."""
-    from ollama_compress.embedded import cache_dir
-    from ollama_compress.fsutil import atomic_path, file_sha256
-    from ollama_compress.hooks.source import import_gguf
+    from ollama_compress.hooks.source import imported_gguf_dir
 
-    target = cache_dir() / "test" / f"smollm2-hf-{file_sha256(smollm2_gguf)[:12]}"
-    if not (target / "config.json").is_file():
-        with atomic_path(target, is_dir=True) as tmp:
-            import_gguf(smollm2_gguf, tmp)
-    return target
+    return imported_gguf_dir(smollm2_gguf)
 
 
 @pytest.fixture(scope="session")

@@ -54,7 +54,7 @@ def test_every_metric_gives_one_finite_score_per_layer(arch):
         assert all(math.isfinite(v) for v in values), (name, values)
     assert all(0.0 <= v <= 2.0 for v in scores["block_influence"])
     assert all(0.0 <= v <= 1.0 for v in scores["angular"])
-    assert all(v >= 0.0 for v in scores["drop_one"])
+    assert all(v > 0.0 for v in scores["drop_one"])  # skipping any layer changes a random model
 
 
 @pytest.mark.parametrize("arch_name", ["llama", "gemma2", "phi3"])
@@ -175,7 +175,7 @@ def test_score_layers_stage_writes_scores_and_plots(tmp_path, tiny_model_dir):
         assert written[name] == scores[name]
         assert len(scores[name]) == 6
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert ctx.metrics["seconds"][name] >= 0
+    assert set(ctx.metrics["seconds"]) == set(scores)
 
 
 # ---------------------------------------------------------------- analyze command

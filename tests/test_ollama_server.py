@@ -201,7 +201,8 @@ def test_register_stage_hook_names_the_quant(client, ollama_server, smollm2_gguf
                        "ollama": {"host": ollama_server.host}})
     ctx = StageContext(stage="ollama", recipe=recipe, run_dir=tmp_path, out_dir=tmp_path)
     path = mf.write_modelfile(smollm2_gguf, tmp_path / "Modelfile.Q4_1", None)
-    name = get_plugin_manager().hook.create_ollama_model(ctx=ctx, modelfile=path, name="stage-test")
+    name = get_plugin_manager().hook.create_ollama_model(ctx=ctx, modelfile=path, name="stage-test",
+                                                          host=ollama_server.host)
     assert name == "stage-test:Q4_1"
     assert name in model_names(client)
     assert ctx.metrics["registered"] == [name]

@@ -51,8 +51,7 @@ def test_run_writes_stage_dirs_and_lock_then_reuses_the_cache(tmp_path, tiny_rec
     assert stages["heal"]["status"] == "not available"
     assert lock["inputs"]["source"]["sha256"]
     assert lock["versions"]["torch"] and lock["versions"]["gguf"]
-    layer_map = json.loads((out / "20-pruned" / "model" / "layer_map.json").read_text()) \
-        if (out / "20-pruned" / "model").is_dir() else json.loads((out / "20-pruned" / "layer_map.json").read_text())
+    layer_map = json.loads((out / "20-pruned" / "model" / "layer_map.json").read_text())
     assert layer_map["removed"] == [2, 3]
     ggufs = stages["export"]["outputs"]["gguf"]
     assert set(ggufs) == {"F32", "Q8_0"}

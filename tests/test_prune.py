@@ -322,7 +322,7 @@ def test_iterative_rescores_after_each_removal(tiny_model_dir, tmp_path, calibra
 
     source = tiny_model_dir("qwen3")
     spec = TextSource.model_validate({"from": "text", "path": str(calibration_file), "samples": 2, "seq_len": 16})
-    batches_fn = prune.batches_provider(source, spec, prune.RunOptions())
+    batches_fn = prune._batches_fn(source, spec, prune.RunOptions(), None)
     calls = []
     out = prune.prune_iteratively(source, tmp_path / "healed", 2, "block_influence", batches_fn,
                                   between_steps=lambda model, step, kept: calls.append((step, kept)))

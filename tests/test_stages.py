@@ -1,0 +1,173 @@
+"""The stage table: plugins that take over or wrap a stage, cache keys that cover what a stage reads."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+EXPORT_PLUGIN = '''
+from pathlib import Path
+from ollama_compress.hookspecs import hookimpl
+
+@hookimpl
+def export_gguf(ctx, model_dir, outtype):
+    from ollama_compress.hooks.export import export_gguf as write_gguf
+    path = Path(ctx.out_dir) / "by-plugin.gguf"
+    write_gguf(Path(model_dir), path, outtype, {"name": "by-plugin"}, ctx.options)
+    ctx.metrics["exported_by"] = "oc-exporter"
+    return path
+
+@hookimpl(wrapper=True)
+def run_stage(ctx):
+    result = yield
+    ctx.metrics["wrapped_by"] = "oc-exporter"
+    return result
+'''
+
+
+def install_plugin(root, module: str, source: str, dist: str = "oc-exporter") -> None:
+    """A tiny installed distribution with one entry point, importable from ``root``."""
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{module}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[ollama_compress]\n{module} = {module}\n")
+
+
+def run_cli(*args, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    env.pop("OLLAMA_COMPRESS_LOAD_PLUGINS", None)
+    return subprocess.run([sys.executable, "-m", "ollama_compress", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def tiny_recipe(path, model_dir, prune="remove: 2", quants="[]"):
+    path.write_text(f"""\
+recipe_version: 1
+name: tiny-stages
+source: {{model: {model_dir}}}
+data:
+  calibration: {{samples: 2, seq_len: 32}}
+  heldout: {{split: heldout, samples: 2, seq_len: 32}}
+prune: {{{prune}}}
+export: {{outtype: F32, quants: {quants}}}
+""")
+    return path
+
+
+def test_an_installed_plugin_takes_over_a_stage_and_wraps_every_stage(tmp_path, tiny_model_dir):
+    plugin_root = tmp_path / "site"
+    plugin_root.mkdir()
+    install_plugin(plugin_root, "oc_exporter", EXPORT_PLUGIN)
+    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_model_dir("llama", 4), prune="layers: [2]")
+    out = tmp_path / "run"
+    proc = run_cli("run", recipe, "--out", out, env_extra={"PYTHONPATH": str(plugin_root)})
+    assert proc.returncode == 0, proc.stderr
+    stages = json.loads((out / "run.json").read_text())["stages"]
+    assert stages["export"]["metrics"]["exported_by"] == "oc-exporter"
+    assert stages["export"]["outputs"]["gguf"]["F32"] == str(out / "40-gguf" / "by-plugin.gguf")
+    for name in ("source", "prune", "export"):
+        assert stages[name]["metrics"]["wrapped_by"] == "oc-exporter"
+        assert isinstance(stages[name]["seconds"], float) and "seconds" not in stages[name]["metrics"]
+
+
+def test_a_misspelled_hook_is_an_error_that_names_it(tmp_path):
+    plugin_root = tmp_path / "site"
+    plugin_root.mkdir()
+    install_plugin(plugin_root, "oc_typo", '''
+from ollama_compress.hookspecs import hookimpl
+
+@hookimpl
+def export_guff(ctx, model_dir, outtype):
+    return None
+''', dist="oc-typo")
+    proc = run_cli("plugins", env_extra={"PYTHONPATH": str(plugin_root)})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "oc_typo" in proc.stderr and "export_guff" in proc.stderr
+
+
+def statuses(stderr: str) -> dict[str, str]:
+    """``{stage: "cached" | "done"}`` from a run's progress lines."""
+    found = {}
+    for line in stderr.splitlines():
+        if "] " in line and ": " in line:
+            stage, _, rest = line.split("] ", 1)[1].partition(": ")
+            if rest.startswith(("cached", "done")):
+                found[stage] = rest.split(",")[0].split(" ")[0]
+    return found
+
+
+@pytest.fixture
+def isolated_cache(tmp_path):
+    return {"OLLAMA_COMPRESS_CACHE": str(tmp_path / "cache")}
+
+
+def test_cache_keys_cover_only_what_a_stage_reads(tmp_path, tiny_model_dir, isolated_cache):
+    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_model_dir("llama", 6))
+    out = tmp_path / "run"
+    first = run_cli("run", recipe, "--out", out, env_extra=isolated_cache)
+    assert first.returncode == 0, first.stderr
+    assert statuses(first.stderr) == {s: "done" for s in ("source", "importance", "prune", "export")}
+
+    fewer = run_cli("run", recipe, "--out", out, "--set", "prune.remove=1", env_extra=isolated_cache)
+    assert fewer.returncode == 0, fewer.stderr
+    assert statuses(fewer.stderr) == {"source": "cached", "importance": "cached", "prune": "done",
+                                      "export": "done"}
+
+    heldout = run_cli("run", recipe, "--out", out, "--set", "prune.remove=1", "--set",
+                      "data.heldout.samples=3", env_extra=isolated_cache)
+    assert heldout.returncode == 0, heldout.stderr
+    assert statuses(heldout.stderr) == {"source": "cached", "importance": "cached", "prune": "cached",
+                                        "export": "done"}
+
+
+def test_the_source_is_hashed_once_and_a_dry_run_reads_no_weights(tmp_path, tiny_model_dir, isolated_cache):
+    from ollama_compress.fsutil import Fingerprints, tree_sha256
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in tiny_model_dir("llama", 4).iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    recipe = tiny_recipe(tmp_path / "r.yaml", model, prune="layers: [1]")
+    cache = tmp_path / "cache" / "fingerprints.json"
+
+    plan = run_cli("run", recipe, "--out", tmp_path / "run", "--dry-run", env_extra={**isolated_cache, "COLUMNS": "200"})
+    assert plan.returncode == 0, plan.stderr
+    assert "source not hashed yet" in plan.stdout
+    assert not cache.exists()  # a dry run never read the weights to hash them
+
+    digest = Fingerprints(cache).sha256(model)
+    assert digest == tree_sha256(model)
+    weights = model / "model.safetensors"
+    stat = weights.stat()
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF  # same size, same mtime, other bytes: the cached hash is reused unread
+    weights.write_bytes(bytes(blob))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert Fingerprints(cache).sha256(model) == digest
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: hashed again
+    assert Fingerprints(cache).sha256(model) == tree_sha256(model) != digest
+
+
+def test_a_stage_that_returns_an_undeclared_key_fails_by_name(tmp_path, tiny_model_dir):
+    plugin_root = tmp_path / "site"
+    plugin_root.mkdir()
+    install_plugin(plugin_root, "oc_leaky", '''
+from ollama_compress.hookspecs import hookimpl
+
+@hookimpl(wrapper=True)
+def run_stage(ctx):
+    result = yield
+    if ctx.stage == "prune":
+        result = {**result, "ollama_host": "http://elsewhere"}
+    return result
+''', dist="oc-leaky")
+    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_model_dir("llama", 4), prune="layers: [2]")
+    proc = run_cli("run", recipe, "--out", tmp_path / "run", env_extra={"PYTHONPATH": str(plugin_root)})
+    assert proc.returncode == 1, proc.stderr
+    assert "prune stage returned ollama_host" in proc.stderr and "Traceback" not in proc.stderr
