@@ -44,23 +44,37 @@ def cli():
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (prune.remove=8).")
 @click.option("--out", type=click.Path(), help="Run directory (default: runs/<recipe name>).")
 @click.option("--dry-run", is_flag=True, help="Print the stage plan without loading weights.")
+@click.option("--from", "first", metavar="STAGE", help="Rerun from STAGE; earlier stages must have finished.")
+@click.option("--until", "last", metavar="STAGE", help="Stop after STAGE.")
+@click.option("--force", is_flag=True, help="With a run.json: run even if the source or package versions differ.")
 @run_options
-def run_command(recipe, overrides, out, dry_run, **flags):
-    """Run RECIPE (a .yaml file or a shipped recipe name) end to end."""
+def run_command(recipe, overrides, out, dry_run, first, last, force, **flags):
+    """Run RECIPE end to end: a .yaml file, a shipped recipe name, or a run's run.json (reproduce it)."""
     from rich.console import Console
     from rich.table import Table
 
     from . import pipeline
 
-    result = pipeline.run(recipe, overrides=list(overrides), out=out, options=make_options(**flags), dry_run=dry_run)
+    result = pipeline.run(recipe, overrides=list(overrides), out=out, options=make_options(**flags),
+                          dry_run=dry_run, first=first, last=last, force=force)
     console = Console()
     if dry_run:
         table = Table("stage", "status", "directory", title=f"plan for {result['run_dir']}")
         for row in result["plan"]:
             table.add_row(row["stage"], row["status"], row.get("dir", ""))
         console.print(table)
+        _print_estimate(console, result["estimate"])
         return
     _print_summary(console, result, out)
+
+
+def _print_estimate(console, estimate: dict) -> None:
+    (before, after), (params_before, params_after) = estimate["layers"], estimate["params"]
+    console.print(f"layers {before} -> {after}; parameters {params_before:,} -> {params_after:,} (estimated)")
+    if "gguf_mib" in estimate:
+        console.print("GGUF size (estimated): " + ", ".join(f"{q} {mib:.1f} MiB" for q, mib in estimate["gguf_mib"].items()))
+    if "heal_memory_gib" in estimate:
+        console.print(f"heal memory (estimated peak): {estimate['heal_memory_gib']:g} GiB")
 
 
 def _print_summary(console, lock: dict, out) -> None:
@@ -136,6 +150,28 @@ def recipes_show(name):
     from .recipe import resolve_recipe_path
 
     click.echo(resolve_recipe_path(name).read_text(), nl=False)
+
+
+@recipes_group.command("copy")
+@click.argument("name")
+@click.argument("dest", type=click.Path())
+def recipes_copy(name, dest):
+    """Copy shipped recipe NAME to DEST (a file, or a directory to put NAME.yaml in) to edit it."""
+    from pathlib import Path
+
+    from .errors import UserError
+    from .fsutil import atomic_path
+    from .recipe import shipped_recipes
+
+    shipped = shipped_recipes()
+    if name not in shipped:
+        raise UserError(f"no shipped recipe named '{name}'; see 'ollama-compress recipes list'")
+    target = Path(dest) / f"{name}.yaml" if Path(dest).is_dir() else Path(dest)
+    if target.exists():
+        raise UserError(f"{target} exists; choose another destination or remove it first")
+    with atomic_path(target) as tmp:
+        tmp.write_text(shipped[name].read_text())
+    click.echo(f"wrote {target}")
 
 
 @cli.command("plugins")

@@ -53,6 +53,7 @@ class StageContext:
     recipe: "Recipe"
     run_dir: Path
     out_dir: Path
+    work_dir: Path | None = None  # scratch space kept across failed attempts (checkpoints), removed on success
     options: RunOptions = field(default_factory=RunOptions)
     inputs: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)

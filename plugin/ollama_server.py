@@ -38,7 +38,9 @@ LOG_TAIL_LINES = 15
 # ggml's CPU code is compiled by cgo with -O3 but no -march, i.e. SSE2 only; building for the
 # machine's own CPU (AVX2/AVX-512) makes generation about 6x faster. The binary then runs only
 # on CPUs like the one that built it, which is how .ci/install-ollama uses it.
-NATIVE_CFLAGS = "-O3 -march=native"
+# AMX is left out: Ollama's cgo build compiles ggml's AMX kernels nowhere, so on an AMX CPU
+# -march=native alone ends in "undefined reference to ggml_backend_amx_buffer_type" at link time.
+NATIVE_CFLAGS = "-O3 -march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
 # ---------------------------------------------------------------- the binary

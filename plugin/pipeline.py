@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,7 +28,7 @@ from .embedded import cache_dir
 from .errors import CompressError, NotAvailable, StageFailed, UserError
 from .fsutil import Fingerprints, atomic_path, settings_hash, write_json
 from .plugins import get_plugin_manager
-from .recipe import Recipe, load_recipe
+from .recipe import SUPPORTED_RECIPE_VERSIONS, Recipe, load_recipe
 
 STAGE_FILE = ".stage.json"
 PACKAGES = ("ollama-compress", "torch", "transformers", "safetensors", "gguf", "llama-cpp-python",
@@ -136,8 +137,10 @@ def _relocate(value: Any, tmp: Path, final: Path) -> Any:
 class Run:
     """One run of a recipe in one run directory."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, options: RunOptions, console: Console):
+    def __init__(self, recipe: Recipe, run_dir: Path, options: RunOptions, console: Console,
+                 first: str | None = None, last: str | None = None):
         self.recipe, self.run_dir, self.options, self.console = recipe, Path(run_dir), options, console
+        self.first, self.last = first, last  # --from / --until: run only these stages of the table
         self.inputs: dict[str, Any] = {}
         self.producers: dict[str, str] = {}  # input key -> cache key of the stage that wrote it
         self.lock: dict[str, Any] = {
@@ -159,6 +162,61 @@ class Run:
         if digest is not None:
             self.lock["inputs"]["source"] = {"path": str(path), "sha256": digest}
         return digest
+
+    def resolve_target(self) -> None:
+        """Turn ``prune.target`` into ``prune.remove`` from the source's shape (no weights read)."""
+        prune = self.recipe.prune
+        if prune is None or prune.target is None:
+            return
+        from ollama_compress.hooks.source import source_path
+
+        from .planner import layers_to_remove, model_shape, parse_count
+
+        target = prune.target
+        shape = model_shape(source_path(self.recipe.source, self.options))
+        protected = len({p if isinstance(p, int) else (0 if p == "first" else shape.num_layers - 1)
+                         for p in prune.protect})
+        removed = layers_to_remove(shape, size_mb=target.size_mb, quant=target.quant,
+                                   params=parse_count(target.params) if target.params is not None else None,
+                                   keep_at_least=max(1, protected))
+        if removed == 0:
+            raise UserError(f"prune.target: the source ({shape.params():,} parameters) already fits; "
+                            "remove the prune section or choose a smaller target")
+        self.lock["target"] = {**target.model_dump(exclude_none=True), "remove": removed}
+        resolved = prune.model_copy(update={"remove": removed, "target": None})
+        self.recipe = self.recipe.model_copy(update={"prune": resolved})
+        self.lock["recipe"] = self.recipe.model_dump(mode="json", by_alias=True, exclude_none=True)
+        self.console.print(f"prune.target: removing {removed} of {shape.num_layers} layers")
+
+    def estimate(self) -> dict[str, Any]:
+        """Parameters, GGUF size per quant and heal memory, from the source's shape alone."""
+        from ollama_compress.hooks.source import source_path
+
+        from .planner import gguf_bytes, heal_memory_bytes, model_shape
+
+        shape = model_shape(source_path(self.recipe.source, self.options))
+        prune = self.recipe.prune
+        removed = 0
+        if prune is not None:
+            removed = len(prune.layers) if prune.layers is not None else (
+                prune.remove if prune.remove is not None else shape.num_layers - prune.keep)
+        params = shape.params(removed)
+        result: dict[str, Any] = {"layers": [shape.num_layers, shape.num_layers - removed],
+                                  "params": [shape.params(), params]}
+        if self.recipe.export is not None:
+            quants = dict.fromkeys([self.recipe.export.outtype, *self.recipe.export.quants])
+            result["gguf_mib"] = {q: round(gguf_bytes(params, q) / 2**20, 1) for q in quants}
+        heal = self.recipe.heal
+        if heal is not None:
+            neighbours = getattr(heal, "train", "all") == "neighbours"
+            per_layer = sum(shape.layer_params) / max(1, shape.num_layers)
+            trainable = int(per_layer * min(2 * max(1, removed), shape.num_layers - removed)) if neighbours else params
+            micro = getattr(heal, "micro_batch", None) or heal.batch_size
+            memory = heal_memory_bytes(shape, params, trainable, micro_batch=micro, seq_len=heal.seq_len,
+                                       layers=shape.num_layers - removed, hidden=shape.hidden_size,
+                                       teacher_bytes=2 if self.options.resolved_device().startswith("cuda") else 4)
+            result["heal_memory_gib"] = round(memory["total"] / 2**30, 2)
+        return result
 
     def stage_key(self, stage: Stage, source_key: str | None) -> str | None:
         """Hash of what ``stage`` reads: its recipe settings and the keys of its inputs' producers."""
@@ -217,14 +275,30 @@ class Run:
                 continue
             key = self.stage_key(stage, source_key)
             label = f"[{enabled.index(stage) + 1}/{len(enabled)}] {stage.name}"
-            self._run_stage(stage, key, label)
+            position = STAGE_NAMES.index(stage.name)
+            if self.first and position < STAGE_NAMES.index(self.first):
+                self._reuse(stage, key, label)
+            elif self.last and position > STAGE_NAMES.index(self.last):
+                self.lock["stages"][stage.name] = {"status": "skipped", "reason": f"--until {self.last}"}
+                continue
+            else:
+                self._run_stage(stage, key, label, rerun=stage.name == self.first)
             self._write_lock()
         self.lock["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self._write_lock()
         return self.lock
 
-    def _run_stage(self, stage: Stage, key: str, label: str) -> None:
+    def _reuse(self, stage: Stage, key: str, label: str) -> None:
+        """A stage before ``--from``: its finished output must be there, with the current key."""
         record = self.cached(stage, key)
+        if record is None:
+            raise UserError(f"--from {self.first}: the {stage.name} stage has no finished output for this recipe "
+                            f"in {self.run_dir}; run without --from first (or --from {stage.name})")
+        self.console.print(f"{label}: cached, reused for --from {self.first}")
+        self._accept(stage, key, {**record, "status": "cached"})
+
+    def _run_stage(self, stage: Stage, key: str, label: str, rerun: bool = False) -> None:
+        record = None if rerun else self.cached(stage, key)
         if record is not None:
             self.console.print(f"{label}: cached, skipped (finished earlier in {record.get('seconds', 0):.1f}s)")
             self._accept(stage, key, {**record, "status": "cached"})
@@ -234,25 +308,30 @@ class Run:
             self._not_available(stage, label, f"no installed plugin implements {', '.join(missing)}")
             return
         final = self.run_dir / stage.dirname
+        work = self.run_dir / f".{stage.dirname}.work"  # kept across failed attempts (checkpoints)
+        self.console.print(f"{label} ...")
         started = time.perf_counter()
         try:
             with atomic_path(final, is_dir=True) as tmp:
+                work.mkdir(exist_ok=True)
                 ctx = StageContext(stage=stage.name, recipe=self.recipe, run_dir=self.run_dir, out_dir=tmp,
-                                   options=self.options, console=self.console, section=stage.section,
+                                   work_dir=work, options=self.options, console=self.console,
+                                   section=stage.section,
                                    inputs={k: self.inputs[k] for k in stage.reads if k in self.inputs})
-                with self.console.status(f"{label} ..."):
-                    outputs = get_plugin_manager().hook.run_stage(ctx=ctx) or {}
+                outputs = get_plugin_manager().hook.run_stage(ctx=ctx) or {}
                 _check_writes(stage, outputs)
                 record = {"key": key, "status": "done", "seconds": round(time.perf_counter() - started, 2),
                           "outputs": _relocate(outputs, tmp, final), "metrics": _relocate(ctx.metrics, tmp, final)}
                 write_json(tmp / STAGE_FILE, record)
         except NotAvailable as exc:
+            shutil.rmtree(work, ignore_errors=True)
             self._not_available(stage, label, str(exc))
             return
         except CompressError as exc:
             self.lock["stages"][stage.name] = {"status": "failed", "error": str(exc)}
             self._write_lock()
             raise
+        shutil.rmtree(work, ignore_errors=True)
         self.console.print(f"{label}: done in {record['seconds']:.1f}s")
         self._accept(stage, key, record)
 
@@ -280,10 +359,63 @@ def default_run_dir(recipe: Recipe) -> Path:
     return Path("runs") / recipe.name
 
 
+def load_lock(path: Path) -> dict[str, Any]:
+    """A run's ``run.json``, checked to be one."""
+    try:
+        lock = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read the lock {path}: {exc}; give a run.json written by 'ollama-compress run'") from None
+    if not isinstance(lock, dict) or not isinstance(lock.get("recipe"), dict):
+        raise UserError(f"{path} is not a run lock (no 'recipe'); give a run.json written by 'ollama-compress run'")
+    return lock
+
+
+def lock_differences(lock: dict[str, Any], run: "Run") -> list[str]:
+    """What differs between a lock and this machine: the source's sha256 and package versions."""
+    found = []
+    locked_versions = lock.get("versions", {})
+    for name, version in package_versions().items():
+        if name in locked_versions and locked_versions[name] != version:
+            found.append(f"{name} {locked_versions[name]} in the lock, {version} here")
+    locked_sha = lock.get("inputs", {}).get("source", {}).get("sha256")
+    if locked_sha and run.source_hash() != locked_sha:
+        found.append(f"the source model's sha256 is {run.lock['inputs']['source']['sha256'][:12]}..., "
+                     f"the lock has {locked_sha[:12]}...")
+    return found
+
+
+def _recipe_from_lock(path: Path, overrides: list[str]) -> Recipe:
+    from .recipe import apply_override, validate
+
+    lock = load_lock(path)
+    data = lock["recipe"]
+    version = data.get("recipe_version")
+    if isinstance(version, int) and version > max(SUPPORTED_RECIPE_VERSIONS):
+        raise UserError(f"{path} was written for recipe version {version}; this ollama-compress reads "
+                        f"{', '.join(map(str, SUPPORTED_RECIPE_VERSIONS))}: upgrade ollama-compress")
+    for item in overrides:
+        apply_override(data, item)
+    return validate(data, str(path))
+
+
 def run(recipe: Recipe | str, *, overrides: list[str] = (), out: str | Path | None = None,
-        options: RunOptions | None = None, dry_run: bool = False, console: Console | None = None) -> dict[str, Any]:
-    """Run a recipe. Returns the lock (run.json contents), or the plan with ``dry_run``."""
-    if not isinstance(recipe, Recipe):
+        options: RunOptions | None = None, dry_run: bool = False, console: Console | None = None,
+        first: str | None = None, last: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Run a recipe (a Recipe, a recipe file or shipped name, or a run's ``run.json`` to reproduce).
+
+    ``first``/``last`` run only part of the stage table (``--from``/``--until``). Returns the lock
+    (run.json contents), or the plan with ``dry_run``.
+    """
+    for flag, stage in (("--from", first), ("--until", last)):
+        if stage is not None and stage not in STAGE_NAMES:
+            raise UserError(f"{flag} {stage}: no such stage; stages: {', '.join(STAGE_NAMES)}")
+    if first and last and STAGE_NAMES.index(first) > STAGE_NAMES.index(last):
+        raise UserError(f"--from {first} comes after --until {last}; stages run in this order: {', '.join(STAGE_NAMES)}")
+    lock_path = Path(recipe) if isinstance(recipe, str) and recipe.endswith(".json") else None
+    if lock_path is not None:
+        recipe = _recipe_from_lock(lock_path, list(overrides))
+        out = out or lock_path.parent
+    elif not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
     elif overrides:
         raise UserError("overrides apply to recipe files; edit the Recipe object instead")
@@ -291,8 +423,13 @@ def run(recipe: Recipe | str, *, overrides: list[str] = (), out: str | Path | No
     run_dir = Path(out) if out else default_run_dir(recipe)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file; choose another --out directory")
-    this = Run(recipe, run_dir, options or RunOptions(), console)
+    this = Run(recipe, run_dir, options or RunOptions(), console, first=first, last=last)
+    this.resolve_target()
+    if lock_path is not None and not force:
+        differences = lock_differences(load_lock(lock_path), this)
+        if differences:
+            raise UserError(f"{lock_path} does not match this machine: {'; '.join(differences)}; "
+                            "pass --force to run anyway")
     if dry_run:
-        return {"run_dir": str(run_dir), "plan": this.plan()}
+        return {"run_dir": str(run_dir), "plan": this.plan(), "estimate": this.estimate()}
     return this.execute()
-

@@ -27,6 +27,7 @@ DEFAULT_PLUGINS = {
     "quantize": "ollama_compress.hooks.quantize",
     "modelfile": "ollama_compress.hooks.modelfile",
     "registration": "ollama_compress.hooks.registration",
+    "ollama_source": "ollama_compress.hooks.ollama_source",
     "stages": "ollama_compress.hooks.stages",
 }
 

@@ -64,12 +64,36 @@ class Data(Strict):
 Protect = Union[Literal["first", "last"], int]
 
 
+class Target(Strict):
+    """A size the pruned model must fit: the fewest layers are removed that reach it."""
+
+    size_mb: float | None = Field(None, gt=0)  # GGUF file size at `quant`, in MiB
+    params: Union[int, str, None] = None  # parameter count: 100M, 1.5B or a number
+    quant: str = "Q4_K_M"  # the quant whose size counts
+
+    @model_validator(mode="after")
+    def _one_goal(self) -> "Target":
+        if (self.size_mb is None) == (self.params is None):
+            raise ValueError("give exactly one of size_mb or params")
+        if self.quant not in QUANT_TYPES:
+            raise ValueError(f"unknown quant '{self.quant}'; known: {', '.join(QUANT_TYPES)}")
+        if self.params is not None:
+            from .planner import parse_count
+
+            try:
+                parse_count(self.params)
+            except UserError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+
 class Prune(Strict):
     metric: str = "block_influence"  # which score chooses the layers
     report_metrics: list[str] = []  # further metrics to compute and plot, not used for choosing
     remove: int | None = Field(None, ge=0)  # how many layers to remove
     keep: int | None = Field(None, ge=1)  # or: how many layers to keep
     layers: list[int] | None = None  # or: exactly these 0-based layers
+    target: Target | None = None  # or: the fewest layers that fit {size_mb, quant} or {params}
     block: bool = False  # remove one contiguous block (angular distance)
     protect: list[Protect] = ["first", "last"]  # layers never removed
     iterative: bool = False  # remove one layer, rescore, repeat
@@ -83,9 +107,9 @@ class Prune(Strict):
 
     @model_validator(mode="after")
     def _one_selection(self) -> "Prune":
-        given = [k for k in ("remove", "keep", "layers") if getattr(self, k) is not None]
+        given = [k for k in ("remove", "keep", "layers", "target") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of remove, keep or layers")
+            raise ValueError("give exactly one of remove, keep, layers or target")
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ValueError("layers has duplicate indices")
         return self

@@ -1,15 +1,16 @@
 """Running the real CLI in a subprocess, as a user would."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 
-def cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run ``ollama-compress ARGS`` and return the finished process (text output)."""
+def cli(*args: str, cwd: Path | None = None, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``ollama-compress ARGS`` (with ``env`` added to the environment); return the finished process."""
     return subprocess.run([sys.executable, "-m", "ollama_compress", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:

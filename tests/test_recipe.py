@@ -49,7 +49,7 @@ def test_every_shipped_recipe_validates_and_says_how_to_run_it():
          "source.trust_remote_code: not allowed in a recipe; pass --trust-remote-code"),
         (GOOD.replace("remove: 2", "remove: 2, metric: my_pkg.metrics.fancy"), "not a capability name"),
         (GOOD.replace("Q8_0", "Q9_X"), "export.quants: unknown quant 'Q9_X'"),
-        (GOOD.replace("remove: 2", "remove: 2, keep: 3"), "give exactly one of remove, keep or layers"),
+        (GOOD.replace("remove: 2", "remove: 2, keep: 3"), "give exactly one of remove, keep, layers or target"),
     ],
 )
 def test_validate_reports_each_bad_recipe_with_its_location(tmp_path, text, needle):

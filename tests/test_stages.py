@@ -171,3 +171,40 @@ def run_stage(ctx):
     proc = run_cli("run", recipe, "--out", tmp_path / "run", env_extra={"PYTHONPATH": str(plugin_root)})
     assert proc.returncode == 1, proc.stderr
     assert "prune stage returned ollama_host" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_from_until_and_reproducing_a_lock(tmp_path, tiny_model_dir, isolated_cache):
+    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_model_dir("llama", 4), prune="layers: [2]")
+    out = tmp_path / "run"
+    early = run_cli("run", recipe, "--out", out, "--from", "export", env_extra=isolated_cache)
+    assert early.returncode == 2 and "--from export: the source stage has no finished output" in early.stderr
+
+    part = run_cli("run", recipe, "--out", out, "--until", "prune", env_extra=isolated_cache)
+    assert part.returncode == 0, part.stderr
+    lock = json.loads((out / "run.json").read_text())
+    assert lock["stages"]["export"] == {"status": "skipped", "reason": "--until prune"}
+    assert not (out / "40-gguf").exists()
+
+    rest = run_cli("run", recipe, "--out", out, "--from", "prune", env_extra=isolated_cache)
+    assert rest.returncode == 0, rest.stderr
+    assert statuses(rest.stderr) == {"source": "cached", "prune": "done", "export": "done"}
+    assert not list(out.glob(".*.work"))
+
+    again = run_cli("run", out / "run.json", env_extra=isolated_cache)  # reproduce from the lock
+    assert again.returncode == 0, again.stderr
+    assert statuses(again.stderr) == {"source": "cached", "prune": "cached", "export": "cached"}
+
+    lock = json.loads((out / "run.json").read_text())
+    lock["versions"]["torch"] = "0.0.1"
+    lock["inputs"]["source"]["sha256"] = "0" * 64
+    (out / "run.json").write_text(json.dumps(lock))
+    refused = run_cli("run", out / "run.json", env_extra=isolated_cache)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "torch 0.0.1 in the lock" in refused.stderr and "sha256" in refused.stderr and "--force" in refused.stderr
+    forced = run_cli("run", out / "run.json", "--force", env_extra=isolated_cache)
+    assert forced.returncode == 0, forced.stderr
+
+    lock["recipe"]["recipe_version"] = 99
+    (out / "run.json").write_text(json.dumps(lock))
+    newer = run_cli("run", out / "run.json", "--force", env_extra=isolated_cache)
+    assert newer.returncode == 2 and "recipe version 99" in newer.stderr
