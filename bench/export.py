@@ -24,11 +24,12 @@ import json, resource, sys, time
 from pathlib import Path
 step, src, dst = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 import torch, transformers, gguf, llama_cpp  # noqa: F401  (imports counted in the baseline)
-from ollama_compress.hooks import export, quantize
+from ollama_compress import gguf as writer
+from ollama_compress.hooks import quantize
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 if step == "export":
-    export.export_gguf(src, dst, "F16")
+    writer.export_gguf(src, dst, "F16")
 else:
     quantize.quantize_file(src, step, dst)
 seconds = time.perf_counter() - t0

@@ -3,7 +3,7 @@
     python bench/quants.py [--hf DIR] [--out DIR] [--max-tokens 4096] [--n-ctx 512]
 
 SmolLM2 HF dir (``--hf``, else /tmp/smol/hf, else imported from the embedded GGUF with
-``hooks.source.import_gguf``) -> F16 GGUF (``hooks.export.export_gguf``) -> each quant with
+``hooks.source.import_gguf``) -> F16 GGUF (``ollama_compress.gguf.export_gguf``) -> each quant with
 ``quantize_file`` (timed) -> ``measure_quants`` against the F16 on the shipped held-out text.
 Writes bench/results-quants.md (and quants.json in --out).
 """
@@ -69,7 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from ollama_compress.hooks.export import export_gguf
+    from ollama_compress.gguf import export_gguf
 
     hf = smollm2_hf_dir(args.hf, args.out)
     f16 = args.out / "smollm2-F16.gguf"

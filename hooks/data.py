@@ -84,7 +84,8 @@ TEACHER_MAX_NEW_TOKENS = 256
 
 
 # ---------------------------------------------------------------- helpers
-def _read_text_file(path: str | os.PathLike, what: str) -> str:
+def read_text_file(path: str | os.PathLike, what: str) -> str:
+    """The UTF-8 text of ``path``; a UserError naming ``what`` when it is missing, unreadable or empty."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} file {path} does not exist; give a path to a text file")
@@ -142,13 +143,13 @@ def default_texts(spec: TextSource, tokenizer=None, ctx=None) -> list[str]:
 
 def text_file_texts(spec: TextSource, tokenizer=None, ctx=None) -> list[str]:
     """A plain UTF-8 text file, as one document."""
-    return [_read_text_file(_require_path(spec), "calibration")]
+    return [read_text_file(_require_path(spec), "calibration")]
 
 
 def jsonl_texts(spec: TextSource, tokenizer=None, ctx=None) -> list[str]:
     """One text per JSON line: its ``text``, or its ``messages`` through the chat template."""
     path = _require_path(spec)
-    content = _read_text_file(path, "JSONL")
+    content = read_text_file(path, "JSONL")
     texts = []
     for number, line in enumerate(content.splitlines(), 1):
         if not line.strip():

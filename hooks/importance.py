@@ -32,6 +32,7 @@ import click
 from ollama_compress.errors import NotAvailable, UserError
 from ollama_compress.fsutil import atomic_path, write_json
 from ollama_compress.hookspecs import hookimpl
+from ollama_compress.modelio import decoder_stack
 
 HIDDEN_STATE_METRICS = ("block_influence", "angular")
 
@@ -39,17 +40,7 @@ HIDDEN_STATE_METRICS = ("block_influence", "angular")
 # ---------------------------------------------------------------- finding the layers
 def get_decoder_layers(model) -> "torch.nn.ModuleList":
     """The decoder layer list of a causal LM (``model.model.layers`` for the supported families)."""
-    import torch
-
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0 or (
-            expected is not None and len(layers) != expected):
-        arch = type(model).__name__
-        raise UserError(f"{arch}: the decoder layers aren't where the architecture says (model.model.layers "
-                        f"with config.num_hidden_layers entries); this architecture is not supported yet")
-    return layers
+    return decoder_stack(model)[1]
 
 
 def _layer_input(args: tuple, kwargs: dict):

@@ -69,7 +69,7 @@ SUPPORTED_ARCHITECTURES = {
     "phi3": "phi3",
 }
 LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-INDEX_FILE = "model.safetensors.index.json"
+INDEX_FILE = modelio.SAFETENSORS_INDEX
 LAYER_MAP = "layer_map.json"
 KEEP_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "NOTICE.txt", "USE_POLICY.md")
 DEFAULT_PROTECT = ("first", "last")
@@ -306,17 +306,6 @@ def _load_config(model_dir: Path, options: RunOptions):
 
 
 # ---------------------------------------------------------------- in-memory surgery
-def _decoder_stack(model):
-    base = getattr(model, "model", None)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise UserError(
-            f"{type(model).__name__} has no model.layers; prune supports "
-            f"{', '.join(sorted(set(SUPPORTED_ARCHITECTURES.values())))}"
-        )
-    return base, layers
-
-
 def prune_model(model, remove: Sequence[int]):
     """Remove decoder layers ``remove`` (0-based) from a loaded causal LM, in place; return it.
 
@@ -328,7 +317,7 @@ def prune_model(model, remove: Sequence[int]):
     architecture(model.config.to_dict())
     if getattr(model.config, "is_heterogeneous", False):
         raise UserError("models with per_layer_config can only be pruned from their directory (prune_dir)")
-    base, layers = _decoder_stack(model)
+    base, layers = modelio.decoder_stack(model)
     num_layers = len(layers)
     gone = set(_check_layers(list(remove), num_layers, set()))
     kept = [i for i in range(num_layers) if i not in gone]
@@ -347,16 +336,6 @@ def prune_model(model, remove: Sequence[int]):
 
 
 # ---------------------------------------------------------------- on-disk surgery
-def _weight_files(model_dir: Path) -> list[str]:
-    index = model_dir / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return sorted(set(weight_map.values()))
-    if (model_dir / "model.safetensors").is_file():
-        return ["model.safetensors"]
-    return sorted(p.name for p in model_dir.glob("*.safetensors"))
-
-
 def _tensor_names(path: Path) -> list[str]:
     from safetensors import safe_open
 
@@ -364,14 +343,12 @@ def _tensor_names(path: Path) -> list[str]:
         return list(f.keys())
 
 
-def check_layer_tensors(model_dir: Path, num_layers: int, arch: str) -> list[str]:
+def check_layer_tensors(model_dir: Path, num_layers: int, arch: str) -> list[Path]:
     """The safetensors files of ``model_dir``; UserError if its layers aren't at ``model.layers.N.``."""
-    files = _weight_files(model_dir)
+    files = modelio.weight_files(model_dir)
     found: set[int] = set()
-    for name in files:
-        if not (model_dir / name).is_file():
-            raise UserError(f"{model_dir / name} is listed in {INDEX_FILE} but missing")
-        found.update(int(m.group(1)) for k in _tensor_names(model_dir / name) if (m := LAYER_TENSOR.match(k)))
+    for path in files:
+        found.update(int(m.group(1)) for k in _tensor_names(path) if (m := LAYER_TENSOR.match(k)))
     if not found:
         raise UserError(
             f"{model_dir} has no tensors named model.layers.N.*, where {arch} keeps its layers; "
@@ -404,12 +381,13 @@ def _copy_shard(src: Path, dst: Path, new_index: dict[int, int]) -> dict[str, in
     return {k: t.numel() * t.element_size() for k, t in tensors.items()}
 
 
-def _write_weights(model_dir: Path, out: Path, files: list[str], kept: Sequence[int]) -> None:
+def _write_weights(model_dir: Path, out: Path, files: list[Path], kept: Sequence[int]) -> None:
     new_index = {teacher: student for student, teacher in enumerate(kept)}
     weight_map: dict[str, str] = {}
     sizes: dict[str, int] = {}
-    for name in files:
-        written = _copy_shard(model_dir / name, out / name, new_index)
+    for path in files:
+        name = path.name
+        written = _copy_shard(path, out / name, new_index)
         weight_map.update({k: name for k in written})
         sizes.update(written)
     if (model_dir / INDEX_FILE).is_file():
@@ -498,7 +476,7 @@ def prune_dir(
     num_layers = config.num_hidden_layers
     removed = _check_layers(list(remove), num_layers, set())
     kept = [i for i in range(num_layers) if i not in set(removed)]
-    files = _weight_files(model_dir)
+    files = modelio.weight_files(model_dir)
     if files:
         files = check_layer_tensors(model_dir, num_layers, arch)
     matches = gguf_attention_pattern_matches(arch, getattr(config, "layer_types", None), kept)
@@ -646,7 +624,7 @@ def plan_and_prune(
     protect = list(protect)
     arch, config = inspect_model_dir(model_dir, options)
     num_layers = config.num_hidden_layers
-    if _weight_files(model_dir):
+    if modelio.weight_files(model_dir):
         check_layer_tensors(model_dir, num_layers, arch)
     if iterative and (layers is not None or block):
         raise UserError("iterative removes the lowest-scoring layer each step; don't combine it with layers or block")

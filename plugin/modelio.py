@@ -116,3 +116,44 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, source_dir: str | o
     if source_dir is not None:
         copy_side_files(source_dir, out_dir)
     return out_dir
+
+
+# ---------------------------------------------------------------- weights on disk, layers in memory
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def weight_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The safetensors files holding the weights: the shards the index names, else ``model.safetensors``,
+    else every ``*.safetensors`` (a repo may also hold e.g. consolidated.safetensors); ``[]`` when the
+    checkpoint has pickle weights only. A UserError for a broken index or a missing shard."""
+    model_dir = Path(model_dir)
+    index = model_dir / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+            raise UserError(f"{index} is not a valid safetensors index: {exc}") from None
+        missing = [s for s in shards if not (model_dir / s).is_file()]
+        if missing:
+            raise UserError(f"{model_dir} lacks weight shards listed in its index: {', '.join(missing[:3])}")
+        return [model_dir / s for s in shards]
+    if (model_dir / "model.safetensors").is_file():
+        return [model_dir / "model.safetensors"]
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def decoder_stack(model) -> tuple[Any, Any]:
+    """(the base model, its decoder layer list) of a loaded causal LM: ``model.model.layers``.
+
+    A UserError when the layers are not there or their count is not ``config.num_hidden_layers``.
+    """
+    import torch
+
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0 or (
+            expected is not None and len(layers) != expected):
+        raise UserError(f"{type(model).__name__}: the decoder layers aren't where the architecture says (model.model.layers "
+                        "with config.num_hidden_layers entries); this architecture is not supported yet")
+    return base, layers

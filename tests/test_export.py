@@ -26,8 +26,7 @@ from gguf import GGUFReader
 
 from ollama_compress.errors import UserError
 from ollama_compress.fsutil import tree_sha256
-from ollama_compress.hooks import export as export_mod
-from ollama_compress.hooks.export import export_gguf, width_warnings
+from ollama_compress.gguf import export_gguf, tensors, width_warnings
 from tiny_models import tiny_model
 
 GELU_FAMILIES = ("gemma2", "gemma3")
@@ -205,6 +204,98 @@ def test_sentencepiece_vocab(with_model_file, tmp_path):
     assert rel_error(llama_logits(gguf, ids), hf_logits(model_dir, ids)) <= 1e-5
 
 
+# ---------------------------------------------------------------- against llama.cpp's converter
+# Every key and tensor (type, shape, bytes) must equal what convert_hf_to_gguf.py (vendored with the
+# installed llama-cpp-python) writes, except our provenance keys and these keys only we add:
+OUR_OWN_KEYS = ("ollama_compress.",)
+OUR_EXTRA_KEYS = {
+    "gemma2.attention.sliding_window_pattern": "each layer's attention type, so a pruned gemma keeps it",
+    "gemma3.attention.sliding_window_pattern": "each layer's attention type, so a pruned gemma keeps it",
+    "gemma2.rope.freq_base": "the config's rope_theta (llama.cpp assumes 10000 without it)",
+    "gemma3.rope.local.freq_base": "the local rope base under the name Ollama's own engine reads",
+}
+SPM_VOCAB = 412
+
+
+@pytest.fixture(scope="module")
+def spm_source(tmp_path_factory) -> Path:
+    """A trained SentencePiece tokenizer.model (BPE with byte fallback, like Llama 2 and Gemma)."""
+    import io
+
+    import sentencepiece as spm
+
+    lines = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs!",
+             "Sphinx of black quartz, judge my vow 123 456.", "Über café naïve résumé, 日本語 テキスト"] * 25
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=SPM_VOCAB - 12,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2)
+    src = tmp_path_factory.mktemp("spm-source")
+    (src / "tokenizer.model").write_bytes(buf.getvalue())
+    return src
+
+
+def _spm_model_dir(tmp_path: Path, spm_source: Path, arch: str, tokenizer_files: str) -> Path:
+    """A tiny ``arch`` model (embedding 12 rows wider than the vocabulary) with a SentencePiece tokenizer.
+
+    ``tokenizer_files``: "transformers" = what transformers' save_pretrained writes next to
+    tokenizer.model (tokenizer.json lists the added tokens); "added" = a tokenizer_config.json that
+    declares added tokens itself (special, special-looking, and plain with a SentencePiece space).
+    """
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "spm-model"  # general.name comes from it; "phi3" in it would be renamed
+    tiny_model(arch, 2, vocab_size=SPM_VOCAB).save_pretrained(model_dir)
+    source = tmp_path / "spm-source"
+    shutil.copytree(spm_source, source)
+    (source / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer" if arch.startswith("gemma") else "LlamaTokenizer",
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+        "add_bos_token": True, "add_eos_token": False}))
+    AutoTokenizer.from_pretrained(source).save_pretrained(model_dir)
+    shutil.copy(source / "tokenizer.model", model_dir / "tokenizer.model")
+    if tokenizer_files == "added":
+        config = json.loads((model_dir / "tokenizer_config.json").read_text())
+        config["added_tokens_decoder"] = {
+            "3": {"content": "<pad>", "special": True},
+            "4": {"content": "<start_of_turn>", "special": True},
+            "5": {"content": "<end_of_turn>", "special": False},
+            str(SPM_VOCAB - 12): {"content": "<|tool|>", "special": False},
+            str(SPM_VOCAB - 11): {"content": "\u2581hello\u2581world", "special": False},
+        }
+        (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    return model_dir
+
+
+def gguf_contents(path: Path) -> tuple[dict, dict]:
+    """(every key but our own -> value, every tensor -> (type, shape, bytes)) of a GGUF file."""
+    reader = GGUFReader(path)
+    fields = {name: f.contents() for name, f in reader.fields.items()
+              if not name.startswith(("GGUF.", *OUR_OWN_KEYS))}
+    tensors = {t.name: (t.tensor_type.name, [int(d) for d in t.shape], bytes(np.asarray(t.data).tobytes()))
+               for t in reader.tensors}
+    return fields, tensors
+
+
+@pytest.mark.parametrize("arch,tokenizer_files", [
+    *((a, "transformers") for a in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")),
+    ("llama", "added"), ("gemma2", "added"), ("phi3", "added"),
+])
+def test_sentencepiece_model_equals_the_converter(arch, tokenizer_files, spm_source, tmp_path):
+    from ollama_compress.gguf.reference import run_converter
+
+    model_dir = _spm_model_dir(tmp_path, spm_source, arch, tokenizer_files)
+    ours, ours_tensors = gguf_contents(export_gguf(model_dir, tmp_path / "ours.gguf", "F32"))
+    theirs, theirs_tensors = gguf_contents(run_converter(model_dir, tmp_path / "converter.gguf", "F32"))
+    assert sorted(ours.keys() - theirs.keys()) == sorted(k for k in OUR_EXTRA_KEYS if k in ours)
+    differing = {k: (ours.get(k), theirs.get(k)) for k in sorted(theirs.keys()) if ours.get(k) != theirs[k]}
+    assert {k: str(v)[:300] for k, v in differing.items()} == {}
+    assert ours["tokenizer.ggml.model"] == "llama" and len(ours["tokenizer.ggml.tokens"]) == SPM_VOCAB
+    assert sorted(ours_tensors) == sorted(theirs_tensors)
+    assert [n for n in ours_tensors if ours_tensors[n] != theirs_tensors[n]] == []
+
+
 def test_provenance_and_general_metadata(tiny_model_dir, tmp_path):
     model_dir = tmp_path / "pruned"
     shutil.copytree(tiny_model_dir("llama"), model_dir)
@@ -281,7 +372,7 @@ def test_not_enough_disk_space(tiny_model_dir, tmp_path, monkeypatch):
 
 
 def test_failure_while_writing_leaves_no_file(tiny_model_dir, tmp_path, monkeypatch):
-    real, calls = export_mod._read_tensor, []
+    real, calls = tensors._read_tensor, []
 
     def failing(path, name):
         calls.append(name)
@@ -289,7 +380,7 @@ def test_failure_while_writing_leaves_no_file(tiny_model_dir, tmp_path, monkeypa
             raise OSError("disk vanished")
         return real(path, name)
 
-    monkeypatch.setattr(export_mod, "_read_tensor", failing)
+    monkeypatch.setattr(tensors, "_read_tensor", failing)
     with pytest.raises(OSError):
         export_gguf(tiny_model_dir("qwen2"), tmp_path / "out" / "m.gguf")
     assert len(calls) == 10 and _no_outputs(tmp_path)
@@ -322,9 +413,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return done.value.code, out.out, out.err
 
 
-def test_cli_export_and_quantize(tiny_model_dir, tmp_path, capsys):
-    import llama_cpp
-
+def test_cli_export_and_quantize(tiny_model_dir, ids, tmp_path, capsys):
     out = tmp_path / "out"
     heldout = tmp_path / "heldout.txt"
     heldout.write_text(TEXT * 3)  # a short text keeps the quality measurement quick
@@ -334,10 +423,30 @@ def test_cli_export_and_quantize(tiny_model_dir, tmp_path, capsys):
     result = json.loads(stdout)
     assert Path(result["gguf"]).name.endswith("-F16.gguf") and Path(result["gguf"]).is_file()
     q8 = Path(result["quants"]["Q8_0"])
-    assert json.loads((out / "quants.json").read_text())["quants"]
-    llm = llama_cpp.Llama(model_path=str(q8), n_ctx=32, verbose=False)
-    assert len(llm.create_completion("Hello", max_tokens=4, temperature=0)["choices"][0]["text"]) >= 0
-    llm.close()
+    assert q8.name == Path(result["gguf"]).name.replace("-F16", "-Q8_0")
+    assert [row["name"] for row in json.loads((out / "quants.json").read_text())["quants"]] == ["F16", "Q8_0"]
+    # Q8_0 keeps 8 bits per weight: the logits stay within a few percent of the F16 file's
+    assert rel_error(llama_logits(q8, ids, f32_cache=False), llama_logits(Path(result["gguf"]), ids, f32_cache=False)) <= 0.05
+
+
+def test_cli_export_accepts_a_gguf_file(tiny_model_dir, ids, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OLLAMA_COMPRESS_CACHE", str(tmp_path / "cache"))  # where the GGUF is imported
+    source = export_gguf(tiny_model_dir("llama"), tmp_path / "tiny-llama.gguf", "F32")
+    code, stdout, err = run_cli(["export", str(source), "--out", str(tmp_path / "out"), "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert Path(result["gguf"]) == tmp_path / "out" / "tiny-llama-F16.gguf" and result["width_warnings"]
+    assert rel_error(llama_logits(Path(result["gguf"]), ids), llama_logits(source, ids)) <= 1e-2
+
+
+@pytest.mark.slow
+def test_cli_export_accepts_the_embedded_model(smollm2_gguf, tmp_path, capsys):
+    code, stdout, err = run_cli(["export", "embedded:smollm2-135m-instruct", "--out", str(tmp_path), "--json"], capsys)
+    assert code == 0, err
+    path = Path(json.loads(stdout)["gguf"])
+    assert path == tmp_path / "smollm2-135m-instruct-F16.gguf"
+    fields = read_fields(path)
+    assert fields["general.name"] == "smollm2-135m-instruct" and fields["tokenizer.ggml.pre"] == "smollm"
 
 
 def test_cli_bad_input(tiny_model_dir, tmp_path, capsys):

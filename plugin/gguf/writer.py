@@ -1,0 +1,252 @@
+"""Writing the GGUF: general.* and provenance metadata, then the header, tensor index and tensor data.
+
+Memory stays bounded: the tensor plan comes from the safetensors headers only, the header and tensor
+index are written first, then each tensor is read, converted and appended on its own. The file is
+written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ollama_compress.context import RunOptions
+from ollama_compress.errors import StageFailed, UserError
+from ollama_compress.fsutil import atomic_path, check_free_space, tree_sha256
+
+from .arch import gguf_py, read_model_config, write_hparams
+from .tensors import PlannedTensor, expected_size, plan_tensors, width_warnings_of
+from .vocab import build_vocab, load_tokenizer_or_none, write_vocab
+
+OUTTYPES = ("F32", "F16", "BF16")
+META_PREFIX = "ollama_compress."
+
+log = logging.getLogger(__name__)
+
+
+def _layer_map(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "layer_map.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def layer_map_keys(model_dir: Path) -> dict[str, Any]:
+    """Provenance keys from the prune stage's ``layer_map.json`` in ``model_dir`` (empty if none)."""
+    out: dict[str, Any] = {}
+    layer_map = _layer_map(model_dir)
+    if isinstance(layer_map.get("removed"), list):
+        out["removed_layers"] = [int(i) for i in layer_map["removed"]]
+    if isinstance(layer_map.get("student_to_teacher"), list):
+        out["layer_map"] = [int(i) for i in layer_map["student_to_teacher"]]
+    if isinstance(layer_map.get("num_layers_before"), int):
+        out["teacher_layers"] = layer_map["num_layers_before"]
+    if isinstance(layer_map.get("metric"), str):
+        out["prune_metric"] = layer_map["metric"]
+    return out
+
+
+def provenance(model_dir: Path, metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """Our own ``ollama_compress.*`` keys: source hash, layer map, recipe, plus the caller's."""
+    out = layer_map_keys(model_dir)
+    for key, value in (metadata or {}).items():
+        if not key.startswith("general.") and key not in ("name", "license", "base_model", "description"):
+            out[key.removeprefix(META_PREFIX)] = value
+    out.setdefault("source_sha256", tree_sha256(model_dir))
+    return out
+
+
+def _add_value(w, key: str, value: Any) -> None:
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_int64(key, value)
+    elif isinstance(value, float):
+        w.add_float64(key, value)
+    elif isinstance(value, str):
+        if value:
+            w.add_string(key, value)
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        w.add_array(key, [int(v) for v in value])
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        w.add_array(key, list(value))
+    elif value is not None and value != [] and value != {}:
+        w.add_string(key, json.dumps(value, sort_keys=True, default=str))
+
+
+# llama.cpp looks these tokens up (and fails to load) when general.name contains "phi3" or "phi-3".
+_PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def _loadable_name(name: str, tokens: Sequence[Any]) -> str:
+    """``name``, unless it would make llama.cpp apply Phi-3 token rules to a vocabulary without them."""
+    lowered = name.lower()
+    if "phi3" not in lowered and "phi-3" not in lowered:
+        return name
+    texts = {t.decode("utf-8", "replace") if isinstance(t, bytes) else t for t in tokens}
+    if all(tok in texts for tok in _PHI3_NAME_TOKENS):
+        return name
+    safe = re.sub(r"(?i)phi-?3", lambda m: m.group(0)[:3] + " 3", name)
+    log.warning("model name %r renamed %r: llama.cpp expects Phi-3 tokens for such names", name, safe)
+    return safe
+
+
+def _write_general(w, model_dir: Path, metadata: dict[str, Any], total_params: int, tokens: Sequence[Any]) -> None:
+    gguf = gguf_py()
+    meta = gguf.Metadata.load(None, model_dir, metadata.get("name") or metadata.get("general.name"), total_params)
+    if meta.name is None:
+        meta.name = model_dir.name
+    meta.name = _loadable_name(meta.name, tokens)
+    if metadata.get("license"):
+        meta.license = metadata["license"]
+    if metadata.get("description"):
+        meta.description = metadata["description"]
+    base = metadata.get("base_model")
+    if base:
+        names = [base] if isinstance(base, str) else list(base)
+        meta.base_models = [{"name": n, **({"repo_url": f"https://huggingface.co/{n}"} if "/" in n and not Path(n).exists() else {})}
+                            for n in names]
+    if meta.size_label is None and total_params > 0:
+        meta.size_label = gguf.size_label(total_params, total_params, 0, 0)
+    w.add_type(gguf.GGUFType.MODEL)
+    meta.set_gguf_meta_model(w)
+
+
+# ------------------------------------------------------------------------- writing
+def _ftype(outtype: str):
+    gguf = gguf_py()
+    return {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+            "BF16": gguf.LlamaFileType.MOSTLY_BF16}[outtype]
+
+
+def _to_numpy(t, qtype) -> np.ndarray:
+    import torch
+
+    if qtype.name == "F32":
+        return t.contiguous().numpy()
+    if qtype.name == "F16":
+        return t.to(torch.float16).contiguous().numpy()
+    return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy()  # raw BF16 bits
+
+
+def _check_output_dir(out_path: Path) -> None:
+    parent = out_path.parent
+    for p in (parent, *parent.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UserError(f"{p} is a file, not a directory; choose another output directory")
+            break
+    if out_path.is_dir():
+        raise UserError(f"{out_path} is a directory; give a .gguf file path")
+
+
+@dataclass
+class GGUFExport:
+    """A written GGUF and what writing it established."""
+
+    path: Path
+    outtype: str
+    size_bytes: int
+    seconds: float
+    width_warnings: list[str]  # quant fallbacks the tensor widths cause (see tensors.width_warnings_of)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gguf": str(self.path), "outtype": self.outtype, "size_bytes": self.size_bytes,
+                "export_seconds": round(self.seconds, 2), "width_warnings": self.width_warnings}
+
+
+def export_gguf(model_dir: Path, out_path: Path, outtype: str = "F16", metadata: dict | None = None,
+                options: RunOptions | None = None) -> Path:
+    """Write ``model_dir`` as one GGUF of ``outtype`` at ``out_path``; return ``out_path`` (see ``write_gguf``)."""
+    return write_gguf(model_dir, out_path, outtype, metadata, options).path
+
+
+def write_gguf(model_dir: Path, out_path: Path, outtype: str = "F16", metadata: dict | None = None,
+               options: RunOptions | None = None) -> GGUFExport:
+    """Write ``model_dir`` (an HF causal LM, safetensors) as one GGUF of ``outtype`` at ``out_path``.
+
+    ``metadata`` may set ``name``, ``license``, ``base_model``, ``description`` (general.*) and any
+    further keys, stored as ``ollama_compress.<key>`` next to the source hash and the prune stage's
+    ``layer_map.json``. Tensors are streamed one at a time; the file appears only when complete.
+    """
+    started = time.perf_counter()
+    outtype = check_outtype(outtype)
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    check_exportable(model_dir, options)
+    _check_output_dir(out_path)
+    writer, planned = _prepare(model_dir, out_path, outtype, dict(metadata or {}), options or RunOptions())
+    with atomic_path(out_path) as tmp:
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for t in planned:
+                _write_one(writer, t)
+        finally:
+            writer.close()
+    return GGUFExport(out_path, outtype, out_path.stat().st_size, time.perf_counter() - started,
+                      width_warnings_of((t.name, t.shape) for t in planned))
+
+
+def check_outtype(outtype: str) -> str:
+    """``outtype`` in upper case, or a UserError naming the choices."""
+    if outtype.upper() not in OUTTYPES:
+        raise UserError(f"unknown outtype '{outtype}'; choose one of {', '.join(OUTTYPES)}")
+    return outtype.upper()
+
+
+def check_exportable(model_dir: Path, options: RunOptions | None = None) -> None:
+    """A UserError unless ``model_dir`` is an HF causal LM of an architecture the writer knows."""
+    from ollama_compress.modelio import check_causal_lm, check_model_dir
+
+    check_model_dir(model_dir, options or RunOptions())
+    read_model_config(model_dir)  # names an unsupported architecture before anything else
+    check_causal_lm(model_dir)
+
+
+def _prepare(model_dir: Path, out_path: Path, outtype: str, metadata: dict[str, Any], options: RunOptions):
+    """A GGUFWriter holding every key and tensor index entry, and the tensors to stream after them."""
+    gguf = gguf_py()
+    planned, info = plan_tensors(model_dir, outtype)
+    n_vocab = next(t.shape[0] for t in planned if t.name == "token_embd.weight")
+    tokenizer = load_tokenizer_or_none(model_dir, options)
+    vocab = build_vocab(model_dir, info["model_type"], n_vocab, tokenizer)
+    for note in vocab.notes:
+        log.warning(note)
+    check_free_space(out_path.parent, expected_size(planned, vocab.approx_bytes(model_dir)), out_path.name)
+
+    w = gguf.GGUFWriter(None, info["arch"])
+    total_params = sum(int(np.prod(t.shape)) for t in planned)
+    _write_general(w, model_dir, metadata, total_params, vocab.tokens)
+    write_hparams(w, info["model_type"], info["config"], info["n_layers"], _ftype(outtype))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    write_vocab(w, vocab, model_dir, tokenizer, info["model_type"])
+    for key, value in provenance(model_dir, metadata).items():
+        _add_value(w, META_PREFIX + key, value)
+    for t in planned:
+        w.add_tensor_info(t.name, t.shape, _np_dtype(t.qtype), t.nbytes, raw_dtype=t.qtype)
+    return w, planned
+
+
+def _np_dtype(qtype):
+    return {"F32": np.float32, "F16": np.float16}.get(qtype.name, np.int16)
+
+
+def _write_one(w, t: PlannedTensor) -> None:
+    data = t.load()
+    if tuple(data.shape) != tuple(t.shape):
+        raise StageFailed(f"tensor {t.source or t.name} changed shape while exporting: {tuple(data.shape)} != {t.shape}")
+    array = _to_numpy(data, t.qtype)
+    del data
+    w.write_tensor_data(array)
+
