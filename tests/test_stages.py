@@ -15,7 +15,7 @@ from ollama_compress.hookspecs import hookimpl
 
 @hookimpl
 def export_gguf(ctx, model_dir, outtype):
-    from ollama_compress.hooks.export import export_gguf as write_gguf
+    from ollama_compress.gguf import export_gguf as write_gguf
     path = Path(ctx.out_dir) / "by-plugin.gguf"
     write_gguf(Path(model_dir), path, outtype, {"name": "by-plugin"}, ctx.options)
     ctx.metrics["exported_by"] = "oc-exporter"
