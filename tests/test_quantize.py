@@ -125,15 +125,6 @@ def test_bad_quant_names(quant, words, tiny_f16, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_imatrix_without_llama_quantize(tiny_f16, tmp_path, monkeypatch):
-    imatrix = tmp_path / "m.imatrix"
-    imatrix.write_bytes(b"x")
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    with pytest.raises(UserError, match="cannot be passed through llama-cpp-python"):
-        quantize_file(tiny_f16, "IQ2_XS", tmp_path / "out.gguf", imatrix=imatrix)
-    assert not (tmp_path / "out.gguf").exists()
-
-
 def test_rejects_quantized_source(smollm2_gguf, tmp_path):
     with pytest.raises(UserError, match=r"already quantized \(Q4_1, Q8_0 tensors\)"):
         quantize_file(smollm2_gguf, "Q4_K_M", tmp_path / "out.gguf")
