@@ -42,8 +42,10 @@ DEFAULT_HOST = f"http://127.0.0.1:{DEFAULT_PORT}"
 LOG_TAIL_LINES = 15
 # ggml's CPU code is compiled by cgo with -O3 but no -march, i.e. SSE2 only; building for the
 # machine's own CPU (AVX2/AVX-512) makes generation about 6x faster. The binary then runs only
-# on CPUs like the one that built it, which is how .ci/install-ollama uses it.
-NATIVE_CFLAGS = "-O3 -march=native"
+# on CPUs like the one that built it, which is how .ci/install-ollama uses it. AMX stays off: on a
+# CPU with AMX, -march=native makes ggml-cpu call the AMX buffer type, whose source cgo does not
+# compile, and the link fails (undefined ggml_backend_amx_buffer_type).
+NATIVE_CFLAGS = "-O3 -march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
 # ---------------------------------------------------------------- the binary

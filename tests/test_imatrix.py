@@ -137,6 +137,22 @@ def test_matches_llama_imatrix_on_smollm2(smollm2_hf, tmp_path):
     assert all(ours.counts[n] == n_ctx * n_chunks == reference.counts[n] for n in reference.sums)
 
 
+def test_names_cover_every_block_matrix_of_each_architecture(arch, tiny_model_dir, tmp_path):
+    """gguf-py's names for the HF modules are exactly the exported file's block matrices."""
+    import torch
+
+    from ollama_compress.imatrix import compute_imatrix
+
+    model = tiny_model_dir(arch)
+    done = cli("export", model, "--out", tmp_path)
+    assert done.returncode == 0, done.stderr
+    (f16,) = tmp_path.glob("*-F16.gguf")
+    batches = [torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))]
+    matrix = read_imatrix(compute_imatrix(model, f16, batches, tmp_path / "m.gguf", "random ids"))
+    assert set(matrix.sums) == set(block_widths(f16))  # compute_imatrix also ran check_imatrix
+    assert all(c == 32 for c in matrix.counts.values()) and matrix.datasets == ["random ids"]
+
+
 # ---------------------------------------------------------------- the export stage
 def test_stage_computes_one_imatrix_and_records_it(tiny_model_dir, tmp_path):
     from ollama_compress.context import StageContext
