@@ -1,11 +1,17 @@
 """Per-quant size, bits per weight, perplexity, KL and top-1 agreement for SmolLM2-135M-Instruct.
 
     python bench/quants.py [--hf DIR] [--out DIR] [--max-tokens 4096] [--n-ctx 512]
+    python bench/quants.py --speed [--hf DIR] [--out DIR]   # teacher vs pruned 24/30, tokens/s
 
 SmolLM2 HF dir (``--hf``, else /tmp/smol/hf, else imported from the embedded GGUF with
 ``hooks.source.import_gguf``) -> F16 GGUF (``ollama_compress.gguf.export_gguf``) -> each quant with
 ``quantize_file`` (timed) -> ``measure_quants`` against the F16 on the shipped held-out text.
 Writes bench/results-quants.md (and quants.json in --out).
+
+``--speed``: the teacher and a 24/30-layer SmolLM2 (layers 12-17 removed, block influence's
+choice; speed does not depend on which) exported to F16 and quantized to SPEED_QUANTS, then
+``measure_speed`` (prompt and generation tokens/s in llama-cpp-python) on each; writes
+bench/results-speed.md.
 """
 from __future__ import annotations
 
@@ -31,6 +37,9 @@ from ollama_compress.hooks.quantize import (
 
 QUANTS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
 RESULTS = Path(__file__).with_name("results-quants.md")
+SPEED_RESULTS = Path(__file__).with_name("results-speed.md")
+SPEED_QUANTS = ("F16", "Q8_0", "Q4_K_M")
+PRUNED_LAYERS = (12, 13, 14, 15, 16, 17)
 # Used only when the shipped held-out corpus is missing.
 FALLBACK_TEXT = [
     "The river rose slowly through the night, and by morning the lower fields were under water. "
@@ -66,8 +75,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench-quants"))
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--n-ctx", type=int, default=512)
+    ap.add_argument("--speed", action="store_true", help="only the teacher vs pruned speed table")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.speed:
+        return speed(smollm2_hf_dir(args.hf, args.out), args.out)
 
     from ollama_compress.gguf import export_gguf
 
@@ -97,6 +109,54 @@ def main() -> None:
     write_quants_report(rows, args.out)
     write_results(rows, quant_s, export_s, measure_s, text_source, args, verify_gguf(f16).n_weights, load)
     print(RESULTS.read_text())
+
+
+def speed(hf: Path, out: Path) -> None:
+    import subprocess
+
+    import llama_cpp
+
+    from ollama_compress.hooks.prune import prune_dir
+    from ollama_compress.hooks.quantize import measure_speed
+
+    models = {"teacher (30 layers)": hf, "pruned (24 layers)": out / "smollm2-pruned-24"}
+    if not (models["pruned (24 layers)"] / "config.json").is_file():
+        prune_dir(hf, models["pruned (24 layers)"], PRUNED_LAYERS)
+    text = "\n\n".join(heldout_texts()).encode()
+    rows = []
+    for label, model in models.items():
+        gguf_dir = out / f"speed-{model.name}"
+        if not list(gguf_dir.glob("*-F16.gguf")):
+            subprocess.run([sys.executable, "-m", "ollama_compress", "export", str(model), "--out", str(gguf_dir)],
+                           check=True)
+        (f16,) = gguf_dir.glob("*-F16.gguf")
+        tokens = llama_cpp.Llama(str(f16), vocab_only=True, verbose=False).tokenize(text, add_bos=True)
+        for quant in SPEED_QUANTS:
+            path = f16 if quant == "F16" else gguf_dir / quant_file_name(f16, quant)
+            if not path.is_file():
+                quantize_file(f16, quant, path)
+            rows.append({"model": label, "quant": quant, "mib": path.stat().st_size / 2**20,
+                         "load": os.getloadavg()[0]} | measure_speed(path, tokens))
+            print(rows[-1], flush=True)
+    teacher = {r["quant"]: r for r in rows if r["model"].startswith("teacher")}
+    lines = [
+        "## Speed: teacher vs pruned 24/30 SmolLM2 in llama.cpp",
+        "",
+        f"Date {dt.datetime.now().isoformat(timespec='minutes')}, machine: {machine()}. Command: "
+        "`python bench/quants.py --speed`. `measure_speed` (hooks/quantize.py): llama-cpp-python with its "
+        f"default threads ({rows[0]['speed_threads']}), a 128-token prompt evaluated as one batch, then 32 "
+        "tokens fed one at a time (a generation step without sampling); median of 3 after a warm-up. "
+        "Other agents were using the 2 cores (1-minute load average in the table), so these are noisy.",
+        "",
+        "| model | quant | MiB | prompt tok/s | gen tok/s | gen speed-up | load |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        up = r["gen_tokens_per_s"] / teacher[r["quant"]]["gen_tokens_per_s"]
+        lines.append(f"| {r['model']} | {r['quant']} | {r['mib']:.1f} | {r['prompt_tokens_per_s']:.1f} | "
+                     f"{r['gen_tokens_per_s']:.1f} | {up:.2f}x | {r['load']:.1f} |")
+    SPEED_RESULTS.write_text("\n".join(lines) + "\n")
+    print(SPEED_RESULTS.read_text())
 
 
 def types(path: str) -> str:
@@ -132,7 +192,7 @@ def write_results(rows, quant_s, export_s, measure_s, text_source, args, n_weigh
         secs = "-" if r.get("reference") else f"{quant_s[r['name']]:.1f}"
         lines.append(f"| {r['name']}{' (ref)' if r.get('reference') else ''} | {r['size_mib']:.1f} | "
                      f"{r['bits_per_weight']:.2f} | {secs} | {r['perplexity']:.3f} | {r['mean_kl']:.5f} | "
-                     f"{100 * r['top1_agreement']:.1f}% | {types(r['path'])} |")
+                     f"{100 * r['top1_agreement']:.1f}% | {types(args.out / r['file'])} |")
     RESULTS.write_text("\n".join(lines) + "\n")
 
 

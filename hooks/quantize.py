@@ -1,10 +1,13 @@
 """Quantize GGUF files with llama.cpp's own quantizer and measure what each quant costs in quality.
 
 * ``quantize_file``: F32/F16/BF16 GGUF -> Q8_0, Q4_K_M, ... through llama-cpp-python's
-  ``llama_model_quantize`` (the code behind ``llama-quantize``); input and output verified.
-* ``measure_quants``: size, bits per weight, perplexity on held-out text, and KL / top-1
-  agreement against a reference GGUF, all from llama.cpp logits.
-* The ``quantize_gguf`` stage hook and the ``verify`` / ``quantize`` commands.
+  ``llama_model_quantize`` (the code behind ``llama-quantize``), or, with an importance matrix,
+  through the ``llama-quantize`` built from the same llama.cpp (``ollama_compress.llama_tools``);
+  input and output verified.
+* ``measure_quants``: size, bits per weight, perplexity on held-out text, KL / top-1 agreement
+  against a reference GGUF (llama.cpp logits), prompt and generation speed, the imatrix used.
+* The ``quantize_gguf`` stage hook (computes the importance matrix once per stage when the recipe
+  says ``export.imatrix: auto``) and the ``verify`` / ``quantize`` commands.
 """
 from __future__ import annotations
 
@@ -26,21 +29,14 @@ from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import atomic_path, check_free_space, write_json
 from ollama_compress.gguf_verify import GGUFSummary, verify_gguf
 from ollama_compress.hookspecs import hookimpl
-from ollama_compress.recipe import QUANT_TYPES
+from ollama_compress.imatrix import check_imatrix
+from ollama_compress.llama_tools import llama_tool
+from ollama_compress.quant_names import IMATRIX_HELPS, NEEDS_IMATRIX, QUANTS, UNQUANTIZED, quant_name_problem
 
-UNQUANTIZED = ("F32", "F16", "BF16")
-# Quants llama.cpp refuses without an importance matrix: llama-quantize stops on IQ1_S, IQ1_M,
-# IQ2_XXS, IQ2_XS, IQ2_S and Q2_K_S; IQ2_M's main tensor type is IQ2_S, which the library
-# itself refuses to produce without one ("this quantization requires an importance matrix").
-NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S")
-# Nominal bits per weight of each quant's main tensor type: only to check free disk space.
-_NOMINAL_BPW = {
-    "F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.5,
-    "Q5_0": 5.5, "Q5_1": 6.0, "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_0": 4.5, "Q4_1": 5.0,
-    "IQ4_XS": 4.3, "IQ4_NL": 4.5, "Q3_K_L": 4.3, "Q3_K_M": 3.9, "Q3_K_S": 3.5, "Q2_K": 3.0,
-    "Q2_K_S": 2.8, "IQ3_XXS": 3.1, "IQ3_XS": 3.3, "IQ3_S": 3.5, "IQ3_M": 3.7, "IQ2_XXS": 2.1,
-    "IQ2_XS": 2.3, "IQ2_S": 2.5, "IQ2_M": 2.7, "IQ1_S": 1.6, "IQ1_M": 1.8,
-}
+IMATRIX_FILE = "imatrix.gguf"  # the matrix the stage computes, in the stage's directory
+SPEED_PROMPT_TOKENS = 128
+SPEED_DECODE_TOKENS = 32
+
 _OUTTYPE_SUFFIX = re.compile(r"-(F32|F16|BF16)$", re.IGNORECASE)
 
 
@@ -50,9 +46,9 @@ def quantize_file(src: Path, quant: str, dst: Path, imatrix: Path | None = None,
     """Quantize the GGUF ``src`` to ``quant`` (llama.cpp spelling) and write ``dst`` atomically.
 
     ``src`` must be an F32/F16/BF16 GGUF unless ``allow_requantize``. Quants in
-    ``NEEDS_IMATRIX`` need ``imatrix`` (an importance-matrix file from ``llama-imatrix``); since
-    llama-cpp-python cannot pass one (llama.cpp takes it as a C++ map), such runs use the
-    ``llama-quantize`` program, which must then be on PATH. ``nthreads`` 0 uses every core.
+    ``NEEDS_IMATRIX`` need ``imatrix`` (GGUF or legacy .dat, from ``compute_imatrix`` or
+    ``llama-imatrix``), which must match ``src`` (names, widths); llama-cpp-python cannot pass one,
+    so such runs use the built ``llama-quantize`` (``llama_tools``). ``nthreads`` 0 uses every core.
     Returns ``dst``; raises UserError for bad input and StageFailed when llama.cpp fails.
     """
     src, dst = Path(src), Path(dst)
@@ -61,6 +57,8 @@ def quantize_file(src: Path, quant: str, dst: Path, imatrix: Path | None = None,
     _check_source(summary, allow_requantize)
     if dst.resolve() == src.resolve():
         raise UserError(f"{dst}: the output would overwrite the input; choose another output path")
+    if imatrix is not None:
+        check_imatrix(Path(imatrix), summary)
     _check_disk_space(summary, quant, dst)
     with atomic_path(dst) as tmp:
         if imatrix is not None:
@@ -78,14 +76,12 @@ def quant_file_name(gguf_path: Path, quant: str) -> str:
 
 
 def _check_quant(quant: str, imatrix: Path | None) -> str:
-    if quant not in QUANT_TYPES:
-        upper = quant.upper()
-        hint = f" (did you mean {upper}?)" if upper in QUANT_TYPES else ""
-        raise UserError(f"unknown quant '{quant}'{hint}; known: {', '.join(QUANT_TYPES)}")
+    if problem := quant_name_problem(quant):
+        raise UserError(problem)
     if quant in NEEDS_IMATRIX and imatrix is None:
         raise UserError(
-            f"{quant} needs an importance matrix: make one with llama.cpp's llama-imatrix and give it "
-            f"(export.imatrix / --imatrix), or pick a quant that does not (Q2_K, Q3_K_M, IQ4_XS, ...)"
+            f"{quant} needs an importance matrix: set export.imatrix to auto (or a file) in the recipe, "
+            f"pass --imatrix FILE, or pick a quant that does not need one (Q2_K, Q3_K_M, IQ4_XS, ...)"
         )
     if imatrix is not None and not Path(imatrix).is_file():
         raise UserError(f"{imatrix}: importance matrix file not found")
@@ -109,7 +105,7 @@ def _estimated_size(summary: GGUFSummary, quant: str) -> int:
         if len(t.shape) < 2:
             bits += 8 * t.nbytes  # norms and biases stay as they are
         else:
-            bits += t.n_elements * max(_NOMINAL_BPW[quant], 8.5 if t.name.startswith(("token_embd", "output.")) else 0)
+            bits += t.n_elements * max(QUANTS[quant].nominal_bpw, 8.5 if t.name.startswith(("token_embd", "output.")) else 0)
     return int(bits / 8 * 1.05) + summary.data_offset
 
 
@@ -184,21 +180,19 @@ def _quantize_with_library(src: Path, quant: str, dst: Path, nthreads: int, allo
 
 
 def _quantize_with_tool(src: Path, quant: str, dst: Path, imatrix: Path, nthreads: int, allow_requantize: bool) -> None:
-    tool = shutil.which("llama-quantize")
-    if tool is None:
-        raise UserError(
-            "an importance matrix cannot be passed through llama-cpp-python (llama.cpp takes it as a C++ "
-            "map); put llama.cpp's llama-quantize on PATH to quantize with --imatrix, or drop the imatrix"
-        )
-    cmd = [tool, "--imatrix", str(imatrix)]
+    tool = llama_tool("llama-quantize")
+    # run beside the matrix and name it bare: the file records it (quantize.imatrix.file) and a
+    # path would carry a stage's temporary directory name
+    cmd = [str(tool), "--imatrix", imatrix.name]
     if allow_requantize:
         cmd.append("--allow-requantize")
-    cmd += [str(src), str(dst), quant]
+    cmd += [str(src.resolve()), str(dst.resolve()), quant]
     if nthreads > 0:
         cmd.append(str(nthreads))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=imatrix.resolve().parent)
     if proc.returncode != 0:
-        raise StageFailed(f"llama-quantize could not quantize {src} to {quant}: {_failure_reason([proc.stderr])}")
+        raise StageFailed(f"llama-quantize could not quantize {src} to {quant}: "
+                          f"{_failure_reason([proc.stdout, proc.stderr])}")
 
 
 # ---------------------------------------------------------------- quality
@@ -262,21 +256,72 @@ def _windows(prefix: list[int], tokens: list[int], n_ctx: int) -> list[list[int]
 
 
 def _file_row(name: str, path: Path, summary: GGUFSummary) -> dict[str, Any]:
+    """Facts from the file itself; ``file`` is relative to the file's own directory (a report
+    written into a stage's temporary directory must not name it)."""
     return {
-        "name": name, "path": str(path), "file_type": summary.file_type,
+        "name": name, "file": Path(path).name, "file_type": summary.file_type,
         "size_bytes": summary.size, "size_mib": round(summary.size / 2**20, 2),
-        "bits_per_weight": round(summary.bits_per_weight, 4),
+        "bits_per_weight": round(summary.bits_per_weight, 4), "imatrix": imatrix_used(summary),
     }
 
 
+def imatrix_used(summary: GGUFSummary) -> dict[str, Any] | None:
+    """The importance matrix llama-quantize recorded in a quantized GGUF (file, dataset, entries)."""
+    meta = summary.metadata
+    if "quantize.imatrix.file" not in meta:
+        return None
+    return {"file": Path(str(meta["quantize.imatrix.file"])).name, "dataset": meta.get("quantize.imatrix.dataset"),
+            "entries": meta.get("quantize.imatrix.entries_count"), "chunks": meta.get("quantize.imatrix.chunks_count")}
+
+
+def measure_speed(path: Path, tokens: list[int], prompt_tokens: int = SPEED_PROMPT_TOKENS,
+                  decode_tokens: int = SPEED_DECODE_TOKENS, repeats: int = 3) -> dict[str, Any]:
+    """Prompt and generation tokens/s of the GGUF ``path`` in llama.cpp (llama-cpp-python, its
+    default threads): ``prompt_tokens`` of ``tokens`` evaluated as one batch, then
+    ``decode_tokens`` more fed one at a time (a generation step without sampling). Median of
+    ``repeats`` after one warm-up."""
+    import statistics
+
+    llama_cpp = _import_llama_cpp()
+    prompt, decode = tokens[:prompt_tokens], tokens[prompt_tokens : prompt_tokens + decode_tokens]
+    if len(prompt) < prompt_tokens or len(decode) < decode_tokens:
+        raise UserError(f"measuring speed needs {prompt_tokens + decode_tokens} tokens of held-out text; give more text")
+    with llama_log_capture() as log:
+        try:
+            llm = llama_cpp.Llama(str(path), n_ctx=prompt_tokens + decode_tokens + 8, n_batch=prompt_tokens, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise StageFailed(f"llama.cpp could not load {path}: {_failure_reason(log) or exc}") from None
+    try:
+        runs = [_timed_run(llm, prompt, decode) for _ in range(repeats + 1)][1:]
+        threads = llm.n_threads
+    finally:
+        with contextlib.suppress(Exception):
+            llm.close()
+    return {"prompt_tokens_per_s": round(len(prompt) / statistics.median(r[0] for r in runs), 1),
+            "gen_tokens_per_s": round(len(decode) / statistics.median(r[1] for r in runs), 1),
+            "speed_threads": threads}
+
+
+def _timed_run(llm: Any, prompt: list[int], decode: list[int]) -> tuple[float, float]:
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    t1 = time.perf_counter()
+    for token in decode:
+        llm.eval([token])
+    return t1 - t0, time.perf_counter() - t1
+
+
 def measure_quants(reference_gguf: Path, quant_ggufs: dict[str, Path], texts: list[str] | None = None,
-                   n_ctx: int = 512, max_tokens: int = 4096) -> list[dict]:
-    """Size, bits per weight, perplexity, and KL(reference || quant) / top-1 agreement per quant.
+                   n_ctx: int = 512, max_tokens: int = 4096, speed: bool = True) -> list[dict]:
+    """Size, bits per weight, perplexity, KL(reference || quant) / top-1 agreement, the imatrix
+    used, and (``speed``) prompt / generation tokens/s (``measure_speed``) per quant.
 
     Text is tokenized once with the reference, cut into windows of ``n_ctx`` tokens (BOS first
     when the model adds one) and every token after the first of a window is scored. The
     reference's log-probabilities are kept in a temporary file, so memory stays at one window.
-    Returns one row per model, reference first (its KL is 0 and agreement 1 by definition).
+    Returns one row per model, reference first (its KL is 0 and agreement 1 by definition);
+    speed is None when the text is shorter than the speed run needs.
     """
     import numpy as np
 
@@ -316,6 +361,11 @@ def measure_quants(reference_gguf: Path, quant_ggufs: dict[str, Path], texts: li
         for name, path in quant_ggufs.items():
             rows.append(_file_row(name, Path(path), summaries[name]) | {"reference": False}
                         | _compare(Path(path), windows, ref_lp, n_vocab, n_ctx))
+    if speed:
+        speed_tokens = prefix + tokens
+        for row, path in zip(rows, [reference_gguf, *quant_ggufs.values()]):
+            row.update(measure_speed(Path(path), speed_tokens) if len(speed_tokens) >= SPEED_PROMPT_TOKENS
+                       + SPEED_DECODE_TOKENS else {"prompt_tokens_per_s": None, "gen_tokens_per_s": None})
     return rows
 
 
@@ -350,30 +400,88 @@ def format_quants_table(rows: list[dict]):
     """A rich Table of the rows of ``measure_quants``."""
     from rich.table import Table
 
-    table = Table(title="Quants: size and quality against the reference (llama.cpp logits)")
-    for header in ("quant", "MiB", "bits/weight", "perplexity", "KL vs ref", "top-1 agree"):
-        table.add_column(header, justify="left" if header == "quant" else "right")
+    table = Table(title="Quants: size, quality against the reference (llama.cpp logits) and speed")
+    for header in ("quant", "MiB", "bits/weight", "perplexity", "KL vs ref", "top-1 agree", "imatrix",
+                   "prompt tok/s", "gen tok/s"):
+        table.add_column(header, justify="left" if header in ("quant", "imatrix") else "right")
     for row in rows:
         name = row["name"] + (" (ref)" if row.get("reference") else "")
+        imatrix = (row.get("imatrix") or {}).get("file") or "-"
         table.add_row(name, f"{row['size_mib']:.1f}", f"{row['bits_per_weight']:.2f}", f"{row['perplexity']:.3f}",
-                      f"{row['mean_kl']:.5f}", f"{100 * row['top1_agreement']:.1f}%")
+                      f"{row['mean_kl']:.5f}", f"{100 * row['top1_agreement']:.1f}%", imatrix,
+                      _rate(row.get("prompt_tokens_per_s")), _rate(row.get("gen_tokens_per_s")))
     return table
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 # ---------------------------------------------------------------- stage hook and commands
 @hookimpl(trylast=True)
 def quantize_gguf(ctx, gguf_path: Path, quant: str) -> Path:
-    imatrix = getattr(ctx.settings, "imatrix", None)
+    """Quantize the stage's unquantized GGUF to ``quant`` into ``ctx.out_dir`` (export stage).
+
+    ``export.imatrix``: ``auto`` computes the importance matrix of ``ctx.inputs["model_dir"]``
+    over the calibration text once per stage (``imatrix.gguf`` in ``ctx.out_dir``) when ``quant``
+    benefits from one; a path uses that file; null uses none.
+    """
     dst = Path(ctx.out_dir) / quant_file_name(gguf_path, quant)
     started = time.perf_counter()
-    quantize_file(Path(gguf_path), quant, dst, imatrix=Path(imatrix) if imatrix else None)
+    imatrix = stage_imatrix(ctx, Path(gguf_path), quant)
+    quantize_file(Path(gguf_path), quant, dst, imatrix=imatrix)
     summary = verify_gguf(dst)
     ctx.metrics.setdefault("quantize", {})[quant] = {
         "file": dst.name, "size_bytes": summary.size, "bits_per_weight": round(summary.bits_per_weight, 4),
-        "seconds": round(time.perf_counter() - started, 2),
+        "imatrix": imatrix.name if imatrix else None, "seconds": round(time.perf_counter() - started, 2),
     }
-    ctx.log(f"{quant}: {dst.name} ({summary.size / 2**20:.1f} MiB, {summary.bits_per_weight:.2f} bits/weight)")
+    ctx.log(f"{quant}: {dst.name} ({summary.size / 2**20:.1f} MiB, {summary.bits_per_weight:.2f} bits/weight"
+            f"{', imatrix ' + imatrix.name if imatrix else ''})")
     return dst
+
+
+def stage_imatrix(ctx, gguf_path: Path, quant: str) -> Path | None:
+    """The importance matrix ``quant`` gets in the export stage, per ``export.imatrix`` (see
+    ``quantize_gguf``); computed at most once per stage."""
+    setting = getattr(ctx.settings, "imatrix", None)
+    if setting is None or (setting == "auto" and quant not in IMATRIX_HELPS):
+        return None
+    if setting != "auto":
+        return Path(setting).expanduser()
+    if quant not in NEEDS_IMATRIX and not _has_llama_quantize():
+        ctx.log(f"{quant}: no importance matrix (llama-quantize is not built; run 'bash .ci/setup')")
+        return None
+    out = Path(ctx.out_dir) / IMATRIX_FILE
+    if not out.is_file():
+        ctx.log(f"computing the importance matrix over the calibration text for {quant} ...")
+        started = time.perf_counter()
+        compute_stage_imatrix(ctx, gguf_path, out)
+        ctx.metrics["imatrix"] = {"file": out.name, "seconds": round(time.perf_counter() - started, 2)}
+    return out
+
+
+def _has_llama_quantize() -> bool:
+    try:
+        llama_tool("llama-quantize")
+    except UserError:
+        return False
+    return True
+
+
+def compute_stage_imatrix(ctx, gguf_path: Path, out: Path) -> Path:
+    """``compute_imatrix`` of the stage's HF model (after heal) over ``data.calibration``."""
+    from transformers import AutoTokenizer
+
+    from ollama_compress.hooks.data import calibration_batches
+    from ollama_compress.imatrix import compute_imatrix
+
+    model_dir = Path(ctx.inputs["model_dir"])
+    spec = ctx.recipe.data.calibration
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    batches = calibration_batches(spec, tokenizer, ctx=ctx, model=model_dir, batch_size=4)
+    source = spec.from_ + (f" {spec.path}" if spec.path else "")
+    dataset = f"calibration: {source} ({spec.samples}x{spec.seq_len} tokens, seed {spec.seed})"
+    return compute_imatrix(model_dir, gguf_path, batches, out, dataset, device=ctx.device)
 
 
 @hookimpl
@@ -396,7 +504,8 @@ def register_commands(cli: click.Group) -> None:
     @click.argument("gguf", type=click.Path(path_type=Path))
     @click.option("--quant", "-q", "quants", multiple=True, required=True, help="llama.cpp quant name; repeatable.")
     @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output directory (default: beside GGUF).")
-    @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix (needs llama-quantize on PATH).")
+    @click.option("--imatrix", type=click.Path(path_type=Path),
+                  help="Importance matrix (GGUF or .dat) for the K and IQ quants; uses the built llama-quantize.")
     @click.option("--threads", default=0, show_default=True, help="Threads (0: all cores).")
     def quantize_command(gguf: Path, quants: tuple[str, ...], out_dir: Path | None, imatrix: Path | None, threads: int) -> None:
         """Quantize an F32/F16/BF16 GGUF with llama.cpp (GGUF-F16.gguf -> GGUF-Q4_K_M.gguf ...)."""

@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,28 +23,39 @@ from urllib.parse import urlsplit
 from .errors import StageFailed, UserError
 
 # Ollama is built from source with `go install` (Go modules + cgo; no cmake, no prebuilt download).
-# v0.11.4 is the newest release that builds that way: from v0.11.5 on, the Go module zips leave out
-# llama.cpp's vendored headers (nlohmann/json_fwd.hpp, miniaudio, stb), so cgo fails; v0.25-v0.29
-# are not served by the Go module proxy at all. .ci/install-ollama reads this line.
-OLLAMA_VERSION = "v0.11.4"
+# v0.24.0 is the newest release the Go module proxy serves (`go list -m github.com/ollama/ollama@latest`
+# says v0.17.4 and later tags up to v0.24.0 resolve; v0.24.1 and v0.25.0 are "not available").
+# Its module archive leaves out three vendored headers, supplied here: nlohmann/json and stb from
+# the system (SYSTEM_HEADERS), miniaudio.h from the `miniaudio` sdist on PyPI (MINIAUDIO_SDIST).
+# .ci/install-ollama runs ``install_ollama`` below; this line is the one pin.
+OLLAMA_VERSION = "v0.24.0"
 OLLAMA_MODULE = "github.com/ollama/ollama"
 # Stamp the version as Ollama's release builds do; a plain `go install` reports 0.0.0.
 OLLAMA_LDFLAGS = (
     f"-X=github.com/ollama/ollama/version.Version={OLLAMA_VERSION.removeprefix('v')} "
     "-X=github.com/ollama/ollama/server.mode=release"
 )
+SYSTEM_HEADERS = {"nlohmann/json_fwd.hpp": "nlohmann-json3-dev", "stb/stb_image.h": "libstb-dev"}
+MINIAUDIO_SDIST = "miniaudio==1.71"
 DEFAULT_PORT = 11434
 DEFAULT_HOST = f"http://127.0.0.1:{DEFAULT_PORT}"
 LOG_TAIL_LINES = 15
 # ggml's CPU code is compiled by cgo with -O3 but no -march, i.e. SSE2 only; building for the
 # machine's own CPU (AVX2/AVX-512) makes generation about 6x faster. The binary then runs only
-# on CPUs like the one that built it, which is how .ci/install-ollama uses it.
-# AMX is left out: Ollama's cgo build compiles ggml's AMX kernels nowhere, so on an AMX CPU
-# -march=native alone ends in "undefined reference to ggml_backend_amx_buffer_type" at link time.
+# on CPUs like the one that built it, which is how .ci/install-ollama uses it. AMX stays off: on a
+# CPU with AMX, -march=native makes ggml-cpu call the AMX buffer type, whose source cgo does not
+# compile, and the link fails (undefined ggml_backend_amx_buffer_type).
 NATIVE_CFLAGS = "-O3 -march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
 # ---------------------------------------------------------------- the binary
+def pinned_ollama_path() -> Path:
+    """Where ``install_ollama`` puts the pinned build: ``<cache>/ollama-VERSION/bin/ollama``."""
+    from .embedded import cache_dir
+
+    return cache_dir() / f"ollama-{OLLAMA_VERSION.removeprefix('v')}" / "bin" / "ollama"
+
+
 def _go_bin_dirs() -> list[Path]:
     dirs = []
     if os.environ.get("GOBIN"):
@@ -60,44 +72,119 @@ def _go_bin_dirs() -> list[Path]:
     return list(dict.fromkeys(dirs))
 
 
+def _executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
 def find_ollama() -> Path | None:
-    """The ``ollama`` binary on PATH, in ``$(go env GOPATH)/bin`` or ``~/go/bin``; None if none."""
+    """The ``ollama`` binary: the pinned build (``pinned_ollama_path``) first, then PATH, then
+    ``$(go env GOPATH)/bin`` or ``~/go/bin``; None if there is none."""
+    pinned = pinned_ollama_path()
+    if _executable(pinned):
+        return pinned
     on_path = shutil.which("ollama")
     if on_path:
         return Path(on_path)
     for folder in _go_bin_dirs():
-        candidate = folder / "ollama"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
+        if _executable(folder / "ollama"):
+            return folder / "ollama"
     return None
 
 
-def build_ollama(log: Callable[[str], None] | None = None) -> Path:
-    """Build Ollama ``OLLAMA_VERSION`` with ``go install`` (cgo, CPU); return the binary path.
+def binary_version(binary: Path) -> str | None:
+    """The version an ollama binary reports (``ollama --version``, no server needed), or None."""
+    import re
 
-    Takes several minutes on two cores (``log`` hears when it starts). Raises StageFailed when
-    Go is missing or the build fails.
+    env = {**os.environ, "OLLAMA_HOST": "127.0.0.1:9"}  # unreachable: it prints "client version is X"
+    try:
+        done = subprocess.run([str(binary), "--version"], capture_output=True, text=True, env=env, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.findall(r"\d+\.\d+\.\d+", done.stdout + done.stderr)
+    return found[-1] if found else None
+
+
+def _header_dir() -> Path:
+    """A folder with ``miniaudio/miniaudio.h`` (from the miniaudio sdist), for ``CGO_CPPFLAGS=-I``."""
+    import tarfile
+
+    from .embedded import cache_dir
+    from .fsutil import atomic_path
+
+    folder = cache_dir() / f"ollama-headers-{MINIAUDIO_SDIST.split('==')[1]}"
+    header = folder / "miniaudio" / "miniaudio.h"
+    if header.is_file():
+        return folder
+    with tempfile.TemporaryDirectory(prefix="miniaudio-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp, MINIAUDIO_SDIST]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        archives = list(Path(tmp).glob("miniaudio-*.tar.gz"))
+        if done.returncode != 0 or not archives:
+            raise StageFailed(f"could not download the {MINIAUDIO_SDIST} sdist for miniaudio.h: "
+                              f"{_last_lines(done.stderr)}")
+        with tarfile.open(archives[0]) as tar:
+            member = next((m for m in tar.getmembers() if m.name.endswith("/miniaudio/miniaudio.h")), None)
+            if member is None:
+                raise StageFailed(f"{archives[0].name} has no miniaudio/miniaudio.h")
+            header.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(header) as out:
+                out.write_bytes(tar.extractfile(member).read())
+    return folder
+
+
+def _last_lines(text: str, n: int = 3) -> str:
+    return " | ".join(text.strip().splitlines()[-n:]) or "no output"
+
+
+def build_ollama(log: Callable[[str], None] | None = None) -> Path:
+    """Build Ollama ``OLLAMA_VERSION`` with ``go install`` (cgo, CPU) into ``pinned_ollama_path()``.
+
+    Supplies the headers the module archive lacks. Takes about 10 minutes on two busy cores
+    (``log`` hears when it starts). Raises StageFailed when Go, a system header or the build fails.
     """
     go = shutil.which("go")
     if go is None:
         raise StageFailed(
-            "building Ollama needs Go (>= 1.24) and a C/C++ compiler; install them, or install "
-            "Ollama from https://ollama.com/download, or run 'bash .ci/install-ollama'"
+            f"building Ollama {OLLAMA_VERSION} needs Go (>= 1.24) and a C/C++ compiler; install them "
+            "(e.g. apt-get install golang-go build-essential) or install Ollama from https://ollama.com/download"
         )
-    env = {**os.environ, "CGO_ENABLED": "1"}
+    missing = [pkg for header, pkg in SYSTEM_HEADERS.items() if not (Path("/usr/include") / header).is_file()]
+    if missing:
+        raise StageFailed(f"building Ollama {OLLAMA_VERSION} needs headers its Go module leaves out: "
+                          f"apt-get install {' '.join(missing)}")
+    target = pinned_ollama_path()
+    env = {**os.environ, "CGO_ENABLED": "1", "GOBIN": str(target.parent),
+           "CGO_CPPFLAGS": f"{os.environ.get('CGO_CPPFLAGS', '')} -I{_header_dir()}".strip()}
     for flags in ("CGO_CFLAGS", "CGO_CXXFLAGS"):
         env.setdefault(flags, NATIVE_CFLAGS)
     cmd = [go, "install", f"-ldflags={OLLAMA_LDFLAGS}", f"{OLLAMA_MODULE}@{OLLAMA_VERSION}"]
     if log is not None:
-        log(f"building Ollama {OLLAMA_VERSION} with 'go install' (once; several minutes)...")
+        log(f"building Ollama {OLLAMA_VERSION} with 'go install' into {target.parent} (once; about 10 minutes)...")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        last = " | ".join(done.stderr.strip().splitlines()[-3:]) or "no output"
-        raise StageFailed(f"'{' '.join(cmd)}' failed: {last}")
-    found = find_ollama()
-    if found is None:
-        raise StageFailed(f"'{' '.join(cmd)}' succeeded but no ollama binary is in {_go_bin_dirs()[0]}")
-    return found
+        raise StageFailed(f"'{' '.join(cmd)}' failed: {_last_lines(done.stderr)}")
+    if not _executable(target):
+        raise StageFailed(f"'{' '.join(cmd)}' succeeded but {target} is missing")
+    return target
+
+
+def install_ollama(log: Callable[[str], None] = print) -> Path:
+    """The pinned Ollama, built once (``.ci/install-ollama``); a build of another version is replaced."""
+    target = pinned_ollama_path()
+    wanted = OLLAMA_VERSION.removeprefix("v")
+    if _executable(target):
+        have = binary_version(target)
+        if have == wanted:
+            log(f"install-ollama: Ollama {have} already at {target}")
+            return target
+        log(f"install-ollama: {target} reports {have or 'no version'}; rebuilding {OLLAMA_VERSION}")
+    started = time.monotonic()
+    built = build_ollama(log)
+    have = binary_version(built)
+    if have != wanted:
+        raise StageFailed(f"{built} reports version {have}, expected {wanted}")
+    log(f"install-ollama: built Ollama {have} in {time.monotonic() - started:.0f} s at {built}")
+    return built
 
 
 def ollama_binary(build: bool = False, log: Callable[[str], None] | None = None) -> Path:
@@ -108,8 +195,8 @@ def ollama_binary(build: bool = False, log: Callable[[str], None] | None = None)
     if build:
         return build_ollama(log)
     raise StageFailed(
-        "no ollama binary on PATH or in $(go env GOPATH)/bin; run 'bash .ci/install-ollama' "
-        "or install Ollama from https://ollama.com/download"
+        f"no ollama binary in {pinned_ollama_path().parent}, on PATH or in $(go env GOPATH)/bin; "
+        "run 'bash .ci/install-ollama' or install Ollama from https://ollama.com/download"
     )
 
 
@@ -364,3 +451,11 @@ def _log_dir() -> Path:
     path = cache_dir() / "logs"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+if __name__ == "__main__":  # .ci/install-ollama
+    try:
+        print(install_ollama())
+    except (StageFailed, UserError) as exc:
+        print(f"install-ollama: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

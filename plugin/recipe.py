@@ -14,16 +14,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .quant_names import NEEDS_IMATRIX, QUANT_TYPES, quant_name_problem  # noqa: F401 (QUANT_TYPES: re-exported)
 
 SUPPORTED_RECIPE_VERSIONS = (1,)
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")  # capability names: no dots, so never an import path
 MODEL_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]*(:[a-zA-Z0-9._-]+)?$")
-
-QUANT_TYPES = (
-    "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S",
-    "Q4_0", "Q4_1", "IQ4_XS", "IQ4_NL", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "Q2_K_S",
-    "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M",
-)
 
 
 def _capability_name(value: str) -> str:
@@ -138,15 +133,24 @@ class Heal(Strict):
 class Export(Strict):
     outtype: Literal["F32", "F16", "BF16"] = "F16"  # the unquantized GGUF written first
     quants: list[str] = ["Q4_K_M"]  # llama.cpp quant names
-    imatrix: str | None = None  # importance-matrix file for IQ/low-bit quants
+    # importance matrix for the K and IQ quants: "auto" computes one from the calibration text
+    # when a quant benefits, a path uses that file (GGUF or legacy .dat), null uses none
+    imatrix: str | None = "auto"
 
     @field_validator("quants")
     @classmethod
     def _known_quants(cls, value: list[str]) -> list[str]:
         for q in value:
-            if q not in QUANT_TYPES:
-                raise ValueError(f"unknown quant '{q}'; known: {', '.join(QUANT_TYPES)}")
+            if problem := quant_name_problem(q):
+                raise ValueError(problem)
         return value
+
+    @model_validator(mode="after")
+    def _imatrix_for_quants_that_need_one(self) -> "Export":
+        needy = [q for q in self.quants if q in NEEDS_IMATRIX]
+        if needy and self.imatrix is None:
+            raise ValueError(f"{', '.join(needy)} need an importance matrix: set imatrix to auto or a file")
+        return self
 
 
 class Ollama(Strict):

@@ -17,8 +17,11 @@ from ollama_compress.ollama_server import (
     OllamaServer,
     client_version,
     ensure_server,
+    find_ollama,
     free_port,
+    install_ollama,
     normalize_host,
+    pinned_ollama_path,
     port_in_use,
     server_running,
 )
@@ -64,6 +67,27 @@ def smollm2_model(client, smollm2_gguf, tmp_path_factory) -> str:
     """SmolLM2 Q4_1 registered from a chatml Modelfile."""
     path = mf.write_modelfile(smollm2_gguf, tmp_path_factory.mktemp("mf") / "Modelfile.Q4_1", None)
     return reg.register_gguf(client, reg.model_tag("smollm2-test", "Q4_1"), path)
+
+
+# ---------------------------------------------------------------- the binary
+def _fake_ollama(path, version: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\necho 'Warning: client version is {version}'\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_pinned_build_wins_and_install_keeps_it(tmp_path, monkeypatch):
+    """find_ollama prefers the pinned build over an older ollama on PATH; install_ollama does not
+    rebuild a pinned binary that reports the pinned version (what .ci/install-ollama runs)."""
+    monkeypatch.setenv("OLLAMA_COMPRESS_CACHE", str(tmp_path / "cache"))
+    older = _fake_ollama(tmp_path / "bin" / "ollama", "0.11.4")
+    monkeypatch.setenv("PATH", f"{older.parent}{os.pathsep}{os.environ['PATH']}")
+    assert find_ollama() == older
+    pinned = _fake_ollama(pinned_ollama_path(), OLLAMA_VERSION.removeprefix("v"))
+    assert pinned.parent.parent.name == f"ollama-{OLLAMA_VERSION.removeprefix('v')}"
+    assert find_ollama() == pinned
+    assert install_ollama(log=lambda _: None) == pinned
 
 
 # ---------------------------------------------------------------- the server itself
