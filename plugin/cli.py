@@ -4,6 +4,7 @@ Built-in stages add their own commands through the ``register_commands`` hook, l
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -152,6 +153,26 @@ def _add_plugin_commands() -> None:
     get_plugin_manager().hook.register_commands(cli=cli)
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _click_error_line(exc: click.ClickException) -> str:
+    """Click's usage errors as one line, with the command's --help as the hint."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError) and ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    return message
+
+
+def _os_error_line(exc: OSError) -> str:
+    where = f" {exc.filename}" if exc.filename else ""
+    if exc.errno in DISK_FULL:
+        return (f"no space left writing{where} ({exc.strerror}); the unfinished output was removed, "
+                "finished ones are kept; free some space or choose another output directory")
+    return f"cannot use{where}: {exc.strerror or exc}; check the path and its permissions"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors and exit codes (0 ok, 1 failure during work, 2 bad input)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own progress is enough
@@ -165,8 +186,11 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("Aborted.", err=True)
         sys.exit(1)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"Error: {_click_error_line(exc)}", err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # a filesystem refusal that no stage turned into a UserError
+        click.echo(f"Error: {_os_error_line(exc)}", err=True)
+        sys.exit(1 if exc.errno in DISK_FULL else 2)
     except KeyboardInterrupt:
         click.echo("Interrupted; finished outputs are kept, unfinished ones were removed.", err=True)
         sys.exit(130)

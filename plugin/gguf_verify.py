@@ -388,6 +388,8 @@ def _check_blocks(arch: str | None, metadata: dict[str, Any], tensors: list[Tens
         raise _Invalid(f"{key} is {block_count!r}, not a block count")
     if not tensors:  # vocabulary-only files carry the key without weights
         return block_count
+    if block_count > len(tensors):  # each block has tensors; also keeps range() below small
+        raise _Invalid(f"{key} is {block_count} but the file has only {len(tensors)} tensors")
     if indices != set(range(block_count)):
         missing = sorted(set(range(block_count)) - indices)
         extra = sorted(indices - set(range(block_count)))
