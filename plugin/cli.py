@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sys
 
 import click
@@ -156,6 +157,22 @@ def _add_plugin_commands() -> None:
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def _disk_full(exc: BaseException) -> OSError | None:
+    """The disk-full OSError behind ``exc``: itself, its cause, or one a native writer reported
+    in its message ("I/O error: No space left on device (os error 28)")."""
+    for candidate in (exc, exc.__cause__, exc.__context__):
+        if isinstance(candidate, OSError) and candidate.errno in DISK_FULL:
+            return candidate
+        if isinstance(candidate, OSError) and candidate.errno is None \
+                and re.search(r"requested and \d+ written", str(candidate)):  # numpy's short write
+            return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({candidate})")
+    found = re.search(r"os error (\d+)", str(exc))
+    if found and int(found.group(1)) in DISK_FULL:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
 def _click_error_line(exc: click.ClickException) -> str:
     """Click's usage errors as one line, with the command's --help as the hint."""
     message = " ".join(exc.format_message().split())
@@ -189,10 +206,16 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"Error: {_click_error_line(exc)}", err=True)
         sys.exit(exc.exit_code)
     except OSError as exc:  # a filesystem refusal that no stage turned into a UserError
-        click.echo(f"Error: {_os_error_line(exc)}", err=True)
-        sys.exit(1 if exc.errno in DISK_FULL else 2)
+        full = _disk_full(exc)
+        click.echo(f"Error: {_os_error_line(full or exc)}", err=True)
+        sys.exit(1 if full else 2)
     except KeyboardInterrupt:
         click.echo("Interrupted; finished outputs are kept, unfinished ones were removed.", err=True)
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - only a full disk reported by native writers (safetensors, gguf)
+        if _disk_full(exc) is None:
+            raise
+        click.echo(f"Error: {_os_error_line(_disk_full(exc))}", err=True)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 

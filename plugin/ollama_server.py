@@ -131,7 +131,7 @@ def normalize_host(host: str | None = None) -> str:
     try:
         port = parts.port or DEFAULT_PORT
     except ValueError:
-        raise StageFailed(f"'{host}' is not a valid Ollama host (expected HOST:PORT or http://HOST:PORT)") from None
+        raise UserError(f"'{host}' is not a valid Ollama host (expected HOST:PORT or http://HOST:PORT)") from None
     if ":" in hostname:
         hostname = f"[{hostname}]"
     return f"{scheme}://{hostname}:{port}{parts.path.rstrip('/')}"
