@@ -134,13 +134,20 @@ def load_model(path: str | os.PathLike, options: RunOptions | None = None, dtype
     check_causal_lm(path)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=torch_dtype(dtype),
-        trust_remote_code=options.trust_remote_code,
-        use_safetensors=not options.allow_pickle or None,
-        local_files_only=True,
-    )
+    import pickle
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch_dtype(dtype),
+            trust_remote_code=options.trust_remote_code,
+            use_safetensors=not options.allow_pickle or None,
+            weights_only=True,  # .bin files (only with --allow-pickle) load tensors, never objects; no retry without
+            local_files_only=True,
+        )
+    except (pickle.UnpicklingError, OSError, ValueError, EnvironmentError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path}: transformers cannot load these weights ({first[:300]})") from None
     return model.to(device).eval()
 
 

@@ -202,3 +202,32 @@ def test_the_seeds_themselves_verify(seed_files, tmp_path):
         path.write_bytes(seed)
         assert gv.verify_gguf(path).tensor_count >= 2
         assert len(fields) > 10
+
+
+def _readers():
+    from ollama_compress.hooks import modelfile, quantize, registration, source
+
+    return {
+        "import (check_gguf)": source.check_gguf,
+        "import (import_gguf)": lambda p: source.import_gguf(p, p.parent / "out"),
+        "import (cached)": source.imported_gguf_dir,
+        "analyze/prune source": lambda p: source.resolve_model_dir(str(p)),
+        "modelfile chat template": modelfile.read_gguf_chat_template,
+        "register (file)": registration.verify_gguf_file,
+        "register (path)": lambda p: registration.register_path(p, "m", family="chatml", host="127.0.0.1:9"),
+        "quantize": lambda p: quantize.quantize_file(p, "Q8_0", p.parent / "q.gguf"),
+        "evaluate (measure_quants)": lambda p: quantize.measure_quants(p, {"Q8_0": p}, ["text"]),
+    }
+
+
+@pytest.mark.parametrize("reader", sorted(_readers()))
+def test_every_gguf_reader_goes_through_the_verifier_first(reader, tmp_path, monkeypatch):
+    """A GGUF whose last tensor is cut short: only the verifier notices (gguf-py and llama.cpp
+    headers would read as fine), so its message proves it ran before anything else."""
+    monkeypatch.setenv("OLLAMA_COMPRESS_CACHE", str(tmp_path / "cache"))
+    good = write_small_gguf(tmp_path / "good.gguf")
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(good.read_bytes()[:-1])
+    with pytest.raises(UserError, match="not a valid GGUF file: .*runs past the end"):
+        _readers()[reader](bad)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "q.gguf").exists()

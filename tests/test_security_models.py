@@ -130,3 +130,29 @@ def test_no_pickle_loads_in_the_code(path):
             assert keys & {"use_safetensors", "gguf_file"}, \
                 f"{where}: {receiver}.from_pretrained may load pickle weights; pass use_safetensors or load through modelio.load_model"
     assert "weights_only=False" not in path.read_text(encoding="utf-8")
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickle_weights_with_code_never_run_it_even_with_allow_pickle(tmp_path):
+    import pickle
+
+    from ollama_compress.modelio import load_model
+
+    marker = tmp_path / "ran"
+    config = {**CONFIG, "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "num_hidden_layers": 1, "vocab_size": 32, "max_position_embeddings": 16}
+    path = model_dir(tmp_path / "m", weights=(), config=config)
+    (path / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": _Payload(marker)}))
+    with pytest.raises(UserError, match="cannot load these weights") as info:
+        load_model(path, RunOptions(allow_pickle=True))
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
