@@ -157,6 +157,13 @@ def _add_plugin_commands() -> None:
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def _one_line(text: str) -> str:
+    """A message as one printable line: line breaks and other control characters (which a file
+    name or a model's metadata may carry) become spaces or escapes."""
+    text = " ".join(text.split())
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
 def _disk_full(exc: BaseException) -> OSError | None:
     """The disk-full OSError behind ``exc``: itself, its cause, or one a native writer reported
     in its message ("I/O error: No space left on device (os error 28)")."""
@@ -197,17 +204,17 @@ def main(argv: list[str] | None = None) -> None:
         _add_plugin_commands()
         code = cli.main(args=argv, prog_name="ollama-compress", standalone_mode=False)
     except CompressError as exc:
-        click.echo(f"Error: {exc}", err=True)
+        click.echo(f"Error: {_one_line(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(1)
     except click.ClickException as exc:
-        click.echo(f"Error: {_click_error_line(exc)}", err=True)
+        click.echo(f"Error: {_one_line(_click_error_line(exc))}", err=True)
         sys.exit(exc.exit_code)
     except OSError as exc:  # a filesystem refusal that no stage turned into a UserError
         full = _disk_full(exc)
-        click.echo(f"Error: {_os_error_line(full or exc)}", err=True)
+        click.echo(f"Error: {_one_line(_os_error_line(full or exc))}", err=True)
         sys.exit(1 if full else 2)
     except KeyboardInterrupt:
         click.echo("Interrupted; finished outputs are kept, unfinished ones were removed.", err=True)

@@ -155,7 +155,8 @@ def check_one(path: Path, monkeypatch) -> None:
         gv.verify_gguf(path)
     except UserError as exc:
         message = str(exc)
-        assert message.startswith(f"{path}: not a valid GGUF file: ") and "\n" not in message, message
+        assert message.startswith(f"{path}: not a valid GGUF file: "), message
+        assert message.isprintable() and len(message) < 1000, message  # one line, no terminal escapes
     finally:
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
@@ -231,3 +232,16 @@ def test_every_gguf_reader_goes_through_the_verifier_first(reader, tmp_path, mon
     with pytest.raises(UserError, match="not a valid GGUF file: .*runs past the end"):
         _readers()[reader](bad)
     assert not (tmp_path / "out").exists() and not (tmp_path / "q.gguf").exists()
+
+
+def test_names_from_the_file_cannot_break_the_message_line(tmp_path, seed_files):
+    """A key named "general\\n\\x1b[31m..." with a bad value type: the message names it escaped."""
+    seed = bytearray(seed_files[0][0])
+    at = seed.find(b"general.name")
+    seed[at + 7:at + 10] = b"\n\x1b["
+    struct.pack_into("<I", seed, at + len(b"general.name"), 99)
+    path = tmp_path / "named.gguf"
+    path.write_bytes(bytes(seed))
+    with pytest.raises(UserError, match="unknown value type 99") as info:
+        gv.verify_gguf(path)
+    assert str(info.value).isprintable() and "\\x0a\\x1b" in str(info.value)
