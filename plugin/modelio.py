@@ -177,7 +177,11 @@ def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 def save_model(model, tokenizer, out_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None) -> Path:
     """Save weights as safetensors with tokenizer and side files into ``out_dir`` (which must exist)."""
+    from .fsutil import check_free_space
+
     out_dir = Path(out_dir)
+    weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    check_free_space(out_dir, weights + (64 << 20), f"the model weights ({weights / 2**20:.0f} MiB)")
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

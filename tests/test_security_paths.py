@@ -113,6 +113,21 @@ def test_free_space_is_checked_before_a_gguf_import_writes_anything(tmp_path, mo
     assert list(out.iterdir()) == []
 
 
+def test_free_space_is_checked_before_model_weights_are_saved(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from ollama_compress.modelio import save_model
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", 1)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - (1 << 20), 1 << 20))
+    with pytest.raises(UserError, match="not enough disk space .* model weights"):
+        save_model(model, None, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 FULL_DISK_CHILD = """
 import resource, sys
 limit = int(sys.argv[1])
