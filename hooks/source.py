@@ -14,10 +14,10 @@ import click
 
 from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import StageFailed, UserError
-from ollama_compress.fsutil import atomic_path, check_free_space, file_sha256, resolve_inside
+from ollama_compress.fsutil import atomic_path, check_free_space, file_sha256
 from ollama_compress.gguf_verify import GGUFSummary, verify_gguf
 from ollama_compress.hookspecs import hookimpl
-from ollama_compress.modelio import check_causal_lm, check_model_dir
+from ollama_compress.modelio import check_causal_lm, check_model_dir, file_in_model_dir
 from ollama_compress.templates import check_chat_template
 
 GGUF_MAGIC = b"GGUF"
@@ -170,7 +170,7 @@ def load_source(ctx: StageContext) -> Path:
     source = ctx.recipe.source
     path = resolve_source(source.model, ctx.options, source.revision)
     if path.is_dir() and source.gguf_file:
-        path = resolve_inside(path, source.gguf_file, "source.gguf_file")
+        path = file_in_model_dir(path, source.gguf_file, "source.gguf_file")
     if path.is_file():
         ctx.log(f"importing {path.name} into an HF directory")
         out = import_gguf(path, ctx.out_dir, dtype=source.dtype)

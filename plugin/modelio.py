@@ -24,6 +24,17 @@ def _allowed_root(path: Path) -> Path:
     return path
 
 
+def file_in_model_dir(model_dir: str | os.PathLike, relative: str, what: str) -> Path:
+    """``model_dir/relative`` if it stays inside the model directory (a hub snapshot's links into
+    its ``blobs/`` count as inside); UserError for ``..``, absolute paths, NUL or symlinks out."""
+    from .fsutil import resolve_inside
+
+    model_dir = Path(model_dir)
+    root = _allowed_root(model_dir)
+    resolve_inside(root, model_dir.relative_to(root) / relative, what)
+    return model_dir / relative
+
+
 def _check_contained(path: Path) -> None:
     """UserError if a file of ``path`` is a symlink leading out of it, or a shard index names a
     file outside it (a shared model must not make us read, or hash, files elsewhere)."""

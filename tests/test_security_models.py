@@ -156,3 +156,20 @@ def test_pickle_weights_with_code_never_run_it_even_with_allow_pickle(tmp_path):
         load_model(path, RunOptions(allow_pickle=True))
     assert "\n" not in str(info.value)
     assert not marker.exists()
+
+
+def test_a_gguf_file_named_inside_a_model_directory_stays_inside(tmp_path):
+    from ollama_compress.modelio import file_in_model_dir
+
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "abc").write_bytes(b"GGUF")
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "m.gguf").symlink_to(Path("../../blobs/abc"))
+    assert file_in_model_dir(snapshot, "m.gguf", "source.gguf_file") == snapshot / "m.gguf"
+    (tmp_path / "secret.gguf").write_bytes(b"GGUF")
+    (snapshot / "out.gguf").symlink_to(tmp_path / "secret.gguf")
+    for bad in ("out.gguf", "../../../secret.gguf", "/etc/passwd", "a\0b"):
+        with pytest.raises(UserError):
+            file_in_model_dir(snapshot, bad, "source.gguf_file")
