@@ -16,6 +16,7 @@ from typing import Any, Callable
 from ollama_compress.errors import UserError
 from ollama_compress.fsutil import atomic_path
 from ollama_compress.hookspecs import hookimpl
+from ollama_compress.templates import check_chat_template
 
 GGUF_CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
 PARAMETER_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -164,9 +165,19 @@ def read_gguf_chat_template(gguf_path: Path) -> str | None:
 
 # ---------------------------------------------------------------- writing Modelfiles
 def _quote(kind: str, text: str) -> str:
-    if '"""' in text:
-        raise UserError(f'the {kind} contains """, which a Modelfile cannot hold; remove it')
+    """``text`` in a Modelfile's triple quotes. They end at the first three quotes, so text holding
+    three, or ending in a quote (it would close the block early), could add instructions."""
+    if '"""' in text or text.endswith('"') or "\0" in text:
+        raise UserError(f'the {kind} contains """, ends with a quote or holds a NUL byte, which a Modelfile '
+                        'cannot hold in its triple quotes; remove it')
     return f'"""{text}"""'
+
+
+def _from_line(gguf_path: Path) -> str:
+    text = str(gguf_path)
+    if any(c in text for c in "\n\r\0"):
+        raise UserError(f"{text!r}: a GGUF path with a line break cannot go in a Modelfile FROM line; rename it")
+    return f"FROM {text}"
 
 
 def _parameter_value(name: str, value: Any) -> str:
@@ -175,8 +186,8 @@ def _parameter_value(name: str, value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     text = str(value)
-    if "\n" in text or '"' in text:
-        raise UserError(f"Modelfile parameter {name}: value {text!r} may not contain quotes or newlines")
+    if any(c in text for c in '"\n\r\0'):
+        raise UserError(f"Modelfile parameter {name}: value {text!r} may not contain quotes, line breaks or NUL")
     return f'"{text}"'
 
 
@@ -214,6 +225,7 @@ def write_modelfile_text(
     gguf_path = Path(gguf_path).resolve()
     if hf_chat_template is None and family is None:
         hf_chat_template = read_gguf_chat_template(gguf_path)
+    check_chat_template(hf_chat_template)
     name = family or match_family(hf_chat_template)
     if name is None:
         what = "has no chat template" if not hf_chat_template else "has a chat template of no known family"
@@ -226,7 +238,7 @@ def write_modelfile_text(
         system = default_system(hf_chat_template)
     lines = [
         f"# Written by ollama-compress; chat family: {chosen.name}",
-        f"FROM {gguf_path}",
+        _from_line(gguf_path),
         f"TEMPLATE {_quote('template', chosen.template)}",
     ]
     if system:

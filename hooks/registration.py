@@ -14,8 +14,9 @@ from pathlib import Path
 import click
 
 from ollama_compress.errors import StageFailed, UserError
+from ollama_compress.fsutil import file_sha256
 from ollama_compress.hookspecs import hookimpl
-from ollama_compress.ollama_server import DEFAULT_HOST, ensure_server, normalize_host, server_running
+from ollama_compress.ollama_server import DEFAULT_HOST, ensure_server, make_client, normalize_host, server_running
 
 from .modelfile import (
     ModelfileSpec,
@@ -25,8 +26,6 @@ from .modelfile import (
     write_modelfile,
 )
 
-# Ollama model names: [host/][namespace/]model[:tag]
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*){0,2}(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?$")
 
 
 # ---------------------------------------------------------------- names and checks
@@ -40,12 +39,10 @@ def model_tag(name: str, quant: str | None) -> str:
 
 
 def check_model_name(name: str) -> str:
-    if not MODEL_NAME.match(name):
-        raise UserError(
-            f"'{name}' is not a valid Ollama model name; use letters, digits, '.', '_', '-' "
-            "and an optional ':tag' (e.g. smollm2-pruned:Q4_K_M)"
-        )
-    return name
+    """``name`` if Ollama accepts it (the one rule in ``recipe.check_ollama_name``), else UserError."""
+    from ollama_compress.recipe import check_ollama_name
+
+    return check_ollama_name(name)
 
 
 def verify_gguf_file(path: Path) -> str | None:
@@ -97,8 +94,12 @@ def create_model(client, name: str, spec: ModelfileSpec) -> str:
     check_model_name(name)
     verify_gguf_file(spec.from_path)
     host = _client_host(client)
+    expected = f"sha256:{file_sha256(spec.from_path)}"
     try:
         digest = client.create_blob(spec.from_path)
+        if digest != expected:  # the file changed after it was verified
+            raise StageFailed(f"{spec.from_path} changed while it was uploaded (digest {digest}, "
+                              f"verified {expected}); run the registration again")
         client.create(
             model=name,
             files={spec.from_path.name: digest},
@@ -168,8 +169,6 @@ def register_path(
     Every input is checked before anything is created, so bad input creates no model.
     Returns the registered names (``NAME:QUANT`` per quant of a directory).
     """
-    import ollama
-
     path = Path(path)
     check_model_name(name)
     if not path.exists():
@@ -189,7 +188,7 @@ def register_path(
         for _, spec in plan:
             verify_gguf_file(spec.from_path)
         url = require_server(host)
-        client = ollama.Client(host=url)
+        client = make_client(url)
         return [create_model(client, n, spec) for n, spec in plan]
 
 
@@ -209,13 +208,11 @@ def _name_for(name: str, modelfile: Path) -> str:
 
 @hookimpl(specname="create_ollama_model", trylast=True)
 def create_ollama_model_stage(ctx, modelfile, name, host):
-    import ollama
-
     full_name = _name_for(check_model_name(name), Path(modelfile))
     spec = parse_modelfile(modelfile)
     verify_gguf_file(spec.from_path)
     url = require_server(host)
-    create_model(ollama.Client(host=url), full_name, spec)
+    create_model(make_client(url), full_name, spec)
     ctx.metrics.setdefault("registered", []).append(full_name)
     ctx.metrics["ollama_host"] = url
     ctx.log(f"registered {full_name} in Ollama at {url}; chat: {chat_hint(full_name, url)}")

@@ -7,33 +7,50 @@ by transformers' GGUF loader, so a Q4 GGUF yields float weights equal to what ll
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import click
 
 from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import StageFailed, UserError
-from ollama_compress.fsutil import Fingerprints, atomic_path
-from ollama_compress.gguf_verify import verify_gguf
+from ollama_compress.fsutil import Fingerprints, atomic_path, check_free_space
+from ollama_compress.gguf_verify import GGUFSummary, verify_gguf
 from ollama_compress.hookspecs import hookimpl
-from ollama_compress.modelio import check_causal_lm, check_model_dir
+from ollama_compress.modelio import check_causal_lm, check_model_dir, file_in_model_dir
+from ollama_compress.templates import check_chat_template
 
 GGUF_MAGIC = b"GGUF"
+PINNED_REVISION = re.compile(r"^[0-9a-f]{40}$")  # a commit: what it names can't change later
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 # ---------------------------------------------------------------- GGUF import
 def check_gguf(path: str | os.PathLike) -> Path:
     """``path`` if it looks like a complete GGUF file, else a UserError naming the problem."""
     path = Path(path)
+    checked_gguf(path)
+    return path
+
+
+def checked_gguf(path: str | os.PathLike) -> GGUFSummary:
+    """The verified summary of a GGUF whose chat template (if any) passed ``check_chat_template``."""
+    path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist; give a .gguf file")
     if not path.is_file():
         raise UserError(f"{path} is not a file; give a .gguf file")
-    with open(path, "rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise UserError(f"{path}: not a GGUF file (bad magic); give a .gguf model file")
-    verify_gguf(path)
-    return path
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if magic != GGUF_MAGIC:
+        raise UserError(f"{path}: not a GGUF file (bad magic); give a .gguf model file")
+    summary = verify_gguf(path)
+    template = summary.metadata.get("tokenizer.chat_template")
+    check_chat_template(template if isinstance(template, str) else None)
+    return summary
 
 
 def _strip_quantization(model) -> None:
@@ -49,7 +66,10 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_path = check_gguf(gguf_path)
+    gguf_path = Path(gguf_path)
+    summary = checked_gguf(gguf_path)
+    check_free_space(out_dir, summary.n_weights * DTYPE_BYTES.get(dtype, 4) + (64 << 20),
+                     f"the import of {gguf_path.name}")
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
@@ -101,6 +121,11 @@ def resolve_source(spec: str, options: RunOptions | None = None, revision: str |
 def _hub_snapshot(repo_id: str, options: RunOptions, revision: str | None) -> Path:
     if repo_id.count("/") != 1:
         raise UserError(f"{repo_id} is neither a local path nor a hub id (org/name)")
+    if options.trust_remote_code and not PINNED_REVISION.match(revision or ""):
+        raise UserError(
+            f"--trust-remote-code runs {repo_id}'s own Python code, so it needs a pinned revision: set "
+            "source.revision to a full 40-character commit hash (a branch or tag can change under you)"
+        )
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
@@ -120,10 +145,11 @@ def source_path(source, options: RunOptions) -> Path:
     a bad source fails here, before anything is written."""
     path = resolve_source(source.model, options, source.revision)
     if path.is_dir() and source.gguf_file:
-        path = path / source.gguf_file
+        path = file_in_model_dir(path, source.gguf_file, "source.gguf_file")
     if path.is_file():
         return check_gguf(path)
     check_causal_lm(check_model_dir(path, options))
+    check_hf_chat_template(path)
     return path
 
 
@@ -135,6 +161,7 @@ def resolve_model_dir(spec: str, options: RunOptions | None = None, revision: st
         path = imported_gguf_dir(path)
     check_model_dir(path, options)
     check_causal_lm(path)
+    check_hf_chat_template(path)
     return path
 
 
@@ -160,6 +187,13 @@ def load_source(ctx: StageContext) -> Path:
         ctx.metrics["imported_gguf"] = str(path)
         return import_gguf(path, ctx.out_dir, dtype=ctx.recipe.source.dtype)
     return path
+
+
+def check_hf_chat_template(model_dir: Path) -> None:
+    """The chat template an HF directory ships passes ``check_chat_template`` (UserError otherwise)."""
+    from ollama_compress.hooks.modelfile import read_hf_chat_template
+
+    check_chat_template(read_hf_chat_template(model_dir))
 
 
 @hookimpl

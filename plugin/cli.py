@@ -4,8 +4,10 @@ Built-in stages add their own commands through the ``register_commands`` hook, l
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import sys
 
 import click
@@ -188,6 +190,49 @@ def _add_plugin_commands() -> None:
     get_plugin_manager().hook.register_commands(cli=cli)
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _one_line(text: str) -> str:
+    """A message as one printable line: line breaks and other control characters (which a file
+    name or a model's metadata may carry) become spaces or escapes."""
+    text = " ".join(text.split())
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def _disk_full(exc: BaseException) -> OSError | None:
+    """The disk-full OSError behind ``exc``: itself, its cause, or one a native writer reported
+    in its message ("I/O error: No space left on device (os error 28)")."""
+    for candidate in (exc, exc.__cause__, exc.__context__):
+        if isinstance(candidate, OSError) and candidate.errno in DISK_FULL:
+            return candidate
+        if isinstance(candidate, OSError) and candidate.errno is None \
+                and re.search(r"requested and \d+ written", str(candidate)):  # numpy's short write
+            return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({candidate})")
+    found = re.search(r"os error (\d+)", str(exc))
+    if found and int(found.group(1)) in DISK_FULL:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
+def _click_error_line(exc: click.ClickException) -> str:
+    """Click's usage errors as one line, with the command's --help as the hint."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError) and ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    return message
+
+
+def _os_error_line(exc: OSError) -> str:
+    where = f" {exc.filename}" if exc.filename else ""
+    if exc.errno in DISK_FULL:
+        return (f"no space left writing{where} ({exc.strerror}); the unfinished output was removed, "
+                "finished ones are kept; free some space or choose another output directory")
+    return f"cannot use{where}: {exc.strerror or exc}; check the path and its permissions"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors and exit codes (0 ok, 1 failure during work, 2 bad input)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own progress is enough
@@ -195,16 +240,25 @@ def main(argv: list[str] | None = None) -> None:
         _add_plugin_commands()
         code = cli.main(args=argv, prog_name="ollama-compress", standalone_mode=False)
     except CompressError as exc:
-        click.echo(f"Error: {exc}", err=True)
+        click.echo(f"Error: {_one_line(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(1)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"Error: {_one_line(_click_error_line(exc))}", err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # a filesystem refusal that no stage turned into a UserError
+        full = _disk_full(exc)
+        click.echo(f"Error: {_one_line(_os_error_line(full or exc))}", err=True)
+        sys.exit(1 if full else 2)
     except KeyboardInterrupt:
         click.echo("Interrupted; finished outputs are kept, unfinished ones were removed.", err=True)
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - only a full disk reported by native writers (safetensors, gguf)
+        if _disk_full(exc) is None:
+            raise
+        click.echo(f"Error: {_os_error_line(_disk_full(exc))}", err=True)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,8 +17,69 @@ from typing import Any, Iterator
 from .errors import UserError
 
 
+# ``.NAME.tmp-PID`` (being written) and ``.NAME.old-PID`` (the previous version, while swapping)
+_SIBLING_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+
+
 def _tmp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def _stale_siblings(directory: Path, name: str | None = None) -> list[tuple[Path, str, str]]:
+    """(path, final name, kind) of atomic-write leftovers in ``directory`` whose writer is dead."""
+    found = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return found
+    for entry in entries:
+        m = _SIBLING_RE.match(entry.name)
+        if m and (name is None or m["name"] == name) and not _pid_alive(int(m["pid"])):
+            found.append((Path(entry.path), m["name"], m["kind"]))
+    return found
+
+
+def _clean_siblings(directory: Path, name: str | None = None) -> list[Path]:
+    removed = []
+    for path, final_name, kind in sorted(_stale_siblings(directory, name), key=lambda x: x[2] == "tmp"):
+        final = directory / final_name
+        if kind == "old" and not final.exists() and not final.is_symlink():
+            os.replace(path, final)  # killed between the two renames: the previous version comes back
+            continue
+        _remove(path)
+        removed.append(path)
+    return removed
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Remove what killed ``atomic_path`` writers left under ``directory`` (recursively).
+
+    ``.NAME.tmp-PID`` is removed; ``.NAME.old-PID`` is put back as ``NAME`` when ``NAME`` is
+    missing (the writer died between its two renames), else removed. Leftovers of a process
+    that is still alive are kept. Symlinked directories are not followed. Returns what was removed.
+    """
+    root = Path(directory)
+    if not root.is_dir() or root.is_symlink():
+        return []
+    removed = []
+    for parent, dirs, _files in os.walk(root):
+        removed += _clean_siblings(Path(parent))
+        dirs[:] = [d for d in dirs if not _SIBLING_RE.match(d) and not os.path.islink(os.path.join(parent, d))]
+    return removed
 
 
 def _remove(path: Path) -> None:
@@ -32,10 +94,12 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[P
     """Yield a temporary path beside ``final``; rename it to ``final`` only if the block succeeds.
 
     With ``is_dir=True`` the temporary directory is created for you. An existing ``final`` is
-    replaced only once the new one is complete.
+    replaced only once the new one is complete. Leftovers of a killed earlier writer of ``final``
+    (``.NAME.tmp-PID`` / ``.NAME.old-PID`` of a dead PID) are cleaned first.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _clean_siblings(final.parent, final.name)  # what a killed earlier writer of ``final`` left
     if final.exists() and is_dir != final.is_dir():
         kind = "a file" if final.is_file() else "a directory"
         raise UserError(f"{final} is {kind}; choose another output path")
@@ -156,3 +220,35 @@ class Fingerprints:
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
         write_json(self.cache_file, table)
         return digest
+
+
+def resolve_inside(root: str | os.PathLike, relative: str | os.PathLike, what: str) -> Path:
+    """``root/relative`` resolved, if it stays inside ``root``; else a UserError naming ``what``.
+
+    Refuses NUL bytes, absolute paths, ``..`` parts and symlinks (anywhere on the way) that lead
+    out of ``root``. ``relative`` need not exist yet.
+    """
+    text = os.fspath(relative)
+    if "\0" in text:
+        raise UserError(f"{what} {text!r} contains a NUL byte; give a plain relative path")
+    rel = Path(text)
+    if rel.is_absolute() or text.startswith("~"):
+        raise UserError(f"{what} {text!r} is an absolute path; give a path relative to {root}")
+    if ".." in rel.parts:
+        raise UserError(f"{what} {text!r} contains '..'; give a path inside {root}")
+    base = Path(root).resolve()
+    target = (base / rel).resolve()
+    if target != base and base not in target.parents:
+        raise UserError(f"{what} {text!r} leads out of {root} (through a symlink); give a path inside it")
+    return target
+
+
+def check_inside(root: str | os.PathLike, path: str | os.PathLike, what: str) -> Path:
+    """``path`` (absolute or relative to the working directory) resolved, if inside ``root``."""
+    text = os.fspath(path)
+    if "\0" in text:
+        raise UserError(f"{what} {text!r} contains a NUL byte")
+    base, target = Path(root).resolve(), Path(text).resolve()
+    if target != base and base not in target.parents:
+        raise UserError(f"{what} {text} is outside {root}; it must stay inside it")
+    return target

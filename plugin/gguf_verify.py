@@ -191,9 +191,16 @@ def verify_gguf(path: str | Path) -> GGUFSummary:
         with open(path, "rb", buffering=1 << 20) as f:
             return _parse(path, _Reader(f, size))
     except _Invalid as exc:
-        raise UserError(f"{path}: not a valid GGUF file: {exc}") from None
+        raise UserError(f"{path}: not a valid GGUF file: {_printable(str(exc))}") from None
     except OSError as exc:
         raise UserError(f"{path}: not a valid GGUF file: cannot read it ({exc.strerror or exc})") from None
+
+
+def _printable(text: str, limit: int = 400) -> str:
+    """Names read from the file, made safe for a one-line message: control characters escaped
+    (no line breaks, no terminal escapes), cut to ``limit`` characters."""
+    safe = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else "?" for c in text)
+    return safe if len(safe) <= limit else safe[:limit] + "..."
 
 
 def ftype_name(value: int) -> str | None:
@@ -388,6 +395,8 @@ def _check_blocks(arch: str | None, metadata: dict[str, Any], tensors: list[Tens
         raise _Invalid(f"{key} is {block_count!r}, not a block count")
     if not tensors:  # vocabulary-only files carry the key without weights
         return block_count
+    if block_count > len(tensors):  # each block has tensors; also keeps range() below small
+        raise _Invalid(f"{key} is {block_count} but the file has only {len(tensors)} tensors")
     if indices != set(range(block_count)):
         missing = sorted(set(range(block_count)) - indices)
         extra = sorted(indices - set(range(block_count)))

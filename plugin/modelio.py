@@ -12,10 +12,80 @@ from .errors import UserError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _allowed_root(path: Path) -> Path:
+    """The folder a model directory's symlinks may point into: the directory itself, or for a
+    hub cache snapshot (``models--org--name/snapshots/REV``) its ``models--org--name`` folder,
+    whose ``blobs/`` hold the files the snapshot links to."""
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent
+    return path
+
+
+def file_in_model_dir(model_dir: str | os.PathLike, relative: str, what: str) -> Path:
+    """``model_dir/relative`` if it stays inside the model directory (a hub snapshot's links into
+    its ``blobs/`` count as inside); UserError for ``..``, absolute paths, NUL or symlinks out."""
+    from .fsutil import resolve_inside
+
+    model_dir = Path(model_dir)
+    root = _allowed_root(model_dir)
+    resolve_inside(root, model_dir.relative_to(root) / relative, what)
+    return model_dir / relative
+
+
+def _check_contained(path: Path) -> None:
+    """UserError if a file of ``path`` is a symlink leading out of it, or a shard index names a
+    file outside it (a shared model must not make us read, or hash, files elsewhere)."""
+    root = _allowed_root(path).resolve()
+    for entry in path.rglob("*"):
+        if entry.is_symlink():
+            target = entry.resolve()
+            if target != root and root not in target.parents:
+                raise UserError(f"{entry} is a symlink to {target}, outside the model directory; "
+                                "copy the real file into the directory")
+    for index_name in SHARD_INDEXES:
+        index = path / index_name
+        if index.is_file():
+            _check_shard_index(path, index)
+
+
+def _check_shard_index(path: Path, index: Path) -> None:
+    """Every shard an index names is a plain file name beside it (symlinks are checked above)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+        raise UserError(f"cannot read {index}: {exc}") from None
+    if not isinstance(weight_map, dict):
+        raise UserError(f"{index} has no weight_map; re-save the model")
+    for shard in set(weight_map.values()):
+        plain = isinstance(shard, str) and "\0" not in shard and shard not in ("", ".", "..") \
+            and "/" not in shard and "\\" not in shard
+        if not plain:
+            raise UserError(f"{index.name} names {shard!r}, not a file beside it; shards must sit in {path}")
+        if not (path / shard).is_file():
+            raise UserError(f"{index.name} names {shard!r}, which is missing from {path}")
+
+
+def _check_remote_code(path: Path, options: RunOptions) -> None:
+    """A config that needs the model's own Python code (``auto_map``) needs --trust-remote-code."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise UserError(f"cannot read {path / 'config.json'}; is it a Hugging Face model directory?") from None
+    if isinstance(config, dict) and config.get("auto_map") and not options.trust_remote_code:
+        raise UserError(f"{path} needs its own Python code (config.json auto_map) to load; read that code and "
+                        "pass --trust-remote-code if you trust it, or use a model transformers supports natively")
 
 
 def check_model_dir(path: str | os.PathLike, options: RunOptions | None = None) -> Path:
-    """Return ``path`` if it is a loadable HF model directory; else a UserError saying why."""
+    """Return ``path`` if it is a loadable HF model directory; else a UserError saying why.
+
+    Refused: no config.json; no safetensors (pickle ``.bin`` only with ``--allow-pickle``); a
+    symlink out of the directory; a shard index naming files outside it; model code
+    (``auto_map``) without ``--trust-remote-code``.
+    """
     options = options or RunOptions()
     path = Path(path)
     if not path.exists():
@@ -24,6 +94,8 @@ def check_model_dir(path: str | os.PathLike, options: RunOptions | None = None) 
         raise UserError(f"{path} is not a model directory (expected config.json and *.safetensors)")
     if not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json; is it a Hugging Face model directory?")
+    _check_contained(path)
+    _check_remote_code(path, options)
     files = [p.name for p in path.iterdir() if p.is_file()]
     if any(f.endswith(".safetensors") for f in files):
         return path
@@ -73,13 +145,20 @@ def load_model(path: str | os.PathLike, options: RunOptions | None = None, dtype
     check_causal_lm(path)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=torch_dtype(dtype),
-        trust_remote_code=options.trust_remote_code,
-        use_safetensors=not options.allow_pickle or None,
-        local_files_only=True,
-    )
+    import pickle
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch_dtype(dtype),
+            trust_remote_code=options.trust_remote_code,
+            use_safetensors=not options.allow_pickle or None,
+            weights_only=True,  # .bin files (only with --allow-pickle) load tensors, never objects; no retry without
+            local_files_only=True,
+        )
+    except (pickle.UnpicklingError, OSError, ValueError, EnvironmentError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path}: transformers cannot load these weights ({first[:300]})") from None
     return model.to(device).eval()
 
 
@@ -109,7 +188,11 @@ def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 def save_model(model, tokenizer, out_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None) -> Path:
     """Save weights as safetensors with tokenizer and side files into ``out_dir`` (which must exist)."""
+    from .fsutil import check_free_space
+
     out_dir = Path(out_dir)
+    weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    check_free_space(out_dir, weights + (64 << 20), f"the model weights ({weights / 2**20:.0f} MiB)")
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

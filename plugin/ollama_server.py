@@ -220,10 +220,33 @@ def normalize_host(host: str | None = None) -> str:
     try:
         port = parts.port or DEFAULT_PORT
     except ValueError:
-        raise StageFailed(f"'{host}' is not a valid Ollama host (expected HOST:PORT or http://HOST:PORT)") from None
+        raise UserError(f"'{host}' is not a valid Ollama host (expected HOST:PORT or http://HOST:PORT)") from None
     if ":" in hostname:
         hostname = f"[{hostname}]"
     return f"{scheme}://{hostname}:{port}{parts.path.rstrip('/')}"
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` (any OLLAMA_HOST spelling) names this machine (127.0.0.0/8, ::1, localhost)."""
+    name = (urlsplit(normalize_host(host)).hostname or "").lower()
+    return name in LOOPBACK_NAMES or name.startswith("127.")
+
+
+def make_client(host: str | None = None, **kwargs):
+    """An ``ollama.Client`` for ``host`` that sends nothing from the environment: no
+    ``OLLAMA_API_KEY`` bearer token, no ``.netrc`` credentials, no proxy settings (httpx
+    ``trust_env=False``). Models are uploaded to the server we name and nowhere else."""
+    import ollama
+
+    client = ollama.Client(host=normalize_host(host), trust_env=False, **kwargs)
+    inner = getattr(client, "_client", None)
+    if inner is not None:
+        for header in ("authorization", "proxy-authorization"):
+            inner.headers.pop(header, None)
+    return client
 
 
 def server_version(host: str | None = None, timeout: float = 2.0) -> str | None:
@@ -231,7 +254,7 @@ def server_version(host: str | None = None, timeout: float = 2.0) -> str | None:
     import httpx
 
     try:
-        response = httpx.get(normalize_host(host) + "/api/version", timeout=timeout)
+        response = httpx.get(normalize_host(host) + "/api/version", timeout=timeout, trust_env=False)
         response.raise_for_status()
         return str(response.json()["version"])
     except (httpx.HTTPError, ValueError, KeyError, TypeError):
@@ -385,10 +408,8 @@ class OllamaServer:
         return self.process is not None and self.process.poll() is None
 
     def client(self, **kwargs):
-        """An ``ollama.Client`` for this server."""
-        import ollama
-
-        return ollama.Client(host=self.host, **kwargs)
+        """An ``ollama.Client`` for this server (``make_client``: nothing from the environment)."""
+        return make_client(self.host, **kwargs)
 
     def version(self) -> str:
         return client_version(self.client())
@@ -409,9 +430,7 @@ class ServerHandle:
     log_path: Path | None = None
 
     def client(self, **kwargs):
-        import ollama
-
-        return ollama.Client(host=self.host, **kwargs)
+        return make_client(self.host, **kwargs)
 
 
 @contextlib.contextmanager

@@ -18,13 +18,41 @@ from .quant_names import NEEDS_IMATRIX, QUANT_TYPES, quant_name_problem  # noqa:
 
 SUPPORTED_RECIPE_VERSIONS = (1,)
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")  # capability names: no dots, so never an import path
-MODEL_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]*(:[a-zA-Z0-9._-]+)?$")
+# Ollama model names, as Ollama's own parser accepts them (types/model/name.go, isValidPart):
+# [host/][namespace/]model[:tag]; every part starts with a letter, digit or '_'; a namespace has
+# no '.', only a host may hold ':'; host up to 350 bytes, the other parts up to 80.
+MODEL_NAME_RE = re.compile(
+    r"^(?:(?:[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}/)?[A-Za-z0-9_][A-Za-z0-9_-]{0,79}/)?"
+    r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,79})?$"
+)
 
 
 def _capability_name(value: str) -> str:
     if not NAME_RE.match(value):
         raise ValueError(f"'{value}' is not a capability name (lowercase letters, digits, '_'; no dots)")
     return value
+
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; anything near this is not one
+MAX_YAML_ALIASES = 100  # anchors/aliases expand; a few are handy, thousands are a bomb
+MAX_YAML_NODES = 100_000  # values with aliases expanded; a recipe has a few dozen
+MAX_YAML_DEPTH = 64
+
+
+def ollama_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a model name Ollama accepts, or None when it is."""
+    if not isinstance(name, str) or not MODEL_NAME_RE.match(name):
+        return (f"'{name}' is not a valid Ollama model name; use [namespace/]model[:tag] with letters, "
+                "digits, '_', '-', '.' (each part starting with a letter, digit or '_'; at most 80 characters)")
+    return None
+
+
+def check_ollama_name(name: str) -> str:
+    """``name`` if Ollama accepts it as a model name (with an optional ``:tag``), else a UserError."""
+    problem = ollama_name_problem(name)
+    if problem:
+        raise UserError(problem)
+    return name
 
 
 class Strict(BaseModel):
@@ -36,6 +64,13 @@ class Source(Strict):
     revision: str | None = None  # hub revision (branch, tag or commit)
     gguf_file: str | None = None  # GGUF file name inside model, when model is a directory or hub id
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights dtype while compressing
+
+    @field_validator("gguf_file")
+    @classmethod
+    def _inside_model(cls, value: str | None) -> str | None:
+        if value is not None and (not value or value.startswith(("/", "~", "\\")) or ".." in re.split(r"[/\\]", value)):
+            raise ValueError(f"'{value}' must be a file name inside the model directory (no '..', not absolute)")
+        return value
 
 
 class TextSource(Strict):
@@ -161,17 +196,44 @@ class Ollama(Strict):
     template: str | None = None  # chat family (chatml, llama3, ...); default: matched from the HF template
     parameters: dict[str, Union[int, float, str, list[str]]] = {}  # Modelfile PARAMETERs
 
+    @field_validator("host")
+    @classmethod
+    def _local_host(cls, value: str | None) -> str | None:
+        from .ollama_server import is_loopback
+
+        try:
+            local = value is None or is_loopback(value)
+        except Exception:  # noqa: BLE001 - any unparsable host is refused below
+            local = False
+        if not local:
+            raise ValueError(f"'{value}' is not this machine; a recipe may only name a local Ollama "
+                             "(127.0.0.1, localhost); for another machine set OLLAMA_HOST or use 'register --host'")
+        return value
+
     @field_validator("name")
     @classmethod
     def _model_name(cls, value: str | None) -> str | None:
-        if value is not None and not MODEL_NAME_RE.match(value):
-            raise ValueError(f"'{value}' is not a valid Ollama model name")
+        problem = ollama_name_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
         return value
+
+
+def _no_nul(value: Any, where: str = "recipe") -> None:
+    if isinstance(value, str) and "\0" in value:
+        raise ValueError(f"{where} holds a NUL byte")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _no_nul(k, where)
+            _no_nul(v, f"{k}")
+    elif isinstance(value, list):
+        for v in value:
+            _no_nul(v, where)
 
 
 class Recipe(Strict):
     recipe_version: int
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=80)  # the run directory runs/<name>
     description: str | None = None
     source: Source
     data: Data = Data()
@@ -179,6 +241,12 @@ class Recipe(Strict):
     heal: Heal | None = None
     export: Export | None = None
     ollama: Ollama | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_text(cls, data: Any) -> Any:
+        _no_nul(data)  # a NUL byte in a path or prompt is never meant
+        return data
 
     @field_validator("recipe_version")
     @classmethod
@@ -212,14 +280,74 @@ class RecipeError(UserError):
         super().__init__(f"{source}: " + "; ".join(errors))
 
 
+class _BoundedError(yaml.YAMLError):
+    """Too many aliases or too deep: refused before anything is built from it."""
+
+
+class BoundedSafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (plain data types only) that refuses alias bombs and deep nesting.
+
+    Aliases share nodes, so a small document can stand for billions of values once anything walks
+    it (validation, JSON, hashing). Each node's size with its aliases expanded is counted as it is
+    composed; more than ``MAX_YAML_NODES`` is refused, as are more than ``MAX_YAML_ALIASES``
+    aliases and nesting deeper than ``MAX_YAML_DEPTH``.
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._aliases = 0
+        self._depth = 0
+        self._sizes: dict[int, int] = {}
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise _BoundedError(f"more than {MAX_YAML_ALIASES} aliases (*name); write the values out")
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise _BoundedError(f"nested more than {MAX_YAML_DEPTH} levels deep")
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        self._count(node)
+        return node
+
+    def _count(self, node) -> None:
+        if id(node) in self._sizes:
+            return
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = []
+        size = 1 + sum(self._sizes.get(id(child), 1) for child in children)
+        if size > MAX_YAML_NODES:
+            raise _BoundedError(f"aliases expand to more than {MAX_YAML_NODES} values; write the values out")
+        self._sizes[id(node)] = size
+
+
+def safe_yaml(text: str) -> Any:
+    """``text`` read as YAML with plain data types only, no alias bombs, bounded nesting."""
+    return yaml.load(text, Loader=BoundedSafeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(source, [f"{len(text)} characters is too big for a recipe (at most {MAX_RECIPE_BYTES})"])
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml(text)
+    except _BoundedError as exc:
+        raise RecipeError(source, [f"not a plain recipe: {exc}"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["unreadable"])[0]
         raise RecipeError(source, [f"not valid recipe YAML{where}: {problem}"]) from None
+    except (RecursionError, ValueError, OverflowError) as exc:
+        raise RecipeError(source, [f"not valid recipe YAML: {type(exc).__name__}"]) from None
     if not isinstance(data, dict):
         raise RecipeError(source, ["a recipe is a YAML mapping of keys to values"])
     return data
@@ -239,6 +367,8 @@ def shipped_recipes() -> dict[str, Path]:
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:
+    if "\0" in name_or_path:
+        raise UserError(f"{name_or_path!r} holds a NUL byte; give a recipe file or shipped recipe name")
     path = Path(name_or_path)
     if path.is_file():
         return path
@@ -256,6 +386,8 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
     """Read, override (``key.path=value``) and validate a recipe file or shipped recipe name."""
     path = resolve_recipe_path(name_or_path)
     try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise UserError(f"{path} is {path.stat().st_size} bytes, too big for a recipe (at most {MAX_RECIPE_BYTES})")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read recipe {path}: {exc}") from None
@@ -301,9 +433,13 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     parts = [p for p in key.strip().split(".")]
     if not all(parts):
         raise UserError(f"--set {item!r}: empty key")
+    if len(item) > MAX_RECIPE_BYTES or "\0" in item:
+        raise UserError(f"--set {key[:60]}: value too long or holds a NUL byte")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = safe_yaml(raw) if raw.strip() else ""
+    except _BoundedError as exc:
+        raise UserError(f"--set {key}: {exc}") from None
+    except (yaml.YAMLError, RecursionError, ValueError, OverflowError):
         value = raw
     model: type[BaseModel] | None = Recipe
     node = data

@@ -1,0 +1,129 @@
+"""Talking to Ollama: loopback by default, nothing from the environment sent, blob digests checked,
+registration idempotent."""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from gguf_samples import write_small_gguf
+from ollama_compress.errors import StageFailed
+from ollama_compress.hooks import registration
+from ollama_compress.hooks.modelfile import ModelfileSpec, chat_family
+from ollama_compress.ollama_server import is_loopback, make_client, normalize_host
+
+SECRET = "sk-do-not-send-0123456789"
+
+
+class Recorder(BaseHTTPRequestHandler):
+    """Just enough of Ollama's API for a registration; records every request."""
+
+    requests: list[dict] = []
+
+    def _answer(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        Recorder.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+        if self.path.startswith("/api/blobs/"):
+            self._answer(201, {})
+        else:
+            self._answer(200, {"status": "success"})
+
+    def do_HEAD(self):  # noqa: N802
+        Recorder.requests.append({"path": self.path, "headers": dict(self.headers), "body": b""})
+        self.send_response(404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def recorder():
+    Recorder.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture
+def spec(tmp_path) -> ModelfileSpec:
+    family = chat_family("chatml")
+    return ModelfileSpec(write_small_gguf(tmp_path / "m.gguf"), family.template, "Be brief.", {"stop": family.stops})
+
+
+def test_the_default_host_is_loopback(monkeypatch):
+    monkeypatch.delenv("OLLAMA_HOST", raising=False)
+    assert normalize_host(None) == "http://127.0.0.1:11434"
+    assert is_loopback(None)
+    assert normalize_host("0.0.0.0:11434") == "http://127.0.0.1:11434"  # a bind-all address is reached locally
+    assert not is_loopback("http://203.0.113.9:11434") and not is_loopback("ollama.example.com")
+
+
+def test_registration_sends_no_credentials_and_nothing_from_the_environment(recorder, spec, tmp_path, monkeypatch):
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine 127.0.0.1 login user password {SECRET}\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("OLLAMA_API_KEY", SECRET)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # a proxy that would swallow the requests
+    monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "")
+    name = registration.create_model(make_client(recorder), "fuzz:Q8_0", spec)
+    assert name == "fuzz:Q8_0"
+    paths = [r["path"] for r in Recorder.requests]
+    digest = hashlib.sha256(spec.from_path.read_bytes()).hexdigest()
+    assert f"/api/blobs/sha256:{digest}" in paths and "/api/create" in paths
+    for request in Recorder.requests:
+        headers = {k.lower(): v for k, v in request["headers"].items()}
+        assert "authorization" not in headers and "proxy-authorization" not in headers, headers
+        assert SECRET not in json.dumps(headers)
+    create = json.loads(next(r["body"] for r in Recorder.requests if r["path"] == "/api/create"))
+    assert create["files"] == {spec.from_path.name: f"sha256:{digest}"}
+    assert SECRET not in json.dumps(create)
+
+
+def test_a_gguf_that_changes_during_the_upload_is_not_registered(recorder, spec):
+    class SwappingClient(type(make_client(recorder))):
+        """Another process rewrites the file between our check and the upload."""
+
+        def create_blob(self, path):
+            Path(path).write_bytes(Path(path).read_bytes()[:-32] + b"\1" * 32)
+            return super().create_blob(path)
+
+    client = SwappingClient(host=recorder, trust_env=False)
+    with pytest.raises(StageFailed, match="changed while it was uploaded"):
+        registration.create_model(client, "fuzz:Q8_0", spec)
+    assert "/api/create" not in [r["path"] for r in Recorder.requests]
+
+
+@pytest.mark.ollama
+def test_registering_twice_gives_the_same_model(tmp_path):
+    from ollama_fixtures import require_ollama
+    from ollama_compress.ollama_server import OllamaServer
+
+    binary = require_ollama()
+    run = tmp_path / "run"
+    run.mkdir()
+    gguf = write_small_gguf(run / "m-Q8_0.gguf")
+    with OllamaServer(binary, models_dir=tmp_path / "models") as server:
+        first = registration.register_path(run, "twice", host=server.host, family="chatml")
+        client = server.client()
+        digest = {m.model: m.digest for m in client.list().models}
+        second = registration.register_path(run, "twice", host=server.host, family="chatml")
+        assert first == second
+        assert {m.model: m.digest for m in client.list().models} == digest
+        assert len([m for m in digest if m.startswith("twice")]) == len(first)
+    assert gguf.is_file()
