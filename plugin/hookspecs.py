@@ -38,9 +38,19 @@ def register_importance_metrics(register: Register) -> None:
 
 @hookspec
 def register_losses(register: Register) -> None:
-    """Add heal (distillation) losses: ``register(name, fn, description)``.
+    """Add heal (distillation) losses: ``register(name, fn, description, needs_layers=False)``.
 
-    ``fn(student_out, teacher_out, batch, **options) -> torch.Tensor`` returns a scalar loss.
+    Runs once, when the plugin manager first lists losses; every plugin's losses are kept (a
+    plugin's loss wins over a built-in of the same name). A recipe uses a loss by name with a
+    weight (``heal: {loss: {kl: 1.0, my_loss: 0.5}}``).
+
+    ``fn(student, teacher, batch) -> torch.Tensor`` returns a scalar (accumulated in fp32):
+    ``student``/``teacher`` are ``ollama_compress.distill.ForwardOut`` (``final``: hidden states
+    after the final norm [B, T, H]; ``head``: the LM head, ``head.logits(h)``; ``layers``: decoder
+    layer outputs by index, filled only when a loss in use registered ``needs_layers=True``;
+    ``norm``: the final norm); ``batch`` is ``ollama_compress.distill.Batch`` (``input_ids``,
+    ``mask`` of real tokens, ``temperature``, ``student_to_teacher``, ``matched_layers``).
+    The teacher's tensors carry no gradient.
     """
 
 
@@ -118,7 +128,12 @@ def prune_layers(ctx: StageContext, model_dir: Path, scores: dict[str, list[floa
 def heal(ctx: StageContext, student_dir: Path, teacher_dir: Path) -> Path | None:
     """Fine-tune the pruned student by distillation from the teacher; return the healed HF dir.
 
-    Runs after pruning, before export (quantizing first loses quality). First non-None wins.
+    Runs after pruning, before export (quantizing first loses quality). ``ctx.settings`` is the
+    recipe's ``heal`` section, ``ctx.recipe.data.heal`` the heal text and ``data.heldout`` the
+    held-out text (never trained on). ``student_dir`` is the pruned HF directory (with
+    ``layer_map.json``), ``teacher_dir`` the unpruned model (``heal.teacher`` or the run's
+    source). Write the healed HF directory under ``ctx.out_dir`` and return its path; put figures
+    (held-out KL before/after, steps, tokens/s) into ``ctx.metrics``. First non-None wins.
     """
 
 

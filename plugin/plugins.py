@@ -23,6 +23,7 @@ DEFAULT_PLUGINS = {
     "data": "ollama_compress.hooks.data",
     "importance": "ollama_compress.hooks.importance",
     "prune": "ollama_compress.hooks.prune",
+    "heal": "ollama_compress.hooks.heal",
     "export": "ollama_compress.hooks.export",
     "quantize": "ollama_compress.hooks.quantize",
     "modelfile": "ollama_compress.hooks.modelfile",

@@ -89,6 +89,18 @@ class TextSource(Strict):
 class Data(Strict):
     calibration: TextSource = TextSource()
     heldout: TextSource = TextSource(split="heldout", samples=16)
+    # heal text: one source or a list whose texts are joined (e.g. the shipped corpus plus teacher-written chat)
+    heal: Union[TextSource, list[TextSource]] = TextSource()
+
+    @field_validator("heal")
+    @classmethod
+    def _some_heal_source(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one heal text source")
+        return value
+
+    def heal_sources(self) -> list[TextSource]:
+        return self.heal if isinstance(self.heal, list) else [self.heal]
 
 
 Protect = Union[Literal["first", "last"], int]
@@ -147,21 +159,47 @@ class Prune(Strict):
 
 class Heal(Strict):
     teacher: str | None = None  # default: the source model
-    steps: int = Field(100, ge=0)
-    lr: float = Field(1e-5, gt=0)
-    batch_size: int = Field(4, ge=1)
-    seq_len: int = Field(256, ge=8)
+    steps: int = Field(100, gt=0)  # optimizer steps
+    lr: float = Field(1e-4, gt=0)  # peak learning rate (AdamW)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup (to 10% for cosine/linear)
+    warmup: int | None = Field(None, ge=0)  # warmup steps (default: 5% of steps)
+    batch_size: int = Field(4, gt=0)  # sequences per optimizer step
+    micro_batch: int | None = Field(None, gt=0)  # sequences per forward pass (default: batch_size)
+    seq_len: int = Field(256, gt=0)  # tokens per sequence
     temperature: float = Field(2.0, gt=0)  # softens logits for the KL term
-    loss: dict[str, float] = {"kl": 1.0, "hidden_mse": 1.0}  # loss name -> weight
-    train: Literal["all", "neighbours"] = "all"  # neighbours: only layers next to a removed one
-    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 on a GPU
+    loss: dict[str, float] = {"kl": 1.0, "hidden_mse": 1.0}  # registered loss name -> weight
+    hidden_layers: Union[Literal["all"], list[int]] = "all"  # student layers matched by hidden_mse
+    train: Literal["all", "neighbours", "lora"] = "all"  # all decoder layers; layers next to a cut; LoRA (peft)
+    lora_rank: int = Field(16, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast; auto: bf16 on CUDA and on CPUs with bf16
+    gradient_checkpointing: bool | None = None  # default: on for CUDA, off elsewhere
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)  # 0: off
+    checkpoint_every: int = Field(50, ge=0)  # steps between checkpoints (0: none)
     seed: int = 0
+
+    @field_validator("seq_len")
+    @classmethod
+    def _long_enough(cls, value: int) -> int:
+        if value < 8:
+            raise ValueError(f"seq_len {value} is too short; use at least 8 tokens")
+        return value
 
     @field_validator("loss")
     @classmethod
     def _loss_names(cls, value: dict[str, float]) -> dict[str, float]:
-        for name in value:
+        for name, weight in value.items():
             _capability_name(name)
+            if weight < 0:
+                raise ValueError(f"loss weight of '{name}' is negative; use 0 to turn it off")
+        if not any(w > 0 for w in value.values()):
+            raise ValueError("every loss weight is 0; give at least one loss a positive weight")
+        from .plugins import capabilities
+
+        known = capabilities("losses")
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"unknown loss '{unknown[0]}'; known: {', '.join(sorted(known)) or 'none'}")
         return value
 
 

@@ -1,0 +1,485 @@
+"""Heal: distil the pruned student from its unpruned teacher (the ``heal`` stage and command).
+
+``heal_model`` is the one path: the stage hook and ``ollama-compress heal`` both call it. It checks
+everything that can be wrong before loading a weight (loss names, tokenizers, the layer map,
+memory, data, held-out overlap), measures KL to the teacher on held-out text, trains
+(``ollama_compress.trainer``), measures again and writes the healed HF directory atomically, with
+``layer_map.json``, ``train_log.jsonl`` and ``heal.json`` (the figures) inside it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from ollama_compress import modelio
+from ollama_compress.context import RunOptions, StageContext
+from ollama_compress.errors import StageFailed, UserError
+from ollama_compress.fsutil import atomic_path, settings_hash, write_json
+from ollama_compress.hookspecs import hookimpl
+from ollama_compress.recipe import Data, Heal, TextSource
+
+LAYER_MAP = "layer_map.json"
+Log = Callable[[str], None]
+
+
+# ---------------------------------------------------------------- checks
+def read_layer_map(student_dir: Path, num_layers: int, teacher_layers: int) -> list[int] | None:
+    """The student's layer -> original teacher layer map, or None when it has no layer_map.json."""
+    path = Path(student_dir) / LAYER_MAP
+    if not path.is_file():
+        return None
+    try:
+        mapping = json.loads(path.read_text())["student_to_teacher"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} is not a layer map written by prune ({exc}); prune the model again") from None
+    if len(mapping) != num_layers or any(not 0 <= t < teacher_layers for t in mapping):
+        raise UserError(f"{path} maps {len(mapping)} layers into a {teacher_layers}-layer teacher, but the student "
+                        f"has {num_layers} layers; is this teacher the model it was pruned from?")
+    return [int(t) for t in mapping]
+
+
+def shared_vocab(student_tok, teacher_tok, student_vocab: int, teacher_vocab: int, log: Log) -> int:
+    """The number of token ids both heads share; UserError if the tokenizers differ."""
+    s, t = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if s != t:
+        only = sorted(set(s.items()) ^ set(t.items()))[:1]
+        example = f" (e.g. {only[0][0]!r})" if only else ""
+        raise UserError(f"the teacher's tokenizer differs from the student's ({len(t)} vs {len(s)} tokens{example}); "
+                        "heal needs the model the student was pruned from, or one with the same tokenizer")
+    shared = min(student_vocab, teacher_vocab)
+    if student_vocab != teacher_vocab:
+        log(f"the heads differ only by padding rows ({student_vocab} vs {teacher_vocab}); "
+            f"distilling over the {shared} shared token ids")
+    return shared
+
+
+def matched_layers(setting: str | list[int], num_layers: int) -> list[int]:
+    if setting == "all":
+        return list(range(num_layers))
+    bad = [i for i in setting if not 0 <= i < num_layers]
+    if bad:
+        raise UserError(f"heal.hidden_layers: layer {bad[0]} is out of range; the student has {num_layers} "
+                        f"layers (0-{num_layers - 1})")
+    return sorted(set(setting))
+
+
+PARAGRAPH_MIN = 40  # characters; shorter lines (greetings, list items) may repeat by chance
+
+
+def _paragraph_hashes(texts: list[str]) -> set[str]:
+    hashes = set()
+    for text in texts:
+        for part in re.split(r"\n\s*\n|\n(?=User:|Assistant:)", text):
+            norm = " ".join(part.split())
+            if len(norm) >= PARAGRAPH_MIN:
+                hashes.add(hashlib.sha256(norm.encode()).hexdigest())
+    return hashes
+
+
+def check_no_heldout(heal_texts: list[str], heldout_texts: list[str]) -> None:
+    """UserError if any held-out paragraph (by hash) is in the heal text."""
+    if _paragraph_hashes(heal_texts) & _paragraph_hashes(heldout_texts):
+        raise UserError("data.heal contains held-out text (a paragraph of data.heldout); held-out text is never "
+                        "trained on: remove it from the heal data or choose another held-out source")
+
+
+def check_memory(student_dir: Path, teacher_dir: Path, settings: Heal, device: str, teacher_bytes: int,
+                 config: Any, vocab: int, max_memory_gib: float | None) -> int:
+    """Bytes the heal needs; UserError when ``device`` has less free (or ``max_memory_gib``)."""
+    from ollama_compress import distill, trainer
+
+    micro = settings.micro_batch or settings.batch_size
+    needed = trainer.memory_needed(trainer.parameter_count(teacher_dir), trainer.parameter_count(student_dir),
+                                   teacher_bytes, micro * settings.seq_len, config.hidden_size,
+                                   config.num_hidden_layers, vocab, distill.DEFAULT_CHUNK_TOKENS)
+    free = max_memory_gib * 2**30 if max_memory_gib is not None else trainer.available_memory(device)
+    if free is not None and needed > free:
+        raise UserError(f"the teacher and student do not fit: the heal needs about {needed / 2**30:.2f} GiB on "
+                        f"{device} and {free / 2**30:.2f} GiB are available; use a device with more memory, "
+                        "train: neighbours or lora, or a smaller batch/seq_len")
+    return needed
+
+
+# ---------------------------------------------------------------- data
+def heal_texts(data: Data, tokenizer, teacher_dir: Path, ctx: StageContext | None) -> list[str]:
+    from ollama_compress.hooks.data import load_texts
+
+    texts: list[str] = []
+    for spec in data.heal_sources():
+        texts.extend(load_texts(spec, tokenizer, ctx, model=teacher_dir))
+    return texts
+
+
+def heldout_windows(spec: TextSource, tokenizer, ctx: StageContext | None):
+    from ollama_compress.hooks.data import chunk_stream, load_texts, token_stream
+    import torch
+
+    texts = load_texts(spec, tokenizer, ctx)
+    windows = chunk_stream(token_stream(texts, tokenizer), spec.samples, spec.seq_len, spec.seed)
+    return texts, torch.tensor(windows, dtype=torch.long)
+
+
+# ---------------------------------------------------------------- progress
+def _live_active(console) -> bool:
+    stack = getattr(console, "_live_stack", None)
+    return bool(stack) if stack is not None else getattr(console, "_live", None) is not None
+
+
+class ProgressReport:
+    """A rich progress bar (step, loss and each term, tokens/s, ETA), or plain lines when another
+    live display (the pipeline's status) already owns the terminal."""
+
+    def __init__(self, console, total: int, log: Log):
+        self.console, self.total, self.log = console, total, log
+        self.progress = None
+        self.task = None
+        self.last_line = 0.0
+
+    def __enter__(self) -> "ProgressReport":
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        if self.console is not None and not _live_active(self.console):
+            self.progress = Progress(TextColumn("heal"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                     TextColumn("{task.description}"), console=self.console, transient=False)
+            self.progress.__enter__()
+            self.task = self.progress.add_task("", total=self.total)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if "message" in record:
+            self.log(record["message"])
+            return
+        terms = " ".join(f"{k} {v:.4f}" for k, v in record.items()
+                         if k not in ("step", "lr", "seconds", "tokens_per_s", "eta_s", "total", "loss", "grad_norm"))
+        text = f"loss {record['loss']:.4f} ({terms}) {record['tokens_per_s']:.0f} tok/s"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=record["step"], description=text)
+        elif time.monotonic() - self.last_line > 30 or record["step"] == record["total"]:
+            self.last_line = time.monotonic()
+            self.log(f"heal step {record['step']}/{record['total']}: {text}, ETA {record['eta_s'] / 60:.1f} min")
+
+
+# ---------------------------------------------------------------- the one path
+def _identity(model_dir: Path) -> list:
+    return sorted((p.name, p.stat().st_size) for p in Path(model_dir).iterdir() if p.is_file())
+
+
+def _load(model_dir: Path, options: RunOptions, dtype: str, device: str, needed: int, what: str):
+    import torch
+
+    try:
+        return modelio.load_model(model_dir, options, dtype=dtype, device=device)
+    except (torch.cuda.OutOfMemoryError, RuntimeError, MemoryError) as exc:
+        if isinstance(exc, RuntimeError) and "out of memory" not in str(exc).lower():
+            raise
+        raise UserError(f"the {what} does not fit on {device}: the heal needs about {needed / 2**30:.2f} GiB; "
+                        "use a device with more memory, train: neighbours or lora, or a smaller batch") from None
+
+
+def heal_model(
+    student_dir: Path,
+    teacher_dir: Path,
+    out_dir: Path,
+    settings: Heal,
+    data: Data,
+    *,
+    options: RunOptions | None = None,
+    ctx: StageContext | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool | str = False,
+    max_memory_gib: float | None = None,
+    console=None,
+    log: Log = lambda message: None,
+) -> dict[str, Any]:
+    """Distil ``student_dir`` from ``teacher_dir`` per ``settings`` and ``data``; write ``out_dir``.
+
+    ``resume``: True continues from the last complete checkpoint in ``checkpoint_dir`` (UserError
+    if there is none), False refuses to overwrite existing checkpoints, "auto" resumes when a
+    checkpoint of the same settings exists and starts over otherwise. Returns the figures
+    (held-out KL, top-1 agreement and perplexity before and after, steps, tokens/s).
+    """
+    import torch
+
+    from ollama_compress import distill, trainer
+
+    options = options or RunOptions()
+    student_dir, teacher_dir, out_dir = Path(student_dir), Path(teacher_dir), Path(out_dir)
+    for path in (student_dir, teacher_dir):
+        modelio.check_model_dir(path, options)
+        modelio.check_causal_lm(path)
+    terms = distill.loss_terms(settings.loss)
+    s_config, t_config = (modelio.read_config(p) for p in (student_dir, teacher_dir))
+    s_tok, t_tok = modelio.load_tokenizer(student_dir, options), modelio.load_tokenizer(teacher_dir, options)
+    vocab = shared_vocab(s_tok, t_tok, s_config["vocab_size"], t_config["vocab_size"], log)
+    num_layers = s_config["num_hidden_layers"]
+    mapping = read_layer_map(student_dir, num_layers, t_config["num_hidden_layers"])
+    needs_map = [t.name for t in terms if t.needs_layers]
+    if needs_map and mapping is None:
+        raise UserError(f"loss {needs_map[0]} needs the student's layer_map.json (written by prune) to know which "
+                        f"teacher layer each student layer came from; {student_dir} has none. Heal a pruned model "
+                        f"or drop {needs_map[0]} from heal.loss")
+    matched = matched_layers(settings.hidden_layers, num_layers)
+    if mapping is None and settings.train == "neighbours":
+        raise UserError("heal.train: neighbours needs the student's layer_map.json (a model written by prune); "
+                        "use train: all")
+
+    device = trainer.init_distributed(trainer.pick_device(options.device))
+    compute_dtype = trainer.autocast_dtype(device, settings.dtype)
+    teacher_dtype = "bfloat16" if compute_dtype is not None and device.startswith("cuda") else "float32"
+    config = _hf_config(student_dir, options)
+    needed = check_memory(student_dir, teacher_dir, settings, device, 2 if teacher_dtype == "bfloat16" else 4,
+                          config, vocab, max_memory_gib)
+
+    texts = heal_texts(data, s_tok, teacher_dir, ctx)
+    held_texts, held = heldout_windows(data.heldout, s_tok, ctx)
+    check_no_heldout(texts, held_texts)
+    from ollama_compress.hooks.data import token_stream
+
+    stream = token_stream(texts, s_tok)
+    if len(stream) < settings.seq_len + 1:
+        raise UserError(f"the heal text has only {len(stream)} tokens, fewer than heal.seq_len={settings.seq_len}; "
+                        "give more text (data.heal) or a smaller seq_len")
+
+    fingerprint = settings_hash(settings.model_dump(mode="json"), data.model_dump(mode="json", by_alias=True),
+                                _identity(student_dir), _identity(teacher_dir))
+    start_from = _checkpoint_to_resume(checkpoint_dir, resume)
+
+    torch.manual_seed(settings.seed)
+    teacher = _load(teacher_dir, options, teacher_dtype, device, needed, "teacher")
+    teacher.requires_grad_(False)
+    student = _load(student_dir, options, "float32", device, needed, "student")
+    student = trainer.select_trainable(student, settings.train, mapping, settings.lora_rank)
+    checkpointing = settings.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = device.startswith("cuda")
+    if checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    warmup = settings.warmup if settings.warmup is not None else max(1, settings.steps // 20)
+    cfg = trainer.TrainConfig(
+        steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size,
+        micro_batch=settings.micro_batch or settings.batch_size, seq_len=settings.seq_len,
+        temperature=settings.temperature, schedule=settings.schedule, warmup=min(warmup, settings.steps),
+        weight_decay=settings.weight_decay, grad_clip=settings.grad_clip,
+        checkpoint_every=settings.checkpoint_every if checkpoint_dir is not None else 0, seed=settings.seed)
+    log_file = (checkpoint_dir / "train_log.jsonl") if checkpoint_dir is not None else None
+    run = trainer.Trainer(student, teacher, terms, stream, cfg, device=device, compute_dtype=compute_dtype,
+                          student_to_teacher=mapping or list(range(num_layers)), matched_layers=matched,
+                          vocab=vocab, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, log_file=log_file)
+    teacher_cache: list = []
+    before = trainer.heldout_metrics(student, teacher, held, device, vocab, teacher_cache)
+    if start_from is not None:
+        step = run.resume(start_from)
+        log(f"resuming from {start_from} (step {step} of {settings.steps})")
+    elif checkpoint_dir is not None and checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)
+    if log_file is not None:
+        trainer.rewrite_log(log_file, run.state.log)
+    precision = "bf16 autocast" if compute_dtype is not None else "fp32"
+    log(f"healing on {device} ({precision}): {settings.steps} steps of {settings.batch_size} x {settings.seq_len} "
+        f"tokens, train {settings.train}, losses {', '.join(f'{t.name}x{t.weight:g}' for t in terms)}; "
+        f"held-out KL to the teacher {before['kl']:.4f}")
+    started = time.perf_counter()
+    with ProgressReport(console, settings.steps, log) as report:
+        run.on_step = report
+        records = run.run()
+    seconds = time.perf_counter() - started
+    after = trainer.heldout_metrics(student, teacher, held, device, vocab, teacher_cache)
+    trained = [r for r in records if "tokens_per_s" in r]
+    result = {
+        "steps": settings.steps, "device": device, "precision": precision, "train": settings.train,
+        "kl_before": before["kl"], "kl_after": after["kl"], "kl_reduction": 1 - after["kl"] / before["kl"],
+        "top1_before": before["top1"], "top1_after": after["top1"],
+        "ppl_teacher": before["teacher_ppl"], "ppl_before": before["ppl"], "ppl_after": after["ppl"],
+        "tokens_per_s": (sum(r["tokens_per_s"] for r in trained) / len(trained)) if trained else None,
+        "train_seconds": round(seconds, 1), "heal_tokens": len(stream),
+    }
+    log(f"held-out KL to the teacher {before['kl']:.4f} -> {after['kl']:.4f} "
+        f"({100 * result['kl_reduction']:.0f}% lower), perplexity {before['ppl']:.2f} -> {after['ppl']:.2f} "
+        f"(teacher {before['teacher_ppl']:.2f})")
+    if run.rank == 0:
+        _save(student, s_tok, student_dir, out_dir, records, result)
+        if checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return result
+
+
+def _hf_config(model_dir: Path, options: RunOptions):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir, trust_remote_code=options.trust_remote_code, local_files_only=True)
+
+
+def _checkpoint_to_resume(checkpoint_dir: Path | None, resume: bool | str) -> Path | None:
+    from ollama_compress import trainer
+
+    latest = trainer.latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume is True and latest is None:
+        raise UserError(f"--resume: no complete checkpoint in {checkpoint_dir}; run without --resume to start over")
+    if resume is False and latest is not None:
+        raise UserError(f"{checkpoint_dir} holds a checkpoint of an earlier heal; pass --resume to continue it, "
+                        "or delete that directory to start over")
+    return latest if resume else None
+
+
+def _save(student, tokenizer, student_dir: Path, out_dir: Path, records: list, result: dict) -> None:
+    if hasattr(student, "merge_and_unload"):
+        student = student.merge_and_unload()
+    if getattr(student, "is_activation_checkpointing", False):
+        student.activation_checkpointing_disable()
+    student = student.to("cpu").eval()
+    student.requires_grad_(False)
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        modelio.save_model(student, tokenizer, tmp, student_dir)
+        if (student_dir / LAYER_MAP).is_file():
+            shutil.copy2(student_dir / LAYER_MAP, tmp / LAYER_MAP)
+        (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        write_json(tmp / "heal.json", result)
+
+
+# ---------------------------------------------------------------- capability and stage hooks
+# name -> (function in ollama_compress.distill, description, whether it compares layer outputs)
+BUILTIN_LOSSES = {
+    "kl": ("kl_loss", "forward KL to the teacher's softened logits x T^2, chunked over tokens", False),
+    "hidden_mse": ("hidden_mse_loss", "normalised MSE of each kept layer to its original teacher layer", True),
+    "ce": ("ce_loss", "next-token cross-entropy on the heal text", False),
+    "lens": ("lens_loss", "symmetric JSD of mapped layers through the final norm and LM head", True),
+}
+
+
+def _builtin_loss(attr: str) -> Callable:
+    """The loss ``distill.<attr>``, imported (with torch) only when it runs."""
+
+    def loss(student, teacher, batch):
+        from ollama_compress import distill
+
+        return getattr(distill, attr)(student, teacher, batch)
+
+    loss.__name__ = attr
+    return loss
+
+
+@hookimpl
+def register_losses(register) -> None:
+    for name, (attr, description, needs_layers) in BUILTIN_LOSSES.items():
+        register(name, _builtin_loss(attr), description, needs_layers=needs_layers)
+
+
+def _model_dir(spec: str | Path, options: RunOptions) -> Path:
+    from ollama_compress.hooks.source import resolve_model_dir
+
+    return Path(spec) if Path(spec).is_dir() else resolve_model_dir(str(spec), options)
+
+
+@hookimpl(trylast=True)
+def heal(ctx: StageContext, student_dir: Path, teacher_dir: Path) -> Path | None:
+    """Heal per the recipe's ``heal`` section into ``ctx.out_dir / "model"``; figures go to ctx.metrics.
+
+    Checkpoints live in ``run_dir/cache/heal-checkpoints`` (outside the stage's temporary
+    directory), so an interrupted heal continues where it stopped when the run is started again.
+    """
+    settings = ctx.settings
+    if settings is None:
+        return None
+    out = Path(ctx.out_dir) / "model"
+    result = heal_model(
+        _model_dir(student_dir, ctx.options), _model_dir(teacher_dir, ctx.options), out, settings, ctx.recipe.data,
+        options=ctx.options, ctx=ctx, checkpoint_dir=Path(ctx.run_dir) / "cache" / "heal-checkpoints",
+        resume="auto", console=ctx.console, log=ctx.log,
+    )
+    ctx.metrics.update(result)
+    return out
+
+
+# ---------------------------------------------------------------- command line
+def _data_override(data: str | None) -> list[str]:
+    if data is None:
+        return []
+    if data in ("default", "teacher"):
+        return [f"data.heal={{from: {data}}}"]
+    if data == "default+teacher":
+        return ["data.heal=[{from: default}, {from: teacher}]"]
+    path = Path(data)
+    if not path.is_file():
+        raise UserError(f"--data {data}: not a file; give a .txt or .jsonl file, default, teacher or default+teacher")
+    kind = "jsonl" if path.suffix.lower() in (".jsonl", ".json") else "text"
+    return [f"data.heal={{from: {kind}, path: {json.dumps(str(path))}}}"]
+
+
+def command_settings(student: str, overrides: list[str]) -> tuple[Heal, Data]:
+    """The heal settings and data of the command: the recipe defaults plus ``--set`` overrides."""
+    from ollama_compress.recipe import apply_override, validate
+
+    raw: dict[str, Any] = {"recipe_version": 1, "name": "heal", "source": {"model": student}, "heal": {}}
+    for item in overrides:
+        apply_override(raw, item)
+    recipe = validate(raw, "heal settings")
+    return recipe.heal, recipe.data
+
+
+def default_checkpoint_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".checkpoints")
+
+
+@hookimpl
+def register_commands(cli: click.Group) -> None:
+    from ollama_compress.cli import make_options, run_options
+
+    if "heal" in cli.commands:
+        return
+
+    @cli.command("heal")
+    @click.argument("student")
+    @click.option("--teacher", required=True, help="The unpruned model (same forms as STUDENT).")
+    @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the healed model.")
+    @click.option("--steps", type=int, help="Optimizer steps (heal.steps).")
+    @click.option("--lr", type=float, help="Peak learning rate (heal.lr).")
+    @click.option("--train", "train_mode", type=click.Choice(["all", "neighbours", "lora"]), help="What trains.")
+    @click.option("--data", help="Heal text: a .txt/.jsonl file, default, teacher or default+teacher.")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Any recipe key under heal. or data. (heal.loss={kl: 1, ce: 0.1}).")
+    @click.option("--resume", is_flag=True, help="Continue from the last complete checkpoint.")
+    @click.option("--checkpoints", type=click.Path(path_type=Path), help="Checkpoint directory (default: OUT.checkpoints).")
+    @click.option("--max-memory", type=float, help="Memory the heal may use, in GiB (default: what the device has free).")
+    @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+    @run_options
+    def heal_command(student, teacher, out, steps, lr, train_mode, data, overrides, resume, checkpoints, max_memory,
+                     as_json, **run_kwargs):
+        """Distil STUDENT (a pruned model) from --teacher and write the healed model to --out.
+
+        STUDENT and MODEL are HF directories, .gguf files (imported once), embedded:NAME or cached hub ids.
+        """
+        from rich.console import Console
+
+        options = make_options(**run_kwargs)
+        items = [f"heal.{k}={v}" for k, v in (("steps", steps), ("lr", lr), ("train", train_mode)) if v is not None]
+        bad = [o for o in overrides if not o.split("=", 1)[0].startswith(("heal.", "data."))]
+        if bad:
+            raise UserError(f"--set {bad[0]}: heal takes heal.* and data.* keys only")
+        settings, data_spec = command_settings(str(student), [*items, *_data_override(data), *overrides])
+        student_dir, teacher_dir = _model_dir(student, options), _model_dir(teacher, options)
+        out = Path(out)
+        if out.resolve() in (student_dir.resolve(), teacher_dir.resolve()):
+            raise UserError(f"--out {out} is an input model; choose another directory")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"--out {out} exists and is not empty; choose a new directory")
+        console = Console(stderr=True)
+        result = heal_model(student_dir, teacher_dir, out, settings, data_spec, options=options,
+                            checkpoint_dir=checkpoints or default_checkpoint_dir(out), resume=resume,
+                            max_memory_gib=max_memory, console=console,
+                            log=lambda message: click.echo(message, err=True))
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+        else:
+            click.echo(f"wrote {out}: held-out KL to the teacher {result['kl_before']:.4f} -> {result['kl_after']:.4f}, "
+                       f"perplexity {result['ppl_before']:.2f} -> {result['ppl_after']:.2f}")

@@ -1,0 +1,321 @@
+"""Heal: the losses (chunked KL == plain KL, layer-mapped hidden MSE), the loop (loss falls, resume ==
+uninterrupted, signals), plugin losses, and every bad input of the command as one line + exit 2."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import assert_clean_error, cli
+from ollama_compress import distill, modelio, plugins, trainer
+from ollama_compress.errors import UserError
+from ollama_compress.hooks import heal as heal_hooks
+from ollama_compress.hooks.prune import prune_dir
+from ollama_compress.hookspecs import hookimpl
+from ollama_compress.recipe import Data, Heal, validate
+
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir("llama", 6)
+
+
+@pytest.fixture(scope="module")
+def student_dir(teacher_dir, tmp_path_factory) -> Path:
+    return prune_dir(teacher_dir, tmp_path_factory.mktemp("pruned") / "student", [2, 3])
+
+
+def quick(**changes) -> Heal:
+    base = dict(steps=6, lr=2e-3, batch_size=2, seq_len=32, dtype="float32", checkpoint_every=0)
+    return Heal(**{**base, **changes})
+
+
+SMALL_DATA = Data.model_validate({"heldout": {"from": "default", "split": "heldout", "samples": 2, "seq_len": 32}})
+
+
+# ---------------------------------------------------------------- losses
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_chunked_kl_equals_plain_kl_in_value_and_gradient(softcap):
+    torch.manual_seed(0)
+    hs = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    ht, wt = torch.randn(37, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64)
+    s_head, t_head = distill.Head(ws, softcap=softcap), distill.Head(wt, softcap=softcap)
+
+    chunked = distill.chunked_kl(hs, s_head, ht, t_head, temperature=2.0, chunk_tokens=8)
+    chunked.backward()
+    grads = hs.grad.clone(), ws.grad.clone()
+    hs.grad = ws.grad = None
+    plain = distill.plain_kl(s_head.logits(hs), t_head.logits(ht), temperature=2.0)
+    plain.backward()
+
+    assert chunked.item() > 0.1
+    torch.testing.assert_close(chunked.double(), plain.double(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[0], hs.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grads[1], ws.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_chunked_ce_equals_cross_entropy_in_value_and_gradient():
+    torch.manual_seed(1)
+    h = torch.randn(21, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(30, 8, dtype=torch.float64)
+    targets = torch.randint(0, 30, (21,))
+    chunked = distill.chunked_ce(h, distill.Head(w), targets, chunk_tokens=4)
+    chunked.backward()
+    grad = h.grad.clone()
+    h.grad = None
+    plain = F.cross_entropy(h @ w.t(), targets)
+    plain.backward()
+    torch.testing.assert_close(chunked.double(), plain, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(grad, h.grad, rtol=1e-5, atol=1e-8)
+
+
+def _outs(student_layers, teacher_layers):
+    head = distill.Head(torch.randn(10, 4))
+    final = torch.zeros(1, 3, 4)
+    return distill.ForwardOut(final, head, student_layers), distill.ForwardOut(final, head, teacher_layers)
+
+
+def test_hidden_mse_compares_each_student_layer_with_its_original_teacher_layer():
+    torch.manual_seed(2)
+    teacher_layers = {i: torch.randn(1, 3, 4) for i in range(5)}
+    # student layer 0 is teacher 0, student layer 1 is teacher 3 (layers 1 and 2 were removed)
+    student_layers = {0: teacher_layers[0].clone(), 1: teacher_layers[3].clone()}
+    s, t = _outs(student_layers, teacher_layers)
+    batch = distill.Batch(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool),
+                          student_to_teacher=[0, 3], matched_layers=[0, 1])
+    assert distill.hidden_mse_loss(s, t, batch).item() == 0.0
+    identity = distill.Batch(batch.input_ids, batch.mask, student_to_teacher=[0, 1], matched_layers=[0, 1])
+    assert distill.hidden_mse_loss(s, t, identity).item() > 0.1
+
+
+def test_hidden_mse_does_not_depend_on_the_scale_of_the_hidden_states():
+    torch.manual_seed(3)
+    teacher_layers = {0: torch.randn(1, 3, 4)}
+    student_layers = {0: torch.randn(1, 3, 4)}
+    batch = distill.Batch(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool),
+                          student_to_teacher=[0], matched_layers=[0])
+    small = distill.hidden_mse_loss(*_outs(student_layers, teacher_layers), batch)
+    big = distill.hidden_mse_loss(*_outs({0: 100 * student_layers[0]}, {0: 100 * teacher_layers[0]}), batch)
+    torch.testing.assert_close(small, big)
+
+
+def test_kl_is_zero_for_student_equal_to_teacher_and_positive_otherwise(tiny_model_dir, teacher_dir):
+    teacher = modelio.load_model(teacher_dir)
+    other = modelio.load_model(tiny_model_dir("llama", 6, seed=1))
+    ids = torch.randint(0, 1000, (2, 16))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    batch = distill.Batch(ids, mask, temperature=2.0)
+    with torch.no_grad():
+        t = trainer.forward(teacher, ids, mask, [])
+        same = distill.kl_loss(trainer.forward(teacher, ids, mask, []), t, batch)
+        different = distill.kl_loss(trainer.forward(other, ids, mask, []), t, batch)
+    assert abs(same.item()) < 1e-6
+    assert different.item() > 1e-3
+
+
+def test_kl_ignores_padding_tokens(teacher_dir, tiny_model_dir):
+    teacher = modelio.load_model(teacher_dir)
+    student = modelio.load_model(tiny_model_dir("llama", 6, seed=1))
+    ids = torch.randint(0, 1000, (1, 12))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, 8:] = False
+    with torch.no_grad():
+        s, t = trainer.forward(student, ids, mask, []), trainer.forward(teacher, ids, mask, [])
+        masked = distill.kl_loss(s, t, distill.Batch(ids, mask))
+        logits_s, logits_t = s.head.logits(s.final[0, :8]), t.head.logits(t.final[0, :8])
+    torch.testing.assert_close(masked, distill.plain_kl(logits_s, logits_t), rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- the loop
+SHORT_TEXT = "The quick brown fox jumps over the lazy dog while the farmer counts seven sheep in the field. " * 2
+
+
+def test_heal_lowers_the_loss(student_dir, teacher_dir, tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text(SHORT_TEXT)  # every window nearly the same: the loss curve is not hidden by batch noise
+    data = Data.model_validate({**SMALL_DATA.model_dump(by_alias=True), "heal": {"from": "text", "path": str(text)}})
+    out = tmp_path / "healed"
+    result = heal_hooks.heal_model(student_dir, teacher_dir, out, quick(steps=8, lr=5e-4), data)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 8
+    assert log[-1]["loss"] < 0.7 * log[0]["loss"], [r["loss"] for r in log]
+    assert {"kl", "hidden_mse", "tokens_per_s"} <= set(log[0])
+    assert result["kl_before"] > 0 and result["steps"] == 8
+    assert json.loads((out / "layer_map.json").read_text())["student_to_teacher"] == [0, 1, 4, 5]
+    healed = modelio.load_model(out)
+    assert healed.config.num_hidden_layers == 4
+
+
+def _trainer(student_dir, teacher_dir, checkpoint_dir, on_step=None, steps=6):
+    settings = quick(steps=steps)
+    student = modelio.load_model(student_dir)
+    teacher = modelio.load_model(teacher_dir).requires_grad_(False)
+    student = trainer.select_trainable(student, "all", [0, 1, 4, 5])
+    tok = modelio.load_tokenizer(student_dir)
+    from ollama_compress.hooks.data import default_texts, token_stream
+
+    stream = token_stream(default_texts(Data().heal_sources()[0]), tok)
+    cfg = trainer.TrainConfig(steps=settings.steps, lr=settings.lr, batch_size=2, micro_batch=1, seq_len=32,
+                              temperature=2.0, warmup=1, checkpoint_every=2, seed=0)
+    terms = distill.loss_terms({"kl": 1.0, "hidden_mse": 1.0})
+    return trainer.Trainer(student, teacher, terms, stream, cfg, device="cpu", compute_dtype=None,
+                           student_to_teacher=[0, 1, 4, 5], matched_layers=[0, 1, 2, 3], vocab=49152,
+                           checkpoint_dir=checkpoint_dir, fingerprint="test", on_step=on_step)
+
+
+def test_resume_after_sigint_reaches_the_same_weights_as_an_uninterrupted_run(student_dir, teacher_dir, tmp_path):
+    straight = _trainer(student_dir, teacher_dir, tmp_path / "a")
+    straight.run()
+
+    def interrupt_at_3(record):
+        if record.get("step") == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first = _trainer(student_dir, teacher_dir, tmp_path / "b", on_step=interrupt_at_3)
+    with pytest.raises(trainer.HealInterrupted, match="SIGINT at step 3"):
+        first.run()
+    saved = trainer.latest_checkpoint(tmp_path / "b")
+    assert saved is not None and saved.name == "step-0000003"
+
+    second = _trainer(student_dir, teacher_dir, tmp_path / "b")
+    assert second.resume(saved) == 3
+    second.run()
+    a, b = straight.student.state_dict(), second.student.state_dict()
+    assert a.keys() == b.keys()
+    changed = 0
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+        changed += not torch.equal(a[name], modelio.load_model(student_dir).state_dict()[name])
+    assert changed > 0
+    assert [r["loss"] for r in second.state.log] == [r["loss"] for r in straight.state.log]
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(student_dir, teacher_dir, tmp_path):
+    run = _trainer(student_dir, teacher_dir, tmp_path / "c")
+    original = run._micro_step
+
+    def poisoned(ids, scale):  # from step 5 on, the weights themselves hold NaN
+        if run.state.step == 4:
+            with torch.no_grad():
+                trainer.decoder(run.student).norm.weight.fill_(float("nan"))
+        return original(ids, scale)
+
+    run._micro_step = poisoned
+    from ollama_compress.errors import StageFailed
+
+    with pytest.raises(StageFailed, match="non-finite at step 5.*step-0000004"):
+        run.run()
+    assert trainer.latest_checkpoint(tmp_path / "c").name == "step-0000004"
+
+
+def test_neighbours_trains_only_the_layers_next_to_a_cut_and_the_final_norm(student_dir):
+    assert trainer.neighbour_layers([0, 1, 4, 5]) == [1, 2]
+    assert trainer.neighbour_layers([0, 2, 3, 5]) == [0, 1, 2, 3]
+    student = trainer.select_trainable(modelio.load_model(student_dir), "neighbours", [0, 1, 4, 5])
+    names = set(trainer.trainable_parameters(student))
+    assert any(n.startswith("model.layers.1.") for n in names)
+    assert any(n.startswith("model.layers.2.") for n in names)
+    assert not any(n.startswith(("model.layers.0.", "model.layers.3.", "model.embed", "lm_head")) for n in names)
+    assert "model.norm.weight" in names
+
+
+# ---------------------------------------------------------------- plugin losses
+class MeanSquareLogitPlugin:
+    calls: list[float] = []
+
+    @staticmethod
+    @hookimpl
+    def register_losses(register):
+        def mean_square_final(student, teacher, batch):
+            value = (student.final.float() - teacher.final.float()).pow(2).mean()
+            MeanSquareLogitPlugin.calls.append(value.item())
+            return value
+
+        register("final_state_mse", mean_square_final, "MSE of the final hidden states")
+
+
+def test_a_plugin_registers_a_loss_by_function_and_a_recipe_uses_it(student_dir, teacher_dir, tmp_path):
+    with pytest.raises(Exception, match="unknown loss 'final_state_mse'; known: ce, hidden_mse, kl, lens"):
+        Heal(loss={"final_state_mse": 1.0})
+    plugins.register_plugin(MeanSquareLogitPlugin(), name="test-final-mse")
+    try:
+        recipe = validate({"recipe_version": 1, "name": "x", "source": {"model": "/m"},
+                           "heal": {"steps": 3, "lr": 1e-3, "batch_size": 1, "seq_len": 16, "dtype": "float32",
+                                    "loss": {"final_state_mse": 1.0}}})
+        heal_hooks.heal_model(student_dir, teacher_dir, tmp_path / "h", recipe.heal, SMALL_DATA)
+    finally:
+        plugins.get_plugin_manager().unregister(name="test-final-mse")
+        plugins.reset()
+    assert len(MeanSquareLogitPlugin.calls) == 3
+    log = [json.loads(line) for line in (tmp_path / "h" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["final_state_mse"] for r in log] == pytest.approx(MeanSquareLogitPlugin.calls, rel=1e-5)
+
+
+def test_heldout_text_in_the_heal_data_is_refused(tmp_path):
+    from ollama_compress.hooks.data import default_texts
+    from ollama_compress.recipe import TextSource
+
+    heldout = default_texts(TextSource(split="heldout"))
+    with pytest.raises(UserError, match="held-out text"):
+        heal_hooks.check_no_heldout(["some intro\n\n" + heldout[0][:3000]], heldout)
+    heal_hooks.check_no_heldout(default_texts(TextSource()), heldout)
+
+
+# ---------------------------------------------------------------- the command and its bad input
+def test_heal_command_writes_a_healed_model(student_dir, teacher_dir, tmp_path):
+    out = tmp_path / "cmd"
+    proc = cli("heal", student_dir, "--teacher", teacher_dir, "--out", out, "--steps", "2", "--json",
+               "--set", "heal.batch_size=1", "--set", "heal.seq_len=16", "--set", "heal.dtype=float32",
+               "--set", "data.heldout={from: default, split: heldout, samples: 1, seq_len: 16}")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["steps"] == 2 and result["kl_before"] > 0
+    assert (out / "model.safetensors").is_file() and (out / "heal.json").is_file()
+    assert not (tmp_path / "cmd.checkpoints").exists()
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ("heal.steps=0", "heal.steps: Input should be greater than 0"),
+    ("heal.lr=0", "heal.lr: Input should be greater than 0"),
+    ("heal.batch_size=-1", "heal.batch_size: Input should be greater than 0"),
+    ("heal.seq_len=0", "heal.seq_len: Input should be greater than 0"),
+    ("heal.loss={kl: 1, klx: 1}", "unknown loss 'klx'; known: ce, hidden_mse, kl, lens"),
+])
+def test_bad_settings_are_one_line_and_exit_2(student_dir, teacher_dir, tmp_path, setting, needle):
+    out = tmp_path / "never"
+    proc = cli("heal", student_dir, "--teacher", teacher_dir, "--out", out, "--set", setting)
+    assert_clean_error(proc, needle)
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_bad_models_and_resume_are_one_line_and_exit_2(student_dir, teacher_dir, tiny_model_dir, tmp_path,
+                                                       smollm2_tokenizer):
+    other_tok = tmp_path / "other-tokenizer"
+    import shutil
+
+    shutil.copytree(teacher_dir, other_tok)
+    tok = modelio.load_tokenizer(teacher_dir)
+    tok.add_tokens(["<never-seen-token>"])
+    tok.save_pretrained(other_tok)
+    unpruned = tiny_model_dir("llama", 4)
+    cases = [
+        ((student_dir, "--teacher", other_tok), "tokenizer differs from the student's"),
+        ((unpruned, "--teacher", teacher_dir), "hidden_mse needs the student's layer_map.json"),
+        ((student_dir, "--teacher", teacher_dir, "--resume"), "no complete checkpoint"),
+        ((student_dir, "--teacher", teacher_dir, "--max-memory", "0.001"), "do not fit: the heal needs about"),
+        ((student_dir, "--teacher", tmp_path / "nowhere"), "does not exist"),
+    ]
+    for args, needle in cases:
+        out = tmp_path / "never"
+        proc = cli("heal", *args, "--out", out)
+        assert_clean_error(proc, needle)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not out.exists()
