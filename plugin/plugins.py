@@ -28,6 +28,8 @@ DEFAULT_PLUGINS = {
     "modelfile": "ollama_compress.hooks.modelfile",
     "registration": "ollama_compress.hooks.registration",
     "stages": "ollama_compress.hooks.stages",
+    "evaluate": "ollama_compress.hooks.evaluate",
+    "lm_eval": "ollama_compress.hooks.lm_eval_plugin",
 }
 
 CAPABILITY_HOOKS = {
