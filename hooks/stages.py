@@ -119,6 +119,13 @@ def _register_all(ctx: StageContext, name: str, modelfiles: dict[str, str]) -> d
         }
 
 
+@step("evaluate")
+def _evaluate(ctx: StageContext) -> dict[str, Any]:
+    from ollama_compress.evaluation import evaluate_run
+
+    return evaluate_run(ctx)
+
+
 @hookimpl(trylast=True)
 def run_stage(ctx: StageContext) -> dict[str, Any] | None:
     runner = STEPS.get(ctx.stage)

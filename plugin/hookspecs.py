@@ -172,7 +172,23 @@ def create_ollama_model(ctx: StageContext, modelfile: Path, name: str, host: str
 
 @hookspec
 def evaluate(ctx: StageContext, model_path: Path) -> dict[str, Any] | None:
-    """Measure a model (HF directory or GGUF file). Every plugin's results are merged.
+    """Measure one model against the teacher; every plugin's result is merged into its row.
 
-    Returns ``{metric_name: value}``.
+    Runs in the evaluate stage (after export and ollama) and in ``ollama-compress evaluate``, once
+    per row of the table: the teacher, the pruned and the healed HF directories, each GGUF of the
+    export, and the teacher's own quants when ``evaluate.teacher_quants`` asks for them.
+
+    ``model_path``: an HF directory (PyTorch) or a ``.gguf`` file (llama.cpp). ``ctx.settings`` is
+    the recipe's ``evaluate`` section (None from the command means the defaults); ``ctx.inputs``
+    holds the stage inputs (``teacher_dir``, ``pruned_dir``, ``healed_dir``, ``gguf``, ...) plus
+    ``candidate`` (``{name, model, quant, kind}`` of this row) and ``heldout_reference``: the
+    held-out token windows (``windows``, a JSON file of token-id lists, BOS included) and the
+    teacher's log-probabilities on them (``teacher_logprobs``, a ``.npy`` of shape
+    ``[tokens, vocab]``, row i of a window predicting its token i+1), with ``teacher_perplexity``.
+
+    Returns ``{column: JSON-able value}`` for this row, or None to add nothing. Not first-result:
+    every plugin's dict is merged, and on a shared key a third-party plugin wins over the built-in
+    one (which is ``trylast``). The built-in columns are ``perplexity``, ``kl``,
+    ``top1_agreement``, ``knowledge_accuracy``, ``answers``, ``size_bytes`` and, for GGUF files,
+    ``prompt_tokens_per_s`` / ``gen_tokens_per_s``.
     """

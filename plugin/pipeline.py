@@ -101,6 +101,13 @@ STAGES = (
     Stage("ollama", "50-ollama", "ollama", ("write_modelfile", "create_ollama_model"),
           reads=("model_dir", "gguf"), writes=("modelfiles", "ollama_models"),
           settings=lambda r: {"ollama": _dump(r.ollama), "name": r.name}, enabled=_has("ollama")),
+    Stage("evaluate", "60-evaluate", "evaluate", ("evaluate",),
+          reads=("teacher_dir", "pruned_dir", "healed_dir", "gguf", "scores_file", "ollama_models", "modelfiles"),
+          writes=("evaluation", "report"),
+          settings=lambda r: {"evaluate": _dump(r.evaluate), "name": r.name, "heldout": _dump(r.data.heldout),
+                              "calibration": _dump(r.data.calibration),
+                              "outtype": r.export.outtype if r.export else None},
+          enabled=_has("evaluate")),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 

@@ -30,6 +30,8 @@ DEFAULT_PLUGINS = {
     "registration": "ollama_compress.hooks.registration",
     "ollama_source": "ollama_compress.hooks.ollama_source",
     "stages": "ollama_compress.hooks.stages",
+    "evaluate": "ollama_compress.hooks.evaluate",
+    "lm_eval": "ollama_compress.hooks.lm_eval_plugin",
 }
 
 CAPABILITY_HOOKS = {

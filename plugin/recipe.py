@@ -269,6 +269,31 @@ def _no_nul(value: Any, where: str = "recipe") -> None:
             _no_nul(v, where)
 
 
+class LmEval(Strict):
+    tasks: list[str] = Field(min_length=1)  # lm-eval task names (its own, or defined in include_path)
+    include_path: str | None = None  # a folder of lm-eval task YAML files (e.g. a task on a local JSONL file)
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: int | None = Field(None, ge=1)  # at most this many documents per task
+    batch_size: int = Field(1, ge=1)
+
+
+class Evaluate(Strict):
+    knowledge: bool = True  # the shipped multiple-choice check (ollama_compress/data/knowledge.jsonl)
+    prompts: list[str] | None = None  # greedy answers to these prompts (default: a built-in set of 5)
+    max_new_tokens: int = Field(48, ge=1, le=4096)  # per greedy answer
+    speed: bool = True  # prompt and generation tokens/s in llama.cpp, for GGUF rows
+    teacher_quants: list[str] = []  # also quantize the teacher to these, to compare quant for quant
+    lm_eval: LmEval | None = None  # EleutherAI lm-eval on the HF rows (needs the lm-eval extra)
+
+    @field_validator("teacher_quants")
+    @classmethod
+    def _known_teacher_quants(cls, value: list[str]) -> list[str]:
+        for q in value:
+            if q not in QUANT_TYPES:
+                raise ValueError(f"unknown quant '{q}'; known: {', '.join(QUANT_TYPES)}")
+        return value
+
+
 class Recipe(Strict):
     recipe_version: int
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=80)  # the run directory runs/<name>
@@ -279,6 +304,7 @@ class Recipe(Strict):
     heal: Heal | None = None
     export: Export | None = None
     ollama: Ollama | None = None
+    evaluate: Evaluate | None = None  # measure every stage and quant against the teacher; report.md
 
     @model_validator(mode="before")
     @classmethod

@@ -1,0 +1,329 @@
+"""``report.md`` with pictures: what a run lost and gained, from its stage files.
+
+Written by the evaluate stage at the end of a run and by ``ollama-compress report RUN_DIR``. Sections:
+the evaluation table with "quality retained", quality-vs-size and speed-vs-size plots, layer
+importance per metric with the removed layers marked, the heal loss curve (train loss and held-out
+KL, from the heal stage's ``train_log.jsonl`` and ``heal.json``), the layer map, greedy answers side
+by side, and the Ollama names with the commands to chat with them. Each PNG is drawn with
+matplotlib (Agg) and written atomically; the numbers behind them are returned for ``run.json``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .fsutil import atomic_path
+
+MAX_CURVE_POINTS = 200  # heal curve points kept in run.json
+
+
+# ---------------------------------------------------------------- reading the run
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_inputs(lock: dict[str, Any]) -> dict[str, Any]:
+    """The values the stages of a finished run passed on (``outputs`` of each stage, in order)."""
+    inputs: dict[str, Any] = {}
+    for record in (lock.get("stages") or {}).values():
+        inputs.update(record.get("outputs") or {})
+    return inputs
+
+
+def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(lock, inputs) of a run directory, or a UserError when it is not one."""
+    lock = read_json(Path(run_dir) / "run.json")
+    if not isinstance(lock, dict) or "stages" not in lock:
+        raise UserError(f"{run_dir} is not a run directory (no readable run.json); give the --out directory "
+                        "of an 'ollama-compress run'")
+    return lock, run_inputs(lock)
+
+
+def importance(inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """``{"scores": {metric: [per layer]}, "removed": [...]}`` from scores.json and layer_map.json."""
+    scores_file = inputs.get("scores_file")
+    layer_map = layer_map_of(inputs)
+    raw = read_json(Path(scores_file)) if scores_file else None
+    scores = {k: v for k, v in (raw or {}).items() if isinstance(v, list) and v and isinstance(v[0], (int, float))}
+    if not scores and layer_map and isinstance(layer_map.get("scores"), dict):
+        scores = {k: v for k, v in layer_map["scores"].items() if isinstance(v, list)}
+    if not scores:
+        return None
+    return {"scores": scores, "removed": sorted((layer_map or {}).get("removed") or [])}
+
+
+def layer_map_of(inputs: dict[str, Any]) -> dict[str, Any] | None:
+    for key in ("pruned_dir", "healed_dir"):
+        if inputs.get(key):
+            found = read_json(Path(inputs[key]) / "layer_map.json")
+            if isinstance(found, dict):
+                return found
+    return None
+
+
+def heal_curve(inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """Train loss terms per step and held-out KL points, from the healed directory's files."""
+    healed = inputs.get("healed_dir")
+    if not healed:
+        return None
+    log = Path(healed) / "train_log.jsonl"
+    records = []
+    if log.is_file():
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+    summary = read_json(Path(healed) / "heal.json") or {}
+    if not records and not summary:
+        return None
+    every = max(1, len(records) // MAX_CURVE_POINTS)
+    kept = records[::every] + ([records[-1]] if records and (len(records) - 1) % every else [])
+    train_keys = [k for k in ("loss", "kl", "hidden_mse", "ce", "attention", "lens")
+                  if any(isinstance(r.get(k), (int, float)) for r in kept)]
+    train = {k: [[r["step"], r[k]] for r in kept if isinstance(r.get(k), (int, float))] for k in train_keys}
+    heldout = [[r["step"], r[k]] for r in records for k in r if "heldout" in k and "kl" in k
+               and isinstance(r[k], (int, float))]
+    if isinstance(summary.get("kl_before"), (int, float)):
+        heldout.insert(0, [0, summary["kl_before"]])
+    if isinstance(summary.get("kl_after"), (int, float)):
+        heldout.append([records[-1]["step"] if records else summary.get("steps", 1), summary["kl_after"]])
+    return {"train": train, "heldout_kl": heldout}
+
+
+# ---------------------------------------------------------------- plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> str:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    _pyplot().close(fig)
+    return path.name
+
+
+def plot_importance(metric: str, values: list[float], removed: list[int], path: Path) -> str:
+    plt = _pyplot()
+    gone = set(removed)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(values) + 2), 3.4))
+    colors = ["tab:red" if i in gone else "tab:blue" for i in range(len(values))]
+    ax.bar(range(len(values)), values, color=colors, hatch=None)
+    for i in gone:
+        if i < len(values):
+            ax.annotate("x", (i, values[i]), ha="center", va="bottom", color="tab:red", fontsize=9)
+    ax.set_xlabel("layer of the teacher (0-based); red x: removed")
+    ax.set_ylabel(f"{metric} (higher = more important)")
+    ax.set_title(f"importance per layer: {metric}")
+    ax.set_xticks(range(len(values)))
+    ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_heal(curve: dict[str, Any], path: Path) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for key, points in curve["train"].items():
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=f"train {key}")
+    if curve["heldout_kl"]:
+        pts = curve["heldout_kl"]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o--", color="black", label="held-out KL to the teacher")
+    ax.set_xlabel("heal step")
+    ax.set_ylabel("loss")
+    ax.set_title("heal: train loss and held-out KL")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _scatter(ax, rows: list[dict[str, Any]], key: str, ylabel: str, reference: float | None = None) -> None:
+    """One point per row at (size in MiB, ``key``); squares for the teacher and its quants."""
+    from matplotlib.ticker import ScalarFormatter
+
+    for row in rows:
+        if not isinstance(row.get(key), (int, float)):
+            continue
+        x, y = row["size_bytes"] / 2**20, row[key]
+        teacher = row["model"] == "teacher"
+        ax.scatter(x, y, marker="s" if teacher else "o", color="tab:gray" if teacher else "tab:blue")
+        ax.annotate(row["name"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    if reference is not None:
+        ax.axhline(reference, color="tab:gray", linestyle="--", linewidth=1, label="teacher")
+        ax.legend(fontsize=8)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel("size (MiB, log scale)")
+    ax.set_ylabel(ylabel)
+
+
+def plot_quality(rows: list[dict[str, Any]], path: Path) -> str:
+    fig, ax = _pyplot().subplots(figsize=(6.5, 4.0))
+    _scatter(ax, rows, "quality_retained", "quality retained (%)", reference=100.0)
+    ax.set_title("quality vs size (squares: the teacher and its quants)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_speed(rows: list[dict[str, Any]], path: Path) -> str:
+    fig, (gen, prompt) = _pyplot().subplots(1, 2, figsize=(10.0, 4.0))
+    _scatter(gen, rows, "gen_tokens_per_s", "generation tokens/s")
+    _scatter(prompt, rows, "prompt_tokens_per_s", "prompt tokens/s")
+    fig.suptitle("llama.cpp speed vs size (squares: the teacher's quants)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- markdown
+def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
+    return format(value * scale, spec) if isinstance(value, (int, float)) else "-"
+
+
+TABLE_COLUMNS = (
+    ("model", lambda r: r["name"]), ("size MiB", lambda r: _fmt(r.get("size_bytes"), ".1f", 2**-20)),
+    ("perplexity", lambda r: _fmt(r.get("perplexity"), ".3f")), ("KL", lambda r: _fmt(r.get("kl"), ".4g")),
+    ("top-1", lambda r: _fmt(r.get("top1_agreement"), ".1f", 100) + "%"),
+    ("knowledge", lambda r: _fmt(r.get("knowledge_accuracy"), ".1f", 100) + "%"),
+    ("quality retained", lambda r: _fmt(r.get("quality_retained"), ".1f") + "%"),
+    ("prompt tok/s", lambda r: _fmt(r.get("prompt_tokens_per_s"), ".0f")),
+    ("gen tok/s", lambda r: _fmt(r.get("gen_tokens_per_s"), ".1f")),
+)
+BUILTIN_KEYS = {"name", "model", "quant", "kind", "path", "size_bytes", "perplexity", "kl", "top1_agreement",
+                "knowledge_accuracy", "quality_retained", "prompt_tokens_per_s", "gen_tokens_per_s", "threads",
+                "answers", "eval_seconds"}
+
+
+def table_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| " + " | ".join(c for c, _ in TABLE_COLUMNS) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(TABLE_COLUMNS) - 1)) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fn(row).replace("-%", "-") for _, fn in TABLE_COLUMNS) + " |")
+    return lines
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|") or "(empty)"
+
+
+def answers_lines(evaluation: dict[str, Any]) -> list[str]:
+    lines = []
+    for i, prompt in enumerate(evaluation.get("prompts") or []):
+        lines += [f"**{_cell(prompt)}**", "", "| model | answer |", "|---|---|"]
+        for row in evaluation["rows"]:
+            answers = row.get("answers") or []
+            if i < len(answers):
+                lines.append(f"| {row['name']} | {_cell(answers[i])} |")
+        lines.append("")
+    return lines
+
+
+def extra_metric_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Metrics other plugins added (lm-eval and the like), one line per row."""
+    lines = []
+    for row in rows:
+        extra = {k: v for k, v in row.items() if k not in BUILTIN_KEYS and v is not None}
+        if extra:
+            lines.append(f"- **{row['name']}**: " + json.dumps(extra, sort_keys=True, default=str))
+    return lines
+
+
+def layer_map_lines(layer_map: dict[str, Any]) -> list[str]:
+    kept = layer_map.get("student_to_teacher") or []
+    lines = [f"{layer_map.get('num_layers_before', '?')} -> {layer_map.get('num_layers_after', len(kept))} layers; "
+             f"removed (teacher indices): {layer_map.get('removed') or []}; chosen by "
+             f"{layer_map.get('metric') or 'explicit layers'}.", "",
+             "| student layer | teacher layer |", "|---:|---:|"]
+    lines += [f"| {s} | {t} |" for s, t in enumerate(kept)]
+    return lines
+
+
+def ollama_lines(inputs: dict[str, Any]) -> list[str]:
+    models = inputs.get("ollama_models") or {}
+    modelfiles = inputs.get("modelfiles") or {}
+    if not models:
+        if modelfiles:
+            return ["Modelfiles were written but nothing was registered: " +
+                    ", ".join(f"`{p}`" for p in modelfiles.values())]
+        return ["No Ollama models were registered in this run."]
+    lines = ["```", "ollama serve   # if no Ollama server is running"]
+    lines += [f"ollama run {name}" for name in models.values()]
+    lines += ["```", "", "| quant | Ollama name | Modelfile |", "|---|---|---|"]
+    lines += [f"| {q} | `{name}` | `{modelfiles.get(q, '-')}` |" for q, name in models.items()]
+    return lines
+
+
+# ---------------------------------------------------------------- the report
+def write_report(out_dir: Path, title: str, evaluation: dict[str, Any] | None,
+                 inputs: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """Write ``report.md`` and its PNGs into ``out_dir``; return (path, the numbers behind the plots)."""
+    from .evaluation import QUALITY_RETAINED
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, Any] = {}
+    lines = [f"# {title}: what was lost and gained", ""]
+    rows = (evaluation or {}).get("rows") or []
+    if rows:
+        lines += ["## Evaluation", "",
+                  f"Every row against the teacher on the same {evaluation.get('heldout_tokens', '?')} held-out "
+                  f"tokens ({evaluation.get('heldout_windows', '?')} windows); knowledge: "
+                  f"{evaluation.get('knowledge_questions', 0)} multiple-choice questions scored by log-likelihood; "
+                  "tokens/s: llama.cpp, GGUF rows only.", "", f"*{QUALITY_RETAINED}.*", "",
+                  *table_lines(rows), ""]
+        extra = extra_metric_lines(rows)
+        if extra:
+            lines += ["Other metrics (plugins):", "", *extra, ""]
+        sized = [r for r in rows if r.get("size_bytes")]
+        quality = [{"name": r["name"], "size_bytes": r["size_bytes"], "quality_retained": r.get("quality_retained")}
+                   for r in sized]
+        png = plot_quality(sized, out_dir / "quality_vs_size.png")
+        figures["quality_vs_size"] = {"file": png, "points": quality}
+        lines += [f"![quality vs size]({png})", ""]
+        fast = [r for r in sized if isinstance(r.get("gen_tokens_per_s"), (int, float))]
+        if fast:
+            png = plot_speed(fast, out_dir / "speed_vs_size.png")
+            figures["speed_vs_size"] = {"file": png, "points": [
+                {k: r.get(k) for k in ("name", "size_bytes", "prompt_tokens_per_s", "gen_tokens_per_s", "threads")}
+                for r in fast]}
+            lines += [f"![speed vs size]({png})", ""]
+    else:
+        lines += ["No evaluation in this run: add an `evaluate` section to the recipe, or run "
+                  "`ollama-compress evaluate RUN_DIR`.", ""]
+    scores = importance(inputs)
+    if scores:
+        lines += ["## Layer importance", ""]
+        pngs = [plot_importance(m, v, scores["removed"], out_dir / f"importance_{m}.png")
+                for m, v in scores["scores"].items()]
+        figures["importance"] = {**scores, "files": pngs}
+        lines += [f"![importance {m}]({png})" for m, png in zip(scores["scores"], pngs)] + [""]
+    curve = heal_curve(inputs)
+    lines += ["## Heal", ""]
+    if curve:
+        png = plot_heal(curve, out_dir / "heal_curve.png")
+        figures["heal_curve"] = {**curve, "file": png}
+        lines += [f"![heal loss curve]({png})", ""]
+    else:
+        lines += ["No heal in this run (no healed model, or its train_log.jsonl is missing).", ""]
+    layer_map = layer_map_of(inputs)
+    if layer_map:
+        lines += ["## Layer map", "", *layer_map_lines(layer_map), ""]
+    if rows and any(r.get("answers") for r in rows):
+        lines += ["## Greedy answers, side by side", "", *answers_lines(evaluation)]
+    lines += ["## Ollama", "", *ollama_lines(inputs), ""]
+    path = out_dir / "report.md"
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines), encoding="utf-8")
+    return path, figures

@@ -1,0 +1,224 @@
+"""Evaluate: every row against the teacher on the same held-out tokens, the hook merge, the
+held-out overlap check, the command, and the optional lm-eval plugin (tiny models)."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from helpers import assert_clean_error, cli
+from ollama_compress.context import StageContext
+from ollama_compress.errors import UserError
+from ollama_compress.evaluation import evaluate_run, knowledge_questions
+from ollama_compress.recipe import validate
+
+ROWS = ["teacher", "pruned", "healed", "healed F32", "healed Q8_0", "teacher Q8_0"]
+
+
+def make_ctx(root: Path, teacher: Path, inputs: dict, evaluate: dict, data: dict | None = None) -> StageContext:
+    recipe = validate({
+        "recipe_version": 1, "name": "tiny-eval", "source": {"model": str(teacher)},
+        "data": data or {"calibration": {"samples": 2, "seq_len": 32},
+                         "heldout": {"split": "heldout", "samples": 2, "seq_len": 48}},
+        "evaluate": evaluate})
+    out = root / "60-evaluate"
+    out.mkdir(parents=True, exist_ok=True)
+    return StageContext(stage="evaluate", recipe=recipe, run_dir=root, out_dir=out, section="evaluate",
+                        console=Console(stderr=True), inputs={"teacher_dir": str(teacher), **inputs})
+
+
+def healed_stand_in(tiny_model_dir, pruned: Path, root: Path) -> Path:
+    """A 4-layer tiny model standing in for the heal stage's output: weights, layer map, train log."""
+    healed = root / "healed"
+    shutil.copytree(tiny_model_dir("llama", 4, seed=1), healed)
+    shutil.copy2(pruned / "layer_map.json", healed / "layer_map.json")
+    log = [{"step": s, "loss": 2.0 / s, "kl": 1.5 / s, "hidden_mse": 0.5 / s} for s in range(1, 11)]
+    (healed / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    (healed / "heal.json").write_text(json.dumps({"kl_before": 0.9, "kl_after": 0.3, "steps": 10}))
+    return healed
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_model_dir):
+    from ollama_compress.hooks.export import export_gguf
+    from ollama_compress.hooks.prune import prune_dir
+    from ollama_compress.hooks.quantize import quantize_file
+
+    root = tmp_path_factory.mktemp("evaluate")
+    teacher = tiny_model_dir("llama", 6)
+    pruned = prune_dir(teacher, root / "pruned", [2, 3], metric="block_influence",
+                       scores={"block_influence": [0.9, 0.8, 0.1, 0.2, 0.7, 0.95]})
+    healed = healed_stand_in(tiny_model_dir, pruned, root)
+    f32 = export_gguf(healed, root / "gguf" / "healed-F32.gguf", "F32")
+    q8 = quantize_file(f32, "Q8_0", root / "gguf" / "healed-Q8_0.gguf")
+    ctx = make_ctx(root, teacher, {"pruned_dir": str(pruned), "healed_dir": str(healed),
+                                   "gguf": {"F32": str(f32), "Q8_0": str(q8)},
+                                   "ollama_models": {"Q8_0": "tiny-eval:Q8_0"}},
+                   {"max_new_tokens": 6, "teacher_quants": ["Q8_0"], "prompts": ["Name a colour.", "Count to three."]})
+    outputs = evaluate_run(ctx)
+    rows = {r["name"]: r for r in ctx.metrics["evaluation"]["rows"]}
+    return ctx, outputs, rows
+
+
+def test_one_row_per_stage_and_quant_with_the_teacher_first(evaluated):
+    ctx, outputs, rows = evaluated
+    assert list(rows) == ROWS
+    assert json.loads(Path(outputs["evaluation"]).read_text())["rows"][0]["name"] == "teacher"
+    teacher = rows["teacher"]
+    assert (teacher["kl"], teacher["top1_agreement"]) == (0.0, 1.0)
+    assert teacher["quality_retained"] == pytest.approx(100.0)
+    for name in ROWS[1:]:
+        assert rows[name]["kl"] > 0, name
+        assert rows[name]["quality_retained"] == pytest.approx(
+            100 * teacher["perplexity"] / rows[name]["perplexity"])
+
+
+def test_pytorch_and_llama_cpp_rows_measure_the_same_tokens(evaluated):
+    _, _, rows = evaluated
+    hf, gguf = rows["healed"], rows["healed F32"]  # the same weights in PyTorch and in llama.cpp
+    assert gguf["perplexity"] == pytest.approx(hf["perplexity"], rel=1e-3)
+    assert gguf["kl"] == pytest.approx(hf["kl"], rel=1e-2, abs=1e-5)
+    assert gguf["top1_agreement"] == pytest.approx(hf["top1_agreement"], abs=0.02)
+    assert gguf["knowledge_accuracy"] == hf["knowledge_accuracy"]
+    assert gguf["answers"][0] == hf["answers"][0]
+    # the teacher's own Q8_0 is far closer to the teacher than a different model is
+    assert rows["teacher Q8_0"]["kl"] < rows["healed Q8_0"]["kl"] / 10
+
+
+def test_gguf_rows_have_llama_cpp_speed_and_sizes_are_the_files(evaluated):
+    _, _, rows = evaluated
+    for name in ("healed F32", "healed Q8_0", "teacher Q8_0"):
+        assert rows[name]["prompt_tokens_per_s"] > 0 and rows[name]["gen_tokens_per_s"] > 0
+        assert rows[name]["size_bytes"] == Path(rows[name]["path"]).stat().st_size
+    assert "gen_tokens_per_s" not in rows["pruned"]
+    assert rows["healed Q8_0"]["size_bytes"] < rows["healed F32"]["size_bytes"] / 2
+    assert all(len(rows[n]["answers"]) == 2 for n in ROWS)
+
+
+def test_the_numbers_go_to_run_json_metrics_and_the_report(evaluated):
+    ctx, outputs, rows = evaluated
+    assert ctx.metrics["evaluation"]["rows"][2]["name"] == "healed"
+    figures = ctx.metrics["figures"]
+    assert figures["heal_curve"]["train"]["loss"][0] == [1, 2.0]
+    assert figures["heal_curve"]["heldout_kl"] == [[0, 0.9], [10, 0.3]]
+    assert figures["importance"]["removed"] == [2, 3]
+    report = Path(outputs["report"]).read_text()
+    assert "| healed Q8_0 |" in report and "ollama run tiny-eval:Q8_0" in report
+    for png in ("quality_vs_size.png", "speed_vs_size.png", "heal_curve.png", "importance_block_influence.png"):
+        assert f"]({png})" in report
+        assert (Path(outputs["report"]).parent / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_knowledge_set_ships_with_the_package():
+    questions = knowledge_questions()
+    assert 35 <= len(questions) <= 50
+    assert len({q["question"] for q in questions}) == len(questions)
+    for q in questions:
+        assert len(q["choices"]) == 4 and 0 <= q["answer"] < 4 and len(set(q["choices"])) == 4
+
+
+def test_heldout_text_that_was_calibration_text_is_refused(tmp_path, tiny_model_dir):
+    text = tmp_path / "same.txt"
+    from ollama_compress.hooks.data import default_texts
+    from ollama_compress.recipe import TextSource
+
+    text.write_text(default_texts(TextSource())[0])
+    ctx = make_ctx(tmp_path, tiny_model_dir("llama", 6), {}, {},
+                   data={"calibration": {"from": "text", "path": str(text), "samples": 2, "seq_len": 32},
+                         "heldout": {"from": "text", "path": str(text), "samples": 2, "seq_len": 32}})
+    with pytest.raises(UserError, match="data.heldout shares text with data.calibration"):
+        evaluate_run(ctx)
+    assert not (tmp_path / "60-evaluate" / "evaluation.json").exists()
+
+
+def test_every_plugins_result_is_merged_and_a_plugin_wins_on_a_shared_key(tmp_path, tiny_model_dir):
+    from ollama_compress.hookspecs import hookimpl
+    from ollama_compress.plugins import get_plugin_manager, register_plugin
+
+    class Extra:
+        @hookimpl
+        def evaluate(self, ctx, model_path):
+            return {"custom_metric": 1.5, "size_bytes": 7,
+                    "seen_reference": Path(ctx.inputs["heldout_reference"]["teacher_logprobs"]).is_file()}
+
+    teacher = tiny_model_dir("llama", 6)
+    ctx = make_ctx(tmp_path, teacher, {}, {"knowledge": False, "speed": False, "max_new_tokens": 1,
+                                           "prompts": ["Hi."]})
+    register_plugin(Extra(), "extra-evaluator")
+    try:
+        evaluate_run(ctx)
+    finally:
+        get_plugin_manager().unregister(name="extra-evaluator")
+    (row,) = ctx.metrics["evaluation"]["rows"]
+    assert (row["custom_metric"], row["size_bytes"], row["seen_reference"]) == (1.5, 7, True)
+    assert row["perplexity"] > 1 and row["kl"] == 0.0  # the built-in columns are still there
+
+
+def test_the_command_measures_models_against_a_teacher(tmp_path, tiny_model_dir):
+    teacher, other = tiny_model_dir("llama", 6), tiny_model_dir("llama", 4, seed=1)
+    proc = cli("evaluate", other, "--teacher", teacher, "--no-knowledge", "--out", tmp_path / "ev", "--json",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    evaluation = json.loads(proc.stdout)
+    assert [r["model"] for r in evaluation["rows"]] == ["teacher", other.name]
+    assert evaluation["rows"][1]["kl"] > 0 and "knowledge_accuracy" not in evaluation["rows"][1]
+    assert (tmp_path / "ev" / "report.md").is_file()
+
+
+def test_the_command_refuses_bad_input_in_one_line(tmp_path, tiny_model_dir):
+    model = tiny_model_dir("llama", 6)
+    assert_clean_error(cli("evaluate", model), "--teacher")
+    assert_clean_error(cli("evaluate", model, "--teacher", model, "--teacher-quant", "Q9"), "unknown quant 'Q9'")
+    assert_clean_error(cli("evaluate", tmp_path / "missing.gguf", "--teacher", model), "does not exist")
+    shipped = Path(__file__).parents[1] / "plugin" / "data" / "calibration.txt"
+    assert_clean_error(cli("evaluate", model, "--teacher", model, "--heldout", shipped, "--out", tmp_path / "o"),
+                       "shares text with data.calibration")
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- lm-eval (optional extra)
+LM_TASK = """\
+task: oc_knowledge_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_runs_a_local_jsonl_task_on_the_hf_rows(tmp_path, tiny_model_dir, monkeypatch):
+    pytest.importorskip("lm_eval", reason="the lm-eval extra is not installed")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    knowledge = Path(__file__).parents[1] / "plugin" / "data" / "knowledge.jsonl"
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "knowledge.yaml").write_text(LM_TASK.format(path=knowledge))
+    ctx = make_ctx(tmp_path, tiny_model_dir("llama", 6), {}, {
+        "speed": False, "max_new_tokens": 1, "prompts": ["Hi."],
+        "lm_eval": {"tasks": ["oc_knowledge_local"], "include_path": str(tasks)}})
+    evaluate_run(ctx)
+    (row,) = ctx.metrics["evaluation"]["rows"]
+    # the same questions, the same prompt format, scored by lm-eval and by the built-in check
+    assert row["lm_eval"]["oc_knowledge_local"]["acc"] == pytest.approx(row["knowledge_accuracy"])
+
+
+def test_without_lm_eval_a_recipe_that_asks_for_it_gets_one_clear_line(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # what an environment without the extra sees
+    ctx = make_ctx(tmp_path, tiny_model_dir("llama", 6), {}, {
+        "knowledge": False, "speed": False, "max_new_tokens": 1, "prompts": ["Hi."],
+        "lm_eval": {"tasks": ["arc_easy"]}})
+    with pytest.raises(UserError) as err:
+        evaluate_run(ctx)
+    assert str(err.value).count("\n") == 0
+    assert "lm-eval is not installed: pip install 'ollama-compress[lm-eval]'" in str(err.value)
