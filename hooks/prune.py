@@ -55,19 +55,12 @@ import click
 from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import atomic_path, write_json
+from ollama_compress.gguf.arch import ARCHS
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress import modelio
 
-# model_type in config.json -> what prune calls it
-SUPPORTED_ARCHITECTURES = {
-    "llama": "llama",
-    "mistral": "mistral",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "gemma2": "gemma2",
-    "gemma3_text": "gemma3",
-    "phi3": "phi3",
-}
+# model_type in config.json -> what prune calls it: every architecture the GGUF writer knows
+SUPPORTED_ARCHITECTURES = {model_type: model_type.removesuffix("_text") for model_type in ARCHS}
 LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 INDEX_FILE = modelio.SAFETENSORS_INDEX
 LAYER_MAP = "layer_map.json"

@@ -160,12 +160,29 @@ def build_ollama(log: Callable[[str], None] | None = None) -> Path:
     cmd = [go, "install", f"-ldflags={OLLAMA_LDFLAGS}", f"{OLLAMA_MODULE}@{OLLAMA_VERSION}"]
     if log is not None:
         log(f"building Ollama {OLLAMA_VERSION} with 'go install' into {target.parent} (once; about 10 minutes)...")
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise StageFailed(f"'{' '.join(cmd)}' failed: {_last_lines(done.stderr)}")
+    returncode, stderr = _run_with_progress(cmd, env, log)
+    if returncode != 0:
+        raise StageFailed(f"'{' '.join(cmd)}' failed: {_last_lines(stderr)}")
     if not _executable(target):
         raise StageFailed(f"'{' '.join(cmd)}' succeeded but {target} is missing")
     return target
+
+
+def _run_with_progress(cmd: list[str], env: dict[str, str], log: Callable[[str], None] | None,
+                       every: float = 60.0) -> tuple[int, str]:
+    """Run ``cmd``; tell ``log`` every ``every`` seconds that it is still running. (exit code, stderr)"""
+    with tempfile.TemporaryFile(mode="w+") as errors:
+        process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors, text=True, env=env)
+        started = time.monotonic()
+        while True:
+            try:
+                returncode = process.wait(timeout=every)
+                break
+            except subprocess.TimeoutExpired:
+                if log is not None:
+                    log(f"  still building Ollama ({time.monotonic() - started:.0f} s so far)")
+        errors.seek(0)
+        return returncode, errors.read()
 
 
 def install_ollama(log: Callable[[str], None] = print) -> Path:

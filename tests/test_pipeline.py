@@ -58,6 +58,9 @@ def test_run_writes_stage_dirs_and_lock_then_reuses_the_cache(tmp_path, tiny_rec
     for path in ggufs.values():
         assert path.startswith(str(out / "40-gguf")) and open(path, "rb").read(4) == b"GGUF"
     assert not [p for p in out.rglob(".*tmp-*")]
+    for written in out.rglob("*"):  # no file names the temporary directory its stage ran in
+        if written.is_file() and written.suffix in (".json", ".jsonl", ".md", "") and written.stat().st_size < 2**20:
+            assert ".tmp-" not in written.read_text(errors="replace"), written
 
     second = cli("run", tiny_recipe, "--out", out)
     assert second.returncode == 0, second.stderr

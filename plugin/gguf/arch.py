@@ -35,7 +35,7 @@ ARCHS: dict[str, ArchSpec] = {
     "gemma3_text": ArchSpec("GEMMA3", norm_shift=1.0),  # Gemma3ForCausalLM
     "phi3": ArchSpec("PHI3"),
 }
-SUPPORTED = "llama, mistral, qwen2, qwen3, gemma2, gemma3 (text-only, gemma3_text), phi3"
+SUPPORTED = ", ".join(ARCHS)
 
 # llama.cpp special-cases the 27B gemmas' attention scale by their layer count (llama-model.cpp).
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
