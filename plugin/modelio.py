@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -149,8 +150,6 @@ def load_model(path: str | os.PathLike, options: RunOptions | None = None, dtype
     check_causal_lm(path)
     from transformers import AutoModelForCausalLM
 
-    import pickle
-
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -160,7 +159,7 @@ def load_model(path: str | os.PathLike, options: RunOptions | None = None, dtype
             weights_only=True,  # .bin files (only with --allow-pickle) load tensors, never objects; no retry without
             local_files_only=True,
         )
-    except (pickle.UnpicklingError, OSError, ValueError, EnvironmentError) as exc:
+    except (pickle.UnpicklingError, OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{path}: transformers cannot load these weights ({first[:300]})") from None
     return model.to(device).eval()
