@@ -256,9 +256,10 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("Interrupted; finished outputs are kept, unfinished ones were removed.", err=True)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - only a full disk reported by native writers (safetensors, gguf)
-        if _disk_full(exc) is None:
+        full = _disk_full(exc)
+        if full is None:
             raise
-        click.echo(f"Error: {_os_error_line(_disk_full(exc))}", err=True)
+        click.echo(f"Error: {_one_line(_os_error_line(full))}", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 

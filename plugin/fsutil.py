@@ -55,7 +55,8 @@ def _stale_siblings(directory: Path, name: str | None = None) -> list[tuple[Path
 
 def _clean_siblings(directory: Path, name: str | None = None) -> list[Path]:
     removed = []
-    for path, final_name, kind in sorted(_stale_siblings(directory, name), key=lambda x: x[2] == "tmp"):
+    leftovers = sorted(_stale_siblings(directory, name), key=lambda found: found[2] == "tmp")  # .old first
+    for path, final_name, kind in leftovers:
         final = directory / final_name
         if kind == "old" and not final.exists() and not final.is_symlink():
             os.replace(path, final)  # killed between the two renames: the previous version comes back
@@ -242,13 +243,3 @@ def resolve_inside(root: str | os.PathLike, relative: str | os.PathLike, what: s
         raise UserError(f"{what} {text!r} leads out of {root} (through a symlink); give a path inside it")
     return target
 
-
-def check_inside(root: str | os.PathLike, path: str | os.PathLike, what: str) -> Path:
-    """``path`` (absolute or relative to the working directory) resolved, if inside ``root``."""
-    text = os.fspath(path)
-    if "\0" in text:
-        raise UserError(f"{what} {text!r} contains a NUL byte")
-    base, target = Path(root).resolve(), Path(text).resolve()
-    if target != base and base not in target.parents:
-        raise UserError(f"{what} {text} is outside {root}; it must stay inside it")
-    return target

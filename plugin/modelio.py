@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +70,18 @@ def _check_shard_index(path: Path, index: Path) -> None:
 
 
 def _check_remote_code(path: Path, options: RunOptions) -> None:
-    """A config that needs the model's own Python code (``auto_map``) needs --trust-remote-code."""
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        raise UserError(f"cannot read {path / 'config.json'}; is it a Hugging Face model directory?") from None
-    if isinstance(config, dict) and config.get("auto_map") and not options.trust_remote_code:
-        raise UserError(f"{path} needs its own Python code (config.json auto_map) to load; read that code and "
-                        "pass --trust-remote-code if you trust it, or use a model transformers supports natively")
+    """A config or tokenizer config that needs the model's own Python code (``auto_map``) needs
+    --trust-remote-code."""
+    for name in ("config.json", "tokenizer_config.json"):
+        if not (path / name).is_file():
+            continue
+        try:
+            config = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            raise UserError(f"cannot read {path / name}; is it a Hugging Face model directory?") from None
+        if isinstance(config, dict) and config.get("auto_map") and not options.trust_remote_code:
+            raise UserError(f"{path} needs its own Python code ({name} auto_map) to load; read that code and "
+                            "pass --trust-remote-code if you trust it, or use a model transformers supports natively")
 
 
 def check_model_dir(path: str | os.PathLike, options: RunOptions | None = None) -> Path:
@@ -145,8 +150,6 @@ def load_model(path: str | os.PathLike, options: RunOptions | None = None, dtype
     check_causal_lm(path)
     from transformers import AutoModelForCausalLM
 
-    import pickle
-
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -156,7 +159,7 @@ def load_model(path: str | os.PathLike, options: RunOptions | None = None, dtype
             weights_only=True,  # .bin files (only with --allow-pickle) load tensors, never objects; no retry without
             local_files_only=True,
         )
-    except (pickle.UnpicklingError, OSError, ValueError, EnvironmentError) as exc:
+    except (pickle.UnpicklingError, OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{path}: transformers cannot load these weights ({first[:300]})") from None
     return model.to(device).eval()

@@ -76,11 +76,15 @@ def test_a_shard_index_naming_files_elsewhere_is_refused(tmp_path, shard, words)
         check_model_dir(path)
 
 
-def test_model_code_needs_trust_remote_code(tmp_path):
-    config = {**CONFIG, "auto_map": {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}}
-    path = model_dir(tmp_path / "m", config=config)
+@pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])
+def test_model_code_needs_trust_remote_code(tmp_path, where):
+    auto_map = {"auto_map": {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
+                             "AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}
+    path = model_dir(tmp_path / "m", config={**CONFIG, **auto_map} if where == "config.json" else None)
+    if where == "tokenizer_config.json":
+        (path / where).write_text(json.dumps(auto_map))
     (path / "modeling_evil.py").write_text("raise SystemExit('ran code')\n")
-    with pytest.raises(UserError, match="--trust-remote-code"):
+    with pytest.raises(UserError, match=f"\\({where} auto_map\\).*--trust-remote-code"):
         check_model_dir(path)
     assert check_model_dir(path, RunOptions(trust_remote_code=True)) == path
 
