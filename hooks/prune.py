@@ -54,7 +54,7 @@ import click
 
 from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import StageFailed, UserError
-from ollama_compress.fsutil import atomic_path, write_json
+from ollama_compress.fsutil import atomic_path, check_free_space, write_json
 from ollama_compress.gguf.arch import ARCHS
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress import modelio
@@ -375,6 +375,7 @@ def _copy_shard(src: Path, dst: Path, new_index: dict[int, int]) -> dict[str, in
 
 
 def _write_weights(model_dir: Path, out: Path, files: list[Path], kept: Sequence[int]) -> None:
+    check_free_space(out, sum(f.stat().st_size for f in files), "the pruned model's weights")
     new_index = {teacher: student for student, teacher in enumerate(kept)}
     weight_map: dict[str, str] = {}
     sizes: dict[str, int] = {}

@@ -26,7 +26,7 @@ from rich.console import Console
 from .context import RunOptions, StageContext
 from .embedded import cache_dir
 from .errors import CompressError, NotAvailable, StageFailed, UserError
-from .fsutil import Fingerprints, atomic_path, settings_hash, write_json
+from .fsutil import Fingerprints, atomic_path, remove_stale_temporaries, settings_hash, write_json
 from .plugins import get_plugin_manager
 from .recipe import SUPPORTED_RECIPE_VERSIONS, Recipe, load_recipe
 
@@ -275,6 +275,7 @@ class Run:
     def execute(self) -> dict[str, Any]:
         source_key = self.source_hash()  # bad sources fail here, before anything is written
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.run_dir)  # what killed runs left behind
         enabled = [s for s in STAGES if s.enabled(self.recipe)]
         for stage in STAGES:
             if stage not in enabled:

@@ -35,7 +35,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tiny_recipe):
     assert proc.returncode == 0, proc.stderr
     for stage in ("source", "prune", "heal", "export", "ollama"):
         assert stage in proc.stdout
-    assert "not available" in proc.stdout  # heal has no plugin yet: said by name
+    assert "will run" in proc.stdout and "cached" not in proc.stdout
     assert not out.exists()
 
 
@@ -43,12 +43,10 @@ def test_run_writes_stage_dirs_and_lock_then_reuses_the_cache(tmp_path, tiny_rec
     out = tmp_path / "run"
     first = cli("run", tiny_recipe, "--out", out)
     assert first.returncode == 0, first.stderr
-    assert "heal: not available" in first.stderr
     lock = json.loads((out / "run.json").read_text())
     stages = lock["stages"]
-    assert [stages[s]["status"] for s in ("source", "prune", "export")] == ["done"] * 3
+    assert [stages[s]["status"] for s in ("source", "prune", "heal", "export")] == ["done"] * 4
     assert stages["importance"]["status"] == "skipped"  # layers were given: nothing to score
-    assert stages["heal"]["status"] == "not available"
     assert lock["inputs"]["source"]["sha256"]
     assert lock["versions"]["torch"] and lock["versions"]["gguf"]
     layer_map = json.loads((out / "20-pruned" / "model" / "layer_map.json").read_text())
@@ -64,11 +62,11 @@ def test_run_writes_stage_dirs_and_lock_then_reuses_the_cache(tmp_path, tiny_rec
 
     second = cli("run", tiny_recipe, "--out", out)
     assert second.returncode == 0, second.stderr
-    assert second.stderr.count("cached, skipped") == 3  # source, prune, export
+    assert second.stderr.count("cached, skipped") == 4  # source, prune, heal, export
 
     third = cli("run", tiny_recipe, "--out", out, "--set", "prune.layers=[1]")
     assert third.returncode == 0, third.stderr
     assert "source: cached" in third.stderr
-    assert "prune: done" in third.stderr and "export: done" in third.stderr
+    assert "prune: done" in third.stderr and "heal: done" in third.stderr and "export: done" in third.stderr
     lock = json.loads((out / "run.json").read_text())
     assert lock["recipe"]["prune"]["layers"] == [1]

@@ -20,7 +20,7 @@ def test_the_book_has_the_promised_models():
 
 @pytest.mark.parametrize("name", BOOK)
 def test_each_recipe_validates_and_its_header_says_how_to_run_it(name):
-    from ollama_compress.hooks.export import ARCHS
+    from ollama_compress.gguf import ARCHS
     from ollama_compress.hooks.prune import SUPPORTED_ARCHITECTURES
 
     path = shipped_recipes()[name]

@@ -234,6 +234,9 @@ def width_warnings(source: Path) -> list[str]:
     if source.is_file() and source.suffix == ".gguf":
         from gguf import GGUFReader
 
+        from ollama_compress.gguf_verify import verify_gguf
+
+        verify_gguf(source)
         try:
             reader = GGUFReader(source)
         except Exception as exc:  # gguf-py raises ValueError and others for bad files

@@ -266,4 +266,8 @@ def _fill_special_from_tokenizer(special, tokenizer, n_vocab: int) -> None:
         special.add_special_token["eos"] = adds_eos
     if special.chat_template is None and isinstance(getattr(tokenizer, "chat_template", None), str):
         special.chat_template = tokenizer.chat_template
+    if isinstance(special.chat_template, str):
+        from ollama_compress.templates import check_chat_template
+
+        check_chat_template(special.chat_template)  # never written into a GGUF unchecked
 
