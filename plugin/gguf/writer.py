@@ -185,7 +185,7 @@ def write_gguf(model_dir: Path, out_path: Path, outtype: str = "F16", metadata: 
     check_exportable(model_dir, options)
     _check_output_dir(out_path)
     with ThreadPoolExecutor(1) as pool:  # hashlib releases the GIL: the source hash overlaps the planning
-        source_hash = pool.submit(tree_sha256, model_dir)
+        source_hash = pool.submit(lambda: (metadata or {}).get("source_sha256") or tree_sha256(model_dir))
         writer, planned = _prepare(model_dir, out_path, outtype, dict(metadata or {}), options or RunOptions(), source_hash)
     with atomic_path(out_path) as tmp:
         try:
