@@ -65,6 +65,13 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {ram:.0f} GiB RAM, Python {platform.python_version()}"
 
 
+def write_results(name: str, lines: list[str]) -> None:
+    """Write ``bench/results-NAME.md`` and print it."""
+    text = "\n".join(lines) + "\n"
+    (HERE / f"results-{name}.md").write_text(text)
+    print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="HF directory (default: SmolLM2-135M-Instruct, imported once)")
@@ -93,9 +100,7 @@ def main() -> None:
     for name, r in rows:
         lines.append(f"| {name} | {r['seconds']:.1f} | {r['bytes'] / 2**20:.1f} | {r['peak_kib'] / 1024:.0f} "
                      f"| {(r['peak_kib'] - r['baseline_kib']) / 1024:.0f} |")
-    text = "\n".join(lines) + "\n"
-    (HERE / "results-export.md").write_text(text)
-    print(text)
+    write_results("export", lines)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from export import machine, smollm2_dir  # noqa: E402  (bench/export.py: the same model and machine line)
+from export import machine, smollm2_dir, write_results  # noqa: E402  (bench/export.py: same model, machine, output)
 
 
 def timed(cmd: list[str]) -> dict[str, float]:
-    """Wall seconds and peak RSS (MiB) of one process run to completion."""
+    """Wall seconds, CPU seconds (user + system) and peak RSS (MiB) of one process run to completion."""
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -36,7 +36,7 @@ def timed(cmd: list[str]) -> dict[str, float]:
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd[:3])} ... failed:\n{err[-3000:]}")
-    return {"seconds": seconds, "rss_mib": usage.ru_maxrss / 1024}
+    return {"seconds": seconds, "cpu": usage.ru_utime + usage.ru_stime, "rss_mib": usage.ru_maxrss / 1024}
 
 
 def commands(model: Path, out: Path) -> dict[str, tuple[list[str], Path]]:
@@ -68,7 +68,8 @@ def main() -> None:
                 output.unlink(missing_ok=True)
                 runs.setdefault(name, []).append(timed(cmd))
                 sizes[name] = output.stat().st_size
-    median = {name: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "rss_mib")} for name, rs in runs.items()}
+    median = {name: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "cpu", "rss_mib")}
+              for name, rs in runs.items()}
     ours, ref = median["ollama-compress export"], median["convert_hf_to_gguf.py"]
     lines = [
         "## Export vs llama.cpp's converter (F16, no quants)",
@@ -76,20 +77,19 @@ def main() -> None:
         f"Date {dt.datetime.now().isoformat(timespec='minutes')}, machine: {machine()}; "
         f"load average at start {load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f} (the machine is shared). "
         f"Command: `python bench/export_vs_converter.py --repeat {args.repeat}`. Model: {model.name} (HF, float32). "
-        f"Whole processes, median of {args.repeat} alternating runs; peak RSS from wait4.",
+        f"Whole processes, median of {args.repeat} alternating runs; CPU seconds (user + system) and peak RSS "
+        "from wait4.",
         "",
-        "| tool | seconds (median) | runs | peak RSS MiB (median) | output MiB |",
-        "| --- | ---: | --- | ---: | ---: |",
+        "| tool | seconds (median) | runs | CPU seconds (median) | peak RSS MiB (median) | output MiB |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
     ]
     for name, rs in runs.items():
         each = ", ".join(f"{r['seconds']:.1f}" for r in rs)
-        lines.append(f"| {name} | {median[name]['seconds']:.2f} | {each} | {median[name]['rss_mib']:.0f} "
-                     f"| {sizes[name] / 2**20:.1f} |")
+        lines.append(f"| {name} | {median[name]['seconds']:.2f} | {each} | {median[name]['cpu']:.2f} "
+                     f"| {median[name]['rss_mib']:.0f} | {sizes[name] / 2**20:.1f} |")
     lines += ["", f"Ratio ours / converter: time {ours['seconds'] / ref['seconds']:.2f}, "
-                  f"peak RSS {ours['rss_mib'] / ref['rss_mib']:.2f}."]
-    text = "\n".join(lines) + "\n"
-    (HERE / "results-export-vs-converter.md").write_text(text)
-    print(text)
+                  f"CPU time {ours['cpu'] / ref['cpu']:.2f}, peak RSS {ours['rss_mib'] / ref['rss_mib']:.2f}."]
+    write_results("export-vs-converter", lines)
 
 
 if __name__ == "__main__":

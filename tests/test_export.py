@@ -278,16 +278,16 @@ def gguf_contents(path: Path) -> tuple[dict, dict]:
     return fields, tensors
 
 
-@pytest.mark.parametrize("arch,tokenizer_files", [
-    *((a, "transformers") for a in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")),
-    ("llama", "added"), ("gemma2", "added"), ("phi3", "added"),
+@pytest.mark.parametrize("arch,tokenizer_files,outtype", [
+    *((a, "transformers", "F32") for a in ("llama", "mistral", "qwen3", "gemma2", "gemma3", "phi3")),
+    ("qwen2", "transformers", "BF16"), ("llama", "added", "F16"), ("gemma2", "added", "F16"), ("phi3", "added", "F16"),
 ])
-def test_sentencepiece_model_equals_the_converter(arch, tokenizer_files, spm_source, tmp_path):
+def test_sentencepiece_model_equals_the_converter(arch, tokenizer_files, outtype, spm_source, tmp_path):
     from ollama_compress.gguf.reference import run_converter
 
     model_dir = _spm_model_dir(tmp_path, spm_source, arch, tokenizer_files)
-    ours, ours_tensors = gguf_contents(export_gguf(model_dir, tmp_path / "ours.gguf", "F32"))
-    theirs, theirs_tensors = gguf_contents(run_converter(model_dir, tmp_path / "converter.gguf", "F32"))
+    ours, ours_tensors = gguf_contents(export_gguf(model_dir, tmp_path / "ours.gguf", outtype))
+    theirs, theirs_tensors = gguf_contents(run_converter(model_dir, tmp_path / "converter.gguf", outtype))
     assert sorted(ours.keys() - theirs.keys()) == sorted(k for k in OUR_EXTRA_KEYS if k in ours)
     differing = {k: (ours.get(k), theirs.get(k)) for k in sorted(theirs.keys()) if ours.get(k) != theirs[k]}
     assert {k: str(v)[:300] for k, v in differing.items()} == {}
@@ -374,11 +374,11 @@ def test_not_enough_disk_space(tiny_model_dir, tmp_path, monkeypatch):
 def test_failure_while_writing_leaves_no_file(tiny_model_dir, tmp_path, monkeypatch):
     real, calls = tensors._read_tensor, []
 
-    def failing(path, name):
+    def failing(path, name, rows=None):
         calls.append(name)
         if len(calls) == 10:
             raise OSError("disk vanished")
-        return real(path, name)
+        return real(path, name, rows)
 
     monkeypatch.setattr(tensors, "_read_tensor", failing)
     with pytest.raises(OSError):

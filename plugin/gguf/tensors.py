@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -43,13 +43,17 @@ def _tensor_index(model_dir: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
     return index
 
 
-def _read_tensor(path: Path, name: str):
-    """One tensor as float32, read on its own (the file is mapped only while reading it)."""
+def _read_tensor(path: Path, name: str, rows: slice | None = None) -> np.ndarray:
+    """One tensor (or its ``rows``) as float32, read on its own (the file is mapped only while reading).
+
+    The values are handled with numpy from here on: torch's worker threads would spin on a busy machine.
+    """
     import torch
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
-        return f.get_tensor(name).to(torch.float32)
+        data = f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
+        return data.to(torch.float32).numpy()
 
 
 def _block_id(name: str) -> int | None:
@@ -60,6 +64,9 @@ def _block_id(name: str) -> int | None:
 
 
 # ------------------------------------------------------------------------- tensor plan
+BLOCK_BYTES = 8 << 20  # a large tensor is read and converted in row blocks of about this many float32 bytes
+
+
 @dataclass
 class PlannedTensor:
     """One GGUF tensor: where its data comes from and what it becomes."""
@@ -67,22 +74,32 @@ class PlannedTensor:
     name: str
     shape: tuple[int, ...]  # numpy order (rows, cols); GGUF stores it reversed
     qtype: Any  # gguf.GGMLQuantizationType
-    load: Callable[[], Any]  # -> float32 torch tensor with the final values
+    load: Callable[[slice | None], np.ndarray]  # rows (None: all) -> float32 array of the final values
     source: str = ""
+    by_rows: bool = True  # each row's final values depend on that row only, so it can be loaded in blocks
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * (4 if self.qtype.name == "F32" else 2)
 
+    def blocks(self) -> Iterator[np.ndarray]:
+        """The final values as float32 arrays: row blocks of about BLOCK_BYTES, or whole."""
+        rows = self.shape[0] if self.shape else 1
+        step = max(1, BLOCK_BYTES // (4 * max(1, int(np.prod(self.shape[1:], dtype=np.int64)))))
+        if not self.by_rows or len(self.shape) < 2 or step >= rows:
+            yield self.load(None)
+            return
+        for start in range(0, rows, step):
+            yield self.load(slice(start, min(rows, start + step)))
 
 
 def _permute_rows(t, n_head: int):
     """HF rotate-half row order -> llama.cpp's interleaved (GPT-J) order, per head."""
     rows = t.shape[0]
-    return t.reshape(n_head, 2, rows // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+    return np.ascontiguousarray(t.reshape(n_head, 2, rows // n_head // 2, *t.shape[1:]).swapaxes(1, 2)).reshape(t.shape)
 
 def _transform(hf_name: str, model_type: str, spec: ArchSpec, config, query_scale: float):
-    """The value changes one HF tensor needs (returns a function of the float32 tensor)."""
+    """The value changes one HF tensor needs: (a function of the float32 tensor, whether it works row by row)."""
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     steps: list[Callable] = []
@@ -103,7 +120,8 @@ def _transform(hf_name: str, model_type: str, spec: ArchSpec, config, query_scal
             t = step(t)
         return t
 
-    return apply
+    mixes_rows = spec.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"))
+    return apply, not mixes_rows
 
 
 def _tensor_qtype(gguf_name: str, shape: Sequence[int], outtype: str):
@@ -141,10 +159,10 @@ def plan_tensors(model_dir: Path, outtype: str = "F16") -> tuple[list[PlannedTen
         if gguf_name is None:
             unknown.append(hf_name)
             continue
-        fix = _transform(hf_name, model_type, spec, config, query_scale)
+        fix, by_rows = _transform(hf_name, model_type, spec, config, query_scale)
         planned.append(PlannedTensor(
             gguf_name, shape, _tensor_qtype(gguf_name, shape, outtype),
-            lambda p=path, n=hf_name, f=fix: f(_read_tensor(p, n)), hf_name,
+            lambda rows, p=path, n=hf_name, f=fix: f(_read_tensor(p, n, rows)), hf_name, by_rows,
         ))
     if unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
@@ -177,8 +195,6 @@ def _check_layers(planned: list[PlannedTensor], n_layers: int, model_dir: Path) 
 
 def _extra_tensors(model_type: str, config) -> Iterable[PlannedTensor]:
     """Tensors llama.cpp wants that HF computes on the fly: llama3 rope factors, phi3 longrope factors."""
-    import torch
-
     gguf = gguf_py()
     f32 = gguf.GGMLQuantizationType.F32
     rope = rope_params(config)
@@ -186,14 +202,14 @@ def _extra_tensors(model_type: str, config) -> Iterable[PlannedTensor]:
     if model_type in ("llama", "mistral") and kind == "llama3":
         factors = _llama3_rope_factors(config, rope)
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-        yield PlannedTensor(name, (len(factors),), f32, lambda: torch.tensor(factors, dtype=torch.float32), "rope")
+        yield PlannedTensor(name, (len(factors),), f32, lambda _: np.array(factors, dtype=np.float32), "rope")
     if model_type == "phi3" and rope.get("long_factor"):
         long_f, short_f = list(rope["long_factor"]), list(rope["short_factor"])
         if len(long_f) != len(short_f) or len(long_f) * 2 != phi3_rope_dims(config):
             raise UserError("phi3 rope long/short factors do not match the rope dimension; config.json is inconsistent")
         for key, values in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, long_f), (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, short_f)):
             yield PlannedTensor(gguf.TENSOR_NAMES[key] + ".weight", (len(values),), f32,
-                                lambda v=values: torch.tensor(v, dtype=torch.float32), "rope")
+                                lambda _, v=values: np.array(v, dtype=np.float32), "rope")
 
 
 def _llama3_rope_factors(config, rope: dict[str, Any]) -> list[float]:

@@ -189,12 +189,13 @@ def _hf_spm_vocab(model_dir: Path, n_vocab: int) -> Vocab:
     return Vocab("llama", "default", tokens, types, scores=scores)
 
 
-def _tokenizer_kind(model_dir: Path) -> str:
+def _tokenizer_kind(model_dir: Path, tokenizer=None) -> str:
+    """"spm" (tokenizer.model), "hf_spm" (byte-fallback BPE in tokenizer.json) or "bpe" (byte-level BPE)."""
     if (model_dir / "tokenizer.model").is_file():
         return "spm"
     tok_file = model_dir / "tokenizer.json"
     if tok_file.is_file():
-        model = json.loads(tok_file.read_text(encoding="utf-8")).get("model", {})
+        model = _tokenizer_model(tok_file, tokenizer)
         if model.get("type") == "BPE" and model.get("byte_fallback"):
             return "hf_spm"
         if model.get("type") == "BPE":
@@ -205,9 +206,18 @@ def _tokenizer_kind(model_dir: Path) -> str:
     raise UserError(f"{model_dir} has no tokenizer (tokenizer.json or tokenizer.model); copy it from the source model")
 
 
+def _tokenizer_model(tok_file: Path, tokenizer) -> dict[str, Any]:
+    """The type and byte_fallback of tokenizer.json's model, from the loaded tokenizer when there is one
+    (tokenizer.json of a large vocabulary takes a while to parse again)."""
+    model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    if model is not None:
+        return {"type": type(model).__name__, "byte_fallback": bool(getattr(model, "byte_fallback", False))}
+    return json.loads(tok_file.read_text(encoding="utf-8")).get("model", {})
+
+
 def build_vocab(model_dir: Path, model_type: str, n_vocab: int, tokenizer=None) -> Vocab:
     """The GGUF vocabulary of ``model_dir``, padded to the embedding's ``n_vocab`` rows."""
-    kind = _tokenizer_kind(model_dir)
+    kind = _tokenizer_kind(model_dir, tokenizer)
     if kind == "spm":
         return _spm_vocab(model_dir, n_vocab, model_type)
     if kind == "hf_spm":

@@ -12,7 +12,8 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 
@@ -56,13 +57,13 @@ def layer_map_keys(model_dir: Path) -> dict[str, Any]:
     return out
 
 
-def provenance(model_dir: Path, metadata: dict[str, Any] | None) -> dict[str, Any]:
-    """Our own ``ollama_compress.*`` keys: source hash, layer map, recipe, plus the caller's."""
+def provenance(model_dir: Path, metadata: dict[str, Any] | None, source_sha256: str | None = None) -> dict[str, Any]:
+    """Our own ``ollama_compress.*`` keys: source hash (``source_sha256`` when known), layer map, recipe, plus the caller's."""
     out = layer_map_keys(model_dir)
     for key, value in (metadata or {}).items():
         if not key.startswith("general.") and key not in ("name", "license", "base_model", "description"):
             out[key.removeprefix(META_PREFIX)] = value
-    out.setdefault("source_sha256", tree_sha256(model_dir))
+    out.setdefault("source_sha256", source_sha256 or tree_sha256(model_dir))
     return out
 
 
@@ -129,14 +130,13 @@ def _ftype(outtype: str):
             "BF16": gguf.LlamaFileType.MOSTLY_BF16}[outtype]
 
 
-def _to_numpy(t, qtype) -> np.ndarray:
-    import torch
-
+def _to_gguf_type(values: np.ndarray, qtype) -> np.ndarray:
+    """float32 ``values`` as the bytes of ``qtype`` (F32, F16, or BF16 bits rounded to nearest even)."""
     if qtype.name == "F32":
-        return t.contiguous().numpy()
+        return np.ascontiguousarray(values, dtype=np.float32)
     if qtype.name == "F16":
-        return t.to(torch.float16).contiguous().numpy()
-    return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy()  # raw BF16 bits
+        return values.astype(np.float16)
+    return gguf_py().quants.quantize(np.ascontiguousarray(values, dtype=np.float32), qtype)
 
 
 def _check_output_dir(out_path: Path) -> None:
@@ -184,16 +184,18 @@ def write_gguf(model_dir: Path, out_path: Path, outtype: str = "F16", metadata: 
     model_dir, out_path = Path(model_dir), Path(out_path)
     check_exportable(model_dir, options)
     _check_output_dir(out_path)
-    writer, planned = _prepare(model_dir, out_path, outtype, dict(metadata or {}), options or RunOptions())
+    with ThreadPoolExecutor(1) as pool:  # hashlib releases the GIL: the source hash overlaps the planning
+        source_hash = pool.submit(lambda: (metadata or {}).get("source_sha256") or tree_sha256(model_dir))
+        writer, planned = _prepare(model_dir, out_path, outtype, dict(metadata or {}), options or RunOptions(), source_hash)
     with atomic_path(out_path) as tmp:
         try:
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for t in planned:
-                _write_one(writer, t)
         finally:
             writer.close()
+        with open(tmp, "ab") as out:
+            _write_tensor_data(out, planned, writer.data_alignment)
     return GGUFExport(out_path, outtype, out_path.stat().st_size, time.perf_counter() - started,
                       width_warnings_of((t.name, t.shape) for t in planned))
 
@@ -214,7 +216,8 @@ def check_exportable(model_dir: Path, options: RunOptions | None = None) -> None
     check_causal_lm(model_dir)
 
 
-def _prepare(model_dir: Path, out_path: Path, outtype: str, metadata: dict[str, Any], options: RunOptions):
+def _prepare(model_dir: Path, out_path: Path, outtype: str, metadata: dict[str, Any], options: RunOptions,
+             source_hash: Future):
     """A GGUFWriter holding every key and tensor index entry, and the tensors to stream after them."""
     gguf = gguf_py()
     planned, info = plan_tensors(model_dir, outtype)
@@ -231,7 +234,7 @@ def _prepare(model_dir: Path, out_path: Path, outtype: str, metadata: dict[str, 
     write_hparams(w, info["model_type"], info["config"], info["n_layers"], _ftype(outtype))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_vocab(w, vocab, model_dir, tokenizer, info["model_type"])
-    for key, value in provenance(model_dir, metadata).items():
+    for key, value in provenance(model_dir, metadata, source_hash.result()).items():
         _add_value(w, META_PREFIX + key, value)
     for t in planned:
         w.add_tensor_info(t.name, t.shape, _np_dtype(t.qtype), t.nbytes, raw_dtype=t.qtype)
@@ -242,11 +245,22 @@ def _np_dtype(qtype):
     return {"F32": np.float32, "F16": np.float16}.get(qtype.name, np.int16)
 
 
-def _write_one(w, t: PlannedTensor) -> None:
-    data = t.load()
-    if tuple(data.shape) != tuple(t.shape):
-        raise StageFailed(f"tensor {t.source or t.name} changed shape while exporting: {tuple(data.shape)} != {t.shape}")
-    array = _to_numpy(data, t.qtype)
-    del data
-    w.write_tensor_data(array)
+def _write_tensor_data(out: BinaryIO, planned: list[PlannedTensor], alignment: int) -> None:
+    """Each tensor's bytes in index order, block by block, each starting at a multiple of ``alignment``."""
+    for t in planned:
+        _pad(out, alignment)
+        rows = 0
+        for block in t.blocks():
+            if tuple(block.shape[1:]) != tuple(t.shape[1:]):
+                raise StageFailed(f"tensor {t.source or t.name} changed shape while exporting: "
+                                  f"{tuple(block.shape)} does not fit {t.shape}")
+            rows += block.shape[0] if block.ndim else 1
+            out.write(memoryview(_to_gguf_type(block, t.qtype)).cast("B"))
+        if rows != (t.shape[0] if t.shape else 1):
+            raise StageFailed(f"tensor {t.source or t.name} changed shape while exporting: {rows} rows, not {t.shape[0]}")
+    _pad(out, alignment)
+
+
+def _pad(out: BinaryIO, alignment: int) -> None:
+    out.write(bytes(-out.tell() % alignment))
 
