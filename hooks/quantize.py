@@ -16,7 +16,6 @@ import ctypes
 import json
 import math
 import re
-import shutil
 import subprocess
 import tempfile
 import time
