@@ -124,7 +124,7 @@ def test_matches_llama_imatrix_on_smollm2(smollm2_hf, tmp_path):
     chunks = [tokens[i * n_ctx:(i + 1) * n_ctx] for i in range(n_chunks)]
     if bos:
         chunks = [bos + c[1:] for c in chunks]
-    model = AutoModelForCausalLM.from_pretrained(smollm2_hf, torch_dtype=torch.float32, local_files_only=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32, local_files_only=True).eval()
     summary = verify_gguf(f16)
     names = gguf_names(summary.architecture, summary.block_count, (n for n, _ in model.named_modules()))
     ours = collect_imatrix(model, [torch.tensor([c]) for c in chunks], names)
