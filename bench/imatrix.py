@@ -36,13 +36,12 @@ def export_f16(hf: Path, out: Path) -> Path:
 
 
 def calibration_imatrix(hf: Path, f16: Path, out: Path) -> tuple[Path, float]:
-    from transformers import AutoTokenizer
-
     from ollama_compress.hooks.data import calibration_batches
+    from ollama_compress.modelio import load_tokenizer
     from ollama_compress.recipe import Data
 
     spec = Data().calibration
-    tokenizer = AutoTokenizer.from_pretrained(hf, local_files_only=True)
+    tokenizer = load_tokenizer(hf)
     batches = calibration_batches(spec, tokenizer, batch_size=4)
     t0 = time.perf_counter()
     path = compute_imatrix(hf, f16, batches, out / "imatrix.gguf",

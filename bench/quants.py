@@ -123,16 +123,18 @@ def speed(hf: Path, out: Path) -> None:
     if not (models["pruned (24 layers)"] / "config.json").is_file():
         prune_dir(hf, models["pruned (24 layers)"], PRUNED_LAYERS)
     text = "\n\n".join(heldout_texts()).encode()
-    rows = []
+    ggufs = {}
     for label, model in models.items():
         gguf_dir = out / f"speed-{model.name}"
         if not list(gguf_dir.glob("*-F16.gguf")):
             subprocess.run([sys.executable, "-m", "ollama_compress", "export", str(model), "--out", str(gguf_dir)],
                            check=True)
-        (f16,) = gguf_dir.glob("*-F16.gguf")
-        tokens = llama_cpp.Llama(str(f16), vocab_only=True, verbose=False).tokenize(text, add_bos=True)
-        for quant in SPEED_QUANTS:
-            path = f16 if quant == "F16" else gguf_dir / quant_file_name(f16, quant)
+        (ggufs[label],) = gguf_dir.glob("*-F16.gguf")
+    tokens = llama_cpp.Llama(str(ggufs["teacher (30 layers)"]), vocab_only=True, verbose=False).tokenize(text, add_bos=True)
+    rows = []
+    for quant in SPEED_QUANTS:  # teacher and pruned back to back, so both see about the same load
+        for label, f16 in ggufs.items():
+            path = f16 if quant == "F16" else f16.with_name(quant_file_name(f16, quant))
             if not path.is_file():
                 quantize_file(f16, quant, path)
             rows.append({"model": label, "quant": quant, "mib": path.stat().st_size / 2**20,

@@ -16,7 +16,6 @@ import ctypes
 import json
 import math
 import re
-import shutil
 import subprocess
 import tempfile
 import time
@@ -470,18 +469,17 @@ def _has_llama_quantize() -> bool:
 
 def compute_stage_imatrix(ctx, gguf_path: Path, out: Path) -> Path:
     """``compute_imatrix`` of the stage's HF model (after heal) over ``data.calibration``."""
-    from transformers import AutoTokenizer
-
     from ollama_compress.hooks.data import calibration_batches
     from ollama_compress.imatrix import compute_imatrix
+    from ollama_compress.modelio import load_tokenizer
 
     model_dir = Path(ctx.inputs["model_dir"])
     spec = ctx.recipe.data.calibration
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tokenizer = load_tokenizer(model_dir, ctx.options)
     batches = calibration_batches(spec, tokenizer, ctx=ctx, model=model_dir, batch_size=4)
     source = spec.from_ + (f" {spec.path}" if spec.path else "")
     dataset = f"calibration: {source} ({spec.samples}x{spec.seq_len} tokens, seed {spec.seed})"
-    return compute_imatrix(model_dir, gguf_path, batches, out, dataset, device=ctx.device)
+    return compute_imatrix(model_dir, gguf_path, batches, out, dataset, device=ctx.device, options=ctx.options)
 
 
 @hookimpl

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from .context import RunOptions
 from .errors import UserError
 from .fsutil import atomic_path
 from .gguf_verify import GGUFSummary, verify_gguf
@@ -100,15 +101,13 @@ def collect_imatrix(model: Any, batches: Iterable[Any], names: dict[str, str]) -
 
 
 def compute_imatrix(model_dir: Path, gguf_path: Path, batches: list[Any], out: Path, dataset: str,
-                    device: str = "cpu") -> Path:
+                    device: str = "cpu", options: RunOptions | None = None) -> Path:
     """The importance matrix of the HF model in ``model_dir`` over ``batches``, named for the GGUF
     ``gguf_path`` exported from it, checked against that file and written to ``out`` (atomically)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from . import modelio
 
     summary = verify_gguf(gguf_path)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, local_files_only=True)
-    model.to(device).eval()
+    model = modelio.load_model(model_dir, options, dtype="float32", device=device)
     names = gguf_names(summary.architecture or "", summary.block_count or 0, (n for n, _ in model.named_modules()))
     matrix = collect_imatrix(model, (b.to(device) for b in batches), names)
     del model

@@ -27,10 +27,11 @@ from ollama_compress.imatrix import (
 )
 from ollama_compress.llama_tools import llama_tool
 
-# Largest relative error ||ours - llama-imatrix|| / ||llama-imatrix|| over SmolLM2's 210 matrices,
-# 4 chunks of 128 tokens: measured 0.0040 (blk.*.ffn_down; F16 weights in llama.cpp against F32 in
-# PyTorch), median 0.0007. The bound leaves 2.5x room.
-REL_TOLERANCE = 0.01
+# Relative error ||ours - llama-imatrix|| / ||llama-imatrix|| per tensor over SmolLM2's 210 matrices,
+# 4 chunks of 128 tokens of the held-out text: measured max 0.00137 (blk.12.attn_output.weight),
+# median 0.00008 (F16 weights and F16 intermediate results in llama.cpp against F32 in PyTorch).
+# The bound leaves 3.6x room.
+REL_TOLERANCE = 0.005
 
 
 def tool(name: str) -> Path:
@@ -109,8 +110,9 @@ def test_matches_llama_imatrix_on_smollm2(smollm2_hf, tmp_path):
     text_file = tmp_path / "text.txt"
     text_file.write_text("\n\n".join(heldout_texts()))
     ref_path = tmp_path / "ref.gguf"
-    ran = subprocess.run([tool("llama-imatrix"), "-m", f16, "-f", text_file, "-o", ref_path, "-c", n_ctx,
-                          "-b", n_ctx, "--chunks", n_chunks, "--no-ppl", "-t", "2"], capture_output=True, text=True)
+    args = [tool("llama-imatrix"), "-m", f16, "-f", text_file, "-o", ref_path, "-c", n_ctx, "-b", n_ctx,
+            "--chunks", n_chunks, "--no-ppl", "-t", 2]
+    ran = subprocess.run([str(a) for a in args], capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr[-2000:]
     reference = read_imatrix(ref_path)
 
@@ -122,7 +124,7 @@ def test_matches_llama_imatrix_on_smollm2(smollm2_hf, tmp_path):
     chunks = [tokens[i * n_ctx:(i + 1) * n_ctx] for i in range(n_chunks)]
     if bos:
         chunks = [bos + c[1:] for c in chunks]
-    model = AutoModelForCausalLM.from_pretrained(smollm2_hf, torch_dtype=torch.float32, local_files_only=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32, local_files_only=True).eval()
     summary = verify_gguf(f16)
     names = gguf_names(summary.architecture, summary.block_count, (n for n, _ in model.named_modules()))
     ours = collect_imatrix(model, [torch.tensor([c]) for c in chunks], names)
