@@ -122,6 +122,7 @@ class Heal(Strict):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)  # 0: off
     checkpoint_every: int = Field(50, ge=0)  # steps between checkpoints (0: none)
+    iterative_steps: int = Field(20, ge=0)  # with prune.iterative: heal steps after each removal (0: none)
     seed: int = 0
 
     @field_validator("seq_len")

@@ -319,3 +319,20 @@ def test_bad_models_and_resume_are_one_line_and_exit_2(student_dir, teacher_dir,
         assert_clean_error(proc, needle)
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert not out.exists()
+
+
+def test_iterative_prune_heals_between_removals(teacher_dir, tmp_path):
+    from ollama_compress.hooks.prune import plan_and_prune
+
+    settings = quick(iterative_steps=2, loss={"kl": 1.0, "hidden_mse": 1.0})
+    messages: list[str] = []
+    healer = heal_hooks.iterative_healer(teacher_dir, settings, SMALL_DATA, log=messages.append)
+    out = tmp_path / "iterative"
+    result = plan_and_prune(teacher_dir, out, remove=2, iterative=True, between_steps=healer)
+    assert result["num_layers_after"] == 4 and len(result["steps"]) == 2
+    assert sum("heal after step" in m for m in messages) == 2
+    healed, original = modelio.load_model(out), modelio.load_model(teacher_dir)
+    kept = result["student_to_teacher"]
+    changed = [not torch.equal(healed.model.layers[s].mlp.down_proj.weight, original.model.layers[t].mlp.down_proj.weight)
+               for s, t in enumerate(kept)]
+    assert any(changed)
