@@ -259,7 +259,7 @@ def heal_model(
 
     fingerprint = settings_hash(settings.model_dump(mode="json"), data.model_dump(mode="json", by_alias=True),
                                 _identity(student_dir), _identity(teacher_dir))
-    start_from = _checkpoint_to_resume(checkpoint_dir, resume)
+    start_from = _checkpoint_to_resume(checkpoint_dir, resume, fingerprint)
 
     torch.manual_seed(settings.seed)
     teacher = _load(teacher_dir, options, teacher_dtype, device, needed, "teacher")
@@ -374,10 +374,13 @@ def _hf_config(model_dir: Path, options: RunOptions):
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=options.trust_remote_code, local_files_only=True)
 
 
-def _checkpoint_to_resume(checkpoint_dir: Path | None, resume: bool | str) -> Path | None:
+def _checkpoint_to_resume(checkpoint_dir: Path | None, resume: bool | str, fingerprint: str) -> Path | None:
     from ollama_compress import trainer
 
     latest = trainer.latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume == "auto" and latest is not None:
+        state = json.loads((latest / trainer.STATE_FILE).read_text())
+        return latest if state.get("fingerprint") == fingerprint else None
     if resume is True and latest is None:
         raise UserError(f"--resume: no complete checkpoint in {checkpoint_dir}; run without --resume to start over")
     if resume is False and latest is not None:
