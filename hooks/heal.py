@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import time
@@ -24,6 +25,11 @@ from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import atomic_path, settings_hash, write_json
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.recipe import Data, Heal, TextSource
+
+# Idle OpenMP threads that spin instead of sleeping stall each other when the CPU is shared: a SmolLM2
+# forward took 21 s spinning against 1 s passive on a busy 2-core machine. libgomp reads this when torch
+# loads, so it is set when the plugin loads (before torch); an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 LAYER_MAP = "layer_map.json"
 Log = Callable[[str], None]
@@ -253,7 +259,7 @@ def heal_model(
 
     fingerprint = settings_hash(settings.model_dump(mode="json"), data.model_dump(mode="json", by_alias=True),
                                 _identity(student_dir), _identity(teacher_dir))
-    start_from = _checkpoint_to_resume(checkpoint_dir, resume)
+    start_from = _checkpoint_to_resume(checkpoint_dir, resume, fingerprint)
 
     torch.manual_seed(settings.seed)
     teacher = _load(teacher_dir, options, teacher_dtype, device, needed, "teacher")
@@ -314,16 +320,67 @@ def heal_model(
     return result
 
 
+def iterative_healer(teacher_dir: Path, settings: Heal, data: Data, *, options: RunOptions | None = None,
+                     ctx: StageContext | None = None, log: Log = lambda message: None) -> Callable:
+    """``between_steps(model, step, student_to_teacher)`` for iterative pruning: after each removal,
+    ``settings.iterative_steps`` steps of heal of the in-memory model against the teacher (ILD).
+
+    Trains the layers next to the cuts with ``train: neighbours``, every decoder layer otherwise.
+    """
+    from ollama_compress import distill, trainer
+    from ollama_compress.hooks.data import token_stream
+
+    options = options or RunOptions()
+    terms = distill.loss_terms(settings.loss)
+    device = trainer.pick_device(options.device)
+    compute_dtype = trainer.autocast_dtype(device, settings.dtype)
+    loaded: dict[str, Any] = {}
+
+    def setup() -> None:  # on the first removal, after prune has checked its own input
+        tokenizer = modelio.load_tokenizer(teacher_dir, options)
+        held_texts, _ = heldout_windows(data.heldout, tokenizer, ctx)
+        texts = heal_texts(data, tokenizer, teacher_dir, ctx)
+        check_no_heldout(texts, held_texts)
+        loaded["stream"] = token_stream(texts, tokenizer)
+        loaded["teacher"] = modelio.load_model(teacher_dir, options, device=device).requires_grad_(False)
+
+    def between_steps(model, step: int, student_to_teacher: list[int]) -> None:
+        if not loaded:
+            setup()
+        teacher, stream = loaded["teacher"], loaded["stream"]
+        vocab = min(model.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0])
+        mode = "neighbours" if settings.train == "neighbours" else "all"
+        trainer.select_trainable(model, mode, student_to_teacher)
+        cfg = trainer.TrainConfig(steps=settings.iterative_steps, lr=settings.lr, batch_size=settings.batch_size,
+                                  micro_batch=settings.micro_batch or settings.batch_size, seq_len=settings.seq_len,
+                                  temperature=settings.temperature, schedule="constant", warmup=1,
+                                  grad_clip=settings.grad_clip, seed=settings.seed + 1000 * (step + 1))
+        run = trainer.Trainer(model, teacher, terms, stream, cfg, device=device, compute_dtype=compute_dtype,
+                              student_to_teacher=student_to_teacher,
+                              matched_layers=matched_layers(settings.hidden_layers, len(student_to_teacher)),
+                              vocab=vocab)
+        records = run.run()
+        model.requires_grad_(False)
+        model.eval()
+        log(f"heal after step {step + 1}: {settings.iterative_steps} steps, loss {records[0]['loss']:.4f} -> "
+            f"{records[-1]['loss']:.4f}")
+
+    return between_steps
+
+
 def _hf_config(model_dir: Path, options: RunOptions):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=options.trust_remote_code, local_files_only=True)
 
 
-def _checkpoint_to_resume(checkpoint_dir: Path | None, resume: bool | str) -> Path | None:
+def _checkpoint_to_resume(checkpoint_dir: Path | None, resume: bool | str, fingerprint: str) -> Path | None:
     from ollama_compress import trainer
 
     latest = trainer.latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume == "auto" and latest is not None:
+        state = json.loads((latest / trainer.STATE_FILE).read_text())
+        return latest if state.get("fingerprint") == fingerprint else None
     if resume is True and latest is None:
         raise UserError(f"--resume: no complete checkpoint in {checkpoint_dir}; run without --resume to start over")
     if resume is False and latest is not None:
@@ -375,7 +432,7 @@ def register_losses(register) -> None:
         register(name, _builtin_loss(attr), description, needs_layers=needs_layers)
 
 
-def _model_dir(spec: str | Path, options: RunOptions) -> Path:
+def resolve_model(spec: str | Path, options: RunOptions) -> Path:
     from ollama_compress.hooks.source import resolve_model_dir
 
     return Path(spec) if Path(spec).is_dir() else resolve_model_dir(str(spec), options)
@@ -393,7 +450,7 @@ def heal(ctx: StageContext, student_dir: Path, teacher_dir: Path) -> Path | None
         return None
     out = Path(ctx.out_dir) / "model"
     result = heal_model(
-        _model_dir(student_dir, ctx.options), _model_dir(teacher_dir, ctx.options), out, settings, ctx.recipe.data,
+        resolve_model(student_dir, ctx.options), resolve_model(teacher_dir, ctx.options), out, settings, ctx.recipe.data,
         options=ctx.options, ctx=ctx, checkpoint_dir=Path(ctx.run_dir) / "cache" / "heal-checkpoints",
         resume="auto", console=ctx.console, log=ctx.log,
     )
@@ -467,7 +524,7 @@ def register_commands(cli: click.Group) -> None:
         if bad:
             raise UserError(f"--set {bad[0]}: heal takes heal.* and data.* keys only")
         settings, data_spec = command_settings(str(student), [*items, *_data_override(data), *overrides])
-        student_dir, teacher_dir = _model_dir(student, options), _model_dir(teacher, options)
+        student_dir, teacher_dir = resolve_model(student, options), resolve_model(teacher, options)
         out = Path(out)
         if out.resolve() in (student_dir.resolve(), teacher_dir.resolve()):
             raise UserError(f"--out {out} is an input model; choose another directory")

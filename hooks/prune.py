@@ -605,11 +605,14 @@ def plan_and_prune(
     dtype: str = "float32",
     ctx: StageContext | None = None,
     log: Callable[[str], None] = lambda message: None,
+    between_steps: BetweenSteps | None = None,
 ) -> dict[str, Any]:
     """Check everything, score if needed, choose the layers and write the pruned model.
 
     ``calibration`` is a recipe ``TextSource`` (None: the built-in text). ``scores`` computed
-    earlier (by the importance stage) are used instead of scoring again. Returns the layer map
+    earlier (by the importance stage) are used instead of scoring again. ``between_steps`` runs
+    after each removal of an iterative prune (a short heal, see ``hooks.heal.iterative_healer``).
+    Returns the layer map
     plus ``out`` and ``description``. Bad input is reported before any model is loaded and
     before anything is written.
     """
@@ -634,7 +637,7 @@ def plan_and_prune(
 
     if needs_scores and iterative:
         prune_iteratively(model_dir, out_dir, len(planned), metric, batches_fn, protect=protect,
-                          options=options, dtype=dtype, log=log)
+                          options=options, dtype=dtype, between_steps=between_steps, log=log)
     else:
         block_scores = None
         if batches_fn is not None:
@@ -671,12 +674,19 @@ def prune_layers(ctx: StageContext, model_dir: Path, scores: dict[str, list[floa
     out = Path(ctx.out_dir) / "model"
     data = getattr(ctx.recipe, "data", None)
     source = getattr(ctx.recipe, "source", None)
+    heal_settings = getattr(ctx.recipe, "heal", None)
+    between_steps = None
+    if settings.iterative and heal_settings is not None and heal_settings.iterative_steps > 0:
+        from ollama_compress.hooks.heal import iterative_healer, resolve_model
+
+        teacher = resolve_model(heal_settings.teacher, ctx.options) if heal_settings.teacher else Path(model_dir)
+        between_steps = iterative_healer(teacher, heal_settings, data, options=ctx.options, ctx=ctx, log=ctx.log)
     result = plan_and_prune(
         Path(model_dir), out, metric=settings.metric, remove=settings.remove, keep=settings.keep,
         layers=settings.layers, block=settings.block, protect=settings.protect,
         iterative=settings.iterative, calibration=data.calibration if data else None,
         scores=scores or None, options=ctx.options, dtype=getattr(source, "dtype", "float32"),
-        ctx=ctx, log=ctx.log,
+        ctx=ctx, log=ctx.log, between_steps=between_steps,
     )
     ctx.log(result["description"])
     ctx.metrics.update(

@@ -42,6 +42,11 @@ class Head:
         bias = self.bias[:vocab] if self.bias is not None else None
         return Head(self.weight[:vocab], bias, self.softcap)
 
+    def cast(self, dtype: torch.dtype | None) -> "Head":
+        if dtype is None:
+            return self
+        return Head(self.weight.to(dtype), self.bias.to(dtype) if self.bias is not None else None, self.softcap)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full logits in fp32 (for small inputs: evaluation and tests)."""
         z = F.linear(hidden, self.weight, self.bias).float()
@@ -74,52 +79,64 @@ class Batch:
 ChunkLoss = Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]
 
 
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype active for ``tensor``'s device, if any."""
+    kind = tensor.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
 class _HeadLoss(torch.autograd.Function):
     """Sum over chunks of ``chunk_loss(logits_chunk, rows)``; gradients computed chunk by chunk.
 
     ``chunk_loss`` returns (loss of the chunk, d loss / d logits of the chunk), both fp32.
     The gradients for ``hidden`` and the head are kept from the forward pass, so backward only
-    scales them: no chunk's logits outlive its own iteration.
+    scales them: no chunk's logits outlive its own iteration. Under autocast the head is cast
+    to the autocast dtype once, not once per chunk and matmul.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, softcap, chunk_loss, chunk_tokens):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
-            if bias is not None and ctx.needs_input_grad[2] else None
-        for start in range(0, hidden.shape[0], chunk_tokens):
-            rows = slice(start, min(start + chunk_tokens, hidden.shape[0]))
-            h = hidden[rows]
-            z = F.linear(h, weight, bias).float()
-            if softcap:
-                capped = torch.tanh(z / softcap)
-                z = softcap * capped
-            loss, grad_z = chunk_loss(z, rows)
-            total += loss
-            del z
-            if softcap:
-                grad_z = grad_z * (1 - capped * capped)
-            if grad_h is not None:
-                grad_h[rows] = (grad_z.to(weight.dtype) @ weight).to(grad_h.dtype)
-            if grad_w is not None:
-                grad_w += grad_z.t() @ h.float()
-            if grad_b is not None:
-                grad_b += grad_z.sum(0)
+        dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        compute = _compute_dtype(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            if compute is not None:
+                hidden, weight = hidden.to(compute), weight.to(compute)
+                bias = bias.to(compute) if bias is not None else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) \
+                if ctx.needs_input_grad[0] else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+                if ctx.needs_input_grad[1] else None
+            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
+                if bias is not None and ctx.needs_input_grad[2] else None
+            for start in range(0, hidden.shape[0], chunk_tokens):
+                rows = slice(start, min(start + chunk_tokens, hidden.shape[0]))
+                h = hidden[rows]
+                z = F.linear(h, weight, bias).float()
+                if softcap:
+                    capped = torch.tanh(z / softcap)
+                    z = softcap * capped
+                loss, grad_z = chunk_loss(z, rows)
+                total += loss
+                del z
+                if softcap:
+                    grad_z = grad_z * (1 - capped * capped)
+                if grad_h is not None:
+                    grad_h[rows] = grad_z.to(weight.dtype) @ weight
+                if grad_w is not None:
+                    grad_w += grad_z.t().to(h.dtype) @ h
+                if grad_b is not None:
+                    grad_b += grad_z.sum(0)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
         ctx.which = (grad_h is not None, grad_w is not None, grad_b is not None)
-        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        ctx.dtypes = dtypes
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
         saved = iter(ctx.saved_tensors)
-        grads = [next(saved) * grad_out if present else None for present in ctx.which]
-        if grads[1] is not None:
-            grads[1] = grads[1].to(ctx.dtypes[0])
-        if grads[2] is not None:
-            grads[2] = grads[2].to(ctx.dtypes[1])
+        grads = [(next(saved) * grad_out).to(dtype) if present else None
+                 for present, dtype in zip(ctx.which, ctx.dtypes)]
         return grads[0], grads[1], grads[2], None, None, None
 
 
@@ -134,15 +151,17 @@ def chunked_kl(student_hidden: torch.Tensor, student_head: Head, teacher_hidden:
     """Mean over rows of KL(softmax(t/T) || softmax(s/T)) * T^2 from hidden states [N, H]."""
     n = student_hidden.shape[0]
     scale = temperature ** 2 / max(1, n)
+    compute = _compute_dtype(student_hidden)
+    if compute is not None:  # the teacher's logits in the same precision, its head cast once
+        teacher_head, teacher_hidden = teacher_head.cast(compute), teacher_hidden.to(compute)
 
     def chunk(z: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            zt = teacher_head.logits(teacher_hidden[rows])
-            log_p = F.log_softmax(zt / temperature, dim=-1)
-            log_q = F.log_softmax(z / temperature, dim=-1)
+        with torch.no_grad():  # in place where possible: these are [rows, vocab] fp32 tensors
+            log_p = F.log_softmax(teacher_head.logits(teacher_hidden[rows]).div_(temperature), dim=-1)
+            log_q = F.log_softmax(z.div_(temperature), dim=-1)
             p = log_p.exp()
-            loss = (p * (log_p - log_q)).sum() * scale
-            grad = (log_q.exp() - p) * (scale / temperature)
+            loss = torch.vdot(p.view(-1), log_p.sub_(log_q).view(-1)) * scale
+            grad = log_q.exp_().sub_(p).mul_(scale / temperature)
         return loss, grad
 
     return head_loss(student_hidden, student_head, chunk, chunk_tokens)

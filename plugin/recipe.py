@@ -159,8 +159,8 @@ class Prune(Strict):
 
 class Heal(Strict):
     teacher: str | None = None  # default: the source model
-    steps: int = Field(100, gt=0)  # optimizer steps
-    lr: float = Field(1e-4, gt=0)  # peak learning rate (AdamW)
+    steps: int = Field(60, gt=0)  # optimizer steps
+    lr: float = Field(2e-4, gt=0)  # peak learning rate (AdamW)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup (to 10% for cosine/linear)
     warmup: int | None = Field(None, ge=0)  # warmup steps (default: 5% of steps)
     batch_size: int = Field(4, gt=0)  # sequences per optimizer step
@@ -175,7 +175,8 @@ class Heal(Strict):
     gradient_checkpointing: bool | None = None  # default: on for CUDA, off elsewhere
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)  # 0: off
-    checkpoint_every: int = Field(50, ge=0)  # steps between checkpoints (0: none)
+    checkpoint_every: int = Field(20, ge=0)  # steps between checkpoints (0: none)
+    iterative_steps: int = Field(20, ge=0)  # with prune.iterative: heal steps after each removal (0: none)
     seed: int = 0
 
     @field_validator("seq_len")

@@ -61,6 +61,22 @@ def test_chunked_kl_equals_plain_kl_in_value_and_gradient(softcap):
     torch.testing.assert_close(grads[1], ws.grad, rtol=1e-4, atol=1e-7)
 
 
+def test_chunked_kl_under_bf16_autocast_matches_the_plain_loss_to_bf16_precision():
+    torch.manual_seed(4)
+    hs = torch.randn(40, 32, requires_grad=True)
+    w, ht = torch.randn(64, 32) * 0.3, torch.randn(40, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked = distill.chunked_kl(hs, distill.Head(w), ht, distill.Head(w), temperature=2.0, chunk_tokens=16)
+    chunked.backward()
+    grad = hs.grad.clone()
+    hs.grad = None
+    plain = distill.plain_kl(hs @ w.t(), ht @ w.t(), temperature=2.0)
+    plain.backward()
+    assert chunked.dtype == torch.float32 and grad.dtype == torch.float32
+    torch.testing.assert_close(chunked, plain, rtol=3e-2, atol=1e-3)
+    torch.testing.assert_close(grad, hs.grad, rtol=5e-2, atol=2e-3)
+
+
 def test_chunked_ce_equals_cross_entropy_in_value_and_gradient():
     torch.manual_seed(1)
     h = torch.randn(21, 8, dtype=torch.float64, requires_grad=True)
@@ -319,3 +335,48 @@ def test_bad_models_and_resume_are_one_line_and_exit_2(student_dir, teacher_dir,
         assert_clean_error(proc, needle)
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert not out.exists()
+
+
+def test_iterative_prune_heals_between_removals(teacher_dir, tmp_path):
+    from ollama_compress.hooks.prune import plan_and_prune
+
+    settings = quick(iterative_steps=2, loss={"kl": 1.0, "hidden_mse": 1.0})
+    messages: list[str] = []
+    healer = heal_hooks.iterative_healer(teacher_dir, settings, SMALL_DATA, log=messages.append)
+    out = tmp_path / "iterative"
+    result = plan_and_prune(teacher_dir, out, remove=2, iterative=True, between_steps=healer)
+    assert result["num_layers_after"] == 4 and len(result["steps"]) == 2
+    assert sum("heal after step" in m for m in messages) == 2
+    healed, original = modelio.load_model(out), modelio.load_model(teacher_dir)
+    kept = result["student_to_teacher"]
+    changed = [not torch.equal(healed.model.layers[s].mlp.down_proj.weight, original.model.layers[t].mlp.down_proj.weight)
+               for s, t in enumerate(kept)]
+    assert any(changed)
+
+
+def test_lora_trains_adapters_only_or_says_how_to_install_peft(student_dir):
+    model = modelio.load_model(student_dir)
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match=r"pip install 'ollama-compress\[lora\]'"):
+            trainer.select_trainable(model, "lora", [0, 1, 4, 5])
+        return
+    wrapped = trainer.select_trainable(model, "lora", [0, 1, 4, 5])
+    names = set(trainer.trainable_parameters(wrapped))
+    assert names and all("lora_" in n for n in names)
+
+
+def test_the_heal_stage_writes_the_model_and_its_figures(student_dir, teacher_dir, tmp_path):
+    from ollama_compress.context import StageContext
+
+    recipe = validate({"recipe_version": 1, "name": "x", "source": {"model": str(teacher_dir)},
+                       "data": SMALL_DATA.model_dump(by_alias=True),
+                       "heal": {"steps": 2, "batch_size": 1, "seq_len": 16, "dtype": "float32"}})
+    out_dir = tmp_path / "stage"
+    out_dir.mkdir()
+    ctx = StageContext(stage="heal", recipe=recipe, run_dir=tmp_path, out_dir=out_dir)
+    model = heal_hooks.heal(ctx=ctx, student_dir=student_dir, teacher_dir=teacher_dir)
+    assert model == out_dir / "model" and (model / "model.safetensors").is_file()
+    assert ctx.metrics["steps"] == 2 and ctx.metrics["kl_before"] > 0 and "kl_after" in ctx.metrics
+    assert not (tmp_path / "cache" / "heal-checkpoints").exists()
