@@ -83,20 +83,6 @@ def _command_settings(base: Evaluate, no_knowledge: bool, no_speed: bool, teache
         raise UserError(f"--teacher-quant: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
-def print_table(evaluation: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from ollama_compress.report import TABLE_COLUMNS
-
-    table = Table(title="Against the teacher on the same held-out tokens")
-    for header, _ in TABLE_COLUMNS:
-        table.add_column(header, justify="left" if header == "model" else "right")
-    for row in evaluation["rows"]:
-        table.add_row(*(fn(row).replace("-%", "-") for _, fn in TABLE_COLUMNS))
-    Console().print(table)
-
-
 @hookimpl
 def register_commands(cli: click.Group) -> None:
     from ollama_compress.cli import echo_json, make_options, run_options
@@ -146,9 +132,8 @@ def register_commands(cli: click.Group) -> None:
             evaluate_run(ctx, models=models, threads=threads)
             evaluation = ctx.metrics["evaluation"]
         if as_json:
-            echo_json(evaluation)
+            echo_json(evaluation)  # the table went to stderr
         else:
-            print_table(evaluation)
             click.echo(f"report: {final / 'report.md'}")
 
     @cli.command("report")

@@ -485,7 +485,7 @@ def evaluate_run(ctx: StageContext, models: dict[str, Path] | None = None,
     put the numbers into ``ctx.metrics``, and return ``{"evaluation": path, "report": path}``."""
     from ollama_compress import modelio
     from ollama_compress.recipe import Evaluate
-    from ollama_compress.report import write_report
+    from ollama_compress.report import rich_table, write_report
 
     settings = ctx.settings or Evaluate()
     teacher_dir = Path(ctx.inputs["teacher_dir"])
@@ -513,6 +513,8 @@ def evaluate_run(ctx: StageContext, models: dict[str, Path] | None = None,
     ctx.metrics["evaluation"] = evaluation
     report_path, figures = write_report(Path(ctx.out_dir), ctx.recipe.name, evaluation, ctx.inputs)
     ctx.metrics["figures"] = figures
+    if ctx.console is not None:
+        ctx.console.print(rich_table(rows))
     return {"evaluation": str(evaluation_path), "report": str(report_path)}
 
 

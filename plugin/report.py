@@ -214,6 +214,18 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def rich_table(rows: list[dict[str, Any]]):
+    """The evaluation table for the terminal."""
+    from rich.table import Table
+
+    table = Table(title="Against the teacher on the same held-out tokens")
+    for header, _ in TABLE_COLUMNS:
+        table.add_column(header, justify="left" if header == "model" else "right")
+    for row in rows:
+        table.add_row(*(fn(row).replace("-%", "-") for _, fn in TABLE_COLUMNS))
+    return table
+
+
 def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|") or "(empty)"
 

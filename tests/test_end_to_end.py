@@ -27,7 +27,8 @@ def test_demo_recipe_end_to_end(tmp_path, smollm2_hf, ollama_server):  # noqa: F
     lock = json.loads((out / "run.json").read_text())
     status = {name: stage["status"] for name, stage in lock["stages"].items()}
     assert status == {"source": "done", "importance": "done", "prune": "done", "heal": "not available",
-                      "export": "done", "ollama": "done"}
+                      "export": "done", "ollama": "done", "evaluate": "done"}
+    assert (out / "60-evaluate" / "report.md").is_file()
 
     scores = json.loads((out / "10-importance" / "scores.json").read_text())
     assert len(scores["block_influence"]) == 30 and all(math.isfinite(s) for s in scores["block_influence"])
