@@ -21,13 +21,17 @@ def test_demo_recipe_end_to_end(tmp_path, smollm2_hf, ollama_server):  # noqa: F
     out = tmp_path / "run"
     proc = cli("run", "smollm2-135m-demo", "--out", out, "--set", f"source.model={smollm2_hf}",
                "--set", f"ollama.host={ollama_server.host}", "--set", "ollama.parameters.num_ctx=512",
-               "--set", "data.calibration.samples=8", "--set", "data.heldout.samples=4")
+               "--set", "data.calibration.samples=8", "--set", "data.heldout.samples=4",
+               "--set", "heal.steps=6", "--set", "heal.checkpoint_every=3",  # a short heal: the bench measures the full one
+               "--set", "evaluate.max_new_tokens=8")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     lock = json.loads((out / "run.json").read_text())
     status = {name: stage["status"] for name, stage in lock["stages"].items()}
-    assert status == {"source": "done", "importance": "done", "prune": "done", "heal": "not available",
+    assert status == {"source": "done", "importance": "done", "prune": "done", "heal": "done",
                       "export": "done", "ollama": "done", "evaluate": "done"}
+    heal = lock["stages"]["heal"]["metrics"]
+    assert heal["kl_after"] < heal["kl_before"]  # even 6 steps move the student towards the teacher
     assert (out / "60-evaluate" / "report.md").is_file()
 
     scores = json.loads((out / "10-importance" / "scores.json").read_text())
