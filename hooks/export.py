@@ -109,14 +109,15 @@ def export_gguf_stage(ctx: StageContext, model_dir: Path, outtype: str) -> Path:
 
 
 # ------------------------------------------------------------------------- command
-def _model_name(spec: str, model_dir: Path) -> str:
-    """What the files are named after: the GGUF's stem, the embedded model's name, or the directory's."""
+def _model_name(spec: str) -> str:
+    """What the files are named after: the GGUF's stem, the directory's name, the embedded model's or the hub id's."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path.stem if path.is_file() else path.resolve().name
     scheme, sep, rest = spec.partition(":")
-    if spec.endswith(".gguf"):
-        return Path(spec).stem
-    if sep and not Path(spec).exists() and "/" not in scheme:
-        return rest
-    return model_dir.resolve().name
+    if sep and "/" not in scheme:
+        return rest  # embedded:NAME
+    return spec.rstrip("/").rsplit("/", 1)[-1]  # org/name
 
 
 def _print_rows(rows: list[dict]) -> None:
@@ -159,7 +160,7 @@ def register_commands(cli: click.Group) -> None:
         _parse_quants(quants)  # bad arguments are errors before a GGUF is imported
         _check_out_dir(out_dir)
         model_dir = resolve_model_dir(model, options)
-        result = export_model(model_dir, out_dir, _model_name(model, model_dir), outtype, quants,
+        result = export_model(model_dir, out_dir, _model_name(model), outtype, quants,
                               imatrix=imatrix, texts=texts, options=options)
         if as_json:
             echo_json(result)
