@@ -19,7 +19,7 @@ import numpy as np
 
 from ollama_compress.context import RunOptions
 from ollama_compress.errors import StageFailed, UserError
-from ollama_compress.fsutil import atomic_path, check_free_space, tree_sha256
+from ollama_compress.fsutil import atomic_path, check_free_space
 
 from .arch import gguf_py, read_model_config, write_hparams
 from .tensors import PlannedTensor, expected_size, plan_tensors, width_warnings_of
@@ -57,13 +57,21 @@ def layer_map_keys(model_dir: Path) -> dict[str, Any]:
     return out
 
 
+def _sha256(model_dir: Path) -> str:
+    """The model directory's sha256, hashed once per file version (``fsutil.Fingerprints``)."""
+    from ollama_compress.embedded import cache_dir
+    from ollama_compress.fsutil import Fingerprints
+
+    return Fingerprints(cache_dir() / "fingerprints.json").sha256(model_dir)
+
+
 def provenance(model_dir: Path, metadata: dict[str, Any] | None, source_sha256: str | None = None) -> dict[str, Any]:
     """Our own ``ollama_compress.*`` keys: source hash (``source_sha256`` when known), layer map, recipe, plus the caller's."""
     out = layer_map_keys(model_dir)
     for key, value in (metadata or {}).items():
         if not key.startswith("general.") and key not in ("name", "license", "base_model", "description"):
             out[key.removeprefix(META_PREFIX)] = value
-    out.setdefault("source_sha256", source_sha256 or tree_sha256(model_dir))
+    out.setdefault("source_sha256", source_sha256 or _sha256(model_dir))
     return out
 
 
@@ -185,7 +193,7 @@ def write_gguf(model_dir: Path, out_path: Path, outtype: str = "F16", metadata: 
     check_exportable(model_dir, options)
     _check_output_dir(out_path)
     with ThreadPoolExecutor(1) as pool:  # hashlib releases the GIL: the source hash overlaps the planning
-        source_hash = pool.submit(lambda: (metadata or {}).get("source_sha256") or tree_sha256(model_dir))
+        source_hash = pool.submit(lambda: (metadata or {}).get("source_sha256") or _sha256(model_dir))
         writer, planned = _prepare(model_dir, out_path, outtype, dict(metadata or {}), options or RunOptions(), source_hash)
     with atomic_path(out_path) as tmp:
         try:
