@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,13 +64,17 @@ def heal_once(name: str, overrides: list[str]) -> dict:
 
 
 def q4(model_dir: Path, name: str) -> Path:
+    """The Q4_K_M GGUF of ``model_dir`` (the export stage's converter and quantizer; no quality table)."""
+    from ollama_compress.hooks.export import export_gguf
+    from ollama_compress.hooks.quantize import quantize_file
+
     target = WORK / "gguf" / name
     found = sorted(target.glob("*Q4_K_M*.gguf")) if target.is_dir() else []
-    if not found:
-        subprocess.run([sys.executable, "-m", "ollama_compress", "export", str(model_dir), "--quant", "Q4_K_M",
-                        "--out", str(target)], check=True)
-        found = sorted(target.glob("*Q4_K_M*.gguf"))
-    return found[0]
+    if found:
+        return found[0]
+    target.mkdir(parents=True, exist_ok=True)
+    f16 = export_gguf(model_dir, target / f"{name}-F16.gguf", "F16")
+    return quantize_file(Path(f16), "Q4_K_M", target / f"{name}-Q4_K_M.gguf")
 
 
 def answers(gguf: Path) -> list[str]:
