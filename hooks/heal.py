@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import time
@@ -21,15 +20,10 @@ import click
 
 from ollama_compress import modelio
 from ollama_compress.context import RunOptions, StageContext
-from ollama_compress.errors import StageFailed, UserError
+from ollama_compress.errors import UserError
 from ollama_compress.fsutil import atomic_path, settings_hash, write_json
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.recipe import Data, Heal, TextSource
-
-# Idle OpenMP threads that spin instead of sleeping stall each other when the CPU is shared: a SmolLM2
-# forward took 21 s spinning against 1 s passive on a busy 2-core machine. libgomp reads this when torch
-# loads, so it is set when the plugin loads (before torch); an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 LAYER_MAP = "layer_map.json"
 Log = Callable[[str], None]

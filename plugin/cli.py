@@ -236,6 +236,9 @@ def _os_error_line(exc: OSError) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors and exit codes (0 ok, 1 failure during work, 2 bad input)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own progress is enough
+    # Idle OpenMP threads that spin stall each other on a shared CPU (a SmolLM2 forward: 21 s spinning,
+    # 1 s passive, on a busy 2-core machine). libgomp reads this once, when torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         _add_plugin_commands()
         code = cli.main(args=argv, prog_name="ollama-compress", standalone_mode=False)
