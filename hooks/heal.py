@@ -234,7 +234,7 @@ def heal_model(
         raise UserError("heal.train: neighbours needs the student's layer_map.json (a model written by prune); "
                         "use train: all")
 
-    device = trainer.init_distributed(trainer.pick_device(options.device))
+    device = trainer.init_distributed(options.resolved_device())
     compute_dtype = trainer.autocast_dtype(device, settings.dtype)
     teacher_dtype = "bfloat16" if compute_dtype is not None and device.startswith("cuda") else "float32"
     config = _hf_config(student_dir, options)
@@ -326,7 +326,7 @@ def iterative_healer(teacher_dir: Path, settings: Heal, data: Data, *, options: 
 
     options = options or RunOptions()
     terms = distill.loss_terms(settings.loss)
-    device = trainer.pick_device(options.device)
+    device = options.resolved_device()
     compute_dtype = trainer.autocast_dtype(device, settings.dtype)
     loaded: dict[str, Any] = {}
 

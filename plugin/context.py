@@ -21,12 +21,16 @@ class RunOptions:
     offline: bool = True  # never reach a model hub unless the user says so
 
     def resolved_device(self) -> str:
-        """``device``, with "auto" turned into cuda when a GPU is visible, else cpu."""
+        """``device``, with "auto" turned into cuda when a GPU is visible, else mps (Apple), else cpu."""
         if self.device != "auto":
             return self.device
         import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
 
 
 @dataclass

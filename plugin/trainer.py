@@ -55,16 +55,6 @@ def cpu_has_bf16() -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
-def pick_device(requested: str = "auto") -> str:
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def autocast_dtype(device: str, setting: str) -> torch.dtype | None:
     """The autocast dtype for ``heal.dtype`` on ``device`` (None: plain fp32)."""
     kind = device.split(":")[0]
