@@ -278,7 +278,8 @@ def measure_speed(path: Path, tokens: list[int], prompt_tokens: int = SPEED_PROM
     """Prompt and generation tokens/s of the GGUF ``path`` in llama.cpp (llama-cpp-python, its
     default threads): ``prompt_tokens`` of ``tokens`` evaluated as one batch, then
     ``decode_tokens`` more fed one at a time (a generation step without sampling). Median of
-    ``repeats`` after one warm-up."""
+    ``repeats`` after one warm-up. Also per CPU second of this process (``*_per_cpu_s``), which
+    other jobs on a shared machine disturb far less than wall-clock rates."""
     import statistics
 
     llama_cpp = _import_llama_cpp()
@@ -296,19 +297,23 @@ def measure_speed(path: Path, tokens: list[int], prompt_tokens: int = SPEED_PROM
     finally:
         with contextlib.suppress(Exception):
             llm.close()
-    return {"prompt_tokens_per_s": round(len(prompt) / statistics.median(r[0] for r in runs), 1),
-            "gen_tokens_per_s": round(len(decode) / statistics.median(r[1] for r in runs), 1),
+    def rate(n: int, column: int) -> float:
+        return round(n / statistics.median(r[column] for r in runs), 1)
+
+    return {"prompt_tokens_per_s": rate(len(prompt), 0), "gen_tokens_per_s": rate(len(decode), 1),
+            "prompt_tokens_per_cpu_s": rate(len(prompt), 2), "gen_tokens_per_cpu_s": rate(len(decode), 3),
             "speed_threads": threads}
 
 
-def _timed_run(llm: Any, prompt: list[int], decode: list[int]) -> tuple[float, float]:
+def _timed_run(llm: Any, prompt: list[int], decode: list[int]) -> tuple[float, float, float, float]:
+    """(prompt wall s, decode wall s, prompt CPU s, decode CPU s)."""
     llm.reset()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     llm.eval(prompt)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     for token in decode:
         llm.eval([token])
-    return t1 - t0, time.perf_counter() - t1
+    return t1 - t0, time.perf_counter() - t1, c1 - c0, time.process_time() - c1
 
 
 def measure_quants(reference_gguf: Path, quant_ggufs: dict[str, Path], texts: list[str] | None = None,

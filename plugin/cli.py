@@ -103,7 +103,8 @@ def _print_chat_hint(console, models: dict[str, str], quants: list[str]) -> None
     first = next((models[q] for q in quants if q in models), next(iter(models.values())))
     binary = "ollama" if shutil.which("ollama") else str(find_ollama() or "ollama")
     console.print("Chat with the compressed model:")
-    console.print(f"  {binary} serve   # if no Ollama server is running\n  {binary} run {first}")
+    # soft_wrap: a command to copy must stay on one line however long the binary's path is
+    console.print(f"  {binary} serve   # if no Ollama server is running\n  {binary} run {first}", soft_wrap=True)
     others = [name for name in models.values() if name != first]
     if others:
         console.print("Other quants: " + ", ".join(others))

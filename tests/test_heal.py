@@ -380,3 +380,36 @@ def test_the_heal_stage_writes_the_model_and_its_figures(student_dir, teacher_di
     assert model == out_dir / "model" and (model / "model.safetensors").is_file()
     assert ctx.metrics["steps"] == 2 and ctx.metrics["kl_before"] > 0 and "kl_after" in ctx.metrics
     assert not (tmp_path / "cache" / "heal-checkpoints").exists()
+
+
+def test_sigkill_while_checkpointing_keeps_the_last_complete_one_and_resume_finishes(student_dir, teacher_dir,
+                                                                                   tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    out, checkpoints = tmp_path / "healed", tmp_path / "ckpt"
+    args = [sys.executable, "-m", "ollama_compress", "heal", str(student_dir), "--teacher", str(teacher_dir),
+            "--out", str(out), "--checkpoints", str(checkpoints), "--steps", "40",
+            "--set", "heal.checkpoint_every=1", "--set", "heal.batch_size=1", "--set", "heal.seq_len=16",
+            "--set", "heal.dtype=float32",
+            "--set", "data.heldout={from: default, split: heldout, samples: 1, seq_len: 16}"]
+    child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    writing = []
+    while not writing and child.poll() is None and time.monotonic() < deadline:  # a checkpoint is being written
+        writing = [p for p in checkpoints.glob(".step-*.tmp-*")] if checkpoints.is_dir() else []
+        if not writing:
+            time.sleep(0.005)
+    child.kill()
+    child.wait()
+    assert writing, "no checkpoint was caught mid-write"
+    assert not out.exists()  # no half-written healed model
+    kept = trainer.latest_checkpoint(checkpoints)
+    assert kept is not None and (kept / "trainable.safetensors").is_file()
+
+    proc = cli(*args[3:], "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "model.safetensors").is_file()
+    assert f"resuming from {kept} (step {int(kept.name.split('-')[1])} of 40)" in proc.stderr
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
