@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import json
 import math
+import os
 import re
 import subprocess
 import tempfile
@@ -206,6 +207,13 @@ def heldout_texts() -> list[str]:
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 
 
+def llama_threads(threads: int | None) -> dict[str, int]:
+    """The same thread count for single tokens and for batches: llama-cpp-python's default batch
+    threads (every core) stall on a shared machine, slowing multi-token evals a hundredfold."""
+    n = threads or max(1, (os.cpu_count() or 2) // 2)
+    return {"n_threads": n, "n_threads_batch": n}
+
+
 class _LlamaScorer:
     """One GGUF loaded in llama.cpp, giving log-probabilities for token windows."""
 
@@ -213,7 +221,8 @@ class _LlamaScorer:
         llama_cpp = _import_llama_cpp()
         with llama_log_capture() as log:
             try:
-                self.llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, verbose=False)
+                self.llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx,
+                                           **llama_threads(None), verbose=False)
             except (ValueError, RuntimeError) as exc:
                 raise StageFailed(f"llama.cpp could not load {path}: {_failure_reason(log) or exc}") from None
 
@@ -373,26 +382,34 @@ def measure_quants(reference_gguf: Path, quant_ggufs: dict[str, Path], texts: li
     return rows
 
 
-def _compare(path: Path, windows: list[list[int]], ref_lp: Any, n_vocab: int, n_ctx: int) -> dict[str, Any]:
+def quality_against(model: Any, windows: list[list[int]], ref_lp: Any) -> dict[str, Any]:
+    """Perplexity, KL(reference || model) per token and top-1 agreement with the reference over
+    ``windows``: ``model.log_probs(window)`` gives the model's rows, ``ref_lp`` the reference's, in order."""
     import numpy as np
 
+    start, nll, kl, agree = 0, 0.0, 0.0, 0
+    for w in windows:
+        lp = model.log_probs(w)
+        ref = np.asarray(ref_lp[start : start + len(lp)])
+        nll -= float(lp[np.arange(len(lp)), w[1:]].sum(dtype=np.float64))
+        kl += float((np.exp(ref) * (ref - lp)).sum(dtype=np.float64))
+        agree += int((ref.argmax(axis=1) == lp.argmax(axis=1)).sum())
+        start += len(lp)
+    return {"perplexity": math.exp(nll / start), "kl": kl / start, "top1_agreement": agree / start, "tokens": start}
+
+
+def _compare(path: Path, windows: list[list[int]], ref_lp: Any, n_vocab: int, n_ctx: int) -> dict[str, Any]:
     scorer = _LlamaScorer(path, n_ctx)
     try:
         if scorer.n_vocab != n_vocab:
             raise UserError(f"{path}: vocabulary of {scorer.n_vocab} tokens differs from the reference's {n_vocab}")
-        start, nll, kl, agree, t0 = 0, 0.0, 0.0, 0, time.perf_counter()
-        for w in windows:
-            lp = scorer.log_probs(w)
-            ref = np.asarray(ref_lp[start : start + len(lp)])
-            nll -= float(lp[np.arange(len(lp)), w[1:]].sum(dtype=np.float64))
-            kl += float((np.exp(ref) * (ref - lp)).sum(dtype=np.float64))
-            agree += int((ref.argmax(axis=1) == lp.argmax(axis=1)).sum())
-            start += len(lp)
-        seconds = time.perf_counter() - t0
+        started = time.perf_counter()
+        quality = quality_against(scorer, windows, ref_lp)
+        seconds = time.perf_counter() - started
     finally:
         scorer.close()
-    return {"perplexity": math.exp(nll / start), "mean_kl": kl / start, "top1_agreement": agree / start,
-            "tokens": start, "n_ctx": n_ctx, "eval_seconds": round(seconds, 2)}
+    return {"perplexity": quality["perplexity"], "mean_kl": quality["kl"], "top1_agreement": quality["top1_agreement"],
+            "tokens": quality["tokens"], "n_ctx": n_ctx, "eval_seconds": round(seconds, 2)}
 
 
 def write_quants_report(rows: list[dict], out_dir: Path) -> Path:

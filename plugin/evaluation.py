@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -218,7 +217,7 @@ class LlamaModel:
     """A GGUF file in llama.cpp, with logits for every position."""
 
     def __init__(self, path: Path, n_ctx: int, threads: int | None = None):
-        from ollama_compress.hooks.quantize import _failure_reason, _import_llama_cpp, llama_log_capture
+        from ollama_compress.hooks.quantize import _failure_reason, _import_llama_cpp, llama_log_capture, llama_threads
 
         llama_cpp = _import_llama_cpp()
         with llama_log_capture() as log:
@@ -260,13 +259,6 @@ class LlamaModel:
             pass
 
 
-def llama_threads(threads: int | None) -> dict[str, int]:
-    """The same thread count for single tokens and for batches: llama-cpp-python's default batch
-    threads (every core) stall on a shared machine, slowing multi-token evals a hundredfold."""
-    n = threads or max(1, (os.cpu_count() or 2) // 2)
-    return {"n_threads": n, "n_threads_batch": n}
-
-
 def _until_stop(tokens: list[int], stop: set[int]) -> list[int]:
     for i, token in enumerate(tokens):
         if token in stop:
@@ -278,7 +270,7 @@ def llama_speed(path: Path, prompt: list[int], threads: int | None = None,
                 gen_tokens: int = SPEED_GEN_TOKENS) -> dict[str, Any]:
     """Prompt and generation tokens/s of a GGUF in llama.cpp (no logits kept, greedy decoding;
     the fastest of ``SPEED_REPEATS`` runs)."""
-    from ollama_compress.hooks.quantize import _import_llama_cpp, llama_log_capture
+    from ollama_compress.hooks.quantize import _import_llama_cpp, llama_log_capture, llama_threads
 
     llama_cpp = _import_llama_cpp()
     prompt = prompt[:SPEED_PROMPT_TOKENS]
@@ -334,20 +326,13 @@ def build_reference(ctx: StageContext, teacher_dir: Path, windows: list[list[int
 
 def heldout_quality(backend, windows: list[list[int]], teacher_lp) -> dict[str, Any]:
     """Perplexity, KL(teacher || model) and top-1 agreement over the held-out windows."""
-    import numpy as np
+    from ollama_compress.hooks.quantize import quality_against
 
     if backend.n_vocab != teacher_lp.shape[1]:
         raise UserError(f"the model's vocabulary of {backend.n_vocab} tokens differs from the teacher's "
                         f"{teacher_lp.shape[1]}; evaluate models that share the teacher's tokenizer")
-    start, nll, kl, agree = 0, 0.0, 0.0, 0
-    for w in windows:
-        lp = backend.log_probs(w)
-        ref = np.asarray(teacher_lp[start:start + len(lp)])
-        nll -= float(lp[np.arange(len(lp)), w[1:]].sum(dtype=np.float64))
-        kl += float((np.exp(ref) * (ref - lp)).sum(dtype=np.float64))
-        agree += int((ref.argmax(axis=1) == lp.argmax(axis=1)).sum())
-        start += len(lp)
-    return {"perplexity": math.exp(nll / start), "kl": kl / start, "top1_agreement": agree / start}
+    quality = quality_against(backend, windows, teacher_lp)
+    return {key: quality[key] for key in ("perplexity", "kl", "top1_agreement")}
 
 
 # ---------------------------------------------------------------- knowledge and answers
