@@ -214,15 +214,15 @@ def llama_threads(threads: int | None) -> dict[str, int]:
     return {"n_threads": n, "n_threads_batch": n}
 
 
-class _LlamaScorer:
+class LlamaScorer:
     """One GGUF loaded in llama.cpp, giving log-probabilities for token windows."""
 
-    def __init__(self, path: Path, n_ctx: int):
+    def __init__(self, path: Path, n_ctx: int, threads: int | None = None):
         llama_cpp = _import_llama_cpp()
         with llama_log_capture() as log:
             try:
                 self.llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx,
-                                           **llama_threads(None), verbose=False)
+                                           **llama_threads(threads), verbose=False)
             except (ValueError, RuntimeError) as exc:
                 raise StageFailed(f"llama.cpp could not load {path}: {_failure_reason(log) or exc}") from None
 
@@ -350,7 +350,7 @@ def measure_quants(reference_gguf: Path, quant_ggufs: dict[str, Path], texts: li
     ref_name = summaries["reference"].file_type or "reference"
 
     with tempfile.TemporaryDirectory(prefix="quants-") as tmp:
-        ref = _LlamaScorer(reference_gguf, n_ctx)
+        ref = LlamaScorer(reference_gguf, n_ctx)
         try:
             prefix, tokens = ref.tokenize(texts, max_tokens)
             windows = _windows(prefix, tokens, n_ctx)
@@ -399,7 +399,7 @@ def quality_against(model: Any, windows: list[list[int]], ref_lp: Any) -> dict[s
 
 
 def _compare(path: Path, windows: list[list[int]], ref_lp: Any, n_vocab: int, n_ctx: int) -> dict[str, Any]:
-    scorer = _LlamaScorer(path, n_ctx)
+    scorer = LlamaScorer(path, n_ctx)
     try:
         if scorer.n_vocab != n_vocab:
             raise UserError(f"{path}: vocabulary of {scorer.n_vocab} tokens differs from the reference's {n_vocab}")

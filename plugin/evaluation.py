@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .context import StageContext
-from .errors import StageFailed, UserError
+from .errors import UserError
 from .fsutil import write_json
+from .hooks.quantize import LlamaScorer
 
 QUALITY_RETAINED = (
     "quality retained = teacher perplexity / model perplexity on the same held-out tokens, in percent "
@@ -213,29 +214,8 @@ class HFModel:
         del self.model
 
 
-class LlamaModel:
-    """A GGUF file in llama.cpp, with logits for every position."""
-
-    def __init__(self, path: Path, n_ctx: int, threads: int | None = None):
-        from ollama_compress.hooks.quantize import _failure_reason, _import_llama_cpp, llama_log_capture, llama_threads
-
-        llama_cpp = _import_llama_cpp()
-        with llama_log_capture() as log:
-            try:
-                self.llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx,
-                                           **llama_threads(threads), verbose=False)
-            except (ValueError, RuntimeError) as exc:
-                raise StageFailed(f"llama.cpp could not load {path}: {_failure_reason(log) or exc}") from None
-        self.n_vocab = self.llm.n_vocab()
-
-    def log_probs(self, tokens: list[int]):
-        import numpy as np
-
-        from ollama_compress.hooks.quantize import _log_softmax
-
-        self.llm.reset()
-        self.llm.eval(tokens)
-        return _log_softmax(np.array(self.llm.scores[: len(tokens) - 1], dtype=np.float32))
+class LlamaModel(LlamaScorer):
+    """A GGUF file in llama.cpp: log-probabilities for every position, and greedy answers."""
 
     def log_probs_many(self, sequences: list[list[int]]) -> list:
         return [self.log_probs(s) for s in sequences]
@@ -251,12 +231,6 @@ class LlamaModel:
             new.append(token)
             self.llm.eval([token])
         return new
-
-    def close(self) -> None:
-        try:
-            self.llm.close()
-        except Exception:  # closing twice or after a failed load
-            pass
 
 
 def _until_stop(tokens: list[int], stop: set[int]) -> list[int]:
