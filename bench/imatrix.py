@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ollama_compress.errors import UserError
-from ollama_compress.hooks.quantize import heldout_texts, measure_quants, quant_file_name, quantize_file
+from ollama_compress.hooks.quantize import shipped_heldout_text, measure_quants, quant_file_name, quantize_file
 from ollama_compress.imatrix import compute_imatrix
 from quants import machine, smollm2_hf_dir
 
@@ -73,7 +73,7 @@ def main() -> None:
         print(f"{quant} done", flush=True)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    rows = measure_quants(f16, files, texts=heldout_texts(), n_ctx=args.n_ctx, max_tokens=args.max_tokens, speed=False)
+    rows = measure_quants(f16, files, texts=shipped_heldout_text(), n_ctx=args.n_ctx, max_tokens=args.max_tokens, speed=False)
     measure_s = time.perf_counter() - t0
     by_name = {r["name"]: r for r in rows}
     lines = [

@@ -28,7 +28,7 @@ import psutil
 from ollama_compress.embedded import smollm2_gguf
 from ollama_compress.gguf_verify import verify_gguf
 from ollama_compress.hooks.quantize import (
-    heldout_texts,
+    shipped_heldout_text,
     measure_quants,
     quant_file_name,
     quantize_file,
@@ -98,7 +98,7 @@ def main() -> None:
         print(f"{quant}: {quant_s[quant]:.1f} s", flush=True)
 
     try:
-        texts, text_source = heldout_texts(), "ollama_compress/data/heldout.txt"
+        texts, text_source = shipped_heldout_text(), "ollama_compress/data/heldout.txt"
     except Exception:  # noqa: BLE001 - the bench still runs, and says which text it used
         texts, text_source = FALLBACK_TEXT, "bench/quants.py FALLBACK_TEXT (heldout.txt missing)"
     load_before = os.getloadavg()[0]
@@ -122,7 +122,7 @@ def speed(hf: Path, out: Path) -> None:
     models = {"teacher (30 layers)": hf, "pruned (24 layers)": out / "smollm2-pruned-24"}
     if not (models["pruned (24 layers)"] / "config.json").is_file():
         prune_dir(hf, models["pruned (24 layers)"], PRUNED_LAYERS)
-    text = "\n\n".join(heldout_texts()).encode()
+    text = "\n\n".join(shipped_heldout_text()).encode()
     ggufs = {}
     for label, model in models.items():
         gguf_dir = out / f"speed-{model.name}"

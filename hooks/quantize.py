@@ -196,15 +196,11 @@ def _quantize_with_tool(src: Path, quant: str, dst: Path, imatrix: Path, nthread
 
 
 # ---------------------------------------------------------------- quality
-def heldout_texts() -> list[str]:
-    """The shipped held-out corpus (``ollama_compress.data/heldout.txt``), split into paragraphs."""
-    from importlib import resources
+def shipped_heldout_text() -> list[str]:
+    from ollama_compress.hooks.data import load_texts
+    from ollama_compress.recipe import TextSource
 
-    try:
-        text = (resources.files("ollama_compress.data") / "heldout.txt").read_text(encoding="utf-8")
-    except (FileNotFoundError, OSError):
-        raise UserError("no held-out text shipped (ollama_compress/data/heldout.txt); pass texts to measure quants") from None
-    return [p.strip() for p in text.split("\n\n") if p.strip()]
+    return load_texts(TextSource(split="heldout"))
 
 
 def llama_threads(threads: int | None) -> dict[str, int]:
@@ -340,7 +336,7 @@ def measure_quants(reference_gguf: Path, quant_ggufs: dict[str, Path], texts: li
 
     if n_ctx < 8:
         raise UserError(f"n_ctx {n_ctx} is too small to measure perplexity; use 8 or more")
-    texts = texts if texts is not None else heldout_texts()
+    texts = texts if texts is not None else shipped_heldout_text()
     if not any(t.strip() for t in texts):
         raise UserError("no held-out text to measure perplexity on")
     reference_gguf = Path(reference_gguf)

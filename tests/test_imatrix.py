@@ -101,14 +101,14 @@ def test_matches_llama_imatrix_on_smollm2(smollm2_hf, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ollama_compress.hooks.quantize import heldout_texts
+    from ollama_compress.hooks.quantize import shipped_heldout_text
 
     done = cli("export", smollm2_hf, "--out", tmp_path / "gguf")
     assert done.returncode == 0, done.stderr
     (f16,) = (tmp_path / "gguf").glob("*-F16.gguf")
     n_ctx, n_chunks = 128, 4
     text_file = tmp_path / "text.txt"
-    text_file.write_text("\n\n".join(heldout_texts()))
+    text_file.write_text("\n\n".join(shipped_heldout_text()))
     ref_path = tmp_path / "ref.gguf"
     args = [tool("llama-imatrix"), "-m", f16, "-f", text_file, "-o", ref_path, "-c", n_ctx, "-b", n_ctx,
             "--chunks", n_chunks, "--no-ppl", "-t", 2]
