@@ -397,8 +397,10 @@ def test_sigkill_while_checkpointing_keeps_the_last_complete_one_and_resume_fini
     child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     writing = []
-    while not writing and child.poll() is None and time.monotonic() < deadline:  # a checkpoint is being written
-        writing = [p for p in checkpoints.glob(".step-*.tmp-*")] if checkpoints.is_dir() else []
+    while not writing and child.poll() is None and time.monotonic() < deadline:
+        # a checkpoint is being written while an earlier one is complete
+        if checkpoints.is_dir() and trainer.latest_checkpoint(checkpoints) is not None:
+            writing = list(checkpoints.glob(".step-*.tmp-*"))
         if not writing:
             time.sleep(0.005)
     child.kill()
