@@ -258,16 +258,21 @@ class Ollama(Strict):
         return value
 
 
-def _no_nul(value: Any, where: str = "recipe") -> None:
+def _no_nul(value: Any, where: str = "recipe", inside: tuple[int, ...] = ()) -> None:
+    """No NUL byte in any string, and no value that contains itself (a recursive YAML alias)."""
     if isinstance(value, str) and "\0" in value:
         raise ValueError(f"{where} holds a NUL byte")
+    if isinstance(value, (dict, list)):
+        if id(value) in inside:
+            raise ValueError(f"{where} refers to itself (a recursive YAML alias); write the value out")
+        inside = (*inside, id(value))
     if isinstance(value, dict):
         for k, v in value.items():
-            _no_nul(k, where)
-            _no_nul(v, f"{k}")
+            _no_nul(k, where, inside)
+            _no_nul(v, f"{k}", inside)
     elif isinstance(value, list):
         for v in value:
-            _no_nul(v, where)
+            _no_nul(v, where, inside)
 
 
 class LmEval(Strict):

@@ -25,8 +25,9 @@ def test_each_recipe_validates_and_its_header_says_how_to_run_it(name):
 
     path = shipped_recipes()[name]
     recipe = load_recipe(str(path))
-    header = [line for line in path.read_text().splitlines() if line.startswith("#")][:6]
-    text = "\n".join(header)
+    lines = path.read_text().splitlines()
+    header = lines[: next(i for i, line in enumerate(lines) if not line.startswith("#"))]
+    text = "\n".join(header)  # the comment block the recipe starts with
     assert re.search(rf"# Run: ollama-compress run {re.escape(name)}\b", text), text
     assert "# Needs: " in text
     arch = re.search(r"# Architecture: (\w+)", text).group(1)
