@@ -362,6 +362,19 @@ def iterative_healer(teacher_dir: Path, settings: Heal, data: Data, *, options: 
     return between_steps
 
 
+def _iterative_step(ctx: StageContext, student_dir: Path, teacher_dir: Path, out: Path) -> Path:
+    """The built-in heal between two removals of an iterative prune (``iterative_healer``), on disk."""
+    student = modelio.load_model(student_dir, ctx.options, device=ctx.options.resolved_device())
+    teacher_layers = _hf_config(teacher_dir, ctx.options).num_hidden_layers
+    mapping = read_layer_map(student_dir, student.config.num_hidden_layers, teacher_layers)
+    healer = iterative_healer(teacher_dir, ctx.settings, ctx.recipe.data, options=ctx.options, ctx=ctx, log=ctx.log)
+    healer(student, int(ctx.inputs["iterative_step"]) - 1, mapping)
+    with atomic_path(out, is_dir=True) as tmp:
+        modelio.save_model(student.to("cpu"), None, tmp, student_dir)
+        shutil.copy2(student_dir / LAYER_MAP, tmp / LAYER_MAP)
+    return out
+
+
 def _hf_config(model_dir: Path, options: RunOptions):
     from transformers import AutoConfig
 
@@ -443,6 +456,8 @@ def heal(ctx: StageContext, student_dir: Path, teacher_dir: Path) -> Path | None
     if settings is None:
         return None
     out = Path(ctx.out_dir) / "model"
+    if ctx.inputs.get("iterative_step"):  # between removals of an iterative prune: a short heal
+        return _iterative_step(ctx, Path(student_dir), Path(teacher_dir), out)
     result = heal_model(
         resolve_model(student_dir, ctx.options), resolve_model(teacher_dir, ctx.options), out, settings, ctx.recipe.data,
         options=ctx.options, ctx=ctx, checkpoint_dir=Path(ctx.run_dir) / "cache" / "heal-checkpoints",

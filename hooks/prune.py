@@ -58,6 +58,7 @@ from ollama_compress.fsutil import atomic_path, check_free_space, write_json
 from ollama_compress.gguf.arch import ARCHS
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress import modelio
+from ollama_compress.planner import contiguous_starts
 
 # model_type in config.json -> what prune calls it: every architecture the GGUF writer knows
 SUPPORTED_ARCHITECTURES = {model_type: model_type.removesuffix("_text") for model_type in ARCHS}
@@ -138,7 +139,7 @@ def _check_scores(scores: Sequence[float], num_layers: int) -> list[float]:
 def _choose_block(scores: list[float], n: int, protected: set[int], start: int | None,
                   block_scores: Sequence[float] | None) -> list[int]:
     num_layers = len(scores)
-    starts = [s for s in range(num_layers - n + 1) if not protected.intersection(range(s, s + n))]
+    starts = contiguous_starts(num_layers, n, protected)
     if not starts:
         raise UserError(
             f"no run of {n} contiguous layers avoids the protected layers {sorted(protected)}; "
@@ -355,8 +356,11 @@ def check_layer_tensors(model_dir: Path, num_layers: int, arch: str) -> list[Pat
     return files
 
 
-def _copy_shard(src: Path, dst: Path, new_index: dict[int, int]) -> dict[str, int]:
-    """Write ``src`` to ``dst`` without removed layers, renumbered; return {name: nbytes}."""
+def _copy_shard(src: Path, dst: Path, new_index: dict[int, int], replace: dict | None = None) -> dict[str, int]:
+    """Write ``src`` to ``dst`` without removed layers, renumbered; return {name: nbytes}.
+
+    ``replace`` maps teacher tensor names to new values (the linear repair), cast to the stored dtype.
+    """
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -368,20 +372,24 @@ def _copy_shard(src: Path, dst: Path, new_index: dict[int, int]) -> dict[str, in
             if m is None:
                 tensors[key] = f.get_tensor(key)
             elif int(m.group(1)) in new_index:
-                tensors[f"model.layers.{new_index[int(m.group(1))]}.{m.group(2)}"] = f.get_tensor(key)
+                tensor = f.get_tensor(key)
+                if replace and key in replace:
+                    tensor = replace[key].to(device="cpu", dtype=tensor.dtype).contiguous()
+                tensors[f"model.layers.{new_index[int(m.group(1))]}.{m.group(2)}"] = tensor
     if tensors:
         save_file(tensors, str(dst), metadata=metadata)
     return {k: t.numel() * t.element_size() for k, t in tensors.items()}
 
 
-def _write_weights(model_dir: Path, out: Path, files: list[Path], kept: Sequence[int]) -> None:
+def _write_weights(model_dir: Path, out: Path, files: list[Path], kept: Sequence[int],
+                   replace: dict | None = None) -> None:
     check_free_space(out, sum(f.stat().st_size for f in files), "the pruned model's weights")
     new_index = {teacher: student for student, teacher in enumerate(kept)}
     weight_map: dict[str, str] = {}
     sizes: dict[str, int] = {}
     for path in files:
         name = path.name
-        written = _copy_shard(path, out / name, new_index)
+        written = _copy_shard(path, out / name, new_index, replace)
         weight_map.update({k: name for k in written})
         sizes.update(written)
     if (model_dir / INDEX_FILE).is_file():
@@ -455,6 +463,7 @@ def prune_dir(
     metric: str | None = None,
     scores: dict[str, list[float]] | None = None,
     options: RunOptions | None = None,
+    replace: dict | None = None,
     **extra: Any,
 ) -> Path:
     """Write ``model_dir`` without layers ``remove`` to ``out_dir``, atomically; return ``out_dir``.
@@ -462,7 +471,8 @@ def prune_dir(
     Weights are streamed shard by shard (see the module docstring); tokenizer, chat template,
     generation config and licence files are copied; ``layer_map.json`` records the mapping,
     ``metric``, ``scores`` and any ``extra`` keys. Checkpoints with only pickle weights
-    (``--allow-pickle``) are loaded, pruned in memory and saved as safetensors.
+    (``--allow-pickle``) are loaded, pruned in memory and saved as safetensors. ``replace``:
+    ``{teacher tensor name: new value}`` written instead of the stored tensor (the linear repair).
     """
     options = options or RunOptions()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -479,11 +489,16 @@ def prune_dir(
     mapping = layer_map(removed, num_layers, arch, metric, scores, **extra)
     with atomic_path(out_dir, is_dir=True) as tmp:
         if files:
-            _write_weights(model_dir, tmp, files, kept)
+            _write_weights(model_dir, tmp, files, kept, replace)
             _write_config(model_dir, tmp, config, kept)
             _copy_extra_files(model_dir, tmp)
         else:
-            model = prune_model(modelio.load_model(model_dir, options), removed)
+            model = modelio.load_model(model_dir, options)
+            if replace:
+                from ollama_compress.repair import apply_tensors
+
+                apply_tensors(model, replace)
+            model = prune_model(model, removed)
             modelio.save_model(model, None, tmp, model_dir)
         write_json(tmp / LAYER_MAP, mapping)
     return out_dir
@@ -533,6 +548,111 @@ def score(model, batches, metric: str, *, block_size: int | None = None
     return [float(s) for s in scores], distances
 
 
+# ---------------------------------------------------------------- repair and measured selection
+SELECT_MODES = ("auto", "metric", "measured")
+
+
+def resolve_select(select: str, model_dir: Path, num_layers: int, n: int, protected: set[int], metrics: int,
+                   calibration, *, explicit: bool, iterative: bool) -> str:
+    """"metric" or "measured" for ``prune.select``; auto measures when ``measured_select_cost`` is
+    at most ``planner.MEASURED_AUTO_FLOPS``."""
+    from ollama_compress.planner import MEASURED_AUTO_FLOPS, measured_select_cost, model_shape
+    from ollama_compress.recipe import TextSource
+
+    if select not in SELECT_MODES:
+        raise UserError(f"select '{select}' is not one of {', '.join(SELECT_MODES)}")
+    if select == "metric" or n == 0:
+        return "metric"
+    if explicit or iterative:
+        if select == "measured":
+            raise UserError("select: measured chooses the layers itself; don't combine it with layers or iterative")
+        return "metric"
+    if select == "measured":
+        return "measured"
+    if not modelio.weight_files(model_dir):
+        return "metric"
+    spec = calibration if calibration is not None else TextSource()
+    cost = measured_select_cost(model_shape(model_dir), n, protected, metrics, spec.samples, spec.seq_len)
+    return "measured" if cost["flops"] <= MEASURED_AUTO_FLOPS else "metric"
+
+
+def candidate_cuts(num_layers: int, n: int, protected: set[int], picks: dict[str, list[int]]) -> dict[tuple, str]:
+    """Every contiguous run of ``n`` unprotected layers plus each metric's pick: {removed: label}."""
+    cuts = {tuple(range(s, s + n)): "span" for s in contiguous_starts(num_layers, n, protected)}
+    for metric, removed in picks.items():
+        key = tuple(removed)
+        cuts[key] = f"{cuts[key]}, {metric}" if key in cuts else metric
+    return cuts
+
+
+def measure_cuts(model, batches: list, cuts: dict[tuple, str], stats: dict | None,
+                 log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """KL to the unpruned ``model`` of each cut (after its linear repair when ``stats`` is given), on the
+    first ``planner.MEASURE_WINDOWS`` calibration windows; the teacher's logits are computed once."""
+    import copy
+
+    import torch
+
+    from ollama_compress import repair, trainer
+    from ollama_compress.planner import MEASURE_WINDOWS
+
+    windows = torch.cat(batches)[:MEASURE_WINDOWS]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    device = str(next(model.parameters()).device)
+    teacher_logits: list = []
+    results = []
+    for removed, label in cuts.items():
+        student = copy.deepcopy(model)
+        if stats is not None:
+            repair.apply_tensors(student, repair.fused_tensors(model, repair.fit_spans(model, stats, removed)))
+        prune_model(student, list(removed))
+        kl = trainer.heldout_metrics(student, model, windows, device, vocab, teacher_logits)["kl"]
+        del student
+        results.append({"removed": list(removed), "by": label, "kl": kl})
+        log(f"candidate {list(removed)} ({label}): KL {kl:.4f}")
+    return results
+
+
+def _metric_picks(scores: dict[str, list[float]], num_layers: int, n: int, block: bool, protect: list,
+                  block_scores: Sequence[float] | None, metric: str) -> dict[str, list[int]]:
+    return {m: select_layers(v, num_layers, remove=n, block=block, protect=protect,
+                             block_scores=block_scores if m == metric else None)
+            for m, v in scores.items() if isinstance(v, list) and len(v) == num_layers}
+
+
+def choose_and_repair(model, batches: list, removed: list[int], *, select: str, repair_mode: str,
+                      scores: dict[str, list[float]], num_layers: int, block: bool, protect: list,
+                      block_scores: Sequence[float] | None, metric: str, log: Callable[[str], None]
+                      ) -> tuple[list[int], dict | None, dict[str, Any]]:
+    """(layers to remove, repaired tensors or None, extra layer-map keys) for the chosen cut."""
+    from ollama_compress import repair
+
+    extra: dict[str, Any] = {}
+    stats = None
+    if select == "measured":
+        n = len(removed)
+        picks = _metric_picks(scores, num_layers, n, block, protect, block_scores, metric)
+        cuts = candidate_cuts(num_layers, n, resolve_protect(protect, num_layers), picks)
+        spans = [span for cut in cuts for span in repair.spans_of(cut)]
+        stats = repair.collect(model, batches, spans) if repair_mode == "linear" else None
+        log(f"select: measured, scoring {len(cuts)} candidate cuts by KL to the teacher")
+        candidates = measure_cuts(model, batches, cuts, stats, log)
+        best = min(candidates, key=lambda c: (c["kl"], c["removed"]))
+        removed = best["removed"]
+        extra["select"] = {"mode": "measured", "repair": repair_mode, "candidates": candidates,
+                           "chosen": removed, "metric_pick": picks.get(metric)}
+        log(f"select: measured chose {removed} (KL {best['kl']:.4f})")
+    tensors = None
+    if repair_mode == "linear" and removed:
+        stats = stats or repair.collect(model, batches, repair.spans_of(removed))
+        fits = repair.fit_spans(model, stats, removed)
+        for fit in fits:
+            log(repair.describe(fit))
+        tensors = repair.fused_tensors(model, fits)
+        extra["repair"] = {"method": "linear", "ridge": repair.RIDGE, "spans": [f.summary() for f in fits]}
+    return removed, tensors, extra
+
+
 # ---------------------------------------------------------------- iterative pruning
 BetweenSteps = Callable[[Any, int, list[int]], None]
 
@@ -549,6 +669,7 @@ def prune_iteratively(
     dtype: str = "float32",
     between_steps: BetweenSteps | None = None,
     log: Callable[[str], None] = lambda message: None,
+    repair: str = "none",
 ) -> Path:
     """Remove ``n_remove`` layers one at a time, rescoring the pruned model after each removal.
 
@@ -556,6 +677,8 @@ def prune_iteratively(
     ``between_steps(model, step, student_to_teacher)`` runs after each removal (a heal, later);
     without it the result is cut from the original weights (exact), else the in-memory model is
     saved. ``layer_map.json`` gets ``steps``: each step's scores and the layer it removed.
+    ``repair: linear`` repairs the final cut from the original weights when nothing healed between
+    steps; after a heal between steps the layers have already adapted and repair is skipped.
     """
     options = options or RunOptions()
     arch, config = inspect_model_dir(model_dir, options)
@@ -581,8 +704,17 @@ def prune_iteratively(
     first = {metric: steps[0]["scores"]} if steps else None
     if between_steps is None:
         del model
+        tensors, extra = None, {}
+        if repair == "linear" and removed:
+            teacher = modelio.load_model(model_dir, options, dtype=dtype, device=options.resolved_device())
+            _, tensors, extra = choose_and_repair(teacher, batches, removed, select="metric", repair_mode=repair,
+                                                  scores={}, num_layers=num_layers, block=False, protect=protect,
+                                                  block_scores=None, metric=metric, log=log)
+            del teacher
         return prune_dir(model_dir, out_dir, removed, metric=metric, scores=first, options=options,
-                         iterative=True, steps=steps)
+                         iterative=True, steps=steps, replace=tensors, **extra)
+    if repair == "linear":
+        log("repair: skipped, the heal between removals already adapted the layers next to each cut")
     mapping = layer_map(removed, num_layers, arch, metric, first, iterative=True, steps=steps)
     return save_pruned_model(model.to("cpu"), model_dir, out_dir, mapping)
 
@@ -606,12 +738,18 @@ def plan_and_prune(
     ctx: StageContext | None = None,
     log: Callable[[str], None] = lambda message: None,
     between_steps: BetweenSteps | None = None,
+    repair: str = "none",
+    select: str = "metric",
 ) -> dict[str, Any]:
     """Check everything, score if needed, choose the layers and write the pruned model.
 
     ``calibration`` is a recipe ``TextSource`` (None: the built-in text). ``scores`` computed
     earlier (by the importance stage) are used instead of scoring again. ``between_steps`` runs
-    after each removal of an iterative prune (a short heal, see ``hooks.heal.iterative_healer``).
+    after each removal of an iterative prune (a short heal, see ``heal_through_hook``).
+    ``repair``: "linear" fits and fuses a linear map per cut (``ollama_compress.repair``), "none" cuts
+    the weights byte for byte. ``select``: "metric" (the metric's pick), "measured" (every contiguous
+    span plus each metric's pick, each repaired, scored by KL to the teacher) or "auto" (measured when
+    cheap, see ``resolve_select``). The recipe and the command default to linear/auto.
     Returns the layer map
     plus ``out`` and ``description``. Bad input is reported before any model is loaded and
     before anything is written.
@@ -625,6 +763,8 @@ def plan_and_prune(
         check_layer_tensors(model_dir, num_layers, arch)
     if iterative and (layers is not None or block):
         raise UserError("iterative removes the lowest-scoring layer each step; don't combine it with layers or block")
+    if repair not in ("linear", "none"):
+        raise UserError(f"repair '{repair}' is not linear or none")
     # The selection with placeholder scores: every count, index and protect error before real work.
     planned = select_layers([0.0] * num_layers, num_layers, remove=remove, keep=keep, layers=layers,
                             block=block, protect=protect)
@@ -632,26 +772,37 @@ def plan_and_prune(
     have_scores = bool(scores) and metric in scores and not (block and metric == "angular")
     if needs_scores:
         check_metric(metric)
-    needs_batches = needs_scores and (iterative or not have_scores)
+    other_metrics = len([m for m in (scores or {}) if m != metric])
+    select = resolve_select(select, model_dir, num_layers, len(planned), resolve_protect(protect, num_layers),
+                            1 + other_metrics, calibration, explicit=layers is not None, iterative=iterative)
+    repairs = repair == "linear" and len(planned) > 0
+    needs_batches = (needs_scores and (iterative or not have_scores)) or repairs or select == "measured"
     batches_fn = _batches_fn(model_dir, calibration, options, ctx) if needs_batches else None
 
     if needs_scores and iterative:
         prune_iteratively(model_dir, out_dir, len(planned), metric, batches_fn, protect=protect,
-                          options=options, dtype=dtype, between_steps=between_steps, log=log)
+                          options=options, dtype=dtype, between_steps=between_steps, log=log, repair=repair)
     else:
-        block_scores = None
+        block_scores, tensors, extra = None, None, {}
+        model = batches = None
         if batches_fn is not None:
-            log(f"scoring {num_layers} layers with {metric}")
             model = modelio.load_model(model_dir, options, dtype=dtype, device=options.resolved_device())
-            metric_scores, block_scores = score(model, batches_fn(model), metric,
-                                                block_size=len(planned) if block else None)
+            batches = batches_fn(model)
+        if needs_scores and not have_scores:
+            log(f"scoring {num_layers} layers with {metric}")
+            metric_scores, block_scores = score(model, batches, metric, block_size=len(planned) if block else None)
             scores = {**(scores or {}), metric: metric_scores}
-            del model
         removed = select_layers((scores or {}).get(metric, []), num_layers, remove=remove, keep=keep,
                                 layers=layers, block=block, block_scores=block_scores, protect=protect)
-        extra = {"block_scores": block_scores} if block_scores is not None else {}
+        if model is not None and (repairs or select == "measured"):
+            removed, tensors, extra = choose_and_repair(
+                model, batches, removed, select=select, repair_mode=repair, scores=scores or {},
+                num_layers=num_layers, block=block, protect=protect, block_scores=block_scores, metric=metric, log=log)
+        del model
+        if block_scores is not None:
+            extra["block_scores"] = block_scores
         prune_dir(model_dir, out_dir, removed, metric=metric if needs_scores else None,
-                  scores=scores if needs_scores else None, options=options, **extra)
+                  scores=scores if needs_scores else None, options=options, replace=tensors, **extra)
     mapping = json.loads((out_dir / LAYER_MAP).read_text())
     description = describe_selection(mapping["removed"], num_layers)
     if mapping.get("gguf_attention_pattern_matches") is False:
@@ -677,18 +828,21 @@ def prune_layers(ctx: StageContext, model_dir: Path, scores: dict[str, list[floa
     heal_settings = getattr(ctx.recipe, "heal", None)
     between_steps = None
     if settings.iterative and heal_settings is not None and heal_settings.iterative_steps > 0:
-        from ollama_compress.hooks.heal import iterative_healer, resolve_model
+        from ollama_compress.hooks.heal import resolve_model
 
         teacher = resolve_model(heal_settings.teacher, ctx.options) if heal_settings.teacher else Path(model_dir)
-        between_steps = iterative_healer(teacher, heal_settings, data, options=ctx.options, ctx=ctx, log=ctx.log)
+        between_steps = heal_through_hook(ctx, teacher, Path(model_dir))
     result = plan_and_prune(
         Path(model_dir), out, metric=settings.metric, remove=settings.remove, keep=settings.keep,
         layers=settings.layers, block=settings.block, protect=settings.protect,
         iterative=settings.iterative, calibration=data.calibration if data else None,
         scores=scores or None, options=ctx.options, dtype=getattr(source, "dtype", "float32"),
-        ctx=ctx, log=ctx.log, between_steps=between_steps,
+        ctx=ctx, log=ctx.log, between_steps=between_steps, repair=settings.repair, select=settings.select,
     )
     ctx.log(result["description"])
+    if "select" in result:  # the measured candidates next to the metric scores
+        write_json(Path(ctx.out_dir) / "scores.json", {**(result.get("scores") or {}),
+                                                       "candidates": result["select"]["candidates"]})
     ctx.metrics.update(
         removed_layers=result["removed"],
         num_layers_before=result["num_layers_before"],
@@ -696,7 +850,43 @@ def prune_layers(ctx: StageContext, model_dir: Path, scores: dict[str, list[floa
         kept_slices=result["kept_slices"],
         prune_description=result["description"],
     )
+    if "select" in result:
+        ctx.metrics["select_candidates"] = result["select"]["candidates"]
     return out
+
+
+def heal_through_hook(ctx: StageContext, teacher_dir: Path, source_dir: Path) -> BetweenSteps:
+    """``between_steps`` for iterative pruning that heals through the ``heal`` hook, so a plugin that
+    takes over ``heal`` heals here too: the in-memory student is saved (with ``layer_map.json``), the
+    hook heals it with ``ctx.inputs["iterative_step"]`` set (the built-in runs ``heal.iterative_steps``
+    short steps), and the healed weights are loaded back into the model."""
+    from safetensors.torch import load_file
+
+    from ollama_compress.plugins import get_plugin_manager
+
+    def between_steps(model, step: int, student_to_teacher: list[int]) -> None:
+        work = Path(ctx.out_dir) / f"iterative-heal-{step + 1}"
+        student_dir = work / "student"
+        student_dir.mkdir(parents=True, exist_ok=True)
+        modelio.save_model(model, None, student_dir, source_dir)
+        write_json(student_dir / LAYER_MAP, {"student_to_teacher": list(student_to_teacher)})
+        step_ctx = StageContext(stage="heal", recipe=ctx.recipe, run_dir=ctx.run_dir, out_dir=work / "healed",
+                                options=ctx.options, console=ctx.console,
+                                inputs={"iterative_step": step + 1, "teacher_dir": str(teacher_dir)})
+        step_ctx.out_dir.mkdir()
+        healed = get_plugin_manager().hook.heal(ctx=step_ctx, student_dir=student_dir, teacher_dir=teacher_dir)
+        if healed is None:
+            raise StageFailed(f"no heal plugin healed the model after iterative step {step + 1}")
+        state = {}
+        for path in modelio.weight_files(Path(healed)):
+            state.update(load_file(str(path)))
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise StageFailed(f"the heal after iterative step {step + 1} returned weights this model lacks "
+                              f"({unexpected[0]})")
+        shutil.rmtree(work)
+
+    return between_steps
 
 
 # ---------------------------------------------------------------- command line
@@ -739,6 +929,10 @@ def register_commands(cli: click.Group) -> None:
     @click.option("--block", is_flag=True, help="Remove one contiguous block of layers.")
     @click.option("--protect", default="first,last", show_default=True, help="Never remove: first,last | none | 0,5.")
     @click.option("--iterative", is_flag=True, help="Remove one layer, rescore, repeat.")
+    @click.option("--repair", default="linear", show_default=True,
+                  help="linear: fit a linear map per cut into the layer before it; none: plain cut.")
+    @click.option("--select", default="auto", show_default=True,
+                  help="metric | measured (try each span and metric pick, keep the lowest KL) | auto.")
     @click.option("--calibration", type=click.Path(path_type=Path),
                   help="Calibration .txt or .jsonl (default: built-in text).")
     @click.option("--samples", type=int, default=32, show_default=True, help="Calibration sequences.")
@@ -746,7 +940,7 @@ def register_commands(cli: click.Group) -> None:
     @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the pruned model.")
     @click.option("--json", "as_json", is_flag=True, help="Print the layer map as JSON.")
     @run_options
-    def prune_command(model, remove, keep, layers, metric, block, protect, iterative, calibration,
+    def prune_command(model, remove, keep, layers, metric, block, protect, iterative, repair, select, calibration,
                       samples, seq_len, out, as_json, **run_kwargs):
         """Remove the least important layers of MODEL and write the smaller model to --out.
 
@@ -755,6 +949,10 @@ def register_commands(cli: click.Group) -> None:
         from ollama_compress.hooks.source import resolve_model_dir
 
         options = make_options(**run_kwargs)
+        if repair not in ("linear", "none"):
+            raise UserError(f"--repair {repair}: use linear or none")
+        if select not in SELECT_MODES:
+            raise UserError(f"--select {select}: use one of {', '.join(SELECT_MODES)}")
         if sum(x is not None for x in (remove, keep, layers)) != 1:
             raise UserError("give exactly one of --remove N, --keep N or --layers 3,7,9")
         chosen = parse_layers(layers) if layers is not None else None
@@ -767,7 +965,7 @@ def register_commands(cli: click.Group) -> None:
         result = plan_and_prune(
             model_dir, out, metric=metric, remove=remove, keep=keep, layers=chosen, block=block,
             protect=protect_items, iterative=iterative, calibration=spec, options=options,
-            log=lambda message: click.echo(message, err=True),
+            log=lambda message: click.echo(message, err=True), repair=repair, select=select,
         )
         if as_json:
             echo_json(result)

@@ -75,6 +75,13 @@ def _print_estimate(console, estimate: dict) -> None:
     console.print(f"layers {before} -> {after}; parameters {params_before:,} -> {params_after:,} (estimated)")
     if "gguf_mib" in estimate:
         console.print("GGUF size (estimated): " + ", ".join(f"{q} {mib:.1f} MiB" for q, mib in estimate["gguf_mib"].items()))
+    if "select_measured" in estimate:
+        from .planner import MEASURED_AUTO_FLOPS
+
+        cost = estimate["select_measured"]
+        console.print(f"prune.select measured (auto: if <= {MEASURED_AUTO_FLOPS:.0e} FLOPs): {cost['candidates']} candidate cuts, "
+                      f"{cost['forward_passes']} forward passes of {cost['tokens'] // cost['forward_passes']} tokens, "
+                      f"~{cost['flops']:.1e} FLOPs (estimated)")
     if "heal_memory_gib" in estimate:
         console.print(f"heal memory (estimated peak): {estimate['heal_memory_gib']:g} GiB")
 

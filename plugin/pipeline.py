@@ -48,6 +48,8 @@ def _prune_settings(recipe: Recipe) -> dict[str, Any]:
     if recipe.prune.iterative:  # rescoring between steps, with a short heal when there is one
         settings.update(calibration=_dump(recipe.data.calibration), heal=_dump(recipe.heal),
                         heal_data=_dump(getattr(recipe.data, "heal", None)))
+    if recipe.prune.repair != "none" or recipe.prune.select != "metric":  # fitted/measured on calibration text
+        settings["calibration"] = _dump(recipe.data.calibration)
     return settings
 
 
@@ -210,6 +212,13 @@ class Run:
         params = shape.params(removed)
         result: dict[str, Any] = {"layers": [shape.num_layers, shape.num_layers - removed],
                                   "params": [shape.params(), params]}
+        if prune is not None and prune.select != "metric" and prune.layers is None and not prune.iterative and removed:
+            from .planner import measured_select_cost
+
+            protected = {p if isinstance(p, int) else (0 if p == "first" else shape.num_layers - 1) for p in prune.protect}
+            calibration = self.recipe.data.calibration
+            result["select_measured"] = measured_select_cost(shape, removed, protected, 1 + len(prune.report_metrics),
+                                                             calibration.samples, calibration.seq_len)
         if self.recipe.export is not None:
             quants = dict.fromkeys([self.recipe.export.outtype, *self.recipe.export.quants])
             result["gguf_mib"] = {q: round(gguf_bytes(params, q) / 2**20, 1) for q in quants}

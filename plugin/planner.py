@@ -170,3 +170,26 @@ def heal_memory_bytes(teacher: ModelShape, student_params: int, trainable_params
     }
     estimate["total"] = sum(estimate.values())
     return estimate
+
+
+# ---------------------------------------------------------------- prune.select: measured
+MEASURE_WINDOWS = 8  # calibration windows each candidate cut is scored on (KL to the teacher)
+MEASURED_AUTO_FLOPS = 5e13  # select: auto measures when the estimate is at most this (a few CPU minutes)
+
+
+def contiguous_starts(num_layers: int, n: int, protected: set[int]) -> list[int]:
+    """Starts of the runs of ``n`` layers that avoid every protected layer."""
+    return [s for s in range(num_layers - n + 1) if not protected.intersection(range(s, s + n))]
+
+
+def measured_select_cost(shape: ModelShape, n: int, protected: set[int], metrics: int, samples: int,
+                         seq_len: int) -> dict[str, Any]:
+    """Estimated work of ``prune.select: measured``: one teacher pass over the calibration text (the
+    repair sums), then each candidate (every contiguous span plus each metric's pick) scored on
+    ``MEASURE_WINDOWS`` windows, with the teacher's logits computed once. FLOPs: 2 x params per token."""
+    candidates = len(contiguous_starts(shape.num_layers, n, protected)) + metrics
+    windows = min(MEASURE_WINDOWS, samples)
+    forwards = samples + windows + candidates * windows
+    tokens = forwards * seq_len
+    flops = 2 * shape.params() * samples * seq_len + 2 * (shape.params() + candidates * shape.params(n)) * windows * seq_len
+    return {"candidates": candidates, "forward_passes": forwards, "tokens": tokens, "flops": float(flops)}

@@ -139,6 +139,8 @@ class Prune(Strict):
     block: bool = False  # remove one contiguous block (angular distance)
     protect: list[Protect] = ["first", "last"]  # layers never removed
     iterative: bool = False  # remove one layer, rescore, repeat
+    repair: Literal["linear", "none"] = "linear"  # fit a linear map per cut into the layer before it (ReplaceMe)
+    select: Literal["auto", "metric", "measured"] = "auto"  # measured: each span + metric pick by KL; auto: if cheap
 
     _metric = field_validator("metric")(classmethod(lambda cls, v: _capability_name(v)))
 

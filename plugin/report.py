@@ -262,6 +262,20 @@ def layer_map_lines(layer_map: dict[str, Any]) -> list[str]:
     return lines
 
 
+def candidate_lines(layer_map: dict[str, Any]) -> list[str]:
+    """The cuts ``prune.select: measured`` tried, lowest KL first, the chosen one in bold."""
+    select = layer_map.get("select") or {}
+    candidates = sorted(select.get("candidates") or [], key=lambda c: c["kl"])
+    if not candidates:
+        return []
+    lines = [f"Cut chosen by measured KL to the teacher on calibration text (repair: {select.get('repair')}):", "",
+             "| removed | candidate of | KL |", "|---|---|---:|"]
+    for c in candidates:
+        mark = "**" if c["removed"] == select.get("chosen") else ""
+        lines.append(f"| {mark}{c['removed']}{mark} | {c['by']} | {c['kl']:.4f} |")
+    return lines + [""]
+
+
 def ollama_lines(inputs: dict[str, Any]) -> list[str]:
     models = inputs.get("ollama_models") or {}
     modelfiles = inputs.get("modelfiles") or {}
@@ -331,7 +345,7 @@ def write_report(out_dir: Path, title: str, evaluation: dict[str, Any] | None,
         lines += ["No heal in this run (no healed model, or its train_log.jsonl is missing).", ""]
     layer_map = layer_map_of(inputs)
     if layer_map:
-        lines += ["## Layer map", "", *layer_map_lines(layer_map), ""]
+        lines += ["## Layer map", "", *candidate_lines(layer_map), *layer_map_lines(layer_map), ""]
     if rows and any(r.get("answers") for r in rows):
         lines += ["## Greedy answers, side by side", "", *answers_lines(evaluation)]
     lines += ["## Ollama", "", *ollama_lines(inputs), ""]

@@ -254,7 +254,8 @@ def test_pickle_weights_need_allow_pickle_and_come_out_as_safetensors(tmp_path, 
     out = tmp_path / "pruned"
     code, _, stderr = _run_cli(["prune", source, "--layers", "3", "--out", out], capsys)
     assert code == 2 and "--allow-pickle" in stderr and not out.exists()
-    code, _, stderr = _run_cli(["prune", source, "--layers", "3", "--out", out, "--allow-pickle"], capsys)
+    code, _, stderr = _run_cli(["prune", source, "--layers", "3", "--out", out, "--allow-pickle", "--repair", "none"],
+                               capsys)
     assert code == 0, stderr
     assert (out / "model.safetensors").is_file() and not (out / "pytorch_model.bin").exists()
     _assert_same_outputs(_load(out), _reference(teacher, "llama", [0, 1, 2, 4, 5]), _ids())
@@ -293,8 +294,8 @@ def test_cli_layers_writes_model_and_layer_map(tiny_model_dir, tmp_path, capsys)
 def test_cli_scores_then_removes_the_lowest(tiny_model_dir, tmp_path, capsys, calibration_file):
     source = tiny_model_dir("llama")
     out = tmp_path / "pruned"
-    code, stdout, _ = _run_cli(["prune", source, "--remove", "2", "--calibration", calibration_file,
-                                "--samples", "4", "--seq-len", "32", "--out", out, "--json"], capsys)
+    code, stdout, _ = _run_cli(["prune", source, "--remove", "2", "--calibration", calibration_file, "--select",
+                                "metric", "--samples", "4", "--seq-len", "32", "--out", out, "--json"], capsys)
     assert code == 0
     result = json.loads(stdout)
     scores = result["scores"]["block_influence"]
@@ -306,7 +307,7 @@ def test_cli_scores_then_removes_the_lowest(tiny_model_dir, tmp_path, capsys, ca
 
 def test_cli_angular_block_takes_the_closest_unprotected_block(tiny_model_dir, tmp_path, capsys, calibration_file):
     source = tiny_model_dir("mistral")
-    code, stdout, _ = _run_cli(["prune", source, "--remove", "3", "--block", "--metric", "angular",
+    code, stdout, _ = _run_cli(["prune", source, "--remove", "3", "--block", "--metric", "angular", "--select", "metric",
                                 "--calibration", calibration_file, "--samples", "4", "--seq-len", "32",
                                 "--out", tmp_path / "pruned", "--json"], capsys)
     assert code == 0
@@ -349,7 +350,7 @@ def test_stage_hook_prunes_with_the_recipe_settings(tiny_model_dir, tmp_path):
 
     source = tiny_model_dir("phi3")
     recipe = validate({"recipe_version": 1, "name": "t", "source": {"model": str(source)},
-                       "prune": {"metric": "block_influence", "keep": 4, "protect": ["first"]}})
+                       "prune": {"metric": "block_influence", "keep": 4, "protect": ["first"], "select": "metric"}})
     ctx = StageContext(stage="prune", recipe=recipe, run_dir=tmp_path, out_dir=tmp_path / "20-prune")
     ctx.out_dir.mkdir()
     scores = {"block_influence": [0.9, 0.3, 0.8, 0.7, 0.2, 0.1]}
@@ -446,3 +447,43 @@ def test_pruned_smollm2_loads_and_generates(smollm2_hf, tmp_path, capsys):
         generated = model.generate(ids, max_new_tokens=12, min_new_tokens=4, do_sample=False)
     text = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
     assert text.strip()
+
+
+def test_iterative_prune_heals_through_the_heal_hook_so_a_plugin_takes_over(tiny_model_dir, tmp_path,
+                                                                            calibration_file):
+    from ollama_compress import modelio, plugins
+    from ollama_compress.hookspecs import hookimpl
+    from ollama_compress.recipe import validate
+
+    calls: list[tuple[int, list[int]]] = []
+
+    class TakeOverHeal:
+        @hookimpl(tryfirst=True)
+        def heal(self, ctx, student_dir, teacher_dir):
+            mapping = json.loads((Path(student_dir) / "layer_map.json").read_text())["student_to_teacher"]
+            calls.append((ctx.inputs["iterative_step"], mapping))
+            model = modelio.load_model(student_dir)
+            with torch.no_grad():
+                model.model.norm.weight.fill_(0.5)
+            out = Path(ctx.out_dir) / "model"
+            out.mkdir()
+            return modelio.save_model(model, None, out, student_dir)
+
+    source = tiny_model_dir("llama")
+    recipe = validate({"recipe_version": 1, "name": "t", "source": {"model": str(source)},
+                       "data": {"calibration": {"from": "text", "path": str(calibration_file), "samples": 2,
+                                                "seq_len": 16}},
+                       "prune": {"remove": 2, "iterative": True, "select": "metric"},
+                       "heal": {"iterative_steps": 2}})
+    ctx = StageContext(stage="prune", recipe=recipe, run_dir=tmp_path, out_dir=tmp_path / "20-prune")
+    ctx.out_dir.mkdir()
+    try:
+        plugins.register_plugin(TakeOverHeal(), name="take-over-heal")
+        out = prune.prune_layers(ctx=ctx, model_dir=source, scores={})
+    finally:
+        plugins.reset()
+    layer_map = json.loads((out / "layer_map.json").read_text())
+    assert [c[0] for c in calls] == [1, 2]
+    assert len(calls[0][1]) == 5 and calls[1][1] == layer_map["student_to_teacher"]
+    assert torch.all(_load(out).model.norm.weight == 0.5)  # the plugin's weights, loaded back between steps
+    assert sorted(p.name for p in ctx.out_dir.iterdir()) == ["model"]

@@ -1,0 +1,224 @@
+"""Linear repair of a cut (ollama_compress.repair) and prune.select: measured (hooks/prune.py)."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import assert_clean_error, cli
+from ollama_compress import repair, trainer
+from ollama_compress.errors import UserError
+from ollama_compress.hooks import prune
+from tiny_models import tiny_model
+
+CALIBRATION_TEXT = (
+    "The river runs past the mill and under the old stone bridge. Children count the boats that pass. "
+    "In winter the water freezes and the town skates from one bank to the other. Bakers open at dawn; "
+    "the smell of bread drifts over the square while the clock strikes six and carts roll in from farms. "
+) * 60
+
+
+def _batches(n: int, seed: int, length: int = 32) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return list(torch.randint(3, 5000, (n, length), generator=gen).split(1))
+
+
+def _mlp_output(model, layer: int, batch: torch.Tensor) -> torch.Tensor:
+    """What the anchor adds to the residual stream: its MLP output (or, for Gemma, the post-MLP norm's)."""
+    module, _ = repair._anchor_module(model.model.layers[layer])
+    with repair._capture_outputs({"x": module}) as out, torch.no_grad():
+        model(input_ids=batch, use_cache=False)
+    return out["x"].reshape(-1, out["x"].shape[-1]).double()
+
+
+def _heldout_kl(student, teacher, seed: int = 99) -> float:
+    windows = torch.cat(_batches(8, seed))
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    return trainer.heldout_metrics(student, teacher, windows, "cpu", vocab)["kl"]
+
+
+def _pruned(teacher, removed: list[int], tensors: dict | None = None):
+    student = copy.deepcopy(teacher)
+    if tensors:
+        repair.apply_tensors(student, tensors)
+    return prune.prune_model(student, removed)
+
+
+def _loud_span(model, layers: list[int], scale: float = 4.0):
+    """Make ``layers`` matter: their attention and MLP outputs scaled up, so a plain cut of them hurts."""
+    with torch.no_grad():
+        for i in layers:
+            model.model.layers[i].self_attn.o_proj.weight.mul_(scale)
+            model.model.layers[i].mlp.down_proj.weight.mul_(scale)
+    return model
+
+
+@pytest.fixture
+def calibration_file(tmp_path) -> Path:
+    path = tmp_path / "calibration.txt"
+    path.write_text(CALIBRATION_TEXT)
+    return path
+
+
+# ---------------------------------------------------------------- the math
+def test_the_fused_weights_reproduce_the_fitted_map_on_the_calibration_activations():
+    model = tiny_model("llama", 6).double()
+    batches = _batches(6, 0)
+    tensors, fits = repair.repair(model, batches, [2, 3])
+    (fit,) = fits
+    assert (fit.start, fit.end, fit.anchor, fit.mode) == (2, 4, 1, "dense")
+    assert fit.error_fit < fit.error_plain
+    fused = copy.deepcopy(model)
+    repair.apply_tensors(fused, tensors)
+    assert set(tensors) == {"model.layers.1.mlp.down_proj.weight"}
+    for batch in batches:
+        x = _mlp_output(model, 1, batch)
+        assert torch.allclose(_mlp_output(fused, 1, batch), x @ fit.map, rtol=1e-9, atol=1e-12)
+
+
+def test_the_fit_solves_the_ridge_normal_equations():
+    model = tiny_model("qwen2", 5).double()
+    batches = _batches(4, 1)
+    stats = repair.collect(model, batches, [(2, 4)])[(2, 4)]
+    t = repair.solve(stats, "dense")
+    lam = repair.RIDGE * float(torch.diagonal(stats.xtx).mean())
+    eye = torch.eye(t.shape[0], dtype=torch.float64)
+    assert torch.allclose((stats.xtx + lam * eye) @ t, stats.xty + lam * eye, atol=1e-8)
+    # X and Y recomputed by hand from the layer outputs: Y = h_after_span - h_anchor + X
+    xs, ys = [], []
+    for batch in batches:
+        with trainer.capture_layers(model, [1, 3]) as h, torch.no_grad():
+            model(input_ids=batch, use_cache=False)
+            hidden = dict(h)
+        x = _mlp_output(model, 1, batch)
+        xs.append(x)
+        ys.append((hidden[3] - hidden[1]).reshape(x.shape).double() + x)
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert torch.allclose(stats.xtx, x.T @ x, atol=1e-8) and torch.allclose(stats.xty, x.T @ y, atol=1e-8)
+
+
+def test_repair_lowers_held_out_kl_against_the_plain_cut():
+    teacher = _loud_span(tiny_model("llama", 8, seed=3), [3, 4])
+    tensors, fits = repair.repair(teacher, _batches(48, 0), [3, 4])
+    assert fits[0].error_fit < 0.8 * fits[0].error_plain
+    plain = _heldout_kl(_pruned(teacher, [3, 4]), teacher)
+    repaired = _heldout_kl(_pruned(teacher, [3, 4], tensors), teacher)
+    assert repaired < 0.9 * plain, (plain, repaired)
+
+
+def test_gemma_post_norm_gets_a_diagonal_map_in_the_norm_scale():
+    model = tiny_model("gemma2", 6).double()
+    batches = _batches(6, 2)
+    tensors, (fit,) = repair.repair(model, batches, [2, 3])
+    assert fit.mode == "diagonal" and fit.map.shape == (64,)
+    assert set(tensors) == {"model.layers.1.post_feedforward_layernorm.weight"}  # down_proj untouched
+    fused = copy.deepcopy(model)
+    repair.apply_tensors(fused, tensors)
+    for batch in batches:
+        x = _mlp_output(model, 1, batch)
+        assert torch.allclose(_mlp_output(fused, 1, batch), x * fit.map, rtol=1e-5, atol=1e-6)  # gemma norms run in fp32
+    assert "post_feedforward_layernorm" in repair.describe(fit)
+
+
+def test_a_span_at_layer_0_stays_a_plain_cut_and_says_so():
+    model = tiny_model("llama", 6)
+    messages: list[str] = []
+    tensors, (fit,) = repair.repair(model, _batches(2, 0), [0, 1], log=messages.append)
+    assert tensors == {} and fit.skipped
+    assert messages == ["repair of layers 0-1: skipped, starts at layer 0: no kept layer before it to carry the "
+                        "map; left as a plain cut"]
+
+
+# ---------------------------------------------------------------- on disk
+def _text_source(path: Path):
+    from ollama_compress.recipe import TextSource
+
+    return TextSource.model_validate({"from": "text", "path": str(path), "samples": 8, "seq_len": 32})
+
+
+def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_repair_none_writes_todays_weights_bit_for_bit(tiny_model_dir, tmp_path, calibration_file):
+    source = tiny_model_dir("llama", 6)
+    spec = _text_source(calibration_file)
+    prune.plan_and_prune(source, tmp_path / "none", layers=[2, 3], repair="none", calibration=spec)
+    prune.prune_dir(source, tmp_path / "plain", [2, 3])
+    prune.plan_and_prune(source, tmp_path / "linear", layers=[2, 3], repair="linear", calibration=spec)
+    assert (tmp_path / "none" / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()
+    none, linear = _tensors(tmp_path / "none"), _tensors(tmp_path / "linear")
+    changed = sorted(k for k in none if not torch.equal(none[k], linear[k]))
+    assert changed == ["model.layers.1.mlp.down_proj.weight"]
+
+
+def test_the_repaired_model_loads_in_stock_transformers_and_matches_the_fit(tiny_model_dir, tmp_path, calibration_file):
+    from transformers import AutoModelForCausalLM
+
+    from ollama_compress import modelio
+    from ollama_compress.hooks.data import calibration_batches
+
+    source = tiny_model_dir("llama", 6)
+    spec = _text_source(calibration_file)
+    out = tmp_path / "repaired"
+    result = prune.plan_and_prune(source, out, layers=[2, 3], repair="linear", calibration=spec)
+    assert result["repair"]["method"] == "linear" and result["repair"]["spans"][0]["span"] == [2, 4]
+    loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert loaded.config.num_hidden_layers == 4
+    teacher = modelio.load_model(source)
+    tensors, _ = repair.repair(teacher, calibration_batches(spec, modelio.load_tokenizer(source)), [2, 3])
+    expected = _pruned(teacher, [2, 3], tensors)
+    ids = _batches(1, 5)[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected(input_ids=ids).logits)
+
+
+def test_measured_select_keeps_the_lowest_kl_cut_when_the_metric_picks_a_worse_one(tiny_model_dir, tmp_path,
+                                                                                  calibration_file):
+    from ollama_compress import modelio
+
+    source = tmp_path / "loud"
+    source.mkdir()
+    model = _loud_span(modelio.load_model(tiny_model_dir("llama", 8, seed=4)), [3, 4], scale=6.0)
+    modelio.save_model(model, modelio.load_tokenizer(tiny_model_dir("llama", 8, seed=4)), source)
+    scores = {"block_influence": [1.0, 0.9, 0.8, 0.1, 0.1, 0.9, 0.9, 1.0]}  # the metric points at the loud pair
+    messages: list[str] = []
+    result = prune.plan_and_prune(source, tmp_path / "out", remove=2, scores=scores, select="measured",
+                                  repair="linear", calibration=_text_source(calibration_file), log=messages.append)
+    select = result["select"]
+    assert select["metric_pick"] == [3, 4]
+    candidates = {tuple(c["removed"]): c for c in select["candidates"]}
+    assert set(candidates) == {(s, s + 1) for s in range(1, 6)}  # every span avoiding layers 0 and 7
+    assert "block_influence" in candidates[(3, 4)]["by"]
+    best = min(candidates.values(), key=lambda c: c["kl"])
+    assert result["removed"] == best["removed"] == select["chosen"] != [3, 4]
+    assert best["kl"] < candidates[(3, 4)]["kl"]
+    assert sum(m.startswith("candidate ") for m in messages) == 5
+
+
+def test_auto_measures_small_models_and_refuses_measured_with_explicit_layers(tiny_model_dir):
+    source = tiny_model_dir("llama", 6)
+    assert prune.resolve_select("auto", source, 6, 2, {0, 5}, 1, None, explicit=False, iterative=False) == "measured"
+    assert prune.resolve_select("auto", source, 6, 2, {0, 5}, 1, None, explicit=True, iterative=False) == "metric"
+    with pytest.raises(UserError, match="select: measured chooses the layers itself"):
+        prune.resolve_select("measured", source, 6, 2, {0, 5}, 1, None, explicit=True, iterative=False)
+
+
+# ---------------------------------------------------------------- bad settings
+def test_bad_repair_and_select_settings_are_one_line_exit_2(tiny_model_dir, tmp_path):
+    source = tiny_model_dir("llama", 6)
+    proc = cli("prune", source, "--remove", "2", "--repair", "cubic", "--out", tmp_path / "a")
+    assert_clean_error(proc, "--repair cubic: use linear or none")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = cli("prune", source, "--layers", "2,3", "--select", "measured", "--out", tmp_path / "b")
+    assert_clean_error(proc, "select: measured chooses the layers itself")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"recipe_version: 1\nname: t\nsource: {{model: {source}}}\nprune: {{remove: 2, repair: cubic}}\n")
+    proc = cli("validate", recipe)
+    assert proc.returncode == 2 and "prune.repair" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
