@@ -222,3 +222,36 @@ def test_bad_repair_and_select_settings_are_one_line_exit_2(tiny_model_dir, tmp_
     proc = cli("validate", recipe)
     assert proc.returncode == 2 and "prune.repair" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ---------------------------------------------------------------- dry run and report
+def test_dry_run_estimates_the_measured_select_cost(tiny_model_dir):
+    from ollama_compress import pipeline
+    from ollama_compress.planner import MEASURE_WINDOWS, model_shape
+    from ollama_compress.recipe import validate
+
+    source = tiny_model_dir("llama", 6)
+    recipe = validate({"recipe_version": 1, "name": "t", "source": {"model": str(source)},
+                       "data": {"calibration": {"samples": 16, "seq_len": 64}},
+                       "prune": {"remove": 2, "report_metrics": ["angular"]}})
+    cost = pipeline.run(recipe, dry_run=True)["estimate"]["select_measured"]
+    assert cost["candidates"] == 3 + 2  # spans starting at 1, 2, 3 plus block_influence's and angular's picks
+    assert cost["forward_passes"] == 16 + MEASURE_WINDOWS + 5 * MEASURE_WINDOWS
+    shape = model_shape(source)
+    assert cost["flops"] == 2 * shape.params() * 16 * 64 + 2 * (shape.params() + 5 * shape.params(2)) * 8 * 64
+    layers_given = validate({"recipe_version": 1, "name": "t", "source": {"model": str(source)},
+                             "prune": {"layers": [2, 3]}})
+    assert "select_measured" not in pipeline.run(layers_given, dry_run=True)["estimate"]
+
+
+def test_the_report_lists_the_measured_candidates_lowest_kl_first():
+    from ollama_compress.report import candidate_lines
+
+    layer_map = {"select": {"repair": "linear", "chosen": [2, 3], "candidates": [
+        {"removed": [1, 2], "by": "span, block_influence", "kl": 0.5},
+        {"removed": [2, 3], "by": "span", "kl": 0.25}]}}
+    assert candidate_lines(layer_map) == [
+        "Cut chosen by measured KL to the teacher on calibration text (repair: linear):", "",
+        "| removed | candidate of | KL |", "|---|---|---:|",
+        "| **[2, 3]** | span | 0.2500 |", "| [1, 2] | span, block_influence | 0.5000 |", ""]
+    assert candidate_lines({"removed": [2, 3]}) == []
