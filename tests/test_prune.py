@@ -487,3 +487,22 @@ def test_iterative_prune_heals_through_the_heal_hook_so_a_plugin_takes_over(tiny
     assert len(calls[0][1]) == 5 and calls[1][1] == layer_map["student_to_teacher"]
     assert torch.all(_load(out).model.norm.weight == 0.5)  # the plugin's weights, loaded back between steps
     assert sorted(p.name for p in ctx.out_dir.iterdir()) == ["model"]
+
+
+def test_iterative_without_a_heal_repairs_the_final_cut_from_the_original_weights(tiny_model_dir, tmp_path,
+                                                                                  calibration_file):
+    from ollama_compress.recipe import TextSource
+
+    source = tiny_model_dir("llama")
+    spec = TextSource.model_validate({"from": "text", "path": str(calibration_file), "samples": 2, "seq_len": 16})
+    batches_fn = prune._batches_fn(source, spec, prune.RunOptions(), None)
+    plain = prune.prune_iteratively(source, tmp_path / "plain", 2, "block_influence", batches_fn)
+    repaired = prune.prune_iteratively(source, tmp_path / "repaired", 2, "block_influence", batches_fn, repair="linear")
+    layer_map = json.loads((repaired / "layer_map.json").read_text())
+    assert layer_map["repair"]["method"] == "linear" and layer_map["repair"]["spans"]
+    anchors = {s["anchor"] for s in layer_map["repair"]["spans"] if s["anchor"] is not None}
+    student = {t: s for s, t in enumerate(layer_map["student_to_teacher"])}
+    a, b = _load(plain), _load(repaired)
+    for teacher_layer, s in student.items():
+        same = torch.equal(a.model.layers[s].mlp.down_proj.weight, b.model.layers[s].mlp.down_proj.weight)
+        assert same == (teacher_layer not in anchors)
