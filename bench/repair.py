@@ -12,7 +12,8 @@ Rows, each on ``data.heldout`` (held-out text no stage trains on), against the u
 
 Uses the functions the prune stage uses (``hooks.prune.score``/``select_layers``/``choose_and_repair``,
 ``ollama_compress.repair``) and heal's held-out measure (``trainer.heldout_metrics``, the teacher's
-logits computed once). Prints one JSON line. Wall times are only meaningful on an idle machine.
+logits computed once). Prints two JSON lines
+(repair, then the measured cut). Wall times are only meaningful on an idle machine.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32, help="calibration windows (demo: 32)")
     parser.add_argument("--heldout", type=int, default=16, help="held-out windows (demo: 16)")
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--no-measured", action="store_true", help="only the plain cut and its repair")
     args = parser.parse_args()
 
     import torch
@@ -74,27 +76,25 @@ def main() -> None:
     _, repaired, repair_info = prune.choose_and_repair(teacher, batches, pick, select="metric", repair_mode="linear",
                                                        **common)
     repair_s = time.perf_counter() - start
+    plain = heldout(pick, None)
+    linear = heldout(pick, repaired)
+    print(json.dumps({  # first line: the repair alone (the measured cut takes much longer)
+        "model": "SmolLM2-135M-Instruct", "layers": f"{num_layers} -> {num_layers - REMOVE}",
+        "calibration": f"{args.samples} x {args.seq_len}", "heldout": f"{args.heldout} x {args.seq_len}",
+        "teacher_ppl": round(plain["teacher_ppl"], 3), "metric_pick": pick, "plain_cut": plain,
+        "linear_repair": linear, "kl_reduction_by_repair": round(1 - linear["kl"] / plain["kl"], 4),
+        "repair_spans": repair_info["repair"]["spans"], "repair_seconds": round(repair_s, 1)}), flush=True)
+    if args.no_measured:
+        return
     start = time.perf_counter()
     chosen, chosen_tensors, measured = prune.choose_and_repair(teacher, batches, pick, select="measured",
                                                                repair_mode="linear", **common)
     measured_s = time.perf_counter() - start
-
-    plain = heldout(pick, None)
-    linear = heldout(pick, repaired)
-    best = heldout(chosen, chosen_tensors)
-    result = {
-        "model": "SmolLM2-135M-Instruct", "layers": f"{num_layers} -> {num_layers - REMOVE}",
-        "calibration": f"{args.samples} x {args.seq_len}", "heldout": f"{args.heldout} x {args.seq_len}",
-        "teacher_ppl": round(plain["teacher_ppl"], 3),
-        "metric_pick": pick, "plain_cut": plain, "linear_repair": linear,
-        "kl_reduction_by_repair": round(1 - linear["kl"] / plain["kl"], 4),
-        "repair_spans": repair_info["repair"]["spans"],
-        "measured_choice": chosen, "measured_repaired": best,
+    print(json.dumps({  # second line: prune.select: measured
+        "measured_choice": chosen, "measured_repaired": heldout(chosen, chosen_tensors),
         "candidates": sorted(({"removed": c["removed"], "by": c["by"], "calibration_kl": round(c["kl"], 4)}
                               for c in measured["select"]["candidates"]), key=lambda c: c["calibration_kl"]),
-        "repair_seconds": round(repair_s, 1), "measured_select_seconds": round(measured_s, 1),
-    }
-    print(json.dumps(result))
+        "measured_select_seconds": round(measured_s, 1)}), flush=True)
 
 
 if __name__ == "__main__":
