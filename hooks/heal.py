@@ -189,7 +189,8 @@ class ProgressReport:
             self.log(record["message"])
             return
         terms = " ".join(f"{k} {v:.4f}" for k, v in record.items()
-                         if k not in ("step", "lr", "seconds", "tokens_per_s", "eta_s", "total", "loss", "grad_norm"))
+                         if k not in ("step", "lr", "seconds", "tokens_per_s", "eta_s", "total", "loss", "grad_norm",
+                                      "heldout_kl", "best", "stopped"))
         text = f"loss {record['loss']:.4f} ({terms}) {record['tokens_per_s']:.0f} tok/s"
         if self.progress is not None:
             self.progress.update(self.task, completed=record["step"], total=record["total"], description=text)

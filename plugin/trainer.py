@@ -383,7 +383,7 @@ def make_accelerator(device: str):
 
 def process_device(accelerator, requested: str) -> str:
     """This process's device: the requested one alone, the launcher's (cuda:LOCAL_RANK) with several."""
-    if accelerator.num_processes == 1:
+    if accelerator.num_processes == 1 or accelerator.device.type == "cpu":
         return requested
     if accelerator.device.type == "cuda":
         torch.cuda.set_device(accelerator.device)
