@@ -134,3 +134,34 @@ def test_a_rank_that_raises_ends_the_whole_run_with_its_message(models, tmp_path
     assert "rank 1 failed on purpose" in proc.stderr
     assert time.monotonic() - started < LAUNCH_TIMEOUT
     assert not (tmp_path / "never").exists()
+
+
+def test_run_under_the_launcher_heals_only_and_rank_0_writes_the_run(models, tmp_path):
+    _, teacher = models
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(f"""\
+recipe_version: 1
+name: tiny-run
+source: {{model: {teacher}}}
+data:
+  heldout: {{split: heldout, samples: 1, seq_len: 16}}
+prune: {{layers: [2, 3]}}
+heal: {{steps: 2, batch_size: 2, micro_batch: 1, seq_len: 16, dtype: float32, eval_every: 1}}
+""")
+    out = tmp_path / "run"
+    assert cli("run", recipe, "--out", out, "--until", "prune").returncode == 0
+    refused = subprocess.run(_launch("-m", "ollama_compress", "run", str(recipe), "--out", str(out)),
+                             capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=_env())
+    assert refused.returncode != 0
+    assert "only the heal stage runs: add --from heal --until heal" in refused.stderr
+    healed = subprocess.run(_launch("-m", "ollama_compress", "run", str(recipe), "--out", str(out),
+                                    "--from", "heal", "--until", "heal"),
+                            capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=_env())
+    assert healed.returncode == 0, healed.stderr[-3000:]
+    import json
+
+    heal = json.loads((out / "run.json").read_text())["stages"]["heal"]
+    assert heal["status"] == "done" and heal["metrics"]["processes"] == 2
+    assert [p[0] for p in heal["metrics"]["heldout_curve"]] == [0, 1, 2]
+    assert (out / "30-healed" / "model" / "model.safetensors").is_file()
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
