@@ -200,7 +200,7 @@ class Run:
         """Parameters, GGUF size per quant and heal memory, from the source's shape alone."""
         from ollama_compress.hooks.source import source_path
 
-        from .planner import gguf_bytes, heal_memory_bytes, model_shape
+        from .planner import gguf_bytes, heal_memory_bytes, model_shape, trainable_params
 
         shape = model_shape(source_path(self.recipe.source, self.options))
         prune = self.recipe.prune
@@ -216,9 +216,7 @@ class Run:
             result["gguf_mib"] = {q: round(gguf_bytes(params, q) / 2**20, 1) for q in quants}
         heal = self.recipe.heal
         if heal is not None:
-            neighbours = getattr(heal, "train", "all") == "neighbours"
-            per_layer = sum(shape.layer_params) / max(1, shape.num_layers)
-            trainable = int(per_layer * min(2 * max(1, removed), shape.num_layers - removed)) if neighbours else params
+            trainable = trainable_params(shape, removed, getattr(heal, "train", "all"))
             micro = getattr(heal, "micro_batch", None) or heal.batch_size
             memory = heal_memory_bytes(shape, params, trainable, micro_batch=micro, seq_len=heal.seq_len,
                                        layers=shape.num_layers - removed, hidden=shape.hidden_size,
