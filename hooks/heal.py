@@ -92,14 +92,15 @@ def check_no_heldout(heal_texts: list[str], heldout_texts: list[str]) -> None:
 
 
 def check_memory(student_dir: Path, teacher_dir: Path, settings: Heal, device: str, teacher_bytes: int,
-                 config: Any, vocab: int, max_memory_gib: float | None) -> int:
-    """Bytes the heal needs; UserError when ``device`` has less free (or ``max_memory_gib``)."""
+                 config: Any, vocab: int, max_memory_gib: float | None, shards: int = 1) -> int:
+    """Bytes the heal needs (per process; ``shards``: FSDP processes sharing the weights); UserError
+    when ``device`` has less free (or ``max_memory_gib``)."""
     from ollama_compress import distill, trainer
 
     micro = settings.micro_batch or settings.batch_size
     needed = trainer.memory_needed(trainer.parameter_count(teacher_dir), trainer.parameter_count(student_dir),
                                    teacher_bytes, micro * settings.seq_len, config.hidden_size,
-                                   config.num_hidden_layers, vocab, distill.DEFAULT_CHUNK_TOKENS)
+                                   config.num_hidden_layers, vocab, distill.DEFAULT_CHUNK_TOKENS, shards)
     free = max_memory_gib * 2**30 if max_memory_gib is not None else trainer.available_memory(device)
     if free is not None and needed > free:
         raise UserError(f"the teacher and student do not fit: the heal needs about {needed / 2**30:.2f} GiB on "
@@ -266,13 +267,15 @@ def heal_model(
     accelerator = trainer.make_accelerator(options.resolved_device())
     device = trainer.process_device(accelerator, options.resolved_device())
     main = accelerator.is_main_process
+    sharded = trainer.is_sharded(accelerator)
+    load_device = "cpu" if sharded else device  # FSDP moves each process's shards to its GPU
     if not main:  # one voice: rank 0 logs and writes
         log, console = (lambda message: None), None
     compute_dtype = trainer.autocast_dtype(device, settings.dtype)
     teacher_dtype = "bfloat16" if compute_dtype is not None and device.startswith("cuda") else "float32"
     config = _hf_config(student_dir, options)
     needed = check_memory(student_dir, teacher_dir, settings, device, 2 if teacher_dtype == "bfloat16" else 4,
-                          config, vocab, max_memory_gib)
+                          config, vocab, max_memory_gib, accelerator.num_processes if sharded else 1)
 
     texts = heal_texts(data, s_tok, teacher_dir, ctx)
     held_texts, held = heldout_windows(data.heldout, s_tok, ctx)
@@ -289,9 +292,9 @@ def heal_model(
     start_from = _checkpoint_to_resume(checkpoint_dir, resume, fingerprint)
 
     torch.manual_seed(settings.seed)
-    teacher = _load(teacher_dir, options, teacher_dtype, device, needed, "teacher")
+    teacher = _load(teacher_dir, options, teacher_dtype, load_device, needed, "teacher")
     teacher.requires_grad_(False)
-    student = _load(student_dir, options, "float32", device, needed, "student")
+    student = _load(student_dir, options, "float32", load_device, needed, "student")
     student = trainer.select_trainable(student, settings.train, mapping, settings.lora_rank)
     checkpointing = settings.gradient_checkpointing
     if checkpointing is None:

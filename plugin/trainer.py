@@ -28,9 +28,9 @@ import os
 import re
 import signal
 import time
-from datetime import timedelta
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -511,8 +511,9 @@ class Trainer:
             s_out.head, t_out.head = s_out.head.sliced(self.vocab), t_out.head.sliced(self.vocab)
             loss, values = combined_loss(self.terms, s_out, t_out, batch)
         values["loss"] = loss.detach()
-        if torch.isfinite(loss):
-            self.accelerator.backward(loss * scale)
+        # always: a process that skipped its backward would leave the others waiting in the gradient
+        # all-reduce; a non-finite loss is caught after the step's losses are averaged over processes
+        self.accelerator.backward(loss * scale)
         return values
 
     def _step(self, step: int) -> dict[str, float]:
@@ -721,10 +722,11 @@ def parameter_count(model_dir: Path) -> int:
 
 
 def memory_needed(teacher_params: int, student_params: int, teacher_bytes: int, batch_tokens: int,
-                  hidden: int, layers: int, vocab: int, chunk_tokens: int) -> int:
-    """Rough bytes a heal needs: teacher weights, student weights + grads + AdamW (as if all trained),
-    activations of one micro-batch, and one chunk of logits."""
-    weights = teacher_params * teacher_bytes + student_params * 16
+                  hidden: int, layers: int, vocab: int, chunk_tokens: int, shards: int = 1) -> int:
+    """Rough bytes a heal needs per process: teacher weights, student weights + grads + AdamW (as if
+    all trained; split over ``shards`` processes under FSDP), activations of one micro-batch, and
+    one chunk of logits."""
+    weights = (teacher_params * teacher_bytes + student_params * 16) // shards
     activations = batch_tokens * hidden * layers * 4 * 12
     logits = chunk_tokens * vocab * 4 * 6
     return int(1.1 * (weights + activations + logits))
