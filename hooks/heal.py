@@ -108,12 +108,16 @@ def check_memory(student_dir: Path, teacher_dir: Path, settings: Heal, device: s
 
 
 # ---------------------------------------------------------------- data
-def heal_texts(data: Data, tokenizer, teacher_dir: Path, ctx: StageContext | None) -> list[str]:
-    from ollama_compress.hooks.data import load_texts
+def heal_texts(data: Data, tokenizer, teacher_dir: Path, ctx: StageContext | None, settings: Heal | None = None,
+               log: Log = lambda message: None) -> list[str]:
+    """The heal's texts from every ``data.heal`` source; `teacher` chat sized for ``settings``."""
+    from ollama_compress.hooks.data import heal_chat_tokens, load_texts
 
     texts: list[str] = []
     for spec in data.heal_sources():
-        texts.extend(load_texts(spec, tokenizer, ctx, model=teacher_dir))
+        tokens = (heal_chat_tokens(spec, data, settings, tokenizer, ctx)
+                  if spec.from_ == "teacher" and settings is not None else None)
+        texts.extend(load_texts(spec, tokenizer, ctx, model=teacher_dir, tokens=tokens, log=log))
     return texts
 
 
@@ -241,12 +245,15 @@ def heal_model(
     needed = check_memory(student_dir, teacher_dir, settings, device, 2 if teacher_dtype == "bfloat16" else 4,
                           config, vocab, max_memory_gib)
 
-    texts = heal_texts(data, s_tok, teacher_dir, ctx)
+    texts = heal_texts(data, s_tok, teacher_dir, ctx, settings, log)
     held_texts, held = heldout_windows(data.heldout, s_tok, ctx)
     check_no_heldout(texts, held_texts)
-    from ollama_compress.hooks.data import token_stream
+    from ollama_compress.hooks.data import heal_tokens_needed, token_stream, window_views
 
     stream = token_stream(texts, s_tok)
+    views = window_views(heal_tokens_needed(settings), len(stream))
+    log(f"heal data: {len(stream)} tokens for {heal_tokens_needed(settings)} consumed: each window is seen "
+        f"{views:.2f} times")
     if len(stream) < settings.seq_len + 1:
         raise UserError(f"the heal text has only {len(stream)} tokens, fewer than heal.seq_len={settings.seq_len}; "
                         "give more text (data.heal) or a smaller seq_len")
@@ -303,6 +310,7 @@ def heal_model(
         "ppl_teacher": before["teacher_ppl"], "ppl_before": before["ppl"], "ppl_after": after["ppl"],
         "tokens_per_s": (sum(r["tokens_per_s"] for r in trained) / len(trained)) if trained else None,
         "train_seconds": round(seconds, 1), "heal_tokens": len(stream),
+        "window_views": round(views, 2),
     }
     log(f"held-out KL to the teacher {before['kl']:.4f} -> {after['kl']:.4f} "
         f"({100 * result['kl_reduction']:.0f}% lower), perplexity {before['ppl']:.2f} -> {after['ppl']:.2f} "
@@ -333,7 +341,7 @@ def iterative_healer(teacher_dir: Path, settings: Heal, data: Data, *, options: 
     def setup() -> None:  # on the first removal, after prune has checked its own input
         tokenizer = modelio.load_tokenizer(teacher_dir, options)
         held_texts, _ = heldout_windows(data.heldout, tokenizer, ctx)
-        texts = heal_texts(data, tokenizer, teacher_dir, ctx)
+        texts = heal_texts(data, tokenizer, teacher_dir, ctx, settings, log)
         check_no_heldout(texts, held_texts)
         loaded["stream"] = token_stream(texts, tokenizer)
         loaded["teacher"] = modelio.load_model(teacher_dir, options, device=device).requires_grad_(False)

@@ -78,7 +78,11 @@ class TextSource(Strict):
     path: str | None = None  # file for text/jsonl
     dataset: str | None = None  # HF dataset name for `hf` (needs the datasets package and a network)
     split: str = "train"
-    prompts: list[str] | None = None  # seed prompts for `teacher` (default: a built-in set)
+    prompts: list[str] | None = None  # prompts for `teacher` (default: `path`, JSON lines with `prompt`, or the shipped set)
+    tokens: int | None = Field(None, ge=1, le=100_000_000)  # `teacher`: tokens of chat to write (default: from the heal)
+    temperature: float = Field(0.7, ge=0, le=5)  # `teacher` sampling; 0: greedy
+    top_p: float = Field(0.9, gt=0, le=1)  # `teacher` nucleus sampling
+    max_new_tokens: int = Field(256, ge=1, le=4096)  # `teacher`: the longest reply
     samples: int = Field(32, ge=1, le=100_000)  # number of sequences
     seq_len: int = Field(256, ge=8, le=131_072)  # tokens per sequence
     seed: int = 0
@@ -89,8 +93,9 @@ class TextSource(Strict):
 class Data(Strict):
     calibration: TextSource = TextSource()
     heldout: TextSource = TextSource(split="heldout", samples=16)
-    # heal text: one source or a list whose texts are joined (e.g. the shipped corpus plus teacher-written chat)
-    heal: Union[TextSource, list[TextSource]] = TextSource()
+    # heal text: one source or a list whose texts are joined; by default the shipped corpus plus teacher-written
+    # chat, as much as keeps each heal window seen at most twice (hooks/data.py, heal_chat_tokens)
+    heal: Union[TextSource, list[TextSource]] = [TextSource(), TextSource.model_validate({"from": "teacher"})]
 
     @field_validator("heal")
     @classmethod
