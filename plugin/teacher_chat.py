@@ -71,7 +71,7 @@ class LlamaChat:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.capacity = self.batch_size * seq_tokens  # the most tokens one step can hold (every slot starting)
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = self.capacity
+        params.n_ctx = self.batch_size * -(-seq_tokens // 256) * 256  # llama.cpp pads each sequence's cells
         params.n_batch = self.capacity
         params.n_ubatch = min(512, self.capacity)
         params.n_seq_max = self.batch_size
@@ -188,6 +188,8 @@ def _llama_cpp():
         raise UserError("teacher-written chat needs llama-cpp-python: pip install llama-cpp-python "
                         "(or bash .ci/setup)") from None
     import logging
+
+    import llama_cpp._logger  # noqa: F401  (routes llama.cpp's messages through this logger)
 
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load chatter
     llama_cpp.llama_backend_init()
