@@ -130,6 +130,7 @@ def test_heal_chat_keeps_each_window_seen_at_most_twice(tiny_gguf, smollm2_token
     ("{from: teacher, tokens: 0}", "tokens"),
 ])
 def test_bad_teacher_settings_are_one_line(setting, words, tmp_path):
+    assert TextSource.model_validate({"from": "teacher", "temperature": 0.5, "top_p": 0.5, "tokens": 100}).tokens == 100
     proc = cli("heal", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "o"),
                "--set", f"data.heal={setting}")
     assert proc.returncode == 2
