@@ -248,12 +248,13 @@ def heal_model(
     texts = heal_texts(data, s_tok, teacher_dir, ctx, settings, log)
     held_texts, held = heldout_windows(data.heldout, s_tok, ctx)
     check_no_heldout(texts, held_texts)
-    from ollama_compress.hooks.data import heal_tokens_needed, token_stream, window_views
+    from ollama_compress.hooks.data import MAX_WINDOW_VIEWS, heal_tokens_needed, token_stream, window_views
 
     stream = token_stream(texts, s_tok)
     views = window_views(heal_tokens_needed(settings), len(stream))
     log(f"heal data: {len(stream)} tokens for {heal_tokens_needed(settings)} consumed: each window is seen "
-        f"{views:.2f} times")
+        f"{views:.2f} times" + ("" if views <= MAX_WINDOW_VIEWS else
+                                 f", more than {MAX_WINDOW_VIEWS}: add heal text or a teacher source (data.heal)"))
     if len(stream) < settings.seq_len + 1:
         raise UserError(f"the heal text has only {len(stream)} tokens, fewer than heal.seq_len={settings.seq_len}; "
                         "give more text (data.heal) or a smaller seq_len")

@@ -142,3 +142,18 @@ def test_smollm2_writes_chat_in_its_template(smollm2_gguf, smollm2_tokenizer, tm
     spec = TextSource.model_validate({"from": "teacher", "max_new_tokens": 48})
     texts = data.load_texts(spec, smollm2_tokenizer, model=smollm2_gguf, cache_dir=tmp_path, tokens=600)
     assert texts and all(t.count("<|im_start|>assistant") == 1 and t.rstrip().endswith("<|im_end|>") for t in texts)
+
+
+def test_heal_records_how_often_each_window_is_seen(tiny_model_dir, smollm2_tokenizer, tmp_path):
+    from ollama_compress.hooks.heal import heal_model
+
+    model = tiny_model_dir("llama", 2)
+    settings = Heal(steps=2, batch_size=2, seq_len=32, dtype="float32", checkpoint_every=0, loss={"kl": 1.0})
+    mix = Data.model_validate({"heldout": {"from": "default", "split": "heldout", "samples": 2, "seq_len": 32},
+                               "heal": [{"from": "default"}, {"from": "teacher"}]})
+    lines: list[str] = []
+    result = heal_model(model, model, tmp_path / "healed", settings, mix, log=lines.append)
+    corpus = len(data.token_stream(data.default_texts(mix.heal_sources()[0]), smollm2_tokenizer))
+    assert result["heal_tokens"] == corpus  # the corpus alone suffices: the teacher wrote nothing
+    assert result["window_views"] == round(2 * 2 * 32 / corpus, 2)
+    assert any("each window is seen" in line for line in lines)
