@@ -370,7 +370,7 @@ def generate_teacher_chat(spec: TextSource, gguf: Path, tokenizer, tokens: int, 
     new = sum(r["new_tokens"] for r in records)
     figures = {"conversations": len(records), "tokens": sum(r["tokens"] for r in records), "new_tokens": new,
                "seconds": round(seconds, 1), "new_tokens_per_s": round(new / max(seconds, 1e-9), 1),
-               "batch": engine.batch_size, "decode_calls": decode_calls}
+               "batch": engine.batch_size, "threads": engine.threads, "decode_calls": decode_calls}
     return records, figures
 
 
@@ -401,7 +401,7 @@ def teacher_texts(spec: TextSource, tokenizer=None, ctx=None, model=None, cache_
             tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
         log(f"teacher chat: {figures['conversations']} conversations, {figures['tokens']} tokens in "
             f"{figures['seconds']:.0f} s ({figures['new_tokens_per_s']:.0f} generated tokens/s, "
-            f"{figures['batch']} at once); cached in {cache_file}")
+            f"{figures['batch']} at once, {figures['threads']} threads); cached in {cache_file}")
     return [conversation_text(tokenizer, r["prompt"], r["reply"]) for r in records]
 
 

@@ -20,6 +20,20 @@ from .errors import StageFailed, UserError
 DEFAULT_BATCH = 16  # replies decoded at once; bench/heal_data.py measures the choice
 
 
+def default_threads() -> int:
+    """The cores not already busy (core count minus the 1-minute load average), at least one.
+
+    llama.cpp's threads wait for each other at every step; on a shared CPU a thread that is not
+    scheduled stalls the rest (measured on 2 cores at load 16: 2 threads ran 9x slower than 1).
+    """
+    cores = os.cpu_count() or 1
+    try:
+        busy = round(os.getloadavg()[0])
+    except OSError:
+        busy = 0
+    return max(1, min(cores, cores - busy))
+
+
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.7  # 0: greedy
@@ -76,7 +90,8 @@ class LlamaChat:
         params.n_ubatch = min(512, self.capacity)
         params.n_seq_max = self.batch_size
         params.kv_unified = False  # each reply attends to its own cells only
-        params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
+        self.threads = threads or default_threads()
+        params.n_threads = params.n_threads_batch = self.threads
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
