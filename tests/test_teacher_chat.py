@@ -147,12 +147,12 @@ def test_smollm2_writes_chat_in_its_template(smollm2_gguf, smollm2_tokenizer, tm
 def test_heal_records_how_often_each_window_is_seen(tiny_model_dir, smollm2_tokenizer, tmp_path):
     from ollama_compress.hooks.heal import heal_model
 
-    model = tiny_model_dir("llama", 2)
+    student, teacher = tiny_model_dir("llama", 2), tiny_model_dir("llama", 2, seed=1)
     settings = Heal(steps=2, batch_size=2, seq_len=32, dtype="float32", checkpoint_every=0, loss={"kl": 1.0})
     mix = Data.model_validate({"heldout": {"from": "default", "split": "heldout", "samples": 2, "seq_len": 32},
                                "heal": [{"from": "default"}, {"from": "teacher"}]})
     lines: list[str] = []
-    result = heal_model(model, model, tmp_path / "healed", settings, mix, log=lines.append)
+    result = heal_model(student, teacher, tmp_path / "healed", settings, mix, log=lines.append)
     corpus = len(data.token_stream(data.default_texts(mix.heal_sources()[0]), smollm2_tokenizer))
     assert result["heal_tokens"] == corpus  # the corpus alone suffices: the teacher wrote nothing
     assert result["window_views"] == round(2 * 2 * 32 / corpus, 2)
