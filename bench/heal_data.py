@@ -71,8 +71,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from ollama_compress.context import RunOptions
-    from ollama_compress.hooks.data import (generate_teacher_chat, heal_chat_tokens, heal_tokens_needed, load_texts,
-                                            teacher_gguf, token_stream, window_views)
+    from ollama_compress.hooks.data import (generate_teacher_chat, heal_chat_tokens, load_texts, teacher_gguf,
+                                            token_stream, window_views)
+    from ollama_compress.hooks.heal import heal_tokens_needed
     from ollama_compress.hooks.source import resolve_model_dir, source_path
     from ollama_compress.modelio import load_tokenizer
     from ollama_compress.recipe import load_recipe
@@ -119,8 +120,8 @@ def record(result: dict, gguf_name: str, spec, records: list[dict]) -> None:
     example = records[0]
     lines = [
         "", f"## Heal data: teacher-written chat for the demo (bench/heal_data.py, {now})", "",
-        f"Machine: {machine()}; load average {result['load_average']} when it started (rates are upper-bounded "
-        "by what else ran).",
+        f"Machine: {machine()}; load average {result['load_average']} when it started (under load, times are "
+        "upper bounds and rates lower bounds).",
         f"Teacher {gguf_name} in llama.cpp (llama-cpp-python, batched decoding); prompts: the shipped set; "
         f"temperature {spec.temperature}, top_p {spec.top_p}, at most {spec.max_new_tokens} new tokens.", "",
         f"- generated tokens/s by batch size: {rates}; written with batch {result['batch']}",

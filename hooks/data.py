@@ -154,11 +154,6 @@ def hf_texts(spec: TextSource, tokenizer=None, ctx=None) -> list[str]:
 
 
 # ---------------------------------------------------------------- teacher-written chat
-def heal_tokens_needed(heal) -> int:
-    """Tokens the heal consumes: steps x batch_size x seq_len."""
-    return heal.steps * heal.batch_size * heal.seq_len
-
-
 def window_views(tokens_needed: int, tokens_available: int) -> float:
     """How many times each heal token window is seen: tokens consumed over tokens available."""
     return tokens_needed / max(1, tokens_available)
@@ -169,14 +164,19 @@ def heal_chat_tokens(spec: TextSource, data, heal, tokenizer, ctx=None) -> int:
 
     ``spec.tokens`` when given; else what the heal still lacks after its other sources so that
     each window is seen at most ``MAX_WINDOW_VIEWS`` times, split evenly over the `teacher` entries
-    (0 when the other sources suffice).
+    (0 when the other sources suffice). A minutes budget is sized as ``heal.steps`` steps.
     """
+    from ollama_compress.hooks.heal import heal_tokens_needed
+
     if spec.tokens is not None:
         return spec.tokens
+    needed = heal_tokens_needed(heal)
+    if needed is None:  # a minutes budget: sized as for the default step count
+        needed = heal.steps * heal.batch_size * heal.seq_len
     sources = data.heal_sources()
     teachers = [s for s in sources if s.from_ == "teacher"]
     others = sum(len(token_stream(load_texts(s, tokenizer, ctx), tokenizer)) for s in sources if s.from_ != "teacher")
-    missing = -(-heal_tokens_needed(heal) // MAX_WINDOW_VIEWS) - others - sum(s.tokens or 0 for s in teachers)
+    missing = -(-needed // MAX_WINDOW_VIEWS) - others - sum(s.tokens or 0 for s in teachers)
     unsized = sum(1 for s in teachers if s.tokens is None)
     return max(0, -(-missing // max(1, unsized)))
 

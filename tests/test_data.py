@@ -9,6 +9,7 @@ import torch
 from ollama_compress.context import StageContext
 from ollama_compress.errors import UserError
 from ollama_compress.hooks import data
+from ollama_compress.hooks.heal import heal_tokens_needed
 from ollama_compress.recipe import TextSource, validate
 
 PROSE = ("The ferry leaves the harbour at seven and crosses the bay in forty minutes. "
@@ -179,7 +180,7 @@ def test_default_heal_data_is_the_corpus_plus_teacher_chat_sized_by_the_heal(smo
     demo = Heal(steps=60, batch_size=4, seq_len=256)
     tokens = data.heal_chat_tokens(chat, Data(), demo, smollm2_tokenizer)
     assert tokens == -(-60 * 4 * 256 // data.MAX_WINDOW_VIEWS) - corpus
-    assert data.window_views(data.heal_tokens_needed(demo), corpus + tokens) <= data.MAX_WINDOW_VIEWS
+    assert data.window_views(heal_tokens_needed(demo), corpus + tokens) <= data.MAX_WINDOW_VIEWS
     assert data.heal_chat_tokens(chat, Data(), Heal(steps=2, batch_size=1, seq_len=64), smollm2_tokenizer) == 0
     sized = Data.model_validate({"heal": [{"from": "default"}, {"from": "teacher", "tokens": 1234}]})
     assert data.heal_chat_tokens(sized.heal_sources()[1], sized, demo, smollm2_tokenizer) == 1234
