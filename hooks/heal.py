@@ -211,7 +211,7 @@ def heal_model(
     """
     import torch
 
-    from ollama_compress import distill, trainer
+    from ollama_compress import distill, machine, trainer
 
     options = options or RunOptions()
     student_dir, teacher_dir, out_dir = Path(student_dir), Path(teacher_dir), Path(out_dir)
@@ -235,8 +235,15 @@ def heal_model(
                         "use train: all")
 
     device = trainer.init_distributed(options.resolved_device())
-    compute_dtype = trainer.autocast_dtype(device, settings.dtype)
-    teacher_dtype = "bfloat16" if compute_dtype is not None and device.startswith("cuda") else "float32"
+    threads = machine.use_physical_cores() if device == "cpu" else None
+    choice = machine.choose_dtype(device, settings.dtype, machine.heal_shapes(
+        (settings.micro_batch or settings.batch_size) * settings.seq_len, s_config["hidden_size"],
+        s_config.get("intermediate_size", 4 * s_config["hidden_size"]), vocab))
+    compute_dtype = choice.dtype
+    if choice.rates:
+        log(f"matmul rate on this CPU ({threads} threads): " +
+            ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in choice.rates.items()) + f"; heal in {choice.name}")
+    teacher_dtype = "bfloat16" if compute_dtype is not None else "float32"  # a frozen bf16 copy: no casts per step
     config = _hf_config(student_dir, options)
     needed = check_memory(student_dir, teacher_dir, settings, device, 2 if teacher_dtype == "bfloat16" else 4,
                           config, vocab, max_memory_gib)
@@ -303,6 +310,7 @@ def heal_model(
         "ppl_teacher": before["teacher_ppl"], "ppl_before": before["ppl"], "ppl_after": after["ppl"],
         "tokens_per_s": (sum(r["tokens_per_s"] for r in trained) / len(trained)) if trained else None,
         "train_seconds": round(seconds, 1), "heal_tokens": len(stream),
+        "dtype": choice.record(), "threads": threads,
     }
     log(f"held-out KL to the teacher {before['kl']:.4f} -> {after['kl']:.4f} "
         f"({100 * result['kl_reduction']:.0f}% lower), perplexity {before['ppl']:.2f} -> {after['ppl']:.2f} "
