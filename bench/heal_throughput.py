@@ -104,18 +104,19 @@ def run_cpu(args) -> dict:
 
     from ollama_compress import machine, modelio, trainer
 
+    from ollama_compress.hooks.heal import command_settings
+
     threads = machine.use_physical_cores()
     teacher, pruned = teacher_and_pruned()
-    config = modelio.read_config(teacher)
-    from ollama_compress.recipe import Heal
-
-    settings = Heal()
-    tokens = settings.batch_size * settings.seq_len
-    shapes = machine.heal_shapes(tokens, config["hidden_size"], config["intermediate_size"], config["vocab_size"])
-    rates = dict(machine.measure_rates(tuple(shapes)))  # cached: the heal's dtype: auto decides by these
     steps = args.warmup + args.steps + 1
     overrides = [f"heal.steps={steps}", "heal.checkpoint_every=0", "data.heal={from: default}",
                  "data.heldout={from: default, split: heldout, samples: 2, seq_len: 256}", *args.overrides]
+    settings, _ = command_settings(str(pruned), overrides)  # the demo's heal: the recipe defaults
+    tokens = settings.batch_size * settings.seq_len
+    micro = (settings.micro_batch or settings.batch_size) * settings.seq_len
+    config = modelio.read_config(pruned)
+    shapes = machine.heal_shapes(micro, config["hidden_size"], config["intermediate_size"], config["vocab_size"])
+    rates = dict(machine.measure_rates(tuple(shapes)))  # cached: the heal's dtype: auto decides by these
     with StepClock(profile_step=steps, profile_out=args.profile_out) as clock:
         result = heal_once("throughput", overrides)
     timed = clock.step_seconds()[args.warmup:args.warmup + args.steps]
@@ -258,6 +259,7 @@ def main() -> int:
         args.steps = 6 if gpu else 8
     if args.warmup is None:
         args.warmup = 2 if gpu else 1
+    args.warmup = max(args.warmup, 0 if gpu else 1)  # cpu: the first step's time also holds the loading
     if gpu:
         return run_gpu(args)
     print(json.dumps(run_cpu(args)))

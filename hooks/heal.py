@@ -240,9 +240,6 @@ def heal_model(
         (settings.micro_batch or settings.batch_size) * settings.seq_len, s_config["hidden_size"],
         s_config.get("intermediate_size", 4 * s_config["hidden_size"]), vocab))
     compute_dtype = choice.dtype
-    if choice.rates:
-        log(f"matmul rate on this CPU ({threads} threads): " +
-            ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in choice.rates.items()) + f"; heal in {choice.name}")
     teacher_dtype = "bfloat16" if compute_dtype is not None else "float32"  # a frozen bf16 copy: no casts per step
     config = _hf_config(student_dir, options)
     needed = check_memory(student_dir, teacher_dir, settings, device, 2 if teacher_dtype == "bfloat16" else 4,
@@ -293,6 +290,9 @@ def heal_model(
     if log_file is not None:
         trainer.rewrite_log(log_file, run.state.log)
     precision = "bf16 autocast" if compute_dtype is not None else "fp32"
+    if choice.rates:
+        log(f"matmul rates on this CPU ({threads} threads): " +
+            ", ".join(f"{name} {rate:.3g} GFLOP/s" for name, rate in choice.rates.items()) + f"; healing in {precision}")
     log(f"healing on {device} ({precision}): {settings.steps} steps of {settings.batch_size} x {settings.seq_len} "
         f"tokens, train {settings.train}, losses {', '.join(f'{t.name}x{t.weight:g}' for t in terms)}; "
         f"held-out KL to the teacher {before['kl']:.4f}")
