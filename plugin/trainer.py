@@ -153,6 +153,12 @@ def select_trainable(model, mode: str, student_to_teacher: list[int] | None, lor
     return model
 
 
+def adamw_kernel(params: list[torch.nn.Parameter]) -> dict[str, bool]:
+    """One fused pass over the weights where torch has that kernel for them (CPU, CUDA), else foreach."""
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return {"fused": True} if fused else {"foreach": True}
+
+
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -438,7 +444,7 @@ class Trainer:
             self.teacher_module = ForwardModule(teacher)
         self.params = list(trainable_parameters(self.student_module).values())
         optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay,
-                                      betas=(0.9, 0.95), foreach=True)
+                                      betas=(0.9, 0.95), **adamw_kernel(self.params))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, config.steps, config.warmup, config.schedule))
         self.optimizer, self.scheduler = acc.prepare_optimizer(optimizer), acc.prepare_scheduler(scheduler)
