@@ -102,7 +102,6 @@ def check_model_dir(path: str | os.PathLike, options: RunOptions | None = None) 
     _check_remote_code(path, options)
     files = [p.name for p in path.iterdir() if p.is_file()]
     if any(f.endswith(".safetensors") for f in files):
-        check_weights_match_config(path)
         return path
     if any(f.endswith(PICKLE_SUFFIXES) for f in files):
         if options.allow_pickle:
@@ -122,7 +121,8 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_causal_lm(path: str | os.PathLike) -> dict[str, Any]:
-    """The config of ``path`` if it is a causal LM, else a UserError naming what it is."""
+    """The config of ``path`` if it is a causal LM whose weights are the model its config describes
+    (``check_weights_match_config``), else a UserError naming what it is."""
     config = read_config(path)
     archs = config.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
@@ -130,9 +130,9 @@ def check_causal_lm(path: str | os.PathLike) -> dict[str, Any]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    if any(a.endswith("ForCausalLM") or a in causal for a in archs):
-        return config
-    if not archs and config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if any(a.endswith("ForCausalLM") or a in causal for a in archs) or (
+            not archs and config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        check_weights_match_config(path)
         return config
     what = ", ".join(archs) or config.get("model_type") or "unknown"
     raise UserError(f"{path} is not a causal language model ({what}); give a *ForCausalLM model")
