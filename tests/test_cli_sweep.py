@@ -149,9 +149,9 @@ def models(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     tokenizer = json.loads((good / "tokenizer.json").read_text())
     made["deep_tokenizer"] = _model_copy(good, root / "deep-tokenizer", files={
         "tokenizer.json": json.dumps(tokenizer)[:-1] + ', "x": ' + "[" * 100000 + "]" * 100000 + "}"})
-    made["fifo_config"] = _model_copy(good, root / "fifo-config")
-    (made["fifo_config"] / "config.json").unlink()
-    os.mkfifo(made["fifo_config"] / "config.json")
+    made["fifo_tokenizer"] = _model_copy(good, root / "fifo-tokenizer")
+    (made["fifo_tokenizer"] / "tokenizer.json").unlink()
+    os.mkfifo(made["fifo_tokenizer"] / "tokenizer.json")
     made["deep_folders"] = _model_copy(good, root / "deep-folders")
     here = os.getcwd()
     os.chdir(made["deep_folders"])
@@ -210,8 +210,8 @@ MODEL_CASES = [
     ("export_layer_map_null", ["export", "{layer_map_null}", "--out", "{out}"]),
     ("heal_layer_map_null", ["heal", "{layer_map_null}", "--teacher", "{good_model}", "--out", "{out}"]),
     ("analyze_deep_tokenizer", ["analyze", "{deep_tokenizer}", "--out", "{out}"]),
-    ("analyze_fifo_config", ["analyze", "{fifo_config}", "--out", "{out}"]),
-    ("export_fifo_config", ["export", "{fifo_config}", "--out", "{out}"]),
+    ("analyze_fifo_tokenizer", ["analyze", "{fifo_tokenizer}", "--out", "{out}"]),
+    ("export_fifo_tokenizer", ["export", "{fifo_tokenizer}", "--out", "{out}"]),
     ("analyze_deep_folders", ["analyze", "{deep_folders}", "--out", "{out}"]),
     ("heal_student_is_teacher", ["heal", "{good_model}", "--teacher", "{good_model}", "--out", "{out}"]),
     ("heal_student_copy_of_teacher", ["heal", "{copy_of_good}", "--teacher", "{good_model}", "--out", "{out}"]),

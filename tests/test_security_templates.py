@@ -199,7 +199,7 @@ RUNAWAY = {
     "nested_loops_over_a_set_list": "{% set r = range(100000)|list %}{% for a in r %}{% for b in r %}"
                                     "{% endfor %}{% endfor %}",
     "big_string": "{{ 'x' * 10**10 }}",
-    "big_power": "{{ 10 ** 10 ** 9 }}",
+    "big_power": "{{ 10 ** (10 ** 9) }}",
     "flood": "{% for a in range(100000) %}{% for b in range(1000) %}xxxxxxxxxx{% endfor %}{% endfor %}",
     "recursive_macro": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
 }
@@ -262,15 +262,21 @@ def test_fifos_devices_and_huge_files_are_refused_before_reading(tmp_path):
         read_text(big, "tokenizer")
 
 
-def test_a_model_directory_with_a_fifo_config_is_one_line(tmp_path):
-    from ollama_compress.modelio import check_model_dir
+def test_a_tokenizer_file_that_is_a_fifo_is_one_line_not_a_hang(tiny_model_dir, tmp_path):
+    """In a child process with a deadline: the tokenizers library would block on the FIFO forever."""
+    import shutil
+    import subprocess
+    import sys
 
-    path = tmp_path / "m"
-    path.mkdir()
-    os.mkfifo(path / "config.json")
-    (path / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
-    with pytest.raises(UserError, match="not a regular file"):
-        check_model_dir(path)
+    path = shutil.copytree(tiny_model_dir("llama", 2), tmp_path / "m")
+    (path / "tokenizer.json").unlink()
+    os.mkfifo(path / "tokenizer.json")
+    script = ("from ollama_compress.errors import UserError\n"
+              "from ollama_compress.modelio import load_tokenizer\n"
+              f"try:\n    load_tokenizer({str(path)!r})\n"
+              "except UserError as exc:\n    print('REFUSED', exc)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("REFUSED") and "not a regular file" in done.stdout, (done.stdout, done.stderr[-2000:])
 
 
 def test_deep_json_and_deep_folders_are_one_line(tiny_model_dir, tmp_path):

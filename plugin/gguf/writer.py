@@ -20,7 +20,7 @@ import numpy as np
 from ollama_compress.context import RunOptions
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import atomic_path, check_free_space
-from ollama_compress.modelio import check_finite
+from ollama_compress.modelio import check_finite, check_tokenizer_files
 
 from .arch import check_loadable, gguf_py, metadata_type_problem, read_model_config, write_hparams
 from .tensors import PlannedTensor, expected_size, plan_tensors, width_warnings_of
@@ -260,6 +260,7 @@ def _prepare(model_dir: Path, out_path: Path, outtype: str, metadata: dict[str, 
     gguf = gguf_py()
     planned, info = plan_tensors(model_dir, outtype)
     n_vocab = next(t.shape[0] for t in planned if t.name == "token_embd.weight")
+    check_tokenizer_files(model_dir)  # before anything (transformers, gguf-py, vocab) reads them
     tokenizer = load_tokenizer_or_none(model_dir, options)
     vocab = build_vocab(model_dir, info["model_type"], n_vocab, tokenizer)
     for note in vocab.notes:
