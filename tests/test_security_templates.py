@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from chat_templates import ALPACA, BY_FAMILY, LLAMA2
 from gguf_samples import add_llama_block_tensors
-from helpers import assert_clean_error, cli
+from helpers import assert_clean_error, cli, make_deep_tree, remove_deep_tree
 from ollama_compress.errors import UserError
 from ollama_compress.hooks import modelfile as mf
 from ollama_compress.templates import check_chat_template, render_chat_template
@@ -295,15 +295,10 @@ def test_deep_json_and_deep_folders_are_one_line(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="tokenizer.json nests deeper than"):
         load_tokenizer(path)
     (path / "tokenizer.json").write_text(json.dumps(tokenizer))
-    folder = path / "notes"
-    folder.mkdir()
-    os.chdir(folder)
+    make_deep_tree(path / "notes", 1000)
     try:
-        for _ in range(1000):  # 1,000 levels, made relative so no path grows past PATH_MAX
-            os.mkdir("d")
-            os.chdir("d")
+        with pytest.raises(UserError, match="nested more than"):
+            check_model_dir(path)
     finally:
-        os.chdir(tmp_path)
-    with pytest.raises(UserError, match="nested more than"):
-        check_model_dir(path)
-    assert read_config(path)["num_hidden_layers"] == 2
+        remove_deep_tree(path / "notes")
+    assert check_model_dir(path) == path and read_config(path)["num_hidden_layers"] == 2
