@@ -120,7 +120,7 @@ def parse_json(text: str, what: str) -> Any:
     try:
         return json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
-        raise UserError(f"{what} is not valid JSON ({str(exc)[:200]}); fix or replace the file") from None
+        raise UserError(f"{what}: not valid JSON ({str(exc)[:200]}); fix or replace the file") from None
 
 
 def read_json(path: str | os.PathLike, kind: str, what: str | None = None, expect: type | None = None) -> Any:
