@@ -410,3 +410,23 @@ def test_a_gguf_the_writer_makes_passes_the_same_loadability_check(tiny_model_di
 
     summary = verify_gguf(write_gguf(tiny_model_dir(arch, 2), tmp_path / "m.gguf", "F16").path)
     assert summary.block_count == 2
+
+
+def test_import_refuses_a_gguf_with_non_finite_weights(tmp_path, smollm2_gguf):
+    import numpy as np
+
+    from gguf_samples import write_tiny_llama_gguf
+    from ollama_compress.gguf_verify import verify_gguf
+    from ollama_compress.hooks.source import import_gguf
+
+    path = write_tiny_llama_gguf(tmp_path / "tiny.gguf", smollm2_gguf, dtype=np.float32)
+    summary = verify_gguf(path)
+    norm = next(t for t in summary.tensors if t.name == "blk.1.ffn_norm.weight")
+    with open(path, "r+b") as f:
+        f.seek(summary.data_offset + norm.offset + 4)
+        f.write(np.array([np.inf], np.float32).tobytes())
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UserError, match="post_attention_layernorm.weight holds NaN or Inf"):
+        import_gguf(path, out)
+    assert list(out.iterdir()) == []
