@@ -146,7 +146,14 @@ def models(tmp_path_factory, tiny_model_dir):
     made["card_python_tag"] = _model_copy(good, root / "card-python", files={
         "README.md": "---\nlicense: !!python/object/apply:os.system ['true']\n---\n"})
     made["nan_weights"] = _poisoned(_model_copy(good, root / "nan-weights"))
-    made["layer_map_null"] = _model_copy(good, root / "layer-map-null", files={"layer_map.json": "null"})
+    other = root / "layer-map-null"  # another student (seed 1), so only its layer map is wrong
+    tiny_model("llama", 2, seed=1).save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (other / name).write_bytes((good / name).read_bytes())
+    (other / "layer_map.json").write_text("null")
+    made["layer_map_null"] = other
+    made["mapped_student"] = _model_copy(other, root / "mapped-student", files={
+        "layer_map.json": json.dumps({"student_to_teacher": [0, 1], "removed": [], "num_layers_before": 2})})
     tokenizer = json.loads((good / "tokenizer.json").read_text())
     made["deep_tokenizer"] = _model_copy(good, root / "deep-tokenizer", files={
         "tokenizer.json": json.dumps(tokenizer)[:-1] + ', "x": ' + "[" * 100000 + "]" * 100000 + "}"})
@@ -208,9 +215,12 @@ MODEL_CASES = [
     ("analyze_fifo_tokenizer", ["analyze", "{fifo_tokenizer}", "--out", "{out}"]),
     ("export_fifo_tokenizer", ["export", "{fifo_tokenizer}", "--out", "{out}"]),
     ("analyze_deep_folders", ["analyze", "{deep_folders}", "--out", "{out}"]),
-    ("heal_student_is_teacher", ["heal", "{good_model}", "--teacher", "{good_model}", "--out", "{out}"]),
-    ("heal_student_copy_of_teacher", ["heal", "{copy_of_good}", "--teacher", "{good_model}", "--out", "{out}"]),
-    ("heal_teacher_of_another_width", ["heal", "{good_model}", "--teacher", "{wide_teacher}", "--out", "{out}"]),
+    ("heal_student_is_teacher", ["heal", "{good_model}", "--teacher", "{good_model}", "--steps", "1",
+                                 "--set", "heal.loss={{kl: 1.0}}", "--out", "{out}"]),
+    ("heal_student_copy_of_teacher", ["heal", "{copy_of_good}", "--teacher", "{good_model}", "--steps", "1",
+                                      "--set", "heal.loss={{kl: 1.0}}", "--out", "{out}"]),
+    ("heal_teacher_of_another_width", ["heal", "{mapped_student}", "--teacher", "{wide_teacher}", "--steps", "1",
+                                       "--out", "{out}"]),
     ("heal_lr_inf", ["heal", "{more_layers}", "--teacher", "{good_model}", "--lr", "inf", "--out", "{out}"]),
     ("heal_set_nan", ["heal", "{good_model}", "--teacher", "{good_model}", "--set", "heal.lr=.nan", "--out", "{out}"]),
     ("run_recipe_lr_inf", ["run", "{recipe_inf_lr}", "--out", "{out}"]),
