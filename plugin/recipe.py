@@ -429,11 +429,16 @@ def non_finite_numbers(data: Any) -> list[str]:
 
     found: list[str] = []
     stack: list[tuple[str, Any]] = [("", data)]
+    seen: set[int] = set()  # a container reached twice (YAML aliases) is walked once
     while stack:
         where, value = stack.pop()
         if isinstance(value, float) and not math.isfinite(value):
             found.append(f"{where or '(top)'}: {value} is not a finite number; give a finite value")
-        elif isinstance(value, dict):
+        elif isinstance(value, (dict, list, tuple)):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+        if isinstance(value, dict):
             stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
         elif isinstance(value, (list, tuple)):
             stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
