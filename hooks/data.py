@@ -55,10 +55,9 @@ def read_text_file(path: str | os.PathLike, what: str) -> str:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} file {path} does not exist; give a path to a text file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {what} file {path}: {exc}") from None
+    from ollama_compress.safe_read import read_text
+
+    text = read_text(path, "data", f"{what} file {path}")  # a regular file of sane size, UTF-8
     if not text.strip():
         raise UserError(f"{what} file {path} is empty; give a file with text in it")
     return text
@@ -121,10 +120,9 @@ def jsonl_texts(spec: TextSource, tokenizer=None, ctx=None) -> list[str]:
         if not line.strip():
             continue
         where = f"{path} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{where}: not valid JSON ({exc.msg})") from None
+        from ollama_compress.safe_read import parse_json
+
+        record = parse_json(line, where)
         texts.append(_record_text(record, tokenizer, where))
     return _nonempty(texts, str(path))
 

@@ -21,7 +21,7 @@ import click
 
 from ollama_compress import modelio
 from ollama_compress.context import RunOptions, StageContext
-from ollama_compress.errors import UserError
+from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import atomic_path, settings_hash, write_json
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.recipe import Data, Heal, TextSource
@@ -36,14 +36,49 @@ def read_layer_map(student_dir: Path, num_layers: int, teacher_layers: int) -> l
     path = Path(student_dir) / LAYER_MAP
     if not path.is_file():
         return None
-    try:
-        mapping = json.loads(path.read_text())["student_to_teacher"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UserError(f"{path} is not a layer map written by prune ({exc}); prune the model again") from None
+    from ollama_compress.safe_read import read_json
+
+    mapping = read_json(path, "layer map", expect=dict).get("student_to_teacher")
+    if not isinstance(mapping, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in mapping):
+        raise UserError(f"{path} is not a layer map written by prune (no student_to_teacher list of layer numbers); "
+                        "prune the model again")
     if len(mapping) != num_layers or any(not 0 <= t < teacher_layers for t in mapping):
         raise UserError(f"{path} maps {len(mapping)} layers into a {teacher_layers}-layer teacher, but the student "
                         f"has {num_layers} layers; is this teacher the model it was pruned from?")
     return [int(t) for t in mapping]
+
+
+def check_something_to_heal(student_dir: Path, teacher_dir: Path, s_config: dict, t_config: dict, terms) -> None:
+    """A UserError when healing cannot mean anything: the student is the teacher (same directory
+    or the same weight files), or a hidden-state loss compares layers of different widths."""
+    nothing = (f"the student {student_dir} is identical to the teacher {teacher_dir}; there is nothing to heal "
+               "(heal a pruned copy of the teacher)")
+    if Path(student_dir).resolve() == Path(teacher_dir).resolve() or _same_weights(student_dir, teacher_dir):
+        raise UserError(nothing)
+    widths = [c.get("hidden_size") for c in (s_config, t_config)]
+    layer_terms = [t.name for t in terms if t.needs_layers]
+    if layer_terms and widths[0] != widths[1]:
+        raise UserError(f"loss {layer_terms[0]} compares hidden states, but the student is {widths[0]} wide and the "
+                        f"teacher {widths[1]}; heal against the model the student was pruned from, or drop "
+                        f"{layer_terms[0]} from heal.loss")
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Whether two model directories hold byte-identical weight files (hashed only when the sizes match)."""
+    import hashlib
+
+    files_a, files_b = modelio.weight_files(a), modelio.weight_files(b)
+    if not files_a or [(f.name, f.stat().st_size) for f in files_a] != [(f.name, f.stat().st_size) for f in files_b]:
+        return False
+
+    def digest(path: Path) -> bytes:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        return h.digest()
+
+    return all(digest(x) == digest(y) for x, y in zip(files_a, files_b))
 
 
 def shared_vocab(student_tok, teacher_tok, student_vocab: int, teacher_vocab: int, log: Log) -> int:
@@ -254,6 +289,7 @@ def heal_model(
         modelio.check_causal_lm(path)
     terms = distill.loss_terms(settings.loss)
     s_config, t_config = (modelio.read_config(p) for p in (student_dir, teacher_dir))
+    check_something_to_heal(student_dir, teacher_dir, s_config, t_config, terms)
     s_tok, t_tok = modelio.load_tokenizer(student_dir, options), modelio.load_tokenizer(teacher_dir, options)
     vocab = shared_vocab(s_tok, t_tok, s_config["vocab_size"], t_config["vocab_size"], log)
     num_layers = s_config["num_hidden_layers"]
@@ -345,6 +381,9 @@ def heal_model(
     before = measure()
     eval_seconds = time.perf_counter() - eval_started
     run.evaluate = lambda: measure()["kl"]
+    if before["kl"] == 0:
+        raise UserError(f"the student {student_dir} predicts exactly what the teacher does (held-out KL "
+                        f"{before['kl']}); there is nothing to heal")
     if start_from is not None:
         step = run.resume(start_from)
         log(f"resuming from {start_from} (step {step} of {cfg.steps})")
@@ -479,6 +518,7 @@ def _save(student, tokenizer, student_dir: Path, out_dir: Path, records: list, r
         student.activation_checkpointing_disable()
     student = student.to("cpu").eval()
     student.requires_grad_(False)
+    modelio.check_finite(student.state_dict().items(), "the healed model", StageFailed)
     with atomic_path(out_dir, is_dir=True) as tmp:
         modelio.save_model(student, tokenizer, tmp, student_dir)
         if (student_dir / LAYER_MAP).is_file():

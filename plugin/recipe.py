@@ -56,7 +56,7 @@ def check_ollama_name(name: str) -> str:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)  # .inf/.nan: refused
 
 
 class Source(Strict):
@@ -442,7 +442,32 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
     return data
 
 
+def non_finite_numbers(data: Any) -> list[str]:
+    """Where ``data`` (parsed YAML) holds NaN or an infinity, as dotted key paths (iterative walk)."""
+    import math
+
+    found: list[str] = []
+    stack: list[tuple[str, Any]] = [("", data)]
+    seen: set[int] = set()  # a container reached twice (YAML aliases) is walked once
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append(f"{where or '(top)'}: {value} is not a finite number; give a finite value")
+        elif isinstance(value, (dict, list, tuple)):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+        if isinstance(value, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
+    return sorted(found)
+
+
 def validate(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    problems = non_finite_numbers(data)
+    if problems:
+        raise RecipeError(source, problems)
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:

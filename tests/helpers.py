@@ -19,3 +19,36 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None
     assert "Traceback" not in proc.stderr, proc.stderr
     for needle in needles:
         assert needle in proc.stderr, (needle, proc.stderr)
+
+
+def make_deep_tree(top: Path, levels: int) -> None:
+    """``top/d/d/.../d``, ``levels`` folders deep, made relative so no path passes PATH_MAX.
+
+    Remove it with ``remove_deep_tree``: recursive deleters (pytest's cleanup, shutil.rmtree)
+    exhaust Python's stack on it."""
+    here = os.getcwd()
+    os.mkdir(top)
+    os.chdir(top)
+    try:
+        for _ in range(levels):
+            os.mkdir("d")
+            os.chdir("d")
+    finally:
+        os.chdir(here)
+
+
+def remove_deep_tree(top: Path) -> None:
+    """Remove what ``make_deep_tree`` made, bottom up, without recursion."""
+    here = os.getcwd()
+    os.chdir(top)
+    depth = 0
+    try:
+        while os.path.isdir("d"):
+            os.chdir("d")
+            depth += 1
+        for _ in range(depth):
+            os.chdir("..")
+            os.rmdir("d")
+    finally:
+        os.chdir(here)
+    os.rmdir(top)
