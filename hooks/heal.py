@@ -21,7 +21,8 @@ import click
 from ollama_compress import modelio
 from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import UserError
-from ollama_compress.fsutil import atomic_path, settings_hash, write_json
+from ollama_compress.fsutil import (atomic_path, check_output_dir, claim_output_dir, remove_made,
+                                   remove_made_children, settings_hash, write_json)
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.recipe import Data, Heal, TextSource
 
@@ -253,6 +254,8 @@ def heal_model(
 
     fingerprint = settings_hash(settings.model_dump(mode="json"), data.model_dump(mode="json", by_alias=True),
                                 _identity(student_dir), _identity(teacher_dir))
+    if checkpoint_dir is not None:
+        claim_output_dir(checkpoint_dir, "the checkpoint folder", inputs=(student_dir, teacher_dir))
     start_from = _checkpoint_to_resume(checkpoint_dir, resume, fingerprint)
 
     torch.manual_seed(settings.seed)
@@ -281,8 +284,8 @@ def heal_model(
     if start_from is not None:
         step = run.resume(start_from)
         log(f"resuming from {start_from} (step {step} of {settings.steps})")
-    elif checkpoint_dir is not None and checkpoint_dir.exists():
-        shutil.rmtree(checkpoint_dir)
+    elif checkpoint_dir is not None:
+        remove_made_children(checkpoint_dir)  # an earlier heal's checkpoints, of other settings
     if log_file is not None:
         trainer.rewrite_log(log_file, run.state.log)
     precision = "bf16 autocast" if compute_dtype is not None else "fp32"
@@ -310,7 +313,7 @@ def heal_model(
     if run.rank == 0:
         _save(student, s_tok, student_dir, out_dir, records, result)
         if checkpoint_dir is not None:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            remove_made(checkpoint_dir)
     return result
 
 
@@ -390,6 +393,8 @@ def _save(student, tokenizer, student_dir: Path, out_dir: Path, records: list, r
         student.activation_checkpointing_disable()
     student = student.to("cpu").eval()
     student.requires_grad_(False)
+    if out_dir.exists():
+        claim_output_dir(out_dir, "--out")  # an empty folder given as --out, or an earlier heal's output
     with atomic_path(out_dir, is_dir=True) as tmp:
         modelio.save_model(student, tokenizer, tmp, student_dir)
         if (student_dir / LAYER_MAP).is_file():
@@ -522,11 +527,12 @@ def register_commands(cli: click.Group) -> None:
         out = Path(out)
         if out.resolve() in (student_dir.resolve(), teacher_dir.resolve()):
             raise UserError(f"--out {out} is an input model; choose another directory")
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UserError(f"--out {out} exists and is not empty; choose a new directory")
+        check_output_dir(out, "--out", inputs=(student_dir, teacher_dir))
+        checkpoints = checkpoints or default_checkpoint_dir(out)
+        check_output_dir(checkpoints, "--checkpoints", inputs=(student_dir, teacher_dir))
         console = Console(stderr=True)
         result = heal_model(student_dir, teacher_dir, out, settings, data_spec, options=options,
-                            checkpoint_dir=checkpoints or default_checkpoint_dir(out), resume=resume,
+                            checkpoint_dir=checkpoints, resume=resume,
                             max_memory_gib=max_memory, console=console,
                             log=lambda message: click.echo(message, err=True))
         if as_json:

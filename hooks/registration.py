@@ -60,7 +60,7 @@ def quant_from_filename(path: Path) -> str | None:
 
     stem = Path(path).stem.upper()
     for quant in sorted(QUANT_TYPES, key=len, reverse=True):
-        if re.search(rf"(^|[-_.]){re.escape(quant)}$", stem):
+        if re.search(rf"(^|[-_.]){re.escape(quant)}\Z", stem):
             return quant
     return None
 

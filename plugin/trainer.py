@@ -31,9 +31,9 @@ import torch
 
 from .distill import Batch, ForwardOut, Head, LossTerm, combined_loss, plain_kl
 from .errors import StageFailed, UserError
-from .fsutil import atomic_path, write_json
+from .fsutil import atomic_path, remove_made, write_json
 
-CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
+CHECKPOINT_RE = re.compile(r"step-(\d{7})")
 STATE_FILE = "state.json"
 
 
@@ -192,7 +192,7 @@ def latest_checkpoint(directory: Path) -> Path | None:
     """The newest complete checkpoint (a renamed ``step-NNNNNNN`` directory with its state file)."""
     if not directory.is_dir():
         return None
-    found = [p for p in directory.iterdir() if CHECKPOINT_RE.match(p.name) and (p / STATE_FILE).is_file()]
+    found = [p for p in directory.iterdir() if CHECKPOINT_RE.fullmatch(p.name) and (p / STATE_FILE).is_file()]
     return max(found, key=lambda p: p.name) if found else None
 
 
@@ -211,10 +211,8 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, sta
                    tmp / "optimizer.pt")
         write_json(tmp / STATE_FILE, {**state, "step": step})
     for old in directory.iterdir():
-        if old != final and CHECKPOINT_RE.match(old.name):
-            import shutil
-
-            shutil.rmtree(old, ignore_errors=True)
+        if old != final and CHECKPOINT_RE.fullmatch(old.name):
+            remove_made(old)
     return final
 
 

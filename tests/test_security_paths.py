@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ollama_compress.errors import UserError
-from ollama_compress.fsutil import atomic_path, remove_stale_temporaries, resolve_inside
+from ollama_compress.fsutil import (JOURNAL, MARKER, atomic_path, claim_output_dir, clean_journal, remove_made,
+                                   resolve_inside)
 
 
 def dead_pid() -> int:
@@ -51,46 +53,103 @@ def test_symlink_leading_out_is_refused_and_one_inside_is_not(tmp_path):
 
 
 # ---------------------------------------------------------------- leftovers of killed writers
-def test_stale_temporaries_are_removed_and_an_interrupted_swap_is_undone(tmp_path):
+KILLED_WRITER = """
+import os, sys
+from pathlib import Path
+from ollama_compress import fsutil
+root = Path(sys.argv[1])
+writers = [fsutil.atomic_path(root / "40-gguf", is_dir=True), fsutil.atomic_path(root / "20-pruned" / "config.json")]
+stage, inner = (writer.__enter__() for writer in writers)  # still open when the process dies
+(stage / "big.gguf").write_bytes(b"x" * 1000)
+inner.write_text("{")
+real_replace = os.replace
+def replace_then_die(src, dst):  # killed between the two renames of a swap
+    real_replace(src, dst)
+    os._exit(9)
+os.replace = replace_then_die
+with fsutil.atomic_path(root / "30-healed", is_dir=True) as tmp:
+    (tmp / "new").write_text("new")
+"""
+
+
+def killed_writer(root: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(root)], capture_output=True, text=True)
+    assert done.returncode == 9, done.stderr
+
+
+def test_a_killed_writers_journaled_temporaries_go_and_an_interrupted_swap_is_undone(tmp_path):
+    root = claim_output_dir(tmp_path / "run")
+    with atomic_path(root / "20-pruned", is_dir=True) as tmp:
+        (tmp / "weights").write_text("w")
+    with atomic_path(root / "30-healed", is_dir=True) as tmp:
+        (tmp / "old").write_text("previous")
+    killed_writer(root)
+    leftovers = [p for p in root.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert len(leftovers) >= 3 and not (root / "30-healed").exists()
+
+    removed = clean_journal(root)
+
+    assert (root / "30-healed" / "old").read_text() == "previous"  # the previous version came back
+    assert not [p for p in root.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert len(removed) == 3 and (root / "20-pruned" / "weights").read_text() == "w"  # the new 30-healed too
+
+
+def test_cleanup_never_touches_lookalikes_or_a_live_writers_temporaries(tmp_path):
+    root = claim_output_dir(tmp_path / "run")
     pid = dead_pid()
-    stale_dir = tmp_path / f".40-gguf.tmp-{pid}"
-    (stale_dir / "sub").mkdir(parents=True)
-    (stale_dir / "sub" / "model-F16.gguf").write_bytes(b"GGUF" + b"\0" * 100)
-    stale_file = tmp_path / "20-pruned" / f".config.json.tmp-{pid}"
-    stale_file.parent.mkdir()
-    stale_file.write_text("{")
-    # killed between its two renames: 30-healed was moved aside, the new one never arrived
-    moved_aside = tmp_path / f".30-healed.old-{pid}"
-    moved_aside.mkdir()
-    (moved_aside / ".stage.json").write_text("{}")
-    # killed while removing the previous version after the swap: the new one is in place
-    half_removed = tmp_path / f".run.json.old-{pid}"
-    half_removed.write_text("old")
-    (tmp_path / "run.json").write_text("new")
-    live = tmp_path / f".50-ollama.tmp-{os.getpid()}"
-    live.mkdir()
-
-    removed = remove_stale_temporaries(tmp_path)
-
-    assert not stale_dir.exists() and not stale_file.exists() and not half_removed.exists()
-    assert (tmp_path / "30-healed" / ".stage.json").is_file() and not moved_aside.exists()
-    assert (tmp_path / "run.json").read_text() == "new"
-    assert live.is_dir()  # a live writer's temporary stays
-    assert set(removed) == {stale_dir, stale_file, half_removed}
+    lookalikes = [root / f".40-gguf.tmp-{pid}", root / f".notes.old-{pid}", root / "sub" / f".x.tmp-{pid}-00ab"]
+    for path in lookalikes:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("the user's")
+    with atomic_path(root / "50-ollama", is_dir=True) as live:
+        assert clean_journal(root) == []
+        assert live.is_dir()
+    assert all(p.read_text() == "the user's" for p in lookalikes) and not (root / "notes").exists()
 
 
-def test_atomic_path_cleans_what_a_killed_writer_of_the_same_output_left(tmp_path):
-    pid = dead_pid()
-    stale = tmp_path / f".40-gguf.tmp-{pid}"
-    stale.mkdir()
-    (stale / "big.gguf").write_bytes(b"x" * 1000)
-    other = tmp_path / f".20-pruned.tmp-{pid}"  # another output's leftover: not this call's business
-    other.mkdir()
-    with atomic_path(tmp_path / "40-gguf", is_dir=True) as tmp:
-        (tmp / "done").write_text("ok")
-    assert not stale.exists()
-    assert (tmp_path / "40-gguf" / "done").read_text() == "ok"
-    assert other.is_dir()
+def test_a_poisoned_journal_removes_nothing_outside_its_temporaries(tmp_path):
+    root = claim_output_dir(tmp_path / "run")
+    outside = tmp_path / "precious.txt"
+    outside.write_text("mine")
+    inside = root / "model.safetensors"
+    inside.write_text("weights")
+    (root / "link").symlink_to(tmp_path)
+    entries = [{"op": "add", "path": rel, "pid": dead_pid()}
+               for rel in ("../precious.txt", str(outside), "model.safetensors", "link/precious.txt", "link")]
+    (root / JOURNAL).write_text("".join(json.dumps(e) + "\n" for e in entries) + "not json\n")
+    assert clean_journal(root) == []
+    assert outside.read_text() == "mine" and inside.read_text() == "weights" and (root / "link").is_symlink()
+
+
+@pytest.mark.parametrize("is_dir", [False, True])
+def test_atomic_path_never_replaces_what_the_tool_did_not_make(tmp_path, is_dir):
+    final = tmp_path / "mine"
+    if is_dir:
+        final.mkdir()
+        (final / "precious.txt").write_text("mine")
+    else:
+        final.write_text("mine")
+    with pytest.raises(UserError, match="not written by ollama-compress"):
+        with atomic_path(final, is_dir=is_dir) as tmp:
+            (tmp / "x").write_text("new") if is_dir else tmp.write_text("new")
+    assert (final / "precious.txt" if is_dir else final).read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_output_folders_are_claimed_only_when_empty_or_marked(tmp_path):
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "precious.txt").write_text("mine")
+    with pytest.raises(UserError, match="empty or new folder"):
+        claim_output_dir(tmp_path / "user")
+    made = claim_output_dir(tmp_path / "new" / "out")
+    assert json.loads((made / MARKER).read_text())["made_by"] == "ollama-compress"
+    (made / "result").write_text("ours")
+    assert claim_output_dir(made) == made  # an earlier output of the tool
+    assert remove_made(made) and not made.exists()
+    given = tmp_path / "given"
+    given.mkdir()
+    claim_output_dir(given)
+    assert not remove_made(given) and given.is_dir()  # the user made it: it stays
 
 
 # ---------------------------------------------------------------- full disk
@@ -146,7 +205,7 @@ def test_a_disk_that_fills_mid_write_is_one_line_and_leaves_nothing(tmp_path, ti
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("Error: no space left"), lines
     assert len([line for line in lines if line.startswith("Error")]) == 1
-    assert not out.exists() or list(out.rglob("*")) == []  # no GGUF, whole or half, and no temporary
+    assert not out.exists() or [p.name for p in out.rglob("*")] == [MARKER]  # no GGUF, whole or half, nor a temporary
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
 
 
