@@ -526,7 +526,7 @@ def register_commands(cli: click.Group) -> None:
         student_dir, teacher_dir = resolve_model(student, options), resolve_model(teacher, options)
         out = Path(out)
         if out.resolve() in (student_dir.resolve(), teacher_dir.resolve()):
-            raise UserError(f"--out {out} is an input model; choose another directory")
+            raise UserError(f"--out {out} is an input model; choose an empty or new folder")
         check_output_dir(out, "--out", inputs=(student_dir, teacher_dir))
         checkpoints = checkpoints or default_checkpoint_dir(out)
         check_output_dir(checkpoints, "--checkpoints", inputs=(student_dir, teacher_dir))

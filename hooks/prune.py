@@ -429,7 +429,7 @@ def check_out_dir(out_dir: Path, model_dir: Path) -> Path:
     out_dir, model_dir = Path(out_dir), Path(model_dir)
     resolved, source = out_dir.resolve(), model_dir.resolve()
     if resolved == source or source in resolved.parents or resolved in source.parents:
-        raise UserError(f"--out {out_dir} overlaps the model directory {model_dir}; choose another directory")
+        raise UserError(f"--out {out_dir} overlaps the model directory {model_dir}; choose an empty or new folder")
     check_output_dir(out_dir, "--out")
     if out_dir.exists():
         claim_output_dir(out_dir, "--out")  # empty, or an earlier output of this tool: replaced when done

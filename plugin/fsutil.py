@@ -295,7 +295,7 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[P
     exists = final.exists() or final.is_symlink()
     if exists and is_dir != final.is_dir():
         kind = "a file" if final.is_file() else "a directory"
-        raise UserError(f"{final} is {kind}; choose another output path")
+        raise UserError(f"{final} is {kind}; choose an empty or new folder, or another file name")
     if exists and not _made_by_tool(final):
         raise UserError(f"{final} exists and was not written by ollama-compress; choose an empty or new folder")
     root = owned_root(final.parent)

@@ -411,6 +411,7 @@ def _recipe_from_lock(path: Path, overrides: list[str]) -> Recipe:
     from .recipe import apply_override, validate
 
     lock = load_lock(path)
+    locked_source_sha256(lock, path)  # even with --force: a lock that names no source can't be reproduced
     data = lock["recipe"]
     version = data.get("recipe_version")
     if isinstance(version, int) and version > max(SUPPORTED_RECIPE_VERSIONS):
@@ -447,8 +448,6 @@ def run(recipe: Recipe | str, *, overrides: list[str] = (), out: str | Path | No
     check_output_dir(run_dir, "--out")
     this = Run(recipe, run_dir, options or RunOptions(), console, first=first, last=last)
     this.resolve_target()
-    if lock_path is not None:
-        locked_source_sha256(load_lock(lock_path), lock_path)  # even with --force: a lock must name its source
     if lock_path is not None and not force:
         differences = lock_differences(load_lock(lock_path), this)
         if differences:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -205,7 +206,7 @@ def test_a_disk_that_fills_mid_write_is_one_line_and_leaves_nothing(tmp_path, ti
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("Error: no space left"), lines
     assert len([line for line in lines if line.startswith("Error")]) == 1
-    assert not out.exists() or [p.name for p in out.rglob("*")] == [MARKER]  # no GGUF, whole or half, nor a temporary
+    assert not out.exists() or {p.name for p in out.rglob("*")} <= {MARKER, JOURNAL}  # no GGUF, whole or half, nor a temporary
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
 
 
@@ -220,3 +221,71 @@ def test_native_writers_disk_full_messages_are_recognised():
     assert _disk_full(OSError("3145728 requested and 81344 written")).errno == errno.ENOSPC
     assert _disk_full(SafetensorError("Error while deserializing header: InvalidHeaderDeserialization")) is None
     assert _disk_full(FileNotFoundError(errno.ENOENT, "No such file")) is None
+
+
+# ---------------------------------------------------------------- file names built from run data
+@pytest.mark.parametrize("metric", ["../escape", "a/b", ".hidden", "x\0y"])
+def test_a_metric_name_that_is_not_a_plain_file_name_is_refused(tmp_path, metric):
+    from ollama_compress.hooks.importance import write_scores
+
+    with pytest.raises(UserError, match="metric name"):
+        write_scores(tmp_path / "out", {metric: [0.1, 0.2]}, {})
+    assert not (tmp_path / "escape.png").exists() and not list(tmp_path.rglob("*.png"))
+
+
+def test_a_report_with_a_hostile_metric_name_writes_no_file_outside(tmp_path):
+    from ollama_compress.report import write_report
+
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps({"../../outside": [0.5, 0.2]}))
+    with pytest.raises(UserError, match="metric name"):
+        write_report(tmp_path / "report", "demo", None, {"scores_file": str(scores)})
+    assert not list(tmp_path.rglob("*.png"))
+
+
+# ---------------------------------------------------------------- report.md escapes run data
+HOSTILE = ["<img src=x onerror=alert(1)>", "# a heading\n## another", "a | b | c", "```\nrm -rf ~\n```",
+           "[click](http://evil.example/x.png)", "![pixel](http://evil.example/p.png)", "`code` *bold*\r\n---"]
+
+
+def test_report_md_escapes_every_value_from_run_data(tmp_path):
+    from ollama_compress.report import write_report
+
+    pruned = tmp_path / "pruned"
+    pruned.mkdir()
+    (pruned / "layer_map.json").write_text(json.dumps({"student_to_teacher": [0, "<b>x</b>"], "removed": [1],
+                                                       "metric": HOSTILE[1], "num_layers_before": "```"}))
+    rows = [{"name": text, "model": "pruned", "size_bytes": 1 << 20, "perplexity": 2.0, "answers": [text],
+             "plugin_metric": text} for text in HOSTILE]
+    evaluation = {"rows": rows, "prompts": [HOSTILE[0]], "heldout_tokens": HOSTILE[3]}
+    inputs = {"pruned_dir": str(pruned), "ollama_models": {text: text for text in HOSTILE},
+              "modelfiles": {text: text for text in HOSTILE}}
+    path, _ = write_report(tmp_path / "report", HOSTILE[1], evaluation, inputs)
+    lines = path.read_text().splitlines()
+    assert "<" not in path.read_text()  # no raw HTML
+    assert [line for line in lines if line.startswith("#")] == [
+        line for line in lines if line.startswith(("# ", "## "))] and sum(line.startswith("# ") for line in lines) == 1
+    assert sum(line.strip() == "```" for line in lines) == 2  # only the report's own code block
+    assert not [line for line in lines if line.strip() in ("---", "rm -rf ~")]
+    assert not re.search(r"(?<!\\)\]\(http", path.read_text())  # no link or image from run data
+    table_rows = [line for line in lines if line.startswith("| ") and "evil" in line]
+    assert table_rows and all(line.replace("\\|", "").count("|") in (3, 4, 10) for line in table_rows)
+
+
+# ---------------------------------------------------------------- a lock must name its source's sha256
+@pytest.mark.parametrize("inputs", [{}, {"source": {"path": "x"}}, {"source": {"sha256": ""}},
+                                    {"source": {"sha256": "abc"}}, {"source": "sha256"}, None])
+@pytest.mark.parametrize("force", [False, True])
+def test_a_lock_without_the_source_sha256_is_refused(tmp_path, tiny_model_dir, inputs, force):
+    from helpers import assert_clean_error, cli
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = {"recipe": {"recipe_version": 1, "name": "locked", "source": {"model": str(tiny_model_dir("llama", 2))}},
+            "versions": {}, "stages": {}}
+    if inputs is not None:
+        lock["inputs"] = inputs
+    (run_dir / "run.json").write_text(json.dumps(lock))
+    proc = cli("run", run_dir / "run.json", *(["--force"] if force else []))
+    assert_clean_error(proc, "records no sha256")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["run.json"]
