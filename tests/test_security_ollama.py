@@ -37,8 +37,16 @@ class Recorder(BaseHTTPRequestHandler):
         Recorder.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
         if self.path.startswith("/api/blobs/"):
             self._answer(201, {})
+        elif self.path == "/api/show":  # the created model, from the last blob uploaded
+            blobs = [r["path"].rsplit("/", 1)[1] for r in Recorder.requests if r["path"].startswith("/api/blobs/")]
+            self._answer(200, {"modelfile": f"FROM /models/blobs/{blobs[-1].replace(':', '-')}" if blobs else "",
+                               "model_info": {}})
         else:
             self._answer(200, {"status": "success"})
+
+    def do_DELETE(self):  # noqa: N802
+        Recorder.requests.append({"path": self.path, "headers": dict(self.headers), "body": b""})
+        self._answer(200, {})
 
     def do_HEAD(self):  # noqa: N802
         Recorder.requests.append({"path": self.path, "headers": dict(self.headers), "body": b""})
