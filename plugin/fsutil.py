@@ -117,6 +117,25 @@ def claim_output_dir(path: str | os.PathLike, what: str = "--out", inputs: tuple
     return path
 
 
+def make_dir(path: str | os.PathLike) -> Path:
+    """Create the new directory ``path`` (FileExistsError if anything is there) marked as this tool's."""
+    path = Path(path)
+    path.mkdir()
+    _mark(path, created=True)
+    return path
+
+
+def move_made(src: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Rename the directory ``src`` this tool created to ``final``, which must be missing or made by it."""
+    src, final = Path(src), Path(final)
+    if src.is_symlink() or not (_marker(src) or {}).get("created"):
+        raise UserError(f"{src} was not made by ollama-compress; it is not moved")
+    if (final.exists() or final.is_symlink()) and not remove_made(final):
+        raise UserError(f"{final} exists and was not written by ollama-compress; choose an empty or new folder")
+    os.replace(src, final)
+    return final
+
+
 def make_temp_dir(prefix: str) -> Path:
     """A new directory in the system's temporary folder, marked as this tool's (``remove_made`` removes it)."""
     path = Path(tempfile.mkdtemp(prefix=prefix))

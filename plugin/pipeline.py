@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from .context import RunOptions, StageContext
+from .context import RunOptions, StageContext, launcher_world
 from .embedded import cache_dir
 from .errors import CompressError, NotAvailable, StageFailed, UserError
 from .fsutil import (Fingerprints, atomic_path, check_output_dir, claim_output_dir, clean_journal, remove_made,
@@ -149,6 +149,7 @@ class Run:
                  first: str | None = None, last: str | None = None):
         self.recipe, self.run_dir, self.options, self.console = recipe, Path(run_dir), options, console
         self.first, self.last = first, last  # --from / --until: run only these stages of the table
+        self.main = launcher_world()[0] == 0  # under a launcher, only rank 0 writes the run directory
         self.inputs: dict[str, Any] = {}
         self.producers: dict[str, str] = {}  # input key -> cache key of the stage that wrote it
         self.lock: dict[str, Any] = {
@@ -200,7 +201,7 @@ class Run:
         """Parameters, GGUF size per quant and heal memory, from the source's shape alone."""
         from ollama_compress.hooks.source import source_path
 
-        from .planner import gguf_bytes, heal_memory_bytes, model_shape
+        from .planner import gguf_bytes, heal_memory_bytes, model_shape, trainable_params
 
         shape = model_shape(source_path(self.recipe.source, self.options))
         prune = self.recipe.prune
@@ -216,9 +217,7 @@ class Run:
             result["gguf_mib"] = {q: round(gguf_bytes(params, q) / 2**20, 1) for q in quants}
         heal = self.recipe.heal
         if heal is not None:
-            neighbours = getattr(heal, "train", "all") == "neighbours"
-            per_layer = sum(shape.layer_params) / max(1, shape.num_layers)
-            trainable = int(per_layer * min(2 * max(1, removed), shape.num_layers - removed)) if neighbours else params
+            trainable = trainable_params(shape, removed, getattr(heal, "train", "all"))
             micro = getattr(heal, "micro_batch", None) or heal.batch_size
             memory = heal_memory_bytes(shape, params, trainable, micro_batch=micro, seq_len=heal.seq_len,
                                        layers=shape.num_layers - removed, hidden=shape.hidden_size,
@@ -275,8 +274,11 @@ class Run:
 
     def execute(self) -> dict[str, Any]:
         source_key = self.source_hash()  # bad sources fail here, before anything is written
-        claim_output_dir(self.run_dir, "--out")
-        clean_journal(self.run_dir)  # what killed runs left behind
+        if self.main:
+            claim_output_dir(self.run_dir, "--out")
+            clean_journal(self.run_dir)  # what killed runs left behind (only what their journal records)
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         enabled = [s for s in STAGES if s.enabled(self.recipe)]
         for stage in STAGES:
             if stage not in enabled:
@@ -316,6 +318,9 @@ class Run:
         if missing:
             self._not_available(stage, label, f"no installed plugin implements {', '.join(missing)}")
             return
+        if not self.main:
+            self._run_stage_helping(stage)
+            return
         final = self.run_dir / stage.dirname
         work = self.run_dir / f".{stage.dirname}.work"  # kept across failed attempts (checkpoints)
         self.console.print(f"{label} ...")
@@ -344,6 +349,18 @@ class Run:
         self.console.print(f"{label}: done in {record['seconds']:.1f}s")
         self._accept(stage, key, record)
 
+    def _run_stage_helping(self, stage: Stage) -> None:
+        """A rank > 0 of a launcher: run the stage's hook (the heal's collectives need every process)
+        with a private scratch output, and write nothing in the run directory."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=f"ollama-compress-rank-{stage.name}-") as scratch:
+            ctx = StageContext(stage=stage.name, recipe=self.recipe, run_dir=self.run_dir, out_dir=Path(scratch),
+                               work_dir=Path(scratch), options=self.options, console=self.console,
+                               section=stage.section,
+                               inputs={k: self.inputs[k] for k in stage.reads if k in self.inputs})
+            get_plugin_manager().hook.run_stage(ctx=ctx)
+
     def _accept(self, stage: Stage, key: str, record: dict[str, Any]) -> None:
         self.inputs.update(record.get("outputs", {}))
         self._produced(stage, key)
@@ -354,7 +371,8 @@ class Run:
         self.lock["stages"][stage.name] = {"status": "not available", "reason": reason}
 
     def _write_lock(self) -> None:
-        write_json(self.run_dir / "run.json", self.lock)
+        if self.main:
+            write_json(self.run_dir / "run.json", self.lock)
 
 
 def _check_writes(stage: Stage, outputs: dict[str, Any]) -> None:
@@ -435,6 +453,9 @@ def run(recipe: Recipe | str, *, overrides: list[str] = (), out: str | Path | No
             raise UserError(f"{flag} {stage}: no such stage; stages: {', '.join(STAGE_NAMES)}")
     if first and last and STAGE_NAMES.index(first) > STAGE_NAMES.index(last):
         raise UserError(f"--from {first} comes after --until {last}; stages run in this order: {', '.join(STAGE_NAMES)}")
+    if launcher_world()[1] > 1 and not dry_run and (first, last) != ("heal", "heal"):
+        raise UserError("under a multi-process launcher only the heal stage runs: add --from heal --until heal, "
+                        "and run the other stages without the launcher")
     lock_path = Path(recipe) if isinstance(recipe, str) and recipe.endswith(".json") else None
     if lock_path is not None:
         recipe = _recipe_from_lock(lock_path, list(overrides))
@@ -443,7 +464,7 @@ def run(recipe: Recipe | str, *, overrides: list[str] = (), out: str | Path | No
         recipe = load_recipe(recipe, list(overrides))
     elif overrides:
         raise UserError("overrides apply to recipe files; edit the Recipe object instead")
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, quiet=launcher_world()[0] != 0)  # rank 0 speaks
     run_dir = Path(out) if out else default_run_dir(recipe)
     check_output_dir(run_dir, "--out")
     this = Run(recipe, run_dir, options or RunOptions(), console, first=first, last=last)

@@ -147,10 +147,22 @@ def layers_to_remove(shape: ModelShape, *, size_mb: float | None = None, params:
                     f"{quant}); choose a larger target or a smaller source model")
 
 
+def trainable_params(shape: ModelShape, removed: int, train: str) -> int:
+    """Weights the heal trains: the layers next to the cuts (about two per removed layer) for
+    ``neighbours``, the whole student otherwise (an upper bound for lora)."""
+    if train != "neighbours":
+        return shape.params(removed)
+    per_layer = sum(shape.layer_params) / max(1, shape.num_layers)
+    return int(per_layer * min(2 * max(1, removed), shape.num_layers - removed))
+
+
 def heal_memory_bytes(teacher: ModelShape, student_params: int, trainable_params: int, *, micro_batch: int,
                       seq_len: int, layers: int, hidden: int, teacher_bytes: int = 4,
-                      checkpointing: bool = True, logits_chunk: int = 1024) -> dict[str, int]:
+                      checkpointing: bool = True, logits_chunk: int = 1024, shards: int = 1) -> dict[str, int]:
     """Estimated peak memory of a heal: weights, gradients and AdamW state, activations, logits.
+
+    Per process: ``shards`` > 1 (FSDP full shard over that many processes) divides the weights,
+    gradients and optimizer state; activations and logits are each process's own.
 
     Student weights and master copies are fp32 (4 bytes), gradients fp32, AdamW two fp32 moments;
     the frozen teacher is held at ``teacher_bytes`` per parameter. Activations: with gradient
@@ -162,9 +174,9 @@ def heal_memory_bytes(teacher: ModelShape, student_params: int, trainable_params
     per_layer = (1 if checkpointing else 16) * tokens * hidden * 4
     working = 16 * tokens * hidden * 4
     estimate = {
-        "teacher_weights": teacher.params() * teacher_bytes,
-        "student_weights": student_params * 4,
-        "gradients_and_optimizer": trainable_params * 12,
+        "teacher_weights": teacher.params() * teacher_bytes // shards,
+        "student_weights": student_params * 4 // shards,
+        "gradients_and_optimizer": trainable_params * 12 // shards,
         "activations": layers * per_layer + working,
         "logits": 2 * min(tokens, logits_chunk) * teacher.vocab_size * 4 * 2,
     }
