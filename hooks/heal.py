@@ -22,7 +22,7 @@ import click
 from ollama_compress import modelio
 from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import UserError
-from ollama_compress.fsutil import (atomic_path, check_output_dir, claim_output_dir, remove_made,
+from ollama_compress.fsutil import (atomic_path, check_output_dir, claim_output_dir, clean_journal, remove_made,
                                    remove_made_children, settings_hash, write_json)
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.recipe import Data, Heal, TextSource
@@ -291,8 +291,11 @@ def heal_model(
     fingerprint = settings_hash(settings.model_dump(mode="json"), data.model_dump(mode="json", by_alias=True),
                                 _identity(student_dir), _identity(teacher_dir))
     if checkpoint_dir is not None:
-        claim = claim_output_dir if main else check_output_dir  # one process writes the marker
-        claim(checkpoint_dir, "the checkpoint folder", inputs=(student_dir, teacher_dir))
+        if main:  # one process writes the marker and removes what a killed heal left there
+            claim_output_dir(checkpoint_dir, "the checkpoint folder", inputs=(student_dir, teacher_dir))
+            clean_journal(checkpoint_dir)
+        else:
+            check_output_dir(checkpoint_dir, "the checkpoint folder", inputs=(student_dir, teacher_dir))
     start_from = _checkpoint_to_resume(checkpoint_dir, resume, fingerprint)
 
     torch.manual_seed(settings.seed)
