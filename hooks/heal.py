@@ -242,7 +242,7 @@ def heal_model(
     """
     import torch
 
-    from ollama_compress import distill, trainer
+    from ollama_compress import distill, machine, trainer
 
     options = options or RunOptions()
     student_dir, teacher_dir, out_dir = Path(student_dir), Path(teacher_dir), Path(out_dir)
@@ -272,8 +272,12 @@ def heal_model(
     load_device = "cpu" if sharded else device  # FSDP moves each process's shards to its GPU
     if not main:  # one voice: rank 0 logs and writes
         log, console = (lambda message: None), None
-    compute_dtype = trainer.autocast_dtype(device, settings.dtype)
-    teacher_dtype = "bfloat16" if compute_dtype is not None and device.startswith("cuda") else "float32"
+    threads = machine.use_physical_cores() if device == "cpu" and accelerator.num_processes == 1 else None
+    choice = machine.choose_dtype(device, settings.dtype, machine.heal_shapes(
+        (settings.micro_batch or settings.batch_size) * settings.seq_len, s_config["hidden_size"],
+        s_config.get("intermediate_size", 4 * s_config["hidden_size"]), vocab))
+    compute_dtype = choice.dtype
+    teacher_dtype = "bfloat16" if compute_dtype is not None else "float32"  # a frozen bf16 copy: no casts per step
     config = _hf_config(student_dir, options)
     needed = check_memory(student_dir, teacher_dir, settings, device, 2 if teacher_dtype == "bfloat16" else 4,
                           config, vocab, max_memory_gib, accelerator.num_processes if sharded else 1)
@@ -347,6 +351,9 @@ def heal_model(
         trainer.rewrite_log(log_file, run.state.log)
     accelerator.wait_for_everyone()
     precision = "bf16 autocast" if compute_dtype is not None else "fp32"
+    if choice.rates:
+        log(f"matmul rates on this CPU ({threads or torch.get_num_threads()} threads): " +
+            ", ".join(f"{name} {rate:.3g} GFLOP/s" for name, rate in choice.rates.items()) + f"; healing in {precision}")
     length = f"{minutes:g} minutes" if minutes is not None else f"{cfg.steps} steps"
     processes = f" x {run.world} processes" if run.world > 1 else ""
     log(f"healing on {device}{processes} ({precision}): {length} of {settings.batch_size} x {settings.seq_len} "
@@ -372,6 +379,7 @@ def heal_model(
         "train_seconds": round(seconds, 1), "heal_tokens": len(stream),
         "trained_tokens": run.state.step * settings.batch_size * settings.seq_len,
         "heldout_curve": curve, "best_step": best_step, "stopped_early": stopped,
+        "dtype": choice.record(), "threads": threads,
     }
     if stopped:
         log(f"heal stopped at step {run.state.step}: {stopped}")

@@ -183,7 +183,7 @@ class Heal(Strict):
     hidden_layers: Union[Literal["all"], list[int]] = "all"  # student layers matched by hidden_mse
     train: Literal["all", "neighbours", "lora"] = "all"  # all decoder layers; layers next to a cut; LoRA (peft)
     lora_rank: int = Field(16, gt=0)
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast; auto: bf16 on CUDA and on CPUs with bf16
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast; auto: bf16 on CUDA, on a CPU the faster one by a matmul measurement
     gradient_checkpointing: bool | None = None  # default: on for CUDA, off elsewhere
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)  # 0: off
