@@ -11,6 +11,7 @@ import click
 
 from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import NotAvailable, UserError
+from ollama_compress.fsutil import check_output_dir, claim_output_dir
 from ollama_compress.gguf import OUTTYPES, check_outtype, layer_map_keys, write_gguf
 from ollama_compress.gguf import export_gguf, width_warnings  # noqa: F401  (the writer's API, long imported from here)
 from ollama_compress.hookspecs import hookimpl
@@ -29,10 +30,11 @@ def export_model(model_dir: Path, out_dir: Path, name: str, outtype: str = "F16"
     outtype = check_outtype(outtype)
     wanted = [q for q in _parse_quants(quants) if q != outtype]
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    _check_out_dir(out_dir)
+    check_output_dir(out_dir, "--out", inputs=(model_dir,))
     if imatrix is not None and not Path(imatrix).is_file():
         raise UserError(f"importance matrix {imatrix} does not exist")
     quantize = _quantize_api() if wanted else None
+    claim_output_dir(out_dir, "--out", inputs=(model_dir,))
     written = write_gguf(model_dir, out_dir / f"{name}-{outtype}.gguf", outtype, {"name": name, **(metadata or {})},
                          options)
     for line in written.width_warnings:
@@ -48,11 +50,6 @@ def export_model(model_dir: Path, out_dir: Path, name: str, outtype: str = "F16"
     result["report"] = str(quantize.write_quants_report(rows, out_dir))
     result["rows"] = rows
     return result
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir} is a file; the output must be a directory")
 
 
 def _warn(line: str) -> None:
@@ -158,7 +155,7 @@ def register_commands(cli: click.Group) -> None:
         texts = [read_text_file(heldout, "held-out text")] if heldout else None
         outtype = check_outtype(outtype)
         _parse_quants(quants)  # bad arguments are errors before a GGUF is imported
-        _check_out_dir(out_dir)
+        check_output_dir(out_dir, "--out", inputs=(Path(model),))
         model_dir = resolve_model_dir(model, options)
         result = export_model(model_dir, out_dir, _model_name(model), outtype, quants,
                               imatrix=imatrix, texts=texts, options=options)

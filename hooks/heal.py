@@ -22,7 +22,8 @@ import click
 from ollama_compress import modelio
 from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import StageFailed, UserError
-from ollama_compress.fsutil import atomic_path, settings_hash, write_json
+from ollama_compress.fsutil import (atomic_path, check_output_dir, claim_output_dir, clean_journal, remove_made,
+                                   remove_made_children, settings_hash, write_json)
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.recipe import Data, Heal, TextSource
 
@@ -339,6 +340,12 @@ def heal_model(
 
     fingerprint = settings_hash(settings.model_dump(mode="json"), data.model_dump(mode="json", by_alias=True),
                                 _identity(student_dir), _identity(teacher_dir))
+    if checkpoint_dir is not None:
+        if main:  # one process writes the marker and removes what a killed heal left there
+            claim_output_dir(checkpoint_dir, "the checkpoint folder", inputs=(student_dir, teacher_dir))
+            clean_journal(checkpoint_dir)
+        else:
+            check_output_dir(checkpoint_dir, "the checkpoint folder", inputs=(student_dir, teacher_dir))
     start_from = _checkpoint_to_resume(checkpoint_dir, resume, fingerprint)
 
     torch.manual_seed(settings.seed)
@@ -387,8 +394,8 @@ def heal_model(
     if start_from is not None:
         step = run.resume(start_from)
         log(f"resuming from {start_from} (step {step} of {cfg.steps})")
-    elif checkpoint_dir is not None and checkpoint_dir.exists() and main:
-        shutil.rmtree(checkpoint_dir)
+    elif checkpoint_dir is not None and main:
+        remove_made_children(checkpoint_dir)  # an earlier heal's checkpoints, of other settings
     if log_file is not None and main:
         trainer.rewrite_log(log_file, run.state.log)
     accelerator.wait_for_everyone()
@@ -437,7 +444,7 @@ def heal_model(
             student.load_state_dict(full)
         _save(student, s_tok, student_dir, out_dir, records, result)
         if checkpoint_dir is not None:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            remove_made(checkpoint_dir)
     accelerator.wait_for_everyone()
     return result
 
@@ -519,6 +526,8 @@ def _save(student, tokenizer, student_dir: Path, out_dir: Path, records: list, r
     student = student.to("cpu").eval()
     student.requires_grad_(False)
     modelio.check_finite(student.state_dict().items(), "the healed model", StageFailed)
+    if out_dir.exists():
+        claim_output_dir(out_dir, "--out")  # an empty folder given as --out, or an earlier heal's output
     with atomic_path(out_dir, is_dir=True) as tmp:
         modelio.save_model(student, tokenizer, tmp, student_dir)
         if (student_dir / LAYER_MAP).is_file():
@@ -650,12 +659,13 @@ def register_commands(cli: click.Group) -> None:
         student_dir, teacher_dir = resolve_model(student, options), resolve_model(teacher, options)
         out = Path(out)
         if out.resolve() in (student_dir.resolve(), teacher_dir.resolve()):
-            raise UserError(f"--out {out} is an input model; choose another directory")
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UserError(f"--out {out} exists and is not empty; choose a new directory")
+            raise UserError(f"--out {out} is an input model; choose an empty or new folder")
+        check_output_dir(out, "--out", inputs=(student_dir, teacher_dir))
+        checkpoints = checkpoints or default_checkpoint_dir(out)
+        check_output_dir(checkpoints, "--checkpoints", inputs=(student_dir, teacher_dir))
         console = Console(stderr=True)
         result = heal_model(student_dir, teacher_dir, out, settings, data_spec, options=options,
-                            checkpoint_dir=checkpoints or default_checkpoint_dir(out), resume=resume,
+                            checkpoint_dir=checkpoints, resume=resume,
                             max_memory_gib=max_memory, console=console,
                             log=lambda message: click.echo(message, err=True))
         from ollama_compress.context import launcher_world

@@ -20,7 +20,7 @@ from ollama_compress.hookspecs import hookimpl
 from ollama_compress.templates import check_chat_template
 
 GGUF_CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
-PARAMETER_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+PARAMETER_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
 # ---------------------------------------------------------------- built-in families
@@ -201,7 +201,7 @@ def merged_parameters(stops: list[str], parameters: dict[str, Any] | None) -> li
     for stop in dict.fromkeys([*stops, *user_stops]):
         rows.append(("stop", stop))
     for name, value in extra.items():
-        if not PARAMETER_NAME.match(name):
+        if not PARAMETER_NAME.fullmatch(name):
             raise UserError(f"'{name}' is not a Modelfile parameter name (lowercase letters, digits, '_')")
         values = value if isinstance(value, list) else [value]
         rows += [(name, v) for v in values]

@@ -8,6 +8,7 @@ source carries its quantization error into everything made from it, which is sai
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from ollama_compress.hookspecs import hookimpl
 MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
 REGISTRY = "registry.ollama.ai"
 UNQUANTIZED = ("F32", "F16", "BF16")
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+BLOB_NAME = re.compile(r"sha256-[0-9a-f]{64}")
 
 
 def split_name(name: str) -> tuple[str, str, str]:
@@ -72,19 +75,24 @@ def blob_from_manifest(name: str, models_dir: Path) -> Path:
             raise TypeError(digest)
     except (KeyError, TypeError, StopIteration):
         raise UserError(f"{manifest} is not an Ollama manifest with a model layer") from None
+    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+        raise UserError(f"{manifest}: the model layer's digest {str(digest)[:80]!r} is not sha256:<64 hex digits>; "
+                        "re-pull or re-create the model in Ollama")
     return models_dir / "blobs" / digest.replace(":", "-")
 
 
 def check_blob(blob: Path) -> Path:
-    """The blob if its sha256 equals the digest in its name and it is a complete GGUF."""
-    from ollama_compress.embedded import cache_dir
-    from ollama_compress.fsutil import Fingerprints
+    """The blob if its sha256 (hashed on every read, never from a cache) equals the digest in its
+    name and it is a complete GGUF."""
+    from ollama_compress.fsutil import file_sha256
     from ollama_compress.hooks.registration import verify_gguf_file
 
+    if not BLOB_NAME.fullmatch(blob.name):
+        raise UserError(f"{blob}: not an Ollama blob (sha256-<64 hex digits>); re-pull or re-create the model in Ollama")
     if not blob.is_file():
         raise UserError(f"{blob}: the model's blob is missing; re-pull or re-create the model in Ollama")
     expected = blob.name.removeprefix("sha256-")
-    actual = Fingerprints(cache_dir() / "fingerprints.json").sha256(blob)
+    actual = file_sha256(blob)  # every time: a size+mtime cache would miss a blob rewritten in place
     if actual != expected:
         raise UserError(f"{blob}: its sha256 is {actual[:16]}..., not the {expected[:16]}... its name promises; "
                         "the blob is damaged: re-pull or re-create the model in Ollama")

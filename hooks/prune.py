@@ -54,7 +54,7 @@ import click
 
 from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import StageFailed, UserError
-from ollama_compress.fsutil import atomic_path, check_free_space, write_json
+from ollama_compress.fsutil import atomic_path, check_free_space, check_output_dir, claim_output_dir, write_json
 from ollama_compress.gguf.arch import ARCHS
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress import modelio
@@ -62,7 +62,7 @@ from ollama_compress.safe_read import read_json
 
 # model_type in config.json -> what prune calls it: every architecture the GGUF writer knows
 SUPPORTED_ARCHITECTURES = {model_type: model_type.removesuffix("_text") for model_type in ARCHS}
-LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)", re.DOTALL)
 INDEX_FILE = modelio.SAFETENSORS_INDEX
 LAYER_MAP = "layer_map.json"
 KEEP_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "NOTICE.txt", "USE_POLICY.md")
@@ -342,7 +342,7 @@ def check_layer_tensors(model_dir: Path, num_layers: int, arch: str) -> list[Pat
     files = modelio.weight_files(model_dir)
     found: set[int] = set()
     for path in files:
-        found.update(int(m.group(1)) for k in _tensor_names(path) if (m := LAYER_TENSOR.match(k)))
+        found.update(int(m.group(1)) for k in _tensor_names(path) if (m := LAYER_TENSOR.fullmatch(k)))
     if not found:
         raise UserError(
             f"{model_dir} has no tensors named model.layers.N.*, where {arch} keeps its layers; "
@@ -365,7 +365,7 @@ def _copy_shard(src: Path, dst: Path, new_index: dict[int, int]) -> dict[str, in
     with safe_open(str(src), framework="pt") as f:
         metadata = f.metadata() or {"format": "pt"}
         for key in f.keys():
-            m = LAYER_TENSOR.match(key)
+            m = LAYER_TENSOR.fullmatch(key)
             if m is None:
                 tensors[key] = f.get_tensor(key)
             elif int(m.group(1)) in new_index:
@@ -431,12 +431,10 @@ def check_out_dir(out_dir: Path, model_dir: Path) -> Path:
     out_dir, model_dir = Path(out_dir), Path(model_dir)
     resolved, source = out_dir.resolve(), model_dir.resolve()
     if resolved == source or source in resolved.parents or resolved in source.parents:
-        raise UserError(f"--out {out_dir} overlaps the model directory {model_dir}; choose another directory")
+        raise UserError(f"--out {out_dir} overlaps the model directory {model_dir}; choose an empty or new folder")
+    check_output_dir(out_dir, "--out")
     if out_dir.exists():
-        if not out_dir.is_dir():
-            raise UserError(f"--out {out_dir} is a file; choose a directory")
-        if any(out_dir.iterdir()) and not (out_dir / LAYER_MAP).is_file():
-            raise UserError(f"--out {out_dir} exists and is not an earlier prune output; choose a new directory")
+        claim_output_dir(out_dir, "--out")  # empty, or an earlier output of this tool: replaced when done
     return out_dir
 
 

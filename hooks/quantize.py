@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import click
 
 from ollama_compress.errors import StageFailed, UserError
-from ollama_compress.fsutil import atomic_path, check_free_space, write_json
+from ollama_compress.fsutil import atomic_path, check_free_space, claim_output_dir, write_json
 from ollama_compress.gguf_verify import GGUFSummary, verify_gguf
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.imatrix import check_imatrix
@@ -37,7 +37,7 @@ IMATRIX_FILE = "imatrix.gguf"  # the matrix the stage computes, in the stage's d
 SPEED_PROMPT_TOKENS = 128
 SPEED_DECODE_TOKENS = 32
 
-_OUTTYPE_SUFFIX = re.compile(r"-(F32|F16|BF16)$", re.IGNORECASE)
+_OUTTYPE_SUFFIX = re.compile(r"-(F32|F16|BF16)\Z", re.IGNORECASE)
 
 
 # ---------------------------------------------------------------- quantization
@@ -527,7 +527,7 @@ def register_commands(cli: click.Group) -> None:
         """Quantize an F32/F16/BF16 GGUF with llama.cpp (GGUF-F16.gguf -> GGUF-Q4_K_M.gguf ...)."""
         for quant in quants:  # check every name before the first slow quantization
             _check_quant(quant, imatrix)
-        target = out_dir or gguf.parent
+        target = claim_output_dir(out_dir, "--out", inputs=(gguf,)) if out_dir else gguf.parent
         for quant in quants:
             dst = quantize_file(gguf, quant, target / quant_file_name(gguf, quant), imatrix=imatrix, nthreads=threads)
             click.echo(verify_gguf(dst).one_line())

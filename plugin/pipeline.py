@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,7 +26,8 @@ from rich.console import Console
 from .context import RunOptions, StageContext, launcher_world
 from .embedded import cache_dir
 from .errors import CompressError, NotAvailable, StageFailed, UserError
-from .fsutil import Fingerprints, atomic_path, remove_stale_temporaries, settings_hash, write_json
+from .fsutil import (Fingerprints, atomic_path, check_output_dir, claim_output_dir, clean_journal, remove_made,
+                     settings_hash, write_json)
 from .plugins import get_plugin_manager
 from .recipe import SUPPORTED_RECIPE_VERSIONS, Recipe, load_recipe
 
@@ -273,9 +274,11 @@ class Run:
 
     def execute(self) -> dict[str, Any]:
         source_key = self.source_hash()  # bad sources fail here, before anything is written
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.main:
-            remove_stale_temporaries(self.run_dir)  # what killed runs left behind
+            claim_output_dir(self.run_dir, "--out")
+            clean_journal(self.run_dir)  # what killed runs left behind (only what their journal records)
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         enabled = [s for s in STAGES if s.enabled(self.recipe)]
         for stage in STAGES:
             if stage not in enabled:
@@ -324,7 +327,7 @@ class Run:
         started = time.perf_counter()
         try:
             with atomic_path(final, is_dir=True) as tmp:
-                work.mkdir(exist_ok=True)
+                claim_output_dir(work, "the stage's work folder")
                 ctx = StageContext(stage=stage.name, recipe=self.recipe, run_dir=self.run_dir, out_dir=tmp,
                                    work_dir=work, options=self.options, console=self.console,
                                    section=stage.section,
@@ -335,14 +338,14 @@ class Run:
                           "outputs": _relocate(outputs, tmp, final), "metrics": _relocate(ctx.metrics, tmp, final)}
                 write_json(tmp / STAGE_FILE, record)
         except NotAvailable as exc:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_made(work)
             self._not_available(stage, label, str(exc))
             return
         except CompressError as exc:
             self.lock["stages"][stage.name] = {"status": "failed", "error": str(exc)}
             self._write_lock()
             raise
-        shutil.rmtree(work, ignore_errors=True)
+        remove_made(work)
         self.console.print(f"{label}: done in {record['seconds']:.1f}s")
         self._accept(stage, key, record)
 
@@ -394,6 +397,20 @@ def load_lock(path: Path) -> dict[str, Any]:
     return lock
 
 
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def locked_source_sha256(lock: dict[str, Any], path: Path | None = None) -> str:
+    """The source model's sha256 a lock records; a UserError when it records none (it can't be reproduced)."""
+    inputs = lock.get("inputs")
+    source = inputs.get("source") if isinstance(inputs, dict) else None
+    sha = source.get("sha256") if isinstance(source, dict) else None
+    if not isinstance(sha, str) or not SHA256_HEX.fullmatch(sha):
+        raise UserError(f"{path or 'the lock'} records no sha256 of the source model, so a rerun could not be checked "
+                        "against it; run the recipe file instead (ollama-compress run RECIPE.yaml)")
+    return sha
+
+
 def lock_differences(lock: dict[str, Any], run: "Run") -> list[str]:
     """What differs between a lock and this machine: the source's sha256 and package versions."""
     found = []
@@ -401,8 +418,8 @@ def lock_differences(lock: dict[str, Any], run: "Run") -> list[str]:
     for name, version in package_versions().items():
         if name in locked_versions and locked_versions[name] != version:
             found.append(f"{name} {locked_versions[name]} in the lock, {version} here")
-    locked_sha = lock.get("inputs", {}).get("source", {}).get("sha256")
-    if locked_sha and run.source_hash() != locked_sha:
+    locked_sha = locked_source_sha256(lock)
+    if run.source_hash() != locked_sha:
         found.append(f"the source model's sha256 is {run.lock['inputs']['source']['sha256'][:12]}..., "
                      f"the lock has {locked_sha[:12]}...")
     return found
@@ -412,6 +429,7 @@ def _recipe_from_lock(path: Path, overrides: list[str]) -> Recipe:
     from .recipe import apply_override, validate
 
     lock = load_lock(path)
+    locked_source_sha256(lock, path)  # even with --force: a lock that names no source can't be reproduced
     data = lock["recipe"]
     version = data.get("recipe_version")
     if isinstance(version, int) and version > max(SUPPORTED_RECIPE_VERSIONS):
@@ -448,8 +466,7 @@ def run(recipe: Recipe | str, *, overrides: list[str] = (), out: str | Path | No
         raise UserError("overrides apply to recipe files; edit the Recipe object instead")
     console = console or Console(stderr=True, quiet=launcher_world()[0] != 0)  # rank 0 speaks
     run_dir = Path(out) if out else default_run_dir(recipe)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir} is a file; choose another --out directory")
+    check_output_dir(run_dir, "--out")
     this = Run(recipe, run_dir, options or RunOptions(), console, first=first, last=last)
     this.resolve_target()
     if lock_path is not None and not force:

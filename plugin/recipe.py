@@ -17,18 +17,18 @@ from .errors import UserError
 from .quant_names import NEEDS_IMATRIX, QUANT_TYPES, quant_name_problem  # noqa: F401 (QUANT_TYPES: re-exported)
 
 SUPPORTED_RECIPE_VERSIONS = (1,)
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")  # capability names: no dots, so never an import path
+NAME_RE = re.compile(r"[a-z][a-z0-9_]*")  # capability names: no dots, so never an import path
 # Ollama model names, as Ollama's own parser accepts them (types/model/name.go, isValidPart):
 # [host/][namespace/]model[:tag]; every part starts with a letter, digit or '_'; a namespace has
 # no '.', only a host may hold ':'; host up to 350 bytes, the other parts up to 80.
 MODEL_NAME_RE = re.compile(
-    r"^(?:(?:[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}/)?[A-Za-z0-9_][A-Za-z0-9_-]{0,79}/)?"
-    r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,79})?$"
+    r"(?:(?:[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}/)?[A-Za-z0-9_][A-Za-z0-9_-]{0,79}/)?"
+    r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,79})?"
 )
 
 
 def _capability_name(value: str) -> str:
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise ValueError(f"'{value}' is not a capability name (lowercase letters, digits, '_'; no dots)")
     return value
 
@@ -41,7 +41,7 @@ MAX_YAML_DEPTH = 64
 
 def ollama_name_problem(name: str) -> str | None:
     """Why ``name`` is not a model name Ollama accepts, or None when it is."""
-    if not isinstance(name, str) or not MODEL_NAME_RE.match(name):
+    if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name):
         return (f"'{name}' is not a valid Ollama model name; use [namespace/]model[:tag] with letters, "
                 "digits, '_', '-', '.' (each part starting with a letter, digit or '_'; at most 80 characters)")
     return None
@@ -321,7 +321,7 @@ class Evaluate(Strict):
 
 class Recipe(Strict):
     recipe_version: int
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=80)  # the run directory runs/<name>
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*\z", max_length=80)  # the run directory runs/<name>
     description: str | None = None
     source: Source
     data: Data = Data()

@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .errors import UserError
-from .fsutil import atomic_path
+from .fsutil import atomic_path, file_in
+from .recipe import MODEL_NAME_RE
 
 MAX_CURVE_POINTS = 200  # heal curve points kept in run.json
 
@@ -214,7 +216,7 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| " + " | ".join(c for c, _ in TABLE_COLUMNS) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(TABLE_COLUMNS) - 1)) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(fn(row).replace("-%", "-") for _, fn in TABLE_COLUMNS) + " |")
+        lines.append("| " + " | ".join(md(fn(row).replace("-%", "-")) for _, fn in TABLE_COLUMNS) + " |")
     return lines
 
 
@@ -230,8 +232,20 @@ def rich_table(rows: list[dict[str, Any]]):
     return table
 
 
-def _cell(text: str) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|") or "(empty)"
+MARKDOWN_ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;",  # no raw HTML
+                    "\\": "\\\\", "`": "\\`", "|": "\\|", "*": "\\*", "[": "\\[", "]": "\\]"}
+
+
+def md(value: Any) -> str:
+    """``value`` (anything read from run data: model, stage, metric and Ollama names, answers) as
+    inline Markdown that shows as itself: one line (no heading, list or code fence can start),
+    HTML characters as entities, and no code span, table cell, emphasis or link it could open."""
+    text = " ".join(str(value).split())
+    return "".join(MARKDOWN_ESCAPES.get(c, c if c.isprintable() else " ") for c in text)
+
+
+def _cell(text: Any) -> str:
+    return md(text) or "(empty)"
 
 
 def answers_lines(evaluation: dict[str, Any]) -> list[str]:
@@ -241,7 +255,7 @@ def answers_lines(evaluation: dict[str, Any]) -> list[str]:
         for row in evaluation["rows"]:
             answers = row.get("answers") or []
             if i < len(answers):
-                lines.append(f"| {row['name']} | {_cell(answers[i])} |")
+                lines.append(f"| {_cell(row.get('name'))} | {_cell(answers[i])} |")
         lines.append("")
     return lines
 
@@ -252,17 +266,17 @@ def extra_metric_lines(rows: list[dict[str, Any]]) -> list[str]:
     for row in rows:
         extra = {k: v for k, v in row.items() if k not in BUILTIN_KEYS and v is not None}
         if extra:
-            lines.append(f"- **{row['name']}**: " + json.dumps(extra, sort_keys=True, default=str))
+            lines.append(f"- **{_cell(row.get('name'))}**: " + md(json.dumps(extra, sort_keys=True, default=str)))
     return lines
 
 
 def layer_map_lines(layer_map: dict[str, Any]) -> list[str]:
     kept = layer_map.get("student_to_teacher") or []
-    lines = [f"{layer_map.get('num_layers_before', '?')} -> {layer_map.get('num_layers_after', len(kept))} layers; "
-             f"removed (teacher indices): {layer_map.get('removed') or []}; chosen by "
-             f"{layer_map.get('metric') or 'explicit layers'}.", "",
+    lines = [md(f"{layer_map.get('num_layers_before', '?')} -> {layer_map.get('num_layers_after', len(kept))} "
+                f"layers; removed (teacher indices): {layer_map.get('removed') or []}; chosen by "
+                f"{layer_map.get('metric') or 'explicit layers'}."), "",
              "| student layer | teacher layer |", "|---:|---:|"]
-    lines += [f"| {s} | {t} |" for s, t in enumerate(kept)]
+    lines += [f"| {s} | {md(t)} |" for s, t in enumerate(kept)]
     return lines
 
 
@@ -272,12 +286,13 @@ def ollama_lines(inputs: dict[str, Any]) -> list[str]:
     if not models:
         if modelfiles:
             return ["Modelfiles were written but nothing was registered: " +
-                    ", ".join(f"`{p}`" for p in modelfiles.values())]
+                    ", ".join(md(p) for p in modelfiles.values())]
         return ["No Ollama models were registered in this run."]
     lines = ["```", "ollama serve   # if no Ollama server is running"]
-    lines += [f"ollama run {name}" for name in models.values()]
+    # in a code block only names Ollama accepts (no backtick or line break can end the block)
+    lines += [f"ollama run {name}" for name in models.values() if isinstance(name, str) and MODEL_NAME_RE.fullmatch(name)]
     lines += ["```", "", "| quant | Ollama name | Modelfile |", "|---|---|---|"]
-    lines += [f"| {q} | `{name}` | `{modelfiles.get(q, '-')}` |" for q, name in models.items()]
+    lines += [f"| {md(q)} | {md(name)} | {md(modelfiles.get(q, '-'))} |" for q, name in models.items()]
     return lines
 
 
@@ -290,13 +305,13 @@ def write_report(out_dir: Path, title: str, evaluation: dict[str, Any] | None,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Any] = {}
-    lines = [f"# {title}: what was lost and gained", ""]
+    lines = [f"# {md(title)}: what was lost and gained", ""]
     rows = (evaluation or {}).get("rows") or []
     if rows:
         lines += ["## Evaluation", "",
-                  f"Every row against the teacher on the same {evaluation.get('heldout_tokens', '?')} held-out "
-                  f"tokens ({evaluation.get('heldout_windows', '?')} windows); knowledge: "
-                  f"{evaluation.get('knowledge_questions', 0)} multiple-choice questions scored by log-likelihood; "
+                  f"Every row against the teacher on the same {md(evaluation.get('heldout_tokens', '?'))} held-out "
+                  f"tokens ({md(evaluation.get('heldout_windows', '?'))} windows); knowledge: "
+                  f"{md(evaluation.get('knowledge_questions', 0))} multiple-choice questions scored by log-likelihood; "
                   "tokens/s: llama.cpp, GGUF rows only.", "", f"*{QUALITY_RETAINED}.*", "",
                   *table_lines(rows), ""]
         extra = extra_metric_lines(rows)
@@ -321,10 +336,10 @@ def write_report(out_dir: Path, title: str, evaluation: dict[str, Any] | None,
     scores = importance(inputs)
     if scores:
         lines += ["## Layer importance", ""]
-        pngs = [plot_importance(m, v, scores["removed"], out_dir / f"importance_{m}.png")
+        pngs = [plot_importance(m, v, scores["removed"], file_in(out_dir, f"importance_{m}.png", "metric name"))
                 for m, v in scores["scores"].items()]
         figures["importance"] = {**scores, "files": pngs}
-        lines += [f"![importance {m}]({png})" for m, png in zip(scores["scores"], pngs)] + [""]
+        lines += [f"![importance {md(m)}]({quote(png)})" for m, png in zip(scores["scores"], pngs)] + [""]
     curve = heal_curve(inputs)
     lines += ["## Heal", ""]
     if curve:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
 import time
@@ -39,11 +38,11 @@ import torch
 
 from .distill import Batch, ForwardOut, Head, LossTerm, combined_loss, plain_kl
 from .errors import StageFailed, UserError
-from .fsutil import atomic_path, write_json
+from .fsutil import atomic_path, make_dir, move_made, remove_made, write_json
 from .machine import MatmulShape, choose_dtype, heal_shapes
 
 DEFAULT_SHAPES = tuple(heal_shapes(1024, 576, 1536, 49152))  # the demo's (SmolLM2-135M) when none given
-CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
+CHECKPOINT_RE = re.compile(r"step-(\d{7})")
 STATE_FILE = "state.json"
 BEST_FILE = "best.safetensors"  # trainable weights at the best held-out KL so far
 
@@ -192,7 +191,7 @@ def latest_checkpoint(directory: Path) -> Path | None:
     """The newest complete checkpoint (a renamed ``step-NNNNNNN`` directory with its state file)."""
     if not directory.is_dir():
         return None
-    found = [p for p in directory.iterdir() if CHECKPOINT_RE.match(p.name) and (p / STATE_FILE).is_file()]
+    found = [p for p in directory.iterdir() if CHECKPOINT_RE.fullmatch(p.name) and (p / STATE_FILE).is_file()]
     return max(found, key=lambda p: p.name) if found else None
 
 
@@ -218,29 +217,26 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, sta
 
 
 def _drop_older(directory: Path, final: Path) -> None:
-    import shutil
-
     for old in directory.iterdir():
-        if old != final and CHECKPOINT_RE.match(old.name):
-            shutil.rmtree(old, ignore_errors=True)
+        if old != final and CHECKPOINT_RE.fullmatch(old.name):
+            remove_made(old)
 
 
 def save_sharded_checkpoint(accelerator, final: Path, state: dict[str, Any]) -> None:
     """FSDP: every process writes its shards with ``Accelerator.save_state`` into a temporary directory
     that rank 0 completes with the state file and renames (the best weights are not kept across a
     resume here)."""
-    import shutil
-
     tmp = final.with_name(f".{final.name}.tmp-sharded")
     if accelerator.is_main_process:
         final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_made(tmp)  # an interrupted earlier attempt of this tool's, never a folder of the user's
+        make_dir(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(tmp / STATE_FILE, {**state, "step": int(final.name.split("-")[1])})
-        os.replace(tmp, final)
+        move_made(tmp, final)
         _drop_older(final.parent, final)
 
 
