@@ -8,9 +8,7 @@ memory, data, held-out overlap), measures KL to the teacher on held-out text, tr
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import UserError
 from ollama_compress.fsutil import atomic_path, settings_hash, write_json
 from ollama_compress.hookspecs import hookimpl
-from ollama_compress.recipe import Data, Heal, TextSource
+from ollama_compress.recipe import Data, Heal
 
 LAYER_MAP = "layer_map.json"
 Log = Callable[[str], None]
@@ -70,26 +68,6 @@ def matched_layers(setting: str | list[int], num_layers: int) -> list[int]:
     return sorted(set(setting))
 
 
-PARAGRAPH_MIN = 40  # characters; shorter lines (greetings, list items) may repeat by chance
-
-
-def _paragraph_hashes(texts: list[str]) -> set[str]:
-    hashes = set()
-    for text in texts:
-        for part in re.split(r"\n\s*\n|\n(?=User:|Assistant:)", text):
-            norm = " ".join(part.split())
-            if len(norm) >= PARAGRAPH_MIN:
-                hashes.add(hashlib.sha256(norm.encode()).hexdigest())
-    return hashes
-
-
-def check_no_heldout(heal_texts: list[str], heldout_texts: list[str]) -> None:
-    """UserError if any held-out paragraph (by hash) is in the heal text."""
-    if _paragraph_hashes(heal_texts) & _paragraph_hashes(heldout_texts):
-        raise UserError("data.heal contains held-out text (a paragraph of data.heldout); held-out text is never "
-                        "trained on: remove it from the heal data or choose another held-out source")
-
-
 def check_memory(student_dir: Path, teacher_dir: Path, settings: Heal, device: str, teacher_bytes: int,
                  config: Any, vocab: int, max_memory_gib: float | None) -> int:
     """Bytes the heal needs; UserError when ``device`` has less free (or ``max_memory_gib``)."""
@@ -115,15 +93,6 @@ def heal_texts(data: Data, tokenizer, teacher_dir: Path, ctx: StageContext | Non
     for spec in data.heal_sources():
         texts.extend(load_texts(spec, tokenizer, ctx, model=teacher_dir))
     return texts
-
-
-def heldout_windows(spec: TextSource, tokenizer, ctx: StageContext | None):
-    from ollama_compress.hooks.data import chunk_stream, load_texts, token_stream
-    import torch
-
-    texts = load_texts(spec, tokenizer, ctx)
-    windows = chunk_stream(token_stream(texts, tokenizer), spec.samples, spec.seq_len, spec.seed)
-    return texts, torch.tensor(windows, dtype=torch.long)
 
 
 # ---------------------------------------------------------------- progress
@@ -241,11 +210,10 @@ def heal_model(
     needed = check_memory(student_dir, teacher_dir, settings, device, 2 if teacher_dtype == "bfloat16" else 4,
                           config, vocab, max_memory_gib)
 
-    texts = heal_texts(data, s_tok, teacher_dir, ctx)
-    held_texts, held = heldout_windows(data.heldout, s_tok, ctx)
-    check_no_heldout(texts, held_texts)
-    from ollama_compress.hooks.data import token_stream
+    from ollama_compress.hooks.data import token_stream, unseen_heldout_windows
 
+    held = torch.tensor(unseen_heldout_windows(data, s_tok, ctx, teacher_dir), dtype=torch.long)
+    texts = heal_texts(data, s_tok, teacher_dir, ctx)
     stream = token_stream(texts, s_tok)
     if len(stream) < settings.seq_len + 1:
         raise UserError(f"the heal text has only {len(stream)} tokens, fewer than heal.seq_len={settings.seq_len}; "
@@ -322,7 +290,7 @@ def iterative_healer(teacher_dir: Path, settings: Heal, data: Data, *, options: 
     Trains the layers next to the cuts with ``train: neighbours``, every decoder layer otherwise.
     """
     from ollama_compress import distill, trainer
-    from ollama_compress.hooks.data import token_stream
+    from ollama_compress.hooks.data import token_stream, unseen_heldout_windows
 
     options = options or RunOptions()
     terms = distill.loss_terms(settings.loss)
@@ -332,9 +300,8 @@ def iterative_healer(teacher_dir: Path, settings: Heal, data: Data, *, options: 
 
     def setup() -> None:  # on the first removal, after prune has checked its own input
         tokenizer = modelio.load_tokenizer(teacher_dir, options)
-        held_texts, _ = heldout_windows(data.heldout, tokenizer, ctx)
+        unseen_heldout_windows(data, tokenizer, ctx, teacher_dir)
         texts = heal_texts(data, tokenizer, teacher_dir, ctx)
-        check_no_heldout(texts, held_texts)
         loaded["stream"] = token_stream(texts, tokenizer)
         loaded["teacher"] = modelio.load_model(teacher_dir, options, device=device).requires_grad_(False)
 
