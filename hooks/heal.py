@@ -68,15 +68,17 @@ def matched_layers(setting: str | list[int], num_layers: int) -> list[int]:
     return sorted(set(setting))
 
 
-def check_memory(student_dir: Path, teacher_dir: Path, settings: Heal, device: str, teacher_bytes: int,
-                 config: Any, vocab: int, max_memory_gib: float | None) -> int:
-    """Bytes the heal needs; UserError when ``device`` has less free (or ``max_memory_gib``)."""
+def check_memory(student_dir: Path, teacher_dir: Path, settings: Heal, device: str, autocast: bool,
+                 max_memory_gib: float | None) -> int:
+    """Bytes the heal needs (``planner.heal_memory_bytes``, as ``--dry-run`` shows); UserError when
+    ``device`` has less free (or ``max_memory_gib``)."""
     from ollama_compress import distill, trainer
+    from ollama_compress.planner import heal_memory_bytes, model_shape
 
-    micro = settings.micro_batch or settings.batch_size
-    needed = trainer.memory_needed(trainer.parameter_count(teacher_dir), trainer.parameter_count(student_dir),
-                                   teacher_bytes, micro * settings.seq_len, config.hidden_size,
-                                   config.num_hidden_layers, vocab, distill.DEFAULT_CHUNK_TOKENS)
+    teacher = model_shape(teacher_dir)
+    removed = teacher.num_layers - model_shape(student_dir).num_layers
+    needed = heal_memory_bytes(teacher, removed, settings, device=device, autocast=autocast,
+                               chunk_tokens=distill.DEFAULT_CHUNK_TOKENS)["total"]
     free = max_memory_gib * 2**30 if max_memory_gib is not None else trainer.available_memory(device)
     if free is not None and needed > free:
         raise UserError(f"the teacher and student do not fit: the heal needs about {needed / 2**30:.2f} GiB on "
@@ -206,9 +208,7 @@ def heal_model(
     device = trainer.init_distributed(options.resolved_device())
     compute_dtype = trainer.autocast_dtype(device, settings.dtype)
     teacher_dtype = "bfloat16" if compute_dtype is not None and device.startswith("cuda") else "float32"
-    config = _hf_config(student_dir, options)
-    needed = check_memory(student_dir, teacher_dir, settings, device, 2 if teacher_dtype == "bfloat16" else 4,
-                          config, vocab, max_memory_gib)
+    needed = check_memory(student_dir, teacher_dir, settings, device, compute_dtype is not None, max_memory_gib)
 
     from ollama_compress.hooks.data import token_stream, unseen_heldout_windows
 
@@ -327,12 +327,6 @@ def iterative_healer(teacher_dir: Path, settings: Heal, data: Data, *, options: 
             f"{records[-1]['loss']:.4f}")
 
     return between_steps
-
-
-def _hf_config(model_dir: Path, options: RunOptions):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model_dir, trust_remote_code=options.trust_remote_code, local_files_only=True)
 
 
 def _checkpoint_to_resume(checkpoint_dir: Path | None, resume: bool | str, fingerprint: str) -> Path | None:

@@ -32,7 +32,7 @@ from ollama_compress.hookspecs import hookimpl
 from ollama_compress.hooks.data import bos_prefix, text_windows
 from ollama_compress.imatrix import check_imatrix
 from ollama_compress.llama_tools import llama_tool
-from ollama_compress.quant_names import IMATRIX_HELPS, NEEDS_IMATRIX, QUANTS, UNQUANTIZED, quant_name_problem
+from ollama_compress.quant_names import IMATRIX_HELPS, NEEDS_IMATRIX, UNQUANTIZED, quant_name_problem
 
 IMATRIX_FILE = "imatrix.gguf"  # the matrix the stage computes, in the stage's directory
 SPEED_PROMPT_TOKENS = 128
@@ -101,13 +101,9 @@ def _check_source(summary: GGUFSummary, allow_requantize: bool) -> None:
 
 
 def _estimated_size(summary: GGUFSummary, quant: str) -> int:
-    bits = 0.0
-    for t in summary.tensors:
-        if len(t.shape) < 2:
-            bits += 8 * t.nbytes  # norms and biases stay as they are
-        else:
-            bits += t.n_elements * max(QUANTS[quant].nominal_bpw, 8.5 if t.name.startswith(("token_embd", "output.")) else 0)
-    return int(bits / 8 * 1.05) + summary.data_offset
+    from ollama_compress.planner import gguf_size, shape_of_gguf
+
+    return gguf_size(shape_of_gguf(summary.path), quant)
 
 
 def _check_disk_space(summary: GGUFSummary, quant: str, dst: Path) -> None:

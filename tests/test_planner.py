@@ -9,7 +9,7 @@ import pytest
 
 from helpers import assert_clean_error
 from ollama_compress.errors import UserError
-from ollama_compress.planner import (gguf_bytes, layers_to_remove, model_shape, parse_count)
+from ollama_compress.planner import gguf_size, layers_to_remove, model_shape, parse_count
 
 
 def test_hf_shape_counts_every_parameter_from_the_headers(tiny_model_dir):
@@ -34,8 +34,8 @@ def test_gguf_shape_of_the_embedded_smollm2(smollm2_gguf):
 def test_a_size_target_removes_the_fewest_layers_that_fit(smollm2_gguf):
     shape = model_shape(smollm2_gguf)
     removed = layers_to_remove(shape, size_mb=70, quant="Q4_K_M")
-    assert gguf_bytes(shape.params(removed), "Q4_K_M") <= 70 * 2**20
-    assert gguf_bytes(shape.params(removed - 1), "Q4_K_M") > 70 * 2**20
+    assert gguf_size(shape, "Q4_K_M", removed) <= 70 * 2**20
+    assert gguf_size(shape, "Q4_K_M", removed - 1) > 70 * 2**20
     assert layers_to_remove(shape, params=parse_count("100M")) == removed_for_params(shape, 100_000_000)
     with pytest.raises(UserError, match="no model of this source fits 10 MB at Q4_K_M"):
         layers_to_remove(shape, size_mb=10, quant="Q4_K_M")
@@ -72,7 +72,7 @@ export: {{quants: [Q4_K_M, Q8_0]}}
     proc = run_cli("run", recipe, "--out", tmp_path / "run", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert f"layers 30 -> {30 - removed}" in proc.stdout
-    assert f"Q4_K_M {gguf_bytes(shape.params(removed), 'Q4_K_M') / 2**20:.1f} MiB" in proc.stdout
+    assert f"Q4_K_M {gguf_size(shape, 'Q4_K_M', removed) / 2**20:.1f} MiB" in proc.stdout
     assert "heal memory (estimated peak):" in proc.stdout
     assert not (tmp_path / "run").exists()
 
