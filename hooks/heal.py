@@ -270,7 +270,7 @@ def heal_model(
         "top1_before": before["top1"], "top1_after": after["top1"],
         "ppl_teacher": before["teacher_ppl"], "ppl_before": before["ppl"], "ppl_after": after["ppl"],
         "tokens_per_s": (sum(r["tokens_per_s"] for r in trained) / len(trained)) if trained else None,
-        "train_seconds": round(seconds, 1), "heal_tokens": len(stream),
+        "train_seconds": round(seconds, 1), "heal_tokens": len(stream), "memory_estimate_bytes": needed,
     }
     log(f"held-out KL to the teacher {before['kl']:.4f} -> {after['kl']:.4f} "
         f"({100 * result['kl_reduction']:.0f}% lower), perplexity {before['ppl']:.2f} -> {after['ppl']:.2f} "

@@ -113,7 +113,7 @@ def test_heldout_text_in_the_heal_data_is_refused(smollm2_tokenizer):
     heldout = data.load_texts(_spec(split="heldout"))
     held = data.heldout_windows(_spec(split="heldout", samples=4, seq_len=64), smollm2_tokenizer)
     skip = len(data.bos_prefix(smollm2_tokenizer))
-    leaked = data.token_stream(["some intro", heldout[0][:3000]], smollm2_tokenizer)
+    leaked = data.token_stream(["some intro", heldout[0]], smollm2_tokenizer)
     with pytest.raises(UserError, match="data.heldout shares text with data.heal"):
         data.check_heldout_unseen(held, {"data.heal": [leaked]}, skip=skip)
     data.check_heldout_unseen(held, {"data.heal": [data.token_stream(data.load_texts(_spec()), smollm2_tokenizer)]},
@@ -128,18 +128,19 @@ def test_a_shared_span_is_found_at_any_offset_but_a_shorter_one_is_not():
     data.check_heldout_unseen(held, {"data.heal": [list(range(133, 164))]}, skip=1)
 
 
-def test_the_unseen_check_covers_calibration_and_every_heal_source(smollm2_tokenizer, tmp_path):
-    heldout = data.load_texts(_spec(split="heldout"))[0]
-    leak = _write(tmp_path / "leak.txt", heldout[:4000])
-    fine = {"from": "default"}
-    base = {"recipe_version": 1, "name": "x", "source": {"model": "/m"}}
-    cases = {"data.calibration": {"calibration": {"from": "text", "path": leak, "samples": 4, "seq_len": 64}},
-             "data.heal\\[1\\]": {"heal": [fine, {"from": "text", "path": leak}]}}
+def test_the_unseen_check_covers_calibration_and_every_heal_source(smollm2_tokenizer, tmp_path, recipe_file):
+    from ollama_compress.recipe import load_recipe
+
+    held = _write(tmp_path / "held.txt", data.load_texts(_spec(split="heldout"))[0][:4000])
+    heldout = {"from": "text", "path": held, "samples": 4, "seq_len": 64}
+    every_window = {"from": "text", "path": held, "samples": 64, "seq_len": 64}
+    cases = {"data.calibration": {"calibration": every_window},
+             "data.heal\\[1\\]": {"heal": [{"from": "default"}, {"from": "text", "path": held}]}}
     for key, fields in cases.items():
-        recipe = validate({**base, "data": {"heldout": {"split": "heldout", "samples": 4, "seq_len": 64}, **fields}})
+        recipe = load_recipe(str(recipe_file(data={"heldout": heldout, **fields})))
         with pytest.raises(UserError, match=f"shares text with {key}"):
             data.unseen_heldout_windows(recipe.data, smollm2_tokenizer)
-    recipe = validate({**base, "data": {"heldout": {"split": "heldout", "samples": 4, "seq_len": 64}}})
+    recipe = load_recipe(str(recipe_file(data={"heldout": heldout})))
     assert len(data.unseen_heldout_windows(recipe.data, smollm2_tokenizer)) == 4
 
 
