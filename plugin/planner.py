@@ -27,7 +27,8 @@ class Tensor:
     """One weight: its llama.cpp role, decoder layer (None outside the layers) and GGUF shape
     (row length first)."""
 
-    role: str  # token_embd, output, attn_v, ffn_down, weight (another matrix) or vector (1-D)
+    name: str
+    role: str  # token_embd, output, attn_v, ffn_down, attn_output, weight (another matrix) or vector (1-D)
     layer: int | None
     dims: tuple[int, ...]
 
@@ -88,18 +89,20 @@ def _add(counts: dict[int, int], name: str, params: int) -> int:
 
 
 ROLES = (("token_embd", ("embed_tokens", "token_embd", "wte", "tok_embeddings")),
-         ("output", ("lm_head", "output.weight")),
+         ("output", ("lm_head",)),
          ("attn_v", ("v_proj", "attn_v", "qkv_proj", "attn_qkv", "query_key_value")),
-         ("ffn_down", ("down_proj", "ffn_down", "fc2", "mlp.c_proj")))
+         ("ffn_down", ("down_proj", "ffn_down", "fc2", "mlp.c_proj")),
+         ("attn_output", ("o_proj", "attn_output", "attn.c_proj")))
 
 
 def _tensor(name: str, dims: tuple[int, ...]) -> Tensor:
     found = LAYER_INDEX.search(name)
     layer = int(found.group(1)) if found else None
     if len([d for d in dims if d > 1]) < 2:
-        return Tensor("vector", layer, dims)
-    role = next((r for r, keys in ROLES if any(k in name for k in keys)), "weight")
-    return Tensor(role, layer, dims)
+        return Tensor(name, "vector", layer, dims)
+    role = "output" if name == "output.weight" else next(
+        (r for r, keys in ROLES if any(k in name for k in keys)), "weight")
+    return Tensor(name, role, layer, dims)
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:
@@ -185,9 +188,9 @@ def _more_bits(layer: int, layers: int) -> bool:
 
 def tensor_type(quant: str, tensor: Tensor, layers: int, tied: bool) -> str:
     """The ggml type llama-quantize gives ``tensor`` at ``quant`` (llama-quant.cpp's
-    ``llama_tensor_get_type`` for dense models: the output matrix and tied embeddings at Q6_K,
-    more bits on some attn_v / ffn_down layers, then the fallback for rows that don't fit the
-    type's blocks)."""
+    ``llama_tensor_get_type`` for dense models without an imatrix: the output matrix and tied
+    embeddings at Q6_K, more bits on some attn_v / ffn_down / attn_output layers, then the
+    fallback for rows that don't fit the type's blocks)."""
     from .gguf_verify import ggml_type_size
 
     if tensor.role == "vector":
@@ -221,6 +224,9 @@ def tensor_type(quant: str, tensor: Tensor, layers: int, tied: bool) -> str:
             chosen = "Q6_K"
         elif quant == "Q4_K_S" and layer < layers // 8:
             chosen = "Q5_K"
+    elif role == "attn_output":
+        chosen = {"Q2_K": "Q3_K", "IQ3_XXS": "IQ3_S", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "IQ3_M": "Q4_K"}.get(
+            quant, chosen)
     return _fallback(chosen, tensor.dims[0])
 
 
