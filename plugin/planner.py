@@ -49,7 +49,6 @@ class ModelShape:
     tensors: tuple[Tensor, ...] = ()
     metadata_bytes: int = 0
     intermediate_size: int = 0
-    attention_heads: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -120,13 +119,13 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
 
 
 def _shape(tensors: list[tuple[str, tuple[int, ...]]], metadata_bytes: int, hidden: int, vocab: int,
-           intermediate: int, heads: int) -> ModelShape:
+           intermediate: int) -> ModelShape:
     counts: dict[int, int] = {}
     other = 0
     for name, dims in tensors:
         other += _add(counts, name, _count(list(dims)))
     return ModelShape(tuple(counts[i] for i in sorted(counts)), other, hidden, vocab,
-                      tuple(_tensor(name, dims) for name, dims in tensors), metadata_bytes, intermediate, heads)
+                      tuple(_tensor(name, dims) for name, dims in tensors), metadata_bytes, intermediate)
 
 
 def _vocab_bytes(model_dir: Path) -> int:
@@ -159,8 +158,7 @@ def shape_of_hf_dir(model_dir: Path) -> ModelShape:
     text = config.get("text_config", config)
     table = sum(GGUF_TENSOR_INFO + len(name) for name, _ in tensors)
     return _shape(tensors, _vocab_bytes(model_dir) + table + GGUF_OTHER_METADATA, int(text.get("hidden_size", 0)),
-                  int(text.get("vocab_size", 0)), int(text.get("intermediate_size", 0)),
-                  int(text.get("num_attention_heads", 0)))
+                  int(text.get("vocab_size", 0)), int(text.get("intermediate_size", 0)))
 
 
 def shape_of_gguf(path: Path) -> ModelShape:
@@ -172,8 +170,7 @@ def shape_of_gguf(path: Path) -> ModelShape:
     embed = next((t for t in summary.tensors if t.name == "token_embd.weight"), None)
     hidden, vocab = (int(embed.shape[0]), int(embed.shape[1])) if embed is not None else (0, 0)
     return _shape([(t.name, tuple(t.shape)) for t in summary.tensors], summary.data_offset, hidden, vocab,
-                  int(meta.get(f"{arch}.feed_forward_length", 0) or 0),
-                  int(meta.get(f"{arch}.attention.head_count", 0) or 0))
+                  int(meta.get(f"{arch}.feed_forward_length", 0) or 0))
 
 
 def model_shape(path: Path) -> ModelShape:
@@ -317,7 +314,7 @@ def heal_memory_bytes(teacher: ModelShape, removed: int, settings: Any, *, devic
     trained parameter its gradient, AdamW's two moments and the foreach update's temporary (16
     bytes), plus a bf16 copy under autocast; what autograd keeps per decoder layer for one
     micro-batch (with gradient checkpointing only each layer's input, plus one layer's working
-    set), with the attention probabilities; the teacher's layer outputs the losses compare; one
+    set; SDPA keeps no attention probabilities); the teacher's layer outputs the losses compare; one
     chunk of vocabulary-sized logits; and, on a CPU, the process itself (``RUNTIME_BYTES``).
     """
     micro = getattr(settings, "micro_batch", None) or settings.batch_size
@@ -328,9 +325,7 @@ def heal_memory_bytes(teacher: ModelShape, removed: int, settings: Any, *, devic
     checkpointing = settings.gradient_checkpointing if settings.gradient_checkpointing is not None else cuda
     act_bytes = 2 if autocast else 4
     inter = teacher.intermediate_size or 4 * teacher.hidden_size
-    attention = 2 * micro * max(1, teacher.attention_heads) * seq_len * seq_len * act_bytes
-    per_layer = tokens * (LAYER_SAVED_HIDDEN * teacher.hidden_size + LAYER_SAVED_INTERMEDIATE * inter) * act_bytes \
-        + attention
+    per_layer = tokens * (LAYER_SAVED_HIDDEN * teacher.hidden_size + LAYER_SAVED_INTERMEDIATE * inter) * act_bytes
     trained = trainable_params(teacher, removed, settings.train, getattr(settings, "lora_rank", 16))
     estimate = {
         "runtime": 0 if cuda else RUNTIME_BYTES,
