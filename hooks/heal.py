@@ -9,6 +9,7 @@ memory, data, held-out overlap), measures KL to the teacher on held-out text, tr
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -69,22 +70,50 @@ def matched_layers(setting: str | list[int], num_layers: int) -> list[int]:
 
 
 def check_memory(student_dir: Path, teacher_dir: Path, settings: Heal, device: str, autocast: bool,
-                 max_memory_gib: float | None) -> int:
-    """Bytes the heal needs (``planner.heal_memory_bytes``, as ``--dry-run`` shows); UserError when
-    ``device`` has less free (or ``max_memory_gib``)."""
+                 max_memory_gib: float | None, shards: int = 1) -> int:
+    """Bytes the heal needs per process (``planner.heal_memory_bytes``, as ``--dry-run`` shows;
+    ``shards``: FSDP processes sharing the weights); UserError when ``device`` has less free (or
+    ``max_memory_gib``)."""
     from ollama_compress import distill, trainer
     from ollama_compress.planner import heal_memory_bytes, model_shape
 
     teacher = model_shape(teacher_dir)
     removed = teacher.num_layers - model_shape(student_dir).num_layers
     needed = heal_memory_bytes(teacher, removed, settings, device=device, autocast=autocast,
-                               chunk_tokens=distill.DEFAULT_CHUNK_TOKENS)["total"]
+                               chunk_tokens=distill.DEFAULT_CHUNK_TOKENS, shards=shards)["total"]
     free = max_memory_gib * 2**30 if max_memory_gib is not None else trainer.available_memory(device)
     if free is not None and needed > free:
         raise UserError(f"the teacher and student do not fit: the heal needs about {needed / 2**30:.2f} GiB on "
                         f"{device} and {free / 2**30:.2f} GiB are available; use a device with more memory, "
                         "train: neighbours or lora, or a smaller batch/seq_len")
     return needed
+
+
+# ---------------------------------------------------------------- how long
+def heal_steps(settings: Heal) -> int | None:
+    """Optimizer steps of this heal: ``steps``, or from a token budget; None for a minutes budget
+    (set on the machine, after the first steps are timed)."""
+    budget = settings.budget
+    if budget is None:
+        return settings.steps
+    if budget.tokens is not None:
+        return max(1, math.ceil(budget.tokens / (settings.batch_size * settings.seq_len)))
+    return None
+
+
+def heal_tokens_needed(settings: Heal) -> int | None:
+    """Training tokens this heal will consume (steps x batch_size x seq_len); None for a minutes budget."""
+    steps = heal_steps(settings)
+    return None if steps is None else steps * settings.batch_size * settings.seq_len
+
+
+def default_eval_every(settings: Heal, heldout_tokens: int) -> int:
+    """Steps between held-out checks so they cost about 10% of the heal: a check is one student forward
+    per held-out token (the teacher's logits are cached); a step is about 4 forward-equivalents per
+    trained token (teacher forward, student forward and backward)."""
+    if settings.eval_every is not None:
+        return settings.eval_every
+    return max(1, math.ceil(heldout_tokens / (0.1 * 4 * settings.batch_size * settings.seq_len)))
 
 
 # ---------------------------------------------------------------- data
@@ -132,10 +161,11 @@ class ProgressReport:
             self.log(record["message"])
             return
         terms = " ".join(f"{k} {v:.4f}" for k, v in record.items()
-                         if k not in ("step", "lr", "seconds", "tokens_per_s", "eta_s", "total", "loss", "grad_norm"))
+                         if k not in ("step", "lr", "seconds", "tokens_per_s", "eta_s", "total", "loss", "grad_norm",
+                                      "heldout_kl", "best", "stopped"))
         text = f"loss {record['loss']:.4f} ({terms}) {record['tokens_per_s']:.0f} tok/s"
         if self.progress is not None:
-            self.progress.update(self.task, completed=record["step"], description=text)
+            self.progress.update(self.task, completed=record["step"], total=record["total"], description=text)
         elif time.monotonic() - self.last_line > 30 or record["step"] == record["total"]:
             self.last_line = time.monotonic()
             self.log(f"heal step {record['step']}/{record['total']}: {text}, ETA {record['eta_s'] / 60:.1f} min")
@@ -205,10 +235,17 @@ def heal_model(
         raise UserError("heal.train: neighbours needs the student's layer_map.json (a model written by prune); "
                         "use train: all")
 
-    device = trainer.init_distributed(options.resolved_device())
+    accelerator = trainer.make_accelerator(options.resolved_device())
+    device = trainer.process_device(accelerator, options.resolved_device())
+    main = accelerator.is_main_process
+    sharded = trainer.is_sharded(accelerator)
+    load_device = "cpu" if sharded else device  # FSDP moves each process's shards to its GPU
+    if not main:  # one voice: rank 0 logs and writes
+        log, console = (lambda message: None), None
     compute_dtype = trainer.autocast_dtype(device, settings.dtype)
     teacher_dtype = "bfloat16" if compute_dtype is not None and device.startswith("cuda") else "float32"
-    needed = check_memory(student_dir, teacher_dir, settings, device, compute_dtype is not None, max_memory_gib)
+    needed = check_memory(student_dir, teacher_dir, settings, device, compute_dtype is not None, max_memory_gib,
+                          accelerator.num_processes if sharded else 1)
 
     from ollama_compress.hooks.data import token_stream, unseen_heldout_windows
 
@@ -224,61 +261,95 @@ def heal_model(
     start_from = _checkpoint_to_resume(checkpoint_dir, resume, fingerprint)
 
     torch.manual_seed(settings.seed)
-    teacher = _load(teacher_dir, options, teacher_dtype, device, needed, "teacher")
+    teacher = _load(teacher_dir, options, teacher_dtype, load_device, needed, "teacher")
     teacher.requires_grad_(False)
-    student = _load(student_dir, options, "float32", device, needed, "student")
+    student = _load(student_dir, options, "float32", load_device, needed, "student")
     student = trainer.select_trainable(student, settings.train, mapping, settings.lora_rank)
     checkpointing = settings.gradient_checkpointing
     if checkpointing is None:
         checkpointing = device.startswith("cuda")
     if checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    warmup = settings.warmup if settings.warmup is not None else max(1, settings.steps // 20)
+    steps = heal_steps(settings)
+    minutes = settings.budget.minutes if settings.budget is not None else None
+    if steps is None:  # a minutes budget: the first steps are timed, then the total is set
+        steps = trainer.MEASURE_STEPS
+        warmup = settings.warmup if settings.warmup is not None else trainer.MEASURE_STEPS
+    else:
+        warmup = min(settings.warmup if settings.warmup is not None else max(1, steps // 20), steps)
     cfg = trainer.TrainConfig(
-        steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size,
+        steps=steps, lr=settings.lr, batch_size=settings.batch_size,
         micro_batch=settings.micro_batch or settings.batch_size, seq_len=settings.seq_len,
-        temperature=settings.temperature, schedule=settings.schedule, warmup=min(warmup, settings.steps),
+        temperature=settings.temperature, schedule=settings.schedule, warmup=warmup,
         weight_decay=settings.weight_decay, grad_clip=settings.grad_clip,
-        checkpoint_every=settings.checkpoint_every if checkpoint_dir is not None else 0, seed=settings.seed)
+        checkpoint_every=settings.checkpoint_every if checkpoint_dir is not None else 0, seed=settings.seed,
+        eval_every=default_eval_every(settings, held.numel()), patience=settings.patience,
+        budget_seconds=minutes * 60 if minutes is not None else None)
     log_file = (checkpoint_dir / "train_log.jsonl") if checkpoint_dir is not None else None
     run = trainer.Trainer(student, teacher, terms, stream, cfg, device=device, compute_dtype=compute_dtype,
                           student_to_teacher=mapping or list(range(num_layers)), matched_layers=matched,
-                          vocab=vocab, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, log_file=log_file)
+                          vocab=vocab, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, log_file=log_file,
+                          accelerator=accelerator)
     teacher_cache: list = []
-    before = trainer.heldout_metrics(student, teacher, held, device, vocab, teacher_cache)
+    eval_student, eval_teacher = run.eval_models()
+
+    def measure() -> dict[str, float]:
+        return trainer.heldout_metrics(eval_student, eval_teacher, held, device, vocab, teacher_cache)
+
+    eval_started = time.perf_counter()
+    before = measure()
+    eval_seconds = time.perf_counter() - eval_started
+    run.evaluate = lambda: measure()["kl"]
     if start_from is not None:
         step = run.resume(start_from)
-        log(f"resuming from {start_from} (step {step} of {settings.steps})")
-    elif checkpoint_dir is not None and checkpoint_dir.exists():
+        log(f"resuming from {start_from} (step {step} of {cfg.steps})")
+    elif checkpoint_dir is not None and checkpoint_dir.exists() and main:
         shutil.rmtree(checkpoint_dir)
-    if log_file is not None:
+    if log_file is not None and main:
         trainer.rewrite_log(log_file, run.state.log)
+    accelerator.wait_for_everyone()
     precision = "bf16 autocast" if compute_dtype is not None else "fp32"
-    log(f"healing on {device} ({precision}): {settings.steps} steps of {settings.batch_size} x {settings.seq_len} "
+    length = f"{minutes:g} minutes" if minutes is not None else f"{cfg.steps} steps"
+    processes = f" x {run.world} processes" if run.world > 1 else ""
+    log(f"healing on {device}{processes} ({precision}): {length} of {settings.batch_size} x {settings.seq_len} "
         f"tokens, train {settings.train}, losses {', '.join(f'{t.name}x{t.weight:g}' for t in terms)}; "
-        f"held-out KL to the teacher {before['kl']:.4f}")
+        f"held-out KL to the teacher {before['kl']:.4f}, checked every {cfg.eval_every} steps")
     started = time.perf_counter()
-    with ProgressReport(console, settings.steps, log) as report:
+    with ProgressReport(console, cfg.steps, log) as report:
         run.on_step = report
-        records = run.run()
+        records = run.run(eval_seconds=eval_seconds)
     seconds = time.perf_counter() - started
-    after = trainer.heldout_metrics(student, teacher, held, device, vocab, teacher_cache)
+    best_step = run.restore_best()
+    after = measure()
     trained = [r for r in records if "tokens_per_s" in r]
+    curve = [[0, before["kl"]]] + [[r["step"], r["heldout_kl"]] for r in records if "heldout_kl" in r]
+    stopped = next((r["stopped"] for r in records if "stopped" in r), None)
     result = {
-        "steps": settings.steps, "device": device, "precision": precision, "train": settings.train,
+        "steps": run.state.step, "device": device, "precision": precision, "train": settings.train,
+        "processes": run.world,
         "kl_before": before["kl"], "kl_after": after["kl"], "kl_reduction": 1 - after["kl"] / before["kl"],
         "top1_before": before["top1"], "top1_after": after["top1"],
         "ppl_teacher": before["teacher_ppl"], "ppl_before": before["ppl"], "ppl_after": after["ppl"],
         "tokens_per_s": (sum(r["tokens_per_s"] for r in trained) / len(trained)) if trained else None,
         "train_seconds": round(seconds, 1), "heal_tokens": len(stream), "memory_estimate_bytes": needed,
+        "trained_tokens": run.state.step * settings.batch_size * settings.seq_len,
+        "heldout_curve": curve, "best_step": best_step, "stopped_early": stopped,
     }
+    if stopped:
+        log(f"heal stopped at step {run.state.step}: {stopped}")
     log(f"held-out KL to the teacher {before['kl']:.4f} -> {after['kl']:.4f} "
-        f"({100 * result['kl_reduction']:.0f}% lower), perplexity {before['ppl']:.2f} -> {after['ppl']:.2f} "
-        f"(teacher {before['teacher_ppl']:.2f})")
-    if run.rank == 0:
+        f"({100 * result['kl_reduction']:.0f}% lower; best of {len(curve) - 1} checks, step {best_step}), "
+        f"perplexity {before['ppl']:.2f} -> {after['ppl']:.2f} (teacher {before['teacher_ppl']:.2f})")
+    full = run.full_student_state() if run.sharded else None  # every process takes part in the gather
+    if main:
+        if full is not None:
+            student = modelio.load_model(student_dir, options)
+            student = trainer.select_trainable(student, settings.train, mapping, settings.lora_rank)
+            student.load_state_dict(full)
         _save(student, s_tok, student_dir, out_dir, records, result)
         if checkpoint_dir is not None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
     return result
 
 
@@ -490,6 +561,10 @@ def register_commands(cli: click.Group) -> None:
                             checkpoint_dir=checkpoints or default_checkpoint_dir(out), resume=resume,
                             max_memory_gib=max_memory, console=console,
                             log=lambda message: click.echo(message, err=True))
+        from ollama_compress.context import launcher_world
+
+        if launcher_world()[0] != 0:  # under a launcher, rank 0 reports
+            return
         if as_json:
             click.echo(json.dumps(result, indent=2))
         else:

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from .context import RunOptions
+from .context import RunOptions, launcher_world
 from .errors import CompressError
 
 
@@ -59,7 +59,7 @@ def run_command(recipe, overrides, out, dry_run, first, last, force, **flags):
 
     result = pipeline.run(recipe, overrides=list(overrides), out=out, options=make_options(**flags),
                           dry_run=dry_run, first=first, last=last, force=force)
-    console = Console()
+    console = Console(quiet=launcher_world()[0] != 0)  # under a launcher, rank 0 speaks
     if dry_run:
         table = Table("stage", "status", "directory", title=f"plan for {result['run_dir']}")
         for row in result["plan"]:

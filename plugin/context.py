@@ -1,6 +1,7 @@
 """The small objects handed to every hook, so new fields never break a plugin's signature."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -9,6 +10,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
 
     from .recipe import Recipe
+
+
+def launcher_world() -> tuple[int, int]:
+    """(rank, world size) set by ``accelerate launch``/torchrun; (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from .context import RunOptions, StageContext
+from .context import RunOptions, StageContext, launcher_world
 from .embedded import cache_dir
 from .errors import CompressError, NotAvailable, StageFailed, UserError
 from .fsutil import Fingerprints, atomic_path, remove_stale_temporaries, settings_hash, write_json
@@ -148,6 +148,7 @@ class Run:
                  first: str | None = None, last: str | None = None):
         self.recipe, self.run_dir, self.options, self.console = recipe, Path(run_dir), options, console
         self.first, self.last = first, last  # --from / --until: run only these stages of the table
+        self.main = launcher_world()[0] == 0  # under a launcher, only rank 0 writes the run directory
         self.inputs: dict[str, Any] = {}
         self.producers: dict[str, str] = {}  # input key -> cache key of the stage that wrote it
         self.lock: dict[str, Any] = {
@@ -273,7 +274,8 @@ class Run:
     def execute(self) -> dict[str, Any]:
         source_key = self.source_hash()  # bad sources fail here, before anything is written
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.run_dir)  # what killed runs left behind
+        if self.main:
+            remove_stale_temporaries(self.run_dir)  # what killed runs left behind
         enabled = [s for s in STAGES if s.enabled(self.recipe)]
         for stage in STAGES:
             if stage not in enabled:
@@ -313,6 +315,9 @@ class Run:
         if missing:
             self._not_available(stage, label, f"no installed plugin implements {', '.join(missing)}")
             return
+        if not self.main:
+            self._run_stage_helping(stage)
+            return
         final = self.run_dir / stage.dirname
         work = self.run_dir / f".{stage.dirname}.work"  # kept across failed attempts (checkpoints)
         self.console.print(f"{label} ...")
@@ -341,6 +346,18 @@ class Run:
         self.console.print(f"{label}: done in {record['seconds']:.1f}s")
         self._accept(stage, key, record)
 
+    def _run_stage_helping(self, stage: Stage) -> None:
+        """A rank > 0 of a launcher: run the stage's hook (the heal's collectives need every process)
+        with a private scratch output, and write nothing in the run directory."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=f"ollama-compress-rank-{stage.name}-") as scratch:
+            ctx = StageContext(stage=stage.name, recipe=self.recipe, run_dir=self.run_dir, out_dir=Path(scratch),
+                               work_dir=Path(scratch), options=self.options, console=self.console,
+                               section=stage.section,
+                               inputs={k: self.inputs[k] for k in stage.reads if k in self.inputs})
+            get_plugin_manager().hook.run_stage(ctx=ctx)
+
     def _accept(self, stage: Stage, key: str, record: dict[str, Any]) -> None:
         self.inputs.update(record.get("outputs", {}))
         self._produced(stage, key)
@@ -351,7 +368,8 @@ class Run:
         self.lock["stages"][stage.name] = {"status": "not available", "reason": reason}
 
     def _write_lock(self) -> None:
-        write_json(self.run_dir / "run.json", self.lock)
+        if self.main:
+            write_json(self.run_dir / "run.json", self.lock)
 
 
 def _check_writes(stage: Stage, outputs: dict[str, Any]) -> None:
@@ -417,6 +435,9 @@ def run(recipe: Recipe | str, *, overrides: list[str] = (), out: str | Path | No
             raise UserError(f"{flag} {stage}: no such stage; stages: {', '.join(STAGE_NAMES)}")
     if first and last and STAGE_NAMES.index(first) > STAGE_NAMES.index(last):
         raise UserError(f"--from {first} comes after --until {last}; stages run in this order: {', '.join(STAGE_NAMES)}")
+    if launcher_world()[1] > 1 and not dry_run and (first, last) != ("heal", "heal"):
+        raise UserError("under a multi-process launcher only the heal stage runs: add --from heal --until heal, "
+                        "and run the other stages without the launcher")
     lock_path = Path(recipe) if isinstance(recipe, str) and recipe.endswith(".json") else None
     if lock_path is not None:
         recipe = _recipe_from_lock(lock_path, list(overrides))
@@ -425,7 +446,7 @@ def run(recipe: Recipe | str, *, overrides: list[str] = (), out: str | Path | No
         recipe = load_recipe(recipe, list(overrides))
     elif overrides:
         raise UserError("overrides apply to recipe files; edit the Recipe object instead")
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, quiet=launcher_world()[0] != 0)  # rank 0 speaks
     run_dir = Path(out) if out else default_run_dir(recipe)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file; choose another --out directory")

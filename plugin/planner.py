@@ -306,7 +306,7 @@ def trainable_params(shape: ModelShape, removed: int, train: str, lora_rank: int
 
 
 def heal_memory_bytes(teacher: ModelShape, removed: int, settings: Any, *, device: str = "cpu",
-                      autocast: bool = False, chunk_tokens: int = 1024) -> dict[str, int]:
+                      autocast: bool = False, chunk_tokens: int = 1024, shards: int = 1) -> dict[str, int]:
     """Estimated peak memory of a heal of ``teacher`` less ``removed`` layers with the ``Heal``
     section ``settings``: the one estimate behind ``--dry-run`` and heal's refusal check.
 
@@ -316,6 +316,8 @@ def heal_memory_bytes(teacher: ModelShape, removed: int, settings: Any, *, devic
     micro-batch (with gradient checkpointing only each layer's input, plus one layer's working
     set; SDPA keeps no attention probabilities); the teacher's layer outputs the losses compare; one
     chunk of vocabulary-sized logits; and, on a CPU, the process itself (``RUNTIME_BYTES``).
+    Per process: ``shards`` > 1 (FSDP full shard over that many processes) divides the weights,
+    gradients and optimizer state; activations and logits are each process's own.
     """
     micro = getattr(settings, "micro_batch", None) or settings.batch_size
     seq_len = settings.seq_len
@@ -329,9 +331,9 @@ def heal_memory_bytes(teacher: ModelShape, removed: int, settings: Any, *, devic
     trained = trainable_params(teacher, removed, settings.train, getattr(settings, "lora_rank", 16))
     estimate = {
         "runtime": 0 if cuda else RUNTIME_BYTES,
-        "teacher_weights": teacher.params() * (2 if cuda and autocast else 4),
-        "student_weights": teacher.params(removed) * 4 + (2 * trained if autocast else 0),
-        "gradients_and_optimizer": trained * 16,
+        "teacher_weights": teacher.params() * (2 if cuda and autocast else 4) // shards,
+        "student_weights": (teacher.params(removed) * 4 + (2 * trained if autocast else 0)) // shards,
+        "gradients_and_optimizer": trained * 16 // shards,
         "activations": (layers * tokens * teacher.hidden_size * 4 + per_layer) if checkpointing
         else layers * per_layer + teacher.num_layers * tokens * teacher.hidden_size * 4,
         "logits": LOGITS_COPIES * min(tokens, chunk_tokens) * teacher.vocab_size * 4,

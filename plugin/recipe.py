@@ -157,9 +157,21 @@ class Prune(Strict):
         return self
 
 
+class HealBudget(Strict):
+    minutes: float | None = Field(None, gt=0)  # training time incl. held-out evaluations, from the timed first steps
+    tokens: int | None = Field(None, gt=0)  # training tokens: steps = ceil(tokens / (batch_size x seq_len))
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "HealBudget":
+        if (self.minutes is None) == (self.tokens is None):
+            raise ValueError("give exactly one of minutes or tokens, e.g. budget: {minutes: 10}")
+        return self
+
+
 class Heal(Strict):
     teacher: str | None = None  # default: the source model
-    steps: int = Field(60, gt=0)  # optimizer steps
+    steps: int = Field(60, gt=0)  # optimizer steps (ignored when budget is set)
+    budget: HealBudget | None = None  # {minutes: N} or {tokens: N}: derive the steps on this machine
     lr: float = Field(2e-4, gt=0)  # peak learning rate (AdamW)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup (to 10% for cosine/linear)
     warmup: int | None = Field(None, ge=0)  # warmup steps (default: 5% of steps)
@@ -176,6 +188,8 @@ class Heal(Strict):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)  # 0: off
     checkpoint_every: int = Field(20, ge=0)  # steps between checkpoints (0: none)
+    eval_every: int | None = Field(None, ge=0)  # steps between held-out KL checks (default: ~10% of heal time; 0: none)
+    patience: int = Field(3, ge=0)  # held-out checks without a better KL that stop the heal (0: never stop early)
     iterative_steps: int = Field(20, ge=0)  # with prune.iterative: heal steps after each removal (0: none)
     seed: int = 0
 

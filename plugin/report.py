@@ -93,9 +93,10 @@ def heal_curve(inputs: dict[str, Any]) -> dict[str, Any] | None:
                and isinstance(r[k], (int, float))]
     if isinstance(summary.get("kl_before"), (int, float)):
         heldout.insert(0, [0, summary["kl_before"]])
-    if isinstance(summary.get("kl_after"), (int, float)):
+    if isinstance(summary.get("kl_after"), (int, float)) and len(heldout) < 2:  # no checks during the heal
         heldout.append([records[-1]["step"] if records else summary.get("steps", 1), summary["kl_after"]])
-    return {"train": train, "heldout_kl": heldout}
+    best = summary.get("best_step")
+    return {"train": train, "heldout_kl": heldout, "best_step": best if isinstance(best, int) else None}
 
 
 # ---------------------------------------------------------------- plots
@@ -141,7 +142,10 @@ def plot_heal(curve: dict[str, Any], path: Path) -> str:
             ax.plot([p[0] for p in points], [p[1] for p in points], label=f"train {key}")
     if curve["heldout_kl"]:
         pts = curve["heldout_kl"]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o--", color="black", label="held-out KL to the teacher")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], ".-", color="black", label="held-out KL to the teacher")
+        best = [p for p in pts if p[0] == curve.get("best_step")]
+        if best:  # the weights the heal kept
+            ax.plot([best[-1][0]], [best[-1][1]], "*", color="tab:red", markersize=12, label="kept (best)")
     ax.set_xlabel("heal step")
     ax.set_ylabel("loss")
     ax.set_title("heal: train loss and held-out KL")

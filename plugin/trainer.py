@@ -11,8 +11,14 @@
   every ``checkpoint_every`` steps, a resume that reaches the same weights as an uninterrupted
   run (the batch of step k depends only on the seed and k), a non-finite loss stops without
   touching the last good checkpoint, SIGINT/SIGTERM save a checkpoint and stop.
-* Multi-GPU: run the same command under ``accelerate launch`` (data parallel): each process
-  takes every n-th sequence of a step and gradients are averaged before the optimizer step.
+* Several processes: ``accelerate.Accelerator`` prepares the student (DDP, or FSDP from an
+  ``accelerate launch --config_file`` with FSDP), its optimizer and scheduler; the frozen teacher is
+  prepared by the same accelerator (replicated under DDP, sharded under FSDP). Each process takes
+  every n-th sequence of a step; micro-batches accumulate under ``Accelerator.no_sync`` and the
+  gradients are synchronised once, by the engine, on the last one. Stop decisions (signal,
+  non-finite loss, budget, plateau) are taken together; only rank 0 writes files.
+* Held-out KL every ``eval_every`` steps: the best weights (lowest KL) are kept and are what the
+  heal outputs; ``patience`` evaluations without improvement stop the heal early.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import signal
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -35,6 +42,7 @@ from .fsutil import atomic_path, write_json
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
 STATE_FILE = "state.json"
+BEST_FILE = "best.safetensors"  # trainable weights at the best held-out KL so far
 
 
 class HealInterrupted(StageFailed):
@@ -196,7 +204,8 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return max(found, key=lambda p: p.name) if found else None
 
 
-def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, state: dict[str, Any]) -> Path:
+def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, state: dict[str, Any],
+                    best: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint ``step`` atomically and drop older ones; return its path."""
     from safetensors.torch import save_file
 
@@ -204,18 +213,43 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, sta
     with atomic_path(final, is_dir=True) as tmp:
         weights = {k: v.detach().to("cpu").contiguous() for k, v in trainable_parameters(model).items()}
         save_file(weights, str(tmp / "trainable.safetensors"))
+        if best is not None:
+            save_file({k: v.contiguous() for k, v in best.items()}, str(tmp / BEST_FILE))
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
                    tmp / "optimizer.pt")
         write_json(tmp / STATE_FILE, {**state, "step": step})
+    _drop_older(directory, final)
+    return final
+
+
+def _drop_older(directory: Path, final: Path) -> None:
+    import shutil
+
     for old in directory.iterdir():
         if old != final and CHECKPOINT_RE.match(old.name):
-            import shutil
-
             shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def save_sharded_checkpoint(accelerator, final: Path, state: dict[str, Any]) -> None:
+    """FSDP: every process writes its shards with ``Accelerator.save_state`` into a temporary directory
+    that rank 0 completes with the state file and renames (the best weights are not kept across a
+    resume here)."""
+    import shutil
+
+    tmp = final.with_name(f".{final.name}.tmp-sharded")
+    if accelerator.is_main_process:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(tmp / STATE_FILE, {**state, "step": int(final.name.split("-")[1])})
+        os.replace(tmp, final)
+        _drop_older(final.parent, final)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
@@ -277,11 +311,11 @@ def heldout_metrics(student, teacher, windows: torch.Tensor, device: str, vocab:
         if teacher_cache is not None and i < len(teacher_cache):
             zt = teacher_cache[i]
         else:
-            t = forward(teacher, ids, mask, [])
+            t = _run_forward(teacher, ids, mask, [])
             zt = t.head.sliced(vocab).logits(t.final[0])
             if teacher_cache is not None:
                 teacher_cache.append(zt)
-        s = forward(student, ids, mask, [])
+        s = _run_forward(student, ids, mask, [])
         zs = s.head.sliced(vocab).logits(s.final[0])
         kl_sum += float(plain_kl(zs, zt)) * zs.shape[0]
         agree += float((zs.argmax(-1) == zt.argmax(-1)).sum())
@@ -310,6 +344,9 @@ class TrainConfig:
     checkpoint_every: int = 0
     seed: int = 0
     chunk_tokens: int = 1024
+    eval_every: int = 0  # steps between held-out evaluations (0: none)
+    patience: int = 0  # evaluations without improvement that stop the heal (0: never)
+    budget_seconds: float | None = None  # heal.budget.minutes: ``steps`` is set after MEASURE_STEPS
 
 
 @dataclass
@@ -317,29 +354,64 @@ class TrainState:
     step: int = 0
     micro_batch: int = 1
     log: list[dict[str, Any]] = field(default_factory=list)
+    best_kl: float | None = None
+    best_step: int = 0
+    stale: int = 0  # evaluations since the last improvement
 
 
 Progress = Callable[[dict[str, Any]], None]
 
 
-def init_distributed(device: str) -> str:
-    """Join the process group when started by ``accelerate launch``/torchrun; return this process's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or not torch.distributed.is_available():
-        return device
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):
-        device = f"cuda:{local}"
-        torch.cuda.set_device(local)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return device
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)  # a collective that waits longer ends the run
+MEASURE_STEPS = 2  # heal.budget.minutes: steps timed before the total is set
+MIN_IMPROVEMENT = 1e-3  # relative drop of held-out KL that counts as progress for heal.patience
 
 
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def make_accelerator(device: str):
+    """The run's ``accelerate.Accelerator``; models are placed on ``process_device`` by the caller.
+
+    Mixed precision stays ours (``autocast``), so accelerate's own is off; the scheduler steps once
+    per optimizer step whatever the number of processes (each step is one global batch).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return Accelerator(cpu=device.split(":")[0] == "cpu", mixed_precision="no", device_placement=False,
+                       step_scheduler_with_optimizer=False,
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)])
+
+
+def process_device(accelerator, requested: str) -> str:
+    """This process's device: the requested one alone, the launcher's (cuda:LOCAL_RANK) with several."""
+    if accelerator.num_processes == 1 or accelerator.device.type == "cpu":
+        return requested
+    if accelerator.device.type == "cuda":
+        torch.cuda.set_device(accelerator.device)
+    return str(accelerator.device)
+
+
+def is_sharded(accelerator) -> bool:
+    return accelerator.distributed_type.name == "FSDP"
+
+
+class ForwardModule(torch.nn.Module):
+    """``forward`` as a module call, so DDP/FSDP wrappers see every pass (hooks, gather/reshard)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP's auto-wrap reads it
+
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, layers: list[int]) -> ForwardOut:
+        return forward(self.model, input_ids, mask, layers)
+
+
+def _run_forward(model, ids: torch.Tensor, mask: torch.Tensor, layers: list[int]) -> ForwardOut:
+    """A prepared ``ForwardModule`` (any wrapper) is called; a plain model goes through ``forward``."""
+    inner = getattr(model, "module", model)
+    if isinstance(inner, ForwardModule) or isinstance(model, ForwardModule):
+        return model(ids, mask, layers)
+    return forward(model, ids, mask, layers)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -347,45 +419,85 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 class Trainer:
-    """One heal run over a token stream; ``run()`` returns the per-step log."""
+    """One heal run over a token stream; ``run()`` returns the per-step log.
+
+    ``evaluate`` (optional) returns the held-out KL of the student now; it runs every
+    ``config.eval_every`` steps and after the last one, in every process.
+    """
 
     def __init__(self, student, teacher, terms: list[LossTerm], stream: list[int], config: TrainConfig, *,
                  device: str, compute_dtype: torch.dtype | None, student_to_teacher: list[int],
                  matched_layers: list[int], vocab: int, checkpoint_dir: Path | None = None,
-                 fingerprint: str = "", on_step: Progress | None = None, log_file: Path | None = None):
+                 fingerprint: str = "", on_step: Progress | None = None, log_file: Path | None = None,
+                 accelerator=None, evaluate: Callable[[], float] | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
         self.student, self.teacher, self.terms, self.stream, self.config = student, teacher, terms, stream, config
         self.device, self.compute_dtype, self.vocab = device, compute_dtype, vocab
         self.student_to_teacher, self.matched_layers = student_to_teacher, matched_layers
         self.checkpoint_dir, self.fingerprint, self.on_step, self.log_file = checkpoint_dir, fingerprint, on_step, log_file
+        self.evaluate, self.clock = evaluate, clock
         needs_layers = any(t.needs_layers for t in terms)
         self.student_layers = sorted(matched_layers) if needs_layers else []
         self.teacher_layers = sorted({student_to_teacher[s] for s in matched_layers}) if needs_layers else []
-        params = list(trainable_parameters(student).values())
-        if not params:
+        if not trainable_parameters(student):
             raise UserError("heal has nothing to train with these settings; check heal.train")
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
-                                           betas=(0.9, 0.95), foreach=True)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, config.steps, config.warmup, config.schedule))
+        self.accelerator = accelerator or make_accelerator(device)
+        acc = self.accelerator
+        self.rank, self.world, self.sharded = acc.process_index, acc.num_processes, is_sharded(acc)
+        self.student_module = acc.prepare_model(ForwardModule(student))
+        if self.sharded:  # sharded like the student; kept out of save_state (it never changes)
+            self.teacher_module = acc.prepare_model(ForwardModule(teacher))
+            acc._models = [m for m in acc._models if m is not self.teacher_module]
+        else:  # replicated: DDP has nothing to do for a model without trainable weights
+            self.teacher_module = ForwardModule(teacher)
+        self.params = list(trainable_parameters(self.student_module).values())
+        optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay,
+                                      betas=(0.9, 0.95), foreach=True)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, config.steps, config.warmup, config.schedule))
+        self.optimizer, self.scheduler = acc.prepare_optimizer(optimizer), acc.prepare_scheduler(scheduler)
         self.state = TrainState(micro_batch=config.micro_batch)
-        self.rank, self.world = _distributed()
+        self.best: dict[str, torch.Tensor] | None = None  # trainable weights at the best held-out KL
 
     # -------------------------------------------------------- checkpoints
     def resume(self, path: Path) -> int:
-        state = load_checkpoint(path, self.student, self.optimizer, self.scheduler)
+        if self.sharded:
+            self.accelerator.load_state(str(path))
+            state = json.loads((path / STATE_FILE).read_text())
+        else:
+            state = load_checkpoint(path, self.student, self.optimizer, self.scheduler)
+            best = path / BEST_FILE
+            if best.is_file():
+                from safetensors.torch import load_file
+
+                self.best = load_file(str(best))
         if state.get("fingerprint") != self.fingerprint:
             raise UserError(f"checkpoint {path} was made with other settings or models; "
                             "resume with the same ones, or delete it to start over")
-        self.state = TrainState(step=state["step"], micro_batch=state["micro_batch"], log=state.get("log", []))
+        self.state = TrainState(step=state["step"], micro_batch=state["micro_batch"], log=state.get("log", []),
+                                best_kl=state.get("best_kl"), best_step=state.get("best_step", 0),
+                                stale=state.get("stale", 0))
+        self.config.steps = state.get("steps_total", self.config.steps)
         return self.state.step
 
+    def _state_record(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "micro_batch": self.state.micro_batch, "log": self.state.log,
+                "steps_total": self.config.steps, "best_kl": self.state.best_kl, "best_step": self.state.best_step,
+                "stale": self.state.stale}
+
     def checkpoint(self) -> Path | None:
-        if self.checkpoint_dir is None or self.rank != 0:
+        """Save a resumable checkpoint (every process calls this; rank 0 writes, or all write shards)."""
+        if self.checkpoint_dir is None:
             return None
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        return save_checkpoint(self.checkpoint_dir, self.state.step, self.student, self.optimizer, self.scheduler,
-                               {"fingerprint": self.fingerprint, "micro_batch": self.state.micro_batch,
-                                "log": self.state.log})
+        final = self.checkpoint_dir / f"step-{self.state.step:07d}"
+        if self.sharded:
+            save_sharded_checkpoint(self.accelerator, final, self._state_record())
+        elif self.rank == 0:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(self.checkpoint_dir, self.state.step, self.student, self.optimizer, self.scheduler,
+                            self._state_record(), best=self.best)
+        self.accelerator.wait_for_everyone()
+        return final
 
     # -------------------------------------------------------- one step
     def _micro_step(self, ids: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
@@ -394,52 +506,62 @@ class Trainer:
                       self.config.chunk_tokens)
         with autocast(self.device, self.compute_dtype):
             with torch.no_grad():
-                t_out = forward(self.teacher, ids, mask, self.teacher_layers)
-            s_out = forward(self.student, ids, mask, self.student_layers)
+                t_out = self.teacher_module(ids, mask, self.teacher_layers)
+            s_out = self.student_module(ids, mask, self.student_layers)
             s_out.head, t_out.head = s_out.head.sliced(self.vocab), t_out.head.sliced(self.vocab)
             loss, values = combined_loss(self.terms, s_out, t_out, batch)
-        if not torch.isfinite(loss):
-            values["loss"] = loss.detach()
-            return values
-        (loss * scale).backward()
         values["loss"] = loss.detach()
+        # always: a process that skipped its backward would leave the others waiting in the gradient
+        # all-reduce; a non-finite loss is caught after the step's losses are averaged over processes
+        self.accelerator.backward(loss * scale)
         return values
 
     def _step(self, step: int) -> dict[str, float]:
+        """One optimizer step over the global batch of ``step``; the loss terms are averaged over processes."""
         cfg = self.config
         windows = step_windows(self.stream, step, cfg.batch_size, cfg.seq_len, cfg.seed)
         mine = windows[self.rank::self.world]
-        totals: dict[str, float] = {}
-        micro = self.state.micro_batch
-        for part in mine.split(micro):
-            values = self._micro_step(part.to(self.device), part.shape[0] / len(mine))
+        parts = list(mine.split(self.state.micro_batch))
+        sums: dict[str, torch.Tensor] = {}
+        for i, part in enumerate(parts):
+            # accumulate locally; the engine synchronises gradients once, on the last micro-batch
+            sync = nullcontext() if i == len(parts) - 1 else self.accelerator.no_sync(self.student_module)
+            with sync:
+                values = self._micro_step(part.to(self.device), part.shape[0] / len(mine))
             for k, v in values.items():
-                totals[k] = totals.get(k, 0.0) + float(v) * part.shape[0] / len(mine)
-            if not math.isfinite(totals["loss"]):
-                return totals
-        if self.world > 1:
-            for p in trainable_parameters(self.student).values():
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= self.world
+                sums[k] = sums.get(k, 0.0) + v.float().cpu() * part.shape[0] / len(mine)
+        totals = self._mean_over_processes(sums)
+        if not math.isfinite(totals["loss"]):
+            self.optimizer.zero_grad(set_to_none=True)
+            return totals
         if cfg.grad_clip > 0:
-            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
-                list(trainable_parameters(self.student).values()), cfg.grad_clip))
+            params = list(self.student_module.parameters()) if self.sharded else self.params
+            totals["grad_norm"] = float(self.accelerator.clip_grad_norm_(params, cfg.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return totals
+
+    def _mean_over_processes(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        names = sorted(sums)
+        stacked = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in names])
+        if self.world > 1:
+            stacked = self.accelerator.reduce(stacked.to(self.accelerator.device), reduction="mean").cpu()
+        return {k: float(v) for k, v in zip(names, stacked)}
 
     def _first_step_with_oom_retry(self, step: int) -> dict[str, float]:
         while True:
             try:
                 return self._step(step)
             except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
-                if not _is_oom(exc) or self.state.micro_batch == 1:
-                    if _is_oom(exc):
-                        raise StageFailed("out of memory with micro_batch 1; use train: neighbours or lora, "
-                                          "a smaller seq_len, or a device with more memory") from None
+                if not _is_oom(exc):
                     raise
+                if self.state.micro_batch == 1 or self.world > 1:
+                    # several processes cannot retry one of them alone: the others wait in a collective
+                    hint = "" if self.world == 1 else f"set heal.micro_batch below {self.state.micro_batch}, "
+                    raise StageFailed(f"out of memory with micro_batch {self.state.micro_batch}; {hint}use "
+                                      "train: neighbours or lora, a smaller seq_len, or a device with more "
+                                      "memory") from None
                 self.optimizer.zero_grad(set_to_none=True)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -447,18 +569,59 @@ class Trainer:
                 if self.on_step:
                     self.on_step({"message": f"out of memory: micro_batch halved to {self.state.micro_batch}"})
 
+    # -------------------------------------------------------- held-out evaluation and the best weights
+    def _evaluate(self) -> dict[str, Any]:
+        """Held-out KL now; keep the weights when it is the best so far. Same result in every process."""
+        kl = float(self.evaluate())
+        record: dict[str, Any] = {"heldout_kl": round(kl, 6)}
+        best = self.state.best_kl
+        if best is None or kl < best:
+            self.state.best_kl, self.state.best_step = kl, self.state.step
+            self.best = {k: v.detach().to("cpu", copy=True) for k, v in trainable_parameters(self.student).items()}
+            record["best"] = True
+        progress = best is None or kl < best * (1 - MIN_IMPROVEMENT)
+        self.state.stale = 0 if progress else self.state.stale + 1
+        return record
+
+    def restore_best(self) -> int:
+        """Put the best evaluated weights back into the student; return their step (the last step when
+        there was no evaluation)."""
+        if self.best is None:
+            return self.state.step
+        params = trainable_parameters(self.student)
+        with torch.no_grad():
+            for name, value in self.best.items():
+                params[name].copy_(value)
+        return self.state.best_step
+
+    def _plateau(self) -> bool:
+        return bool(self.config.patience) and self.state.stale >= self.config.patience
+
+    def _set_budget_steps(self, seconds_per_step: float, eval_seconds: float) -> None:
+        """heal.budget.minutes: the total steps that fit, from the measured step (and evaluation) time."""
+        cfg = self.config
+        seconds = torch.tensor([[seconds_per_step, eval_seconds]], dtype=torch.float64)
+        if self.world > 1:  # every process takes the slowest one's figures, so all stop together
+            seconds = self.accelerator.gather(seconds.to(self.accelerator.device)).cpu()
+        per_step, per_eval = (float(v) for v in seconds.max(dim=0).values)
+        per_step_total = per_step + (per_eval / cfg.eval_every if cfg.eval_every else 0.0)
+        cfg.steps = max(self.state.step, int(cfg.budget_seconds / per_step_total))
+
     # -------------------------------------------------------- the run
-    def run(self) -> list[dict[str, Any]]:
+    def run(self, eval_seconds: float = 0.0) -> list[dict[str, Any]]:
+        """Train up to ``config.steps`` (set from the budget after MEASURE_STEPS when it is in minutes);
+        ``eval_seconds``: the time of one held-out evaluation, counted in a minutes budget."""
         cfg = self.config
         self.student.train()
         self.teacher.eval()
         tokens_per_step = cfg.batch_size * cfg.seq_len
-        started = time.perf_counter()
+        started = self.clock()
         done_here = 0
+        stopped_early = False
         with stop_on_signals() as flag:
             while self.state.step < cfg.steps:
                 step = self.state.step
-                t0 = time.perf_counter()
+                t0 = self.clock()
                 if done_here == 0:
                     totals = self._first_step_with_oom_retry(step)
                 else:
@@ -468,23 +631,36 @@ class Trainer:
                     where = f"; the last good checkpoint is {kept}" if kept else ""
                     raise StageFailed(f"the heal loss became non-finite at step {step + 1}{where}; "
                                       "lower heal.lr or use heal.dtype: float32")
-                seconds = time.perf_counter() - t0
+                seconds = self.clock() - t0
                 done_here += 1
                 self.state.step = step + 1
+                if cfg.budget_seconds is not None and done_here == MEASURE_STEPS and step + 1 == MEASURE_STEPS:
+                    self._set_budget_steps((self.clock() - started) / done_here, eval_seconds)
                 record = {"step": self.state.step, **{k: round(v, 6) for k, v in totals.items()},
                           "lr": self.scheduler.get_last_lr()[0], "seconds": round(seconds, 3),
-                          "tokens_per_s": round(tokens_per_step / seconds, 1)}
+                          "tokens_per_s": round(tokens_per_step / max(seconds, 1e-9), 1)}
+                last = self.state.step >= cfg.steps
+                if self.evaluate is not None and cfg.eval_every and (self.state.step % cfg.eval_every == 0 or last):
+                    record.update(self._evaluate())
+                    if self._plateau() and not last:
+                        stopped_early = True
+                        record["stopped"] = f"plateau: no better held-out KL in {cfg.patience} evaluations"
                 self.state.log.append(record)
                 self._write_log(record)
                 if self.on_step:
-                    elapsed = time.perf_counter() - started
+                    elapsed = self.clock() - started
                     eta = elapsed / done_here * (cfg.steps - self.state.step)
                     self.on_step({**record, "eta_s": eta, "total": cfg.steps})
+                if stopped_early:
+                    break
                 if "signal" in flag:
+                    self.accelerator.set_trigger()
+                if self.accelerator.check_trigger():  # a signal reached some process: all stop here
                     path = self.checkpoint()
-                    name = signal.Signals(flag["signal"]).name
+                    number = flag.get("signal", signal.SIGTERM)
+                    name = signal.Signals(number).name
                     raise HealInterrupted(f"{name} at step {self.state.step}: checkpoint saved at {path}; "
-                                          "rerun with --resume to continue", flag["signal"])
+                                          "rerun with --resume to continue", number)
                 if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0 \
                         and self.state.step < cfg.steps:
                     self.checkpoint()
@@ -495,6 +671,19 @@ class Trainer:
             return
         with open(self.log_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+    def eval_models(self) -> tuple[Any, Any]:
+        """(student, teacher) for ``heldout_metrics``: the prepared modules when sharded, else the models."""
+        if self.sharded:
+            return self.student_module, self.teacher_module
+        return self.student, self.teacher
+
+    def full_student_state(self) -> dict[str, torch.Tensor] | None:
+        """The student's complete weights on rank 0 (None elsewhere); every process must call it."""
+        state = self.accelerator.get_state_dict(self.student_module)
+        if self.rank != 0:
+            return None
+        return {k.removeprefix("model."): v for k, v in state.items()}
 
 
 def rewrite_log(log_file: Path, records: list[dict[str, Any]]) -> None:

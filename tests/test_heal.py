@@ -169,7 +169,7 @@ def test_heal_lowers_the_loss(student_dir, teacher_dir, tmp_path):
     assert healed.config.num_hidden_layers == 4
 
 
-def _trainer(student_dir, teacher_dir, checkpoint_dir, on_step=None, steps=6):
+def _trainer(student_dir, teacher_dir, checkpoint_dir, on_step=None, steps=6, **config):
     settings = quick(steps=steps)
     student = modelio.load_model(student_dir)
     teacher = modelio.load_model(teacher_dir).requires_grad_(False)
@@ -179,7 +179,7 @@ def _trainer(student_dir, teacher_dir, checkpoint_dir, on_step=None, steps=6):
 
     stream = token_stream(default_texts(Data().heal_sources()[0]), tok)
     cfg = trainer.TrainConfig(steps=settings.steps, lr=settings.lr, batch_size=2, micro_batch=1, seq_len=32,
-                              temperature=2.0, warmup=1, checkpoint_every=2, seed=0)
+                              temperature=2.0, warmup=1, checkpoint_every=2, seed=0, **config)
     terms = distill.loss_terms({"kl": 1.0, "hidden_mse": 1.0})
     return trainer.Trainer(student, teacher, terms, stream, cfg, device="cpu", compute_dtype=None,
                            student_to_teacher=[0, 1, 4, 5], matched_layers=[0, 1, 2, 3], vocab=49152,
@@ -229,6 +229,81 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(student_dir,
     with pytest.raises(StageFailed, match="non-finite at step 5.*step-0000004"):
         run.run()
     assert trainer.latest_checkpoint(tmp_path / "c").name == "step-0000004"
+
+
+# ---------------------------------------------------------------- budget, held-out curve, best weights
+def test_a_token_budget_sets_the_step_count_exactly():
+    exact = quick(batch_size=2, seq_len=32, budget={"tokens": 64 * 16})
+    assert heal_hooks.heal_steps(exact) == 16 and heal_hooks.heal_tokens_needed(exact) == 1024
+    rounded_up = quick(batch_size=2, seq_len=32, budget={"tokens": 64 * 16 + 1})
+    assert heal_hooks.heal_steps(rounded_up) == 17
+    assert heal_hooks.heal_tokens_needed(quick(steps=7, batch_size=3, seq_len=16)) == 7 * 3 * 16
+    assert heal_hooks.heal_steps(quick(budget={"minutes": 5})) is None  # set on the machine
+    with pytest.raises(Exception, match="exactly one of minutes or tokens"):
+        quick(budget={"minutes": 5, "tokens": 100})
+
+
+def test_a_minutes_budget_sets_the_steps_from_the_measured_step_time(student_dir, teacher_dir, tmp_path):
+    runs = {}
+
+    def ten_seconds_a_step() -> float:  # the injected clock: every finished step took 10 s
+        return runs["run"].state.step * 10.0
+
+    run = _trainer(student_dir, teacher_dir, None, steps=trainer.MEASURE_STEPS, budget_seconds=95.0)
+    runs["run"] = run
+    run.clock = ten_seconds_a_step
+    assert len(run.run()) == 9 and run.config.steps == 9  # 95 s / 10 s per step
+
+    evaluated = _trainer(student_dir, teacher_dir, None, steps=trainer.MEASURE_STEPS, budget_seconds=95.0,
+                         eval_every=3)
+    runs["run"] = evaluated
+    evaluated.clock, evaluated.evaluate = ten_seconds_a_step, lambda: 1.0
+    evaluated.run(eval_seconds=6.0)  # 10 s + 6 s / 3 per step
+    assert evaluated.config.steps == 7 and evaluated.state.step == 7
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.trainable_parameters(model).items()}
+
+
+def test_the_heal_stops_on_a_plateau_and_keeps_the_best_weights_not_the_last(student_dir, teacher_dir):
+    kls = iter([1.0, 0.5, 0.9, 0.95, 0.4, 0.3])  # no better KL after step 2: patience 2 stops at step 4
+    seen: dict[int, dict] = {}
+    run = _trainer(student_dir, teacher_dir, None, steps=6, eval_every=1, patience=2,
+                   on_step=lambda r: seen.update({r["step"]: _snapshot(run.student)}) if "step" in r else None)
+    run.evaluate = lambda: next(kls)
+    log = run.run()
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert log[-1]["stopped"].startswith("plateau") and [r["heldout_kl"] for r in log] == [1.0, 0.5, 0.9, 0.95]
+    assert run.restore_best() == 2
+    now = _snapshot(run.student)
+    assert all(torch.equal(now[k], seen[2][k]) for k in now)
+    assert not all(torch.equal(now[k], seen[4][k]) for k in now)
+
+
+def test_a_tiny_improvement_is_a_plateau_but_still_the_best(student_dir, teacher_dir):
+    kls = iter([1.0, 0.9999, 0.99985, 0.5])
+    run = _trainer(student_dir, teacher_dir, None, steps=4, eval_every=1, patience=2)
+    run.evaluate = lambda: next(kls)
+    assert len(run.run()) == 3  # two checks that improve by less than MIN_IMPROVEMENT
+    assert run.state.best_step == 3
+
+
+def test_the_held_out_curve_lands_in_the_figures_and_the_report(student_dir, teacher_dir, tmp_path):
+    from ollama_compress.report import heal_curve
+
+    out = tmp_path / "healed"
+    result = heal_hooks.heal_model(student_dir, teacher_dir, out, quick(steps=4, eval_every=2, patience=0),
+                                   SMALL_DATA)
+    assert [p[0] for p in result["heldout_curve"]] == [0, 2, 4]
+    assert result["heldout_curve"][0][1] == result["kl_before"]
+    best = min(result["heldout_curve"][1:], key=lambda p: p[1])
+    assert result["best_step"] == best[0]
+    assert result["kl_after"] == pytest.approx(best[1], rel=1e-4)  # the output is the best weights
+    curve = heal_curve({"healed_dir": str(out)})
+    assert curve["heldout_kl"] == [[0, result["kl_before"]], *[[s, pytest.approx(v, abs=1e-6)]
+                                                               for s, v in result["heldout_curve"][1:]]]
+    assert curve["best_step"] == result["best_step"]
 
 
 def test_neighbours_trains_only_the_layers_next_to_a_cut_and_the_final_norm(student_dir):
@@ -369,6 +444,7 @@ def test_the_heal_stage_writes_the_model_and_its_figures(student_dir, teacher_di
     model = heal_hooks.heal(ctx=ctx, student_dir=student_dir, teacher_dir=teacher_dir)
     assert model == out_dir / "model" and (model / "model.safetensors").is_file()
     assert ctx.metrics["steps"] == 2 and ctx.metrics["kl_before"] > 0 and "kl_after" in ctx.metrics
+    assert [p[0] for p in ctx.metrics["heldout_curve"]] == [0, 2]  # run.json gets the curve with the figures
     assert not (tmp_path / "cache" / "heal-checkpoints").exists()
 
 
