@@ -19,7 +19,7 @@ import click
 
 from ollama_compress import modelio
 from ollama_compress.context import RunOptions, StageContext
-from ollama_compress.errors import UserError
+from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import atomic_path, settings_hash, write_json
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.recipe import Data, Heal
@@ -34,14 +34,49 @@ def read_layer_map(student_dir: Path, num_layers: int, teacher_layers: int) -> l
     path = Path(student_dir) / LAYER_MAP
     if not path.is_file():
         return None
-    try:
-        mapping = json.loads(path.read_text())["student_to_teacher"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UserError(f"{path} is not a layer map written by prune ({exc}); prune the model again") from None
+    from ollama_compress.safe_read import read_json
+
+    mapping = read_json(path, "layer map", expect=dict).get("student_to_teacher")
+    if not isinstance(mapping, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in mapping):
+        raise UserError(f"{path} is not a layer map written by prune (no student_to_teacher list of layer numbers); "
+                        "prune the model again")
     if len(mapping) != num_layers or any(not 0 <= t < teacher_layers for t in mapping):
         raise UserError(f"{path} maps {len(mapping)} layers into a {teacher_layers}-layer teacher, but the student "
                         f"has {num_layers} layers; is this teacher the model it was pruned from?")
     return [int(t) for t in mapping]
+
+
+def check_something_to_heal(student_dir: Path, teacher_dir: Path, s_config: dict, t_config: dict, terms) -> None:
+    """A UserError when healing cannot mean anything: the student is the teacher (same directory
+    or the same weight files), or a hidden-state loss compares layers of different widths."""
+    nothing = (f"the student {student_dir} is identical to the teacher {teacher_dir}; there is nothing to heal "
+               "(heal a pruned copy of the teacher)")
+    if Path(student_dir).resolve() == Path(teacher_dir).resolve() or _same_weights(student_dir, teacher_dir):
+        raise UserError(nothing)
+    widths = [c.get("hidden_size") for c in (s_config, t_config)]
+    layer_terms = [t.name for t in terms if t.needs_layers]
+    if layer_terms and widths[0] != widths[1]:
+        raise UserError(f"loss {layer_terms[0]} compares hidden states, but the student is {widths[0]} wide and the "
+                        f"teacher {widths[1]}; heal against the model the student was pruned from, or drop "
+                        f"{layer_terms[0]} from heal.loss")
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Whether two model directories hold byte-identical weight files (hashed only when the sizes match)."""
+    import hashlib
+
+    files_a, files_b = modelio.weight_files(a), modelio.weight_files(b)
+    if not files_a or [(f.name, f.stat().st_size) for f in files_a] != [(f.name, f.stat().st_size) for f in files_b]:
+        return False
+
+    def digest(path: Path) -> bytes:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        return h.digest()
+
+    return all(digest(x) == digest(y) for x, y in zip(files_a, files_b))
 
 
 def shared_vocab(student_tok, teacher_tok, student_vocab: int, teacher_vocab: int, log: Log) -> int:
@@ -117,12 +152,16 @@ def default_eval_every(settings: Heal, heldout_tokens: int) -> int:
 
 
 # ---------------------------------------------------------------- data
-def heal_texts(data: Data, tokenizer, teacher_dir: Path, ctx: StageContext | None) -> list[str]:
-    from ollama_compress.hooks.data import load_texts
+def heal_texts(data: Data, tokenizer, teacher_dir: Path, ctx: StageContext | None, settings: Heal | None = None,
+               log: Log = lambda message: None) -> list[str]:
+    """The heal's texts from every ``data.heal`` source; `teacher` chat sized for ``settings``."""
+    from ollama_compress.hooks.data import heal_chat_tokens, load_texts
 
     texts: list[str] = []
     for spec in data.heal_sources():
-        texts.extend(load_texts(spec, tokenizer, ctx, model=teacher_dir))
+        tokens = (heal_chat_tokens(spec, data, settings, tokenizer, ctx)
+                  if spec.from_ == "teacher" and settings is not None else None)
+        texts.extend(load_texts(spec, tokenizer, ctx, model=teacher_dir, tokens=tokens, log=log))
     return texts
 
 
@@ -212,7 +251,7 @@ def heal_model(
     """
     import torch
 
-    from ollama_compress import distill, trainer
+    from ollama_compress import distill, machine, trainer
 
     options = options or RunOptions()
     student_dir, teacher_dir, out_dir = Path(student_dir), Path(teacher_dir), Path(out_dir)
@@ -221,6 +260,7 @@ def heal_model(
         modelio.check_causal_lm(path)
     terms = distill.loss_terms(settings.loss)
     s_config, t_config = (modelio.read_config(p) for p in (student_dir, teacher_dir))
+    check_something_to_heal(student_dir, teacher_dir, s_config, t_config, terms)
     s_tok, t_tok = modelio.load_tokenizer(student_dir, options), modelio.load_tokenizer(teacher_dir, options)
     vocab = shared_vocab(s_tok, t_tok, s_config["vocab_size"], t_config["vocab_size"], log)
     num_layers = s_config["num_hidden_layers"]
@@ -242,16 +282,26 @@ def heal_model(
     load_device = "cpu" if sharded else device  # FSDP moves each process's shards to its GPU
     if not main:  # one voice: rank 0 logs and writes
         log, console = (lambda message: None), None
-    compute_dtype = trainer.autocast_dtype(device, settings.dtype)
-    teacher_dtype = "bfloat16" if compute_dtype is not None and device.startswith("cuda") else "float32"
+    threads = machine.use_physical_cores() if device == "cpu" and accelerator.num_processes == 1 else None
+    choice = machine.choose_dtype(device, settings.dtype, machine.heal_shapes(
+        (settings.micro_batch or settings.batch_size) * settings.seq_len, s_config["hidden_size"],
+        s_config.get("intermediate_size", 4 * s_config["hidden_size"]), vocab))
+    compute_dtype = choice.dtype
+    teacher_dtype = "bfloat16" if compute_dtype is not None else "float32"  # a frozen bf16 copy: no casts per step
     needed = check_memory(student_dir, teacher_dir, settings, device, compute_dtype is not None, max_memory_gib,
                           accelerator.num_processes if sharded else 1)
 
-    from ollama_compress.hooks.data import token_stream, unseen_heldout_windows
+    from ollama_compress.hooks.data import MAX_WINDOW_VIEWS, token_stream, unseen_heldout_windows, window_views
 
     held = torch.tensor(unseen_heldout_windows(data, s_tok, ctx, teacher_dir), dtype=torch.long)
-    texts = heal_texts(data, s_tok, teacher_dir, ctx)
+    texts = heal_texts(data, s_tok, teacher_dir, ctx, settings, log)
     stream = token_stream(texts, s_tok)
+    planned = heal_tokens_needed(settings)
+    if planned is not None:
+        views = window_views(planned, len(stream))
+        log(f"heal data: {len(stream)} tokens for {planned} consumed: each window is seen {views:.2f} times"
+            + ("" if views <= MAX_WINDOW_VIEWS else
+               f", more than {MAX_WINDOW_VIEWS}: add heal text or a teacher source (data.heal)"))
     if len(stream) < settings.seq_len + 1:
         raise UserError(f"the heal text has only {len(stream)} tokens, fewer than heal.seq_len={settings.seq_len}; "
                         "give more text (data.heal) or a smaller seq_len")
@@ -300,6 +350,9 @@ def heal_model(
     before = measure()
     eval_seconds = time.perf_counter() - eval_started
     run.evaluate = lambda: measure()["kl"]
+    if before["kl"] == 0:
+        raise UserError(f"the student {student_dir} predicts exactly what the teacher does (held-out KL "
+                        f"{before['kl']}); there is nothing to heal")
     if start_from is not None:
         step = run.resume(start_from)
         log(f"resuming from {start_from} (step {step} of {cfg.steps})")
@@ -309,6 +362,9 @@ def heal_model(
         trainer.rewrite_log(log_file, run.state.log)
     accelerator.wait_for_everyone()
     precision = "bf16 autocast" if compute_dtype is not None else "fp32"
+    if choice.rates:
+        log(f"matmul rates on this CPU ({threads or torch.get_num_threads()} threads): " +
+            ", ".join(f"{name} {rate:.3g} GFLOP/s" for name, rate in choice.rates.items()) + f"; healing in {precision}")
     length = f"{minutes:g} minutes" if minutes is not None else f"{cfg.steps} steps"
     processes = f" x {run.world} processes" if run.world > 1 else ""
     log(f"healing on {device}{processes} ({precision}): {length} of {settings.batch_size} x {settings.seq_len} "
@@ -334,7 +390,9 @@ def heal_model(
         "train_seconds": round(seconds, 1), "heal_tokens": len(stream), "memory_estimate_bytes": needed,
         "trained_tokens": run.state.step * settings.batch_size * settings.seq_len,
         "heldout_curve": curve, "best_step": best_step, "stopped_early": stopped,
+        "dtype": choice.record(), "threads": threads,
     }
+    result["window_views"] = round(window_views(result["trained_tokens"], len(stream)), 2)  # times each window was seen
     if stopped:
         log(f"heal stopped at step {run.state.step}: {stopped}")
     log(f"held-out KL to the teacher {before['kl']:.4f} -> {after['kl']:.4f} "
@@ -372,7 +430,7 @@ def iterative_healer(teacher_dir: Path, settings: Heal, data: Data, *, options: 
     def setup() -> None:  # on the first removal, after prune has checked its own input
         tokenizer = modelio.load_tokenizer(teacher_dir, options)
         unseen_heldout_windows(data, tokenizer, ctx, teacher_dir)
-        texts = heal_texts(data, tokenizer, teacher_dir, ctx)
+        texts = heal_texts(data, tokenizer, teacher_dir, ctx, settings, log)
         loaded["stream"] = token_stream(texts, tokenizer)
         loaded["teacher"] = modelio.load_model(teacher_dir, options, device=device).requires_grad_(False)
 
@@ -422,6 +480,7 @@ def _save(student, tokenizer, student_dir: Path, out_dir: Path, records: list, r
         student.activation_checkpointing_disable()
     student = student.to("cpu").eval()
     student.requires_grad_(False)
+    modelio.check_finite(student.state_dict().items(), "the healed model", StageFailed)
     with atomic_path(out_dir, is_dir=True) as tmp:
         modelio.save_model(student, tokenizer, tmp, student_dir)
         if (student_dir / LAYER_MAP).is_file():

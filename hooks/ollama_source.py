@@ -8,7 +8,6 @@ source carries its quantization error into everything made from it, which is sai
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -63,10 +62,15 @@ def blob_from_manifest(name: str, models_dir: Path) -> Path:
     if not manifest.is_file():
         raise UserError(f"ollama:{name} is not installed in {models_dir} (no manifest {manifest}); "
                         f"see 'ollama list', or 'ollama pull {name}'")
+    from ollama_compress.safe_read import read_json
+
     try:
-        layers = json.loads(manifest.read_text())["layers"]
-        digest = next(layer["digest"] for layer in layers if layer.get("mediaType") == MODEL_MEDIA_TYPE)
-    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        layers = read_json(manifest, "manifest", expect=dict)["layers"]
+        digest = next(layer["digest"] for layer in layers
+                      if isinstance(layer, dict) and layer.get("mediaType") == MODEL_MEDIA_TYPE)
+        if not isinstance(digest, str):
+            raise TypeError(digest)
+    except (KeyError, TypeError, StopIteration):
         raise UserError(f"{manifest} is not an Ollama manifest with a model layer") from None
     return models_dir / "blobs" / digest.replace(":", "-")
 

@@ -58,6 +58,7 @@ from ollama_compress.fsutil import atomic_path, check_free_space, write_json
 from ollama_compress.gguf.arch import ARCHS
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress import modelio
+from ollama_compress.safe_read import read_json
 
 # model_type in config.json -> what prune calls it: every architecture the GGUF writer knows
 SUPPORTED_ARCHITECTURES = {model_type: model_type.removesuffix("_text") for model_type in ARCHS}
@@ -369,6 +370,7 @@ def _copy_shard(src: Path, dst: Path, new_index: dict[int, int]) -> dict[str, in
                 tensors[key] = f.get_tensor(key)
             elif int(m.group(1)) in new_index:
                 tensors[f"model.layers.{new_index[int(m.group(1))]}.{m.group(2)}"] = f.get_tensor(key)
+    modelio.check_finite(tensors.items(), str(src))
     if tensors:
         save_file(tensors, str(dst), metadata=metadata)
     return {k: t.numel() * t.element_size() for k, t in tensors.items()}
@@ -385,7 +387,7 @@ def _write_weights(model_dir: Path, out: Path, files: list[Path], kept: Sequence
         weight_map.update({k: name for k in written})
         sizes.update(written)
     if (model_dir / INDEX_FILE).is_file():
-        index = json.loads((model_dir / INDEX_FILE).read_text())
+        index = read_json(model_dir / INDEX_FILE, "index", expect=dict)
         index.setdefault("metadata", {})["total_size"] = sum(sizes.values())
         index["weight_map"] = dict(sorted(weight_map.items()))
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

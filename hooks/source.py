@@ -17,7 +17,7 @@ from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import Fingerprints, atomic_path, check_free_space
 from ollama_compress.gguf_verify import GGUFSummary, verify_gguf
 from ollama_compress.hookspecs import hookimpl
-from ollama_compress.modelio import check_causal_lm, check_model_dir, file_in_model_dir
+from ollama_compress.modelio import check_causal_lm, check_finite, check_model_dir, file_in_model_dir
 from ollama_compress.templates import check_chat_template
 
 GGUF_MAGIC = b"GGUF"
@@ -76,10 +76,11 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
         model = AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=name, dtype=getattr(torch, dtype), local_files_only=True
         )
-    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+    except (ValueError, KeyError, OSError, RuntimeError, TypeError, AttributeError, ArithmeticError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{gguf_path}: transformers cannot load this GGUF ({first})") from None
+        raise UserError(f"{gguf_path}: transformers cannot load this GGUF ({first[:300]})") from None
     _strip_quantization(model)
+    check_finite(model.state_dict().items(), str(gguf_path))
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

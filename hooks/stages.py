@@ -50,7 +50,9 @@ def _importance(ctx: StageContext) -> dict[str, Any]:
 def _prune(ctx: StageContext) -> dict[str, Any]:
     scores = {}
     if "scores_file" in ctx.inputs:
-        raw = json.loads(Path(ctx.inputs["scores_file"]).read_text())
+        from ollama_compress.safe_read import read_json
+
+        raw = read_json(ctx.inputs["scores_file"], "scores", expect=dict)
         scores = {k: v for k, v in raw.items() if isinstance(v, list)}
     model_dir = call_first("prune_layers", ctx=ctx, model_dir=Path(ctx.inputs["model_dir"]), scores=scores)
     return {"model_dir": str(model_dir), "pruned_dir": str(model_dir)}

@@ -1,8 +1,9 @@
 """The heal training loop: distil a pruned student from its frozen teacher, on CUDA, MPS or CPU.
 
 * Precision: fp32 master weights and optimizer state; the forward runs under bf16 autocast on
-  CUDA and on CPUs with native bf16 (AVX-512 BF16 or AMX, about 4x the fp32 matmul rate), losses
-  are accumulated in fp32. The teacher is loaded in bf16 when the forward runs in bf16.
+  CUDA and on CPUs whose bf16 matmuls measure faster than fp32 ones (``machine.choose_dtype``:
+  CPU flags do not tell), losses are accumulated in fp32. The teacher is loaded in bf16 when the
+  forward runs in bf16.
 * Memory: only the layer outputs some loss uses are kept (forward hooks), the KL is computed in
   token chunks from the final hidden states (``distill.head_loss``); micro-batches with gradient
   accumulation; an out-of-memory error in the first step halves the micro-batch (down to 1) and
@@ -32,14 +33,16 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from .distill import Batch, ForwardOut, Head, LossTerm, combined_loss, plain_kl
 from .errors import StageFailed, UserError
 from .fsutil import atomic_path, write_json
+from .machine import MatmulShape, choose_dtype, heal_shapes
 
+DEFAULT_SHAPES = tuple(heal_shapes(1024, 576, 1536, 49152))  # the demo's (SmolLM2-135M) when none given
 CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
 STATE_FILE = "state.json"
 BEST_FILE = "best.safetensors"  # trainable weights at the best held-out KL so far
@@ -54,27 +57,10 @@ class HealInterrupted(StageFailed):
 
 
 # ---------------------------------------------------------------- device and precision
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
-
-
-def autocast_dtype(device: str, setting: str) -> torch.dtype | None:
-    """The autocast dtype for ``heal.dtype`` on ``device`` (None: plain fp32)."""
-    kind = device.split(":")[0]
-    if setting == "float32":
-        return None
-    if setting == "bfloat16":
-        return torch.bfloat16
-    if kind == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if kind == "cpu":
-        return torch.bfloat16 if cpu_has_bf16() else None
-    return None
+def autocast_dtype(device: str, setting: str, shapes: Sequence[MatmulShape] = DEFAULT_SHAPES) -> torch.dtype | None:
+    """The autocast dtype for ``heal.dtype`` on ``device`` (None: plain fp32); on a CPU, ``auto``
+    measures bf16 and fp32 matmuls of ``shapes`` (``machine.choose_dtype``, once per process)."""
+    return choose_dtype(device, setting, shapes).dtype
 
 
 def autocast(device: str, dtype: torch.dtype | None):
@@ -165,6 +151,12 @@ def select_trainable(model, mode: str, student_to_teacher: list[int] | None, lor
         raise UserError(f"heal.train: unknown mode '{mode}'; use all, neighbours or lora")
     inner.norm.requires_grad_(True)
     return model
+
+
+def adamw_kernel(params: list[torch.nn.Parameter]) -> dict[str, bool]:
+    """One fused pass over the weights where torch has that kernel for them (CPU, CUDA), else foreach."""
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return {"fused": True} if fused else {"foreach": True}
 
 
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
@@ -452,7 +444,7 @@ class Trainer:
             self.teacher_module = ForwardModule(teacher)
         self.params = list(trainable_parameters(self.student_module).values())
         optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay,
-                                      betas=(0.9, 0.95), foreach=True)
+                                      betas=(0.9, 0.95), **adamw_kernel(self.params))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, config.steps, config.warmup, config.schedule))
         self.optimizer, self.scheduler = acc.prepare_optimizer(optimizer), acc.prepare_scheduler(scheduler)

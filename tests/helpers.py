@@ -66,3 +66,36 @@ def install_plugin(root: Path, module: str, source: str, dist: str | None = None
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist or module}\nVersion: {version}\n")
     (info / "entry_points.txt").write_text(f"[ollama_compress]\n{entry_point or module} = {module}\n")
     return root
+
+
+def make_deep_tree(top: Path, levels: int) -> None:
+    """``top/d/d/.../d``, ``levels`` folders deep, made relative so no path passes PATH_MAX.
+
+    Remove it with ``remove_deep_tree``: recursive deleters (pytest's cleanup, shutil.rmtree)
+    exhaust Python's stack on it."""
+    here = os.getcwd()
+    os.mkdir(top)
+    os.chdir(top)
+    try:
+        for _ in range(levels):
+            os.mkdir("d")
+            os.chdir("d")
+    finally:
+        os.chdir(here)
+
+
+def remove_deep_tree(top: Path) -> None:
+    """Remove what ``make_deep_tree`` made, bottom up, without recursion."""
+    here = os.getcwd()
+    os.chdir(top)
+    depth = 0
+    try:
+        while os.path.isdir("d"):
+            os.chdir("d")
+            depth += 1
+        for _ in range(depth):
+            os.chdir("..")
+            os.rmdir("d")
+    finally:
+        os.chdir(here)
+    os.rmdir(top)

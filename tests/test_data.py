@@ -9,6 +9,7 @@ import torch
 from ollama_compress.context import StageContext
 from ollama_compress.errors import UserError
 from ollama_compress.hooks import data
+from ollama_compress.hooks.heal import heal_tokens_needed
 from ollama_compress.recipe import TextSource, validate
 
 PROSE = ("The ferry leaves the harbour at seven and crosses the bay in forty minutes. "
@@ -184,7 +185,7 @@ def test_hf_dataset_unavailable_is_a_user_error():
 def test_teacher_generates_chat_text_once_and_caches_it(tiny_model_dir, smollm2_tokenizer, tmp_path):
     model_dir = tiny_model_dir("llama")
     prompts = ["Name a fruit.", "Say hello."]
-    spec = _spec(**{"from": "teacher", "prompts": prompts}, samples=2, seq_len=24)
+    spec = _spec(**{"from": "teacher", "prompts": prompts, "max_new_tokens": 8}, samples=2, seq_len=24)
     cache = tmp_path / "cache"
     texts = data.load_texts(spec, smollm2_tokenizer, model=model_dir, cache_dir=cache)
     assert len(texts) == 2
@@ -201,18 +202,37 @@ def test_teacher_generates_chat_text_once_and_caches_it(tiny_model_dir, smollm2_
     assert len(batches) == 2 and batches[0].shape == (1, 24)
 
 
-def test_teacher_takes_the_model_from_the_stage_and_caches_in_the_run_dir(tiny_model_dir, smollm2_tokenizer,
-                                                                         tmp_path):
+def test_teacher_takes_the_model_from_the_stage_and_caches_in_the_user_cache(tiny_model_dir, smollm2_tokenizer,
+                                                                            tmp_path, monkeypatch):
+    monkeypatch.setenv("OLLAMA_COMPRESS_CACHE", str(tmp_path / "user-cache"))
     model_dir = tiny_model_dir("qwen2")
     recipe = validate({"recipe_version": 1, "name": "t", "source": {"model": str(model_dir)}})
     ctx = StageContext(stage="importance", recipe=recipe, run_dir=tmp_path, out_dir=tmp_path / "out",
                        inputs={"model_dir": str(model_dir)})
-    spec = _spec(**{"from": "teacher", "prompts": ["Count to three."]}, samples=1, seq_len=16)
+    spec = _spec(**{"from": "teacher", "prompts": ["Count to three."], "max_new_tokens": 8}, samples=1, seq_len=16)
     texts = data.load_texts(spec, smollm2_tokenizer, ctx=ctx)
     assert len(texts) == 1 and "Count to three." in texts[0]
-    assert list((tmp_path / "cache" / "teacher-data").glob("*.jsonl"))
+    assert list((tmp_path / "user-cache" / "teacher-chat").glob("*.jsonl"))
+    assert list((tmp_path / "user-cache" / "teacher-gguf").glob("*-Q8_0.gguf"))  # exported through the hooks
 
 
 def test_teacher_without_a_model_is_a_user_error(smollm2_tokenizer):
     with pytest.raises(UserError, match="needs the model"):
         data.load_texts(_spec(**{"from": "teacher"}), smollm2_tokenizer)
+
+
+# ---------------------------------------------------------------- the default heal data
+def test_default_heal_data_is_the_corpus_plus_teacher_chat_sized_by_the_heal(smollm2_tokenizer):
+    from ollama_compress.recipe import Data, Heal, load_recipe
+
+    for heal_data in (Data(), load_recipe("smollm2-135m-demo").data):
+        assert [s.from_ for s in heal_data.heal_sources()] == ["default", "teacher"]
+    corpus = len(data.token_stream(data.default_texts(_spec()), smollm2_tokenizer))
+    chat = Data().heal_sources()[1]
+    demo = Heal(steps=60, batch_size=4, seq_len=256)
+    tokens = data.heal_chat_tokens(chat, Data(), demo, smollm2_tokenizer)
+    assert tokens == -(-60 * 4 * 256 // data.MAX_WINDOW_VIEWS) - corpus
+    assert data.window_views(heal_tokens_needed(demo), corpus + tokens) <= data.MAX_WINDOW_VIEWS
+    assert data.heal_chat_tokens(chat, Data(), Heal(steps=2, batch_size=1, seq_len=64), smollm2_tokenizer) == 0
+    sized = Data.model_validate({"heal": [{"from": "default"}, {"from": "teacher", "tokens": 1234}]})
+    assert data.heal_chat_tokens(sized.heal_sources()[1], sized, demo, smollm2_tokenizer) == 1234
