@@ -135,13 +135,13 @@ def test_the_unseen_check_covers_calibration_and_every_heal_source(smollm2_token
     held = _write(tmp_path / "held.txt", data.load_texts(_spec(split="heldout"))[0][:4000])
     heldout = {"from": "text", "path": held, "samples": 4, "seq_len": 64}
     every_window = {"from": "text", "path": held, "samples": 64, "seq_len": 64}
-    cases = {"data.calibration": {"calibration": every_window},
+    cases = {"data.calibration": {"calibration": every_window, "heal": {"from": "default"}},
              "data.heal\\[1\\]": {"heal": [{"from": "default"}, {"from": "text", "path": held}]}}
     for key, fields in cases.items():
         recipe = load_recipe(str(recipe_file(data={"heldout": heldout, **fields})))
         with pytest.raises(UserError, match=f"shares text with {key}"):
             data.unseen_heldout_windows(recipe.data, smollm2_tokenizer)
-    recipe = load_recipe(str(recipe_file(data={"heldout": heldout})))
+    recipe = load_recipe(str(recipe_file(data={"heldout": heldout, "heal": {"from": "default"}})))
     assert len(data.unseen_heldout_windows(recipe.data, smollm2_tokenizer)) == 4
 
 
