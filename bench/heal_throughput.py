@@ -102,9 +102,10 @@ def run_cpu(args) -> dict:
     import torch
     from heal import heal_once, teacher_and_pruned  # bench/heal.py: the demo's teacher and cut, heal_model
 
-    from ollama_compress import machine, modelio, trainer
+    from ollama_compress import machine, modelio
 
     from ollama_compress.hooks.heal import command_settings
+    from ollama_compress.planner import parameter_count
 
     threads = machine.use_physical_cores()
     teacher, pruned = teacher_and_pruned()
@@ -121,7 +122,7 @@ def run_cpu(args) -> dict:
         result = heal_once("throughput", overrides)
     timed = clock.step_seconds()[args.warmup:args.warmup + args.steps]
     tokens_per_s = tokens * len(timed) / sum(timed)
-    flops = stated_flops_per_token(trainer.parameter_count(teacher), trainer.parameter_count(pruned))
+    flops = stated_flops_per_token(parameter_count(teacher), parameter_count(pruned))
     achieved = tokens_per_s * flops / 1e9
     best = max(rates.values())
     return {"mode": "cpu", "threads": threads, "torch": torch.__version__,

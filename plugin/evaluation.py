@@ -20,7 +20,6 @@ It calls the ``evaluate`` hook once per row and merges every plugin's result int
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import tempfile
@@ -33,6 +32,7 @@ from typing import Any, Iterable
 from .context import StageContext
 from .errors import UserError
 from .fsutil import write_json
+from .hooks.data import bos_prefix, unseen_heldout_windows
 from .hooks.quantize import LlamaScorer
 
 QUALITY_RETAINED = (
@@ -47,7 +47,6 @@ DEFAULT_PROMPTS = (
     "Translate 'good morning, how are you?' into Spanish.",
 )
 KNOWLEDGE_FILE = "knowledge.jsonl"
-SPAN = 32  # tokens per hashed span in the held-out overlap check
 SPEED_PROMPT_TOKENS = 256
 SPEED_GEN_TOKENS = 64
 SPEED_REPEATS = 3  # the fastest of these runs counts: other work on the machine only slows a run down
@@ -112,61 +111,6 @@ def teacher_quant_candidates(ctx: StageContext, teacher_dir: Path, quants: list[
             quantize_file(base, quant, path)
         rows.append(Candidate(f"teacher {quant}", path, "teacher", quant))
     return rows
-
-
-# ---------------------------------------------------------------- held-out tokens
-def bos_prefix(tokenizer) -> list[int]:
-    """The special tokens the tokenizer puts before a text (BOS for most models, none for some)."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a", add_special_tokens=True)["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
-            return list(full[:start])
-    return []
-
-
-def heldout_windows(ctx: StageContext, tokenizer, teacher_dir: Path) -> list[list[int]]:
-    """``data.heldout`` as token windows (BOS first when the model adds one)."""
-    from ollama_compress.hooks.data import calibration_batches
-
-    batches = calibration_batches(ctx.recipe.data.heldout, tokenizer, ctx=ctx, model=teacher_dir)
-    prefix = bos_prefix(tokenizer)
-    return [prefix + row for batch in batches for row in batch.tolist()]
-
-
-def _span_hashes(ids: list[int], step: int) -> set[bytes]:
-    import numpy as np
-
-    array = np.asarray(ids, dtype=np.int64)
-    return {hashlib.blake2b(array[i:i + SPAN].tobytes(), digest_size=12).digest()
-            for i in range(0, len(array) - SPAN + 1, step)}
-
-
-def training_streams(ctx: StageContext, tokenizer, teacher_dir: Path) -> dict[str, list[list[int]]]:
-    """Token windows each stage calibrated or trained on, by recipe key."""
-    from ollama_compress.hooks.data import calibration_batches, load_texts, token_stream
-
-    recipe = ctx.recipe
-    batches = calibration_batches(recipe.data.calibration, tokenizer, ctx=ctx, model=teacher_dir)
-    streams = {"data.calibration": [row for batch in batches for row in batch.tolist()]}
-    heal = getattr(recipe.data, "heal", None) if recipe.heal is not None else None
-    for i, spec in enumerate(heal if isinstance(heal, list) else [heal] if heal is not None else []):
-        key = f"data.heal[{i}]" if isinstance(heal, list) else "data.heal"
-        streams[key] = [token_stream(load_texts(spec, tokenizer, ctx, model=teacher_dir), tokenizer)]
-    return streams
-
-
-def check_heldout_unseen(heldout: list[list[int]], streams: dict[str, list[list[int]]], skip: int = 0) -> None:
-    """UserError when any ``SPAN``-token span of the held-out windows (after ``skip`` prefix
-    tokens) also occurs in a calibration or heal stream: by hash, whatever the window offsets."""
-    held = set().union(*(_span_hashes(w[skip:], SPAN) for w in heldout))
-    for key, windows in streams.items():
-        seen = set().union(*(_span_hashes(w, 1) for w in windows))
-        shared = held & seen
-        if shared:
-            raise UserError(f"data.heldout shares text with {key} ({len(shared)} of {len(held)} held-out "
-                            f"{SPAN}-token spans occur in it); held-out text must be text no stage calibrated "
-                            "or trained on: choose another data.heldout source")
 
 
 # ---------------------------------------------------------------- backends
@@ -454,8 +398,7 @@ def evaluate_run(ctx: StageContext, models: dict[str, Path] | None = None,
     settings = ctx.settings or Evaluate()
     teacher_dir = Path(ctx.inputs["teacher_dir"])
     tokenizer = modelio.load_tokenizer(teacher_dir, ctx.options)
-    windows = heldout_windows(ctx, tokenizer, teacher_dir)
-    check_heldout_unseen(windows, training_streams(ctx, tokenizer, teacher_dir), skip=len(bos_prefix(tokenizer)))
+    windows = unseen_heldout_windows(ctx.recipe.data, tokenizer, ctx, teacher_dir, heal=ctx.recipe.heal is not None)
     if models is None:
         candidates = stage_candidates(ctx.inputs)
     else:

@@ -108,13 +108,14 @@ def test_measure_quants(tiny_f16, quants, tmp_path):
 
 
 def test_measure_quants_default_text(tiny_f16):
-    """Without texts the shipped held-out corpus is used (or a one-line error if it is missing)."""
-    try:
-        rows = measure_quants(tiny_f16, {}, n_ctx=64, max_tokens=64)
-    except UserError as exc:
-        assert "heldout.txt" in str(exc)
-    else:
-        assert rows[0]["tokens"] > 0 and math.isfinite(rows[0]["perplexity"])
+    """Without texts the shipped held-out corpus is used."""
+    from ollama_compress.hooks.quantize import shipped_heldout_text
+
+    rows = measure_quants(tiny_f16, {}, n_ctx=64, max_tokens=128, speed=False)
+    shipped = measure_quants(tiny_f16, {}, texts=shipped_heldout_text(), n_ctx=64, max_tokens=128, speed=False)
+    other = measure_quants(tiny_f16, {}, texts=FALLBACK_TEXT, n_ctx=64, max_tokens=128, speed=False)
+    assert rows[0]["tokens"] == 126 and math.isfinite(rows[0]["perplexity"])
+    assert rows[0]["perplexity"] == shipped[0]["perplexity"] != other[0]["perplexity"]
 
 
 @pytest.mark.parametrize("quant,words", [
@@ -211,7 +212,8 @@ def test_quant_file_name():
 @pytest.mark.slow
 def test_smollm2_export_quants_load_and_generate(smollm2_hf, tmp_path):
     """The real path: SmolLM2 HF dir -> F16 GGUF (exporter) -> Q8_0 and Q4_K_M -> llama.cpp generates."""
-    export = pytest.importorskip("ollama_compress.hooks.export")
+    from ollama_compress.hooks import export
+
     f16 = tmp_path / "smollm2-F16.gguf"
     export.export_gguf(smollm2_hf, f16, "F16")
     for quant in ("Q8_0", "Q4_K_M"):
