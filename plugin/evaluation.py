@@ -33,7 +33,7 @@ from typing import Any, Iterable
 from .context import StageContext
 from .errors import UserError
 from .fsutil import write_json
-from .hooks.quantize import LlamaScorer
+from .hooks.quantize import LlamaScorer, stored_quant_row
 
 QUALITY_RETAINED = (
     "quality retained = teacher perplexity / model perplexity on the same held-out tokens, in percent "
@@ -48,9 +48,8 @@ DEFAULT_PROMPTS = (
 )
 KNOWLEDGE_FILE = "knowledge.jsonl"
 SPAN = 32  # tokens per hashed span in the held-out overlap check
-SPEED_PROMPT_TOKENS = 256
-SPEED_GEN_TOKENS = 64
-SPEED_REPEATS = 3  # the fastest of these runs counts: other work on the machine only slows a run down
+SPEED_KEYS = ("prompt_tokens_per_s", "gen_tokens_per_s", "prompt_tokens_per_cpu_s", "gen_tokens_per_cpu_s",
+              "speed_threads", "speed_rounds", "load_average", "decode_seconds")
 REFERENCE_KEY = "heldout_reference"  # the ctx.inputs key the evaluate hook reads
 
 
@@ -86,32 +85,96 @@ def stage_candidates(inputs: dict[str, Any]) -> list[Candidate]:
     return rows
 
 
+NEAREST_TEACHER_QUANTS = 3  # evaluate.teacher_quants auto: this many teacher quants per compressed file
+
+
+def auto_teacher_quants(teacher_params: int, compressed_sizes: dict[str, int], imatrix: bool) -> dict[str, list[str]]:
+    """For each compressed quant (name -> file bytes), the ``NEAREST_TEACHER_QUANTS`` teacher quants
+    whose estimated file sizes (``planner.gguf_bytes`` of the teacher's parameter count) are nearest
+    its size, plus the same quant for a like-for-like row. Quants that need an importance matrix
+    count only when ``imatrix`` (``export.imatrix`` is set)."""
+    from ollama_compress.planner import gguf_bytes
+    from ollama_compress.quant_names import NEEDS_IMATRIX, QUANT_TYPES, UNQUANTIZED
+
+    usable = [q for q in QUANT_TYPES if q not in UNQUANTIZED and (imatrix or q not in NEEDS_IMATRIX)]
+    picks = {}
+    for name, size in compressed_sizes.items():
+        nearest = sorted(usable, key=lambda q: (abs(gguf_bytes(teacher_params, q) - size), q))
+        same = name.rsplit(" ", 1)[-1]
+        picks[name] = list(dict.fromkeys([*([same] if same in usable else []), *nearest[:NEAREST_TEACHER_QUANTS]]))
+    return picks
+
+
+def wanted_teacher_quants(ctx: StageContext, teacher_dir: Path, candidates: list[Candidate]) -> list[str]:
+    """``evaluate.teacher_quants`` with ``auto`` expanded by ``auto_teacher_quants`` over the
+    compressed GGUF rows among ``candidates``."""
+    from ollama_compress.planner import model_shape
+    from ollama_compress.quant_names import UNQUANTIZED
+
+    settings = ctx.settings
+    named = [q for q in settings.teacher_quants if q != "auto"]
+    if "auto" not in settings.teacher_quants:
+        return named
+    compressed = {c.name: model_size(c.path) for c in candidates
+                  if c.kind == "gguf" and c.model != "teacher" and c.quant not in UNQUANTIZED}
+    export = ctx.recipe.export
+    picks = auto_teacher_quants(model_shape(teacher_dir).params(), compressed,
+                                imatrix=export is None or export.imatrix is not None)
+    for name, quants in picks.items():
+        ctx.log(f"teacher quants beside {name}: {', '.join(quants)}")
+    return list(dict.fromkeys([*named, *(q for quants in picks.values() for q in quants)]))
+
+
 def teacher_quant_candidates(ctx: StageContext, teacher_dir: Path, quants: list[str],
                              outtype: str, taken: set[str]) -> list[Candidate]:
-    """The teacher exported with the export API and quantized with the quantize API, cached in
-    ``run_dir/cache/teacher-gguf`` under the teacher's content hash."""
+    """The teacher through the ``export_gguf`` and ``quantize_gguf`` hooks, with the recipe's
+    ``export.imatrix`` rule, measured like the export stage's quants (``quants.json`` beside
+    them); cached in ``run_dir/cache/teacher-gguf`` under the teacher's content hash and those
+    settings."""
+    from ollama_compress.embedded import cache_dir
+    from ollama_compress.fsutil import Fingerprints, settings_hash
+    from ollama_compress.hooks.quantize import measure_heldout_quants, quantize_through_hook, stored_quant_row
+    from ollama_compress.plugins import call_first
+    from ollama_compress.recipe import Export
+
     wanted = [q for q in quants if f"teacher {q}" not in taken]
     if not wanted:
         return []
-    from ollama_compress.embedded import cache_dir
-    from ollama_compress.fsutil import Fingerprints
-    from ollama_compress.hooks.export import export_gguf
-    from ollama_compress.hooks.quantize import quant_file_name, quantize_file
-
+    export = (ctx.recipe.export or Export()).model_copy(update={"outtype": outtype, "quants": []})
     digest = Fingerprints(cache_dir() / "fingerprints.json").sha256(teacher_dir)
-    folder = Path(ctx.run_dir) / "cache" / "teacher-gguf" / digest[:16]
-    base = folder / f"teacher-{outtype}.gguf"
-    if not base.is_file():
+    reads = {"outtype": outtype, "imatrix": export.imatrix,
+             "calibration": ctx.recipe.data.calibration.model_dump(mode="json") if export.imatrix == "auto" else None}
+    folder = Path(ctx.run_dir) / "cache" / "teacher-gguf" / f"{digest[:16]}-{settings_hash(reads)[:8]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe = ctx.recipe.model_copy(update={"name": "teacher", "export": export})
+    teacher_ctx = StageContext(stage="export", recipe=recipe, run_dir=ctx.run_dir, out_dir=folder, options=ctx.options,
+                               console=ctx.console, section="export", inputs={"model_dir": str(teacher_dir)})
+    index_path = folder / "files.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+
+    def cached(quant: str) -> Path | None:
+        return folder / index[quant] if quant in index and (folder / index[quant]).is_file() else None
+
+    def record(quant: str, path: Path) -> Path:
+        index[quant] = Path(path).name
+        write_json(index_path, index)
+        return Path(path)
+
+    base = cached(outtype)
+    if base is None:
         ctx.log(f"exporting the teacher to {outtype} GGUF (cached in {folder})")
-        export_gguf(teacher_dir, base, outtype, {"name": "teacher"}, ctx.options)
-    rows = []
-    for quant in wanted:
-        path = base if quant == outtype else folder / quant_file_name(base, quant)
-        if not path.is_file():
+        base = record(outtype, call_first("export_gguf", ctx=teacher_ctx, model_dir=teacher_dir, outtype=outtype))
+    paths = {outtype: base} if outtype in wanted else {}
+    for quant in (q for q in wanted if q != outtype):
+        paths[quant] = cached(quant)
+        if paths[quant] is None:
             ctx.log(f"quantizing the teacher to {quant}")
-            quantize_file(base, quant, path)
-        rows.append(Candidate(f"teacher {quant}", path, "teacher", quant))
-    return rows
+            paths[quant] = record(quant, quantize_through_hook(teacher_ctx, base, quant))
+    quantized = {q: p for q, p in paths.items() if q != outtype}
+    if quantized and any(stored_quant_row(p) is None for p in [base, *quantized.values()]):
+        measure_heldout_quants(teacher_ctx, base, quantized, folder, speed=ctx.settings.speed)
+    ctx.metrics["teacher_gguf"] = {"folder": str(folder), **teacher_ctx.metrics}
+    return [Candidate(f"teacher {q}", paths[q], "teacher", q) for q in wanted]
 
 
 # ---------------------------------------------------------------- held-out tokens
@@ -240,35 +303,6 @@ def _until_stop(tokens: list[int], stop: set[int]) -> list[int]:
     return tokens
 
 
-def llama_speed(path: Path, prompt: list[int], threads: int | None = None,
-                gen_tokens: int = SPEED_GEN_TOKENS) -> dict[str, Any]:
-    """Prompt and generation tokens/s of a GGUF in llama.cpp (no logits kept, greedy decoding;
-    the fastest of ``SPEED_REPEATS`` runs)."""
-    from ollama_compress.hooks.quantize import _import_llama_cpp, llama_log_capture, llama_threads
-
-    llama_cpp = _import_llama_cpp()
-    prompt = prompt[:SPEED_PROMPT_TOKENS]
-    n_ctx = len(prompt) + gen_tokens + 8
-    with llama_log_capture():
-        llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, **llama_threads(threads), verbose=False)
-    try:
-        llm.eval(prompt[:8])  # warm-up: page the weights in
-        prompt_s, gen_s = [], []
-        for _ in range(SPEED_REPEATS):
-            llm.reset()
-            t0 = time.perf_counter()
-            llm.eval(prompt)
-            t1 = time.perf_counter()
-            for _ in range(gen_tokens):
-                llm.eval([llm.sample(temp=0.0, top_k=1, repeat_penalty=1.0)])
-            prompt_s.append(t1 - t0)
-            gen_s.append(time.perf_counter() - t1)
-        return {"prompt_tokens_per_s": round(len(prompt) / min(prompt_s), 1),
-                "gen_tokens_per_s": round(gen_tokens / min(gen_s), 1), "threads": llm.n_threads}
-    finally:
-        llm.close()
-
-
 # ---------------------------------------------------------------- the teacher reference
 def build_reference(ctx: StageContext, teacher_dir: Path, windows: list[list[int]], folder: Path) -> dict[str, Any]:
     """The teacher's log-probabilities on ``windows`` in ``folder/teacher_logprobs.npy`` (memory-mapped).
@@ -393,9 +427,35 @@ def measure_model(ctx: StageContext, model_path: Path) -> dict[str, Any]:
                                            skip_special_tokens=True).strip() for p in prompts]
     finally:
         backend.close()
-    if is_gguf and settings.speed:
-        row.update(llama_speed(model_path, windows[0], reference.get("threads")))
+    if is_gguf:
+        stored = stored_quant_row(model_path) or {}
+        if "mean_kl" in stored:  # the export stage's figure for this very file, not measured again
+            row["kl_to_unquantized"] = stored["mean_kl"]
+        if settings.speed:
+            row.update((reference.get("speeds") or {}).get(str(model_path)) or {})
     return row
+
+
+def gguf_speeds(candidates: list[Candidate], windows: list[list[int]], threads: int | None) -> dict[str, dict[str, Any]]:
+    """Speed figures of every GGUF row, by path: the export stage's (``quants.json`` beside the
+    file, same fingerprint and threads) where there is one, the others measured together by
+    ``measure_speeds``, so a file gets one figure per run."""
+    from ollama_compress.hooks.quantize import (SPEED_DECODE_TOKENS, SPEED_PROMPT_TOKENS, llama_threads,
+                                                measure_speeds)
+
+    speeds: dict[str, dict[str, Any]] = {}
+    fresh = []
+    for path in dict.fromkeys(c.path for c in candidates if c.kind == "gguf"):
+        stored = stored_quant_row(path) or {}
+        if stored.get("gen_tokens_per_s") and stored.get("speed_threads") == llama_threads(threads)["n_threads"]:
+            speeds[str(path)] = {k: stored[k] for k in SPEED_KEYS if k in stored}
+        else:
+            fresh.append(path)
+    tokens = [t for w in windows for t in w]
+    if fresh and len(tokens) >= SPEED_PROMPT_TOKENS + SPEED_DECODE_TOKENS:
+        for path, figures in zip(fresh, measure_speeds(fresh, tokens, threads=threads)):
+            speeds[str(path)] = figures
+    return speeds
 
 
 def model_size(path: Path) -> int:
@@ -463,16 +523,20 @@ def evaluate_run(ctx: StageContext, models: dict[str, Path] | None = None,
                       *(Candidate(name, Path(p), name, _quant_of(Path(p))) for name, p in models.items())]
     if settings.teacher_quants:
         outtype = ctx.recipe.export.outtype if ctx.recipe.export else "F16"
-        candidates += teacher_quant_candidates(ctx, teacher_dir, settings.teacher_quants, outtype,
-                                               {c.name for c in candidates})
+        candidates += teacher_quant_candidates(ctx, teacher_dir, wanted_teacher_quants(ctx, teacher_dir, candidates),
+                                               outtype, {c.name for c in candidates})
     with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
         ctx.log(f"teacher log-probabilities on {len(windows)} held-out windows")
         reference = build_reference(ctx, teacher_dir, windows, Path(tmp)) | {"threads": threads}
+        if settings.speed:
+            reference["speeds"] = gguf_speeds(candidates, windows, threads)
         rows = [measure_row(ctx, c, reference) for c in candidates]
     add_quality_retained(rows)
+    verdicts = equal_size_verdicts(rows, [t for w in windows for t in w] if settings.speed else None, threads)
     evaluation = {"quality_retained": QUALITY_RETAINED, "heldout_tokens": reference["tokens"],
                   "heldout_windows": len(windows), "prompts": list(settings.prompts or DEFAULT_PROMPTS),
-                  "knowledge_questions": len(knowledge_questions()) if settings.knowledge else 0, "rows": rows}
+                  "knowledge_questions": len(knowledge_questions()) if settings.knowledge else 0, "rows": rows,
+                  "verdicts": verdicts}
     evaluation_path = write_json(Path(ctx.out_dir) / "evaluation.json", evaluation)
     ctx.metrics["evaluation"] = evaluation
     report_path, figures = write_report(Path(ctx.out_dir), ctx.recipe.name, evaluation, ctx.inputs)
@@ -480,6 +544,57 @@ def evaluate_run(ctx: StageContext, models: dict[str, Path] | None = None,
     if ctx.console is not None:
         ctx.console.print(rich_table(rows))
     return {"evaluation": str(evaluation_path), "report": str(report_path)}
+
+
+# ---------------------------------------------------------------- worth it at equal size
+def size_match(row: dict[str, Any], teacher_rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The teacher quant a compressed quant is judged against: the one with the lowest KL among
+    those no larger than it, or the nearest in size when all are larger."""
+    measured = [t for t in teacher_rows if isinstance(t.get("kl"), (int, float))]
+    smaller = [t for t in measured if t["size_bytes"] <= row["size_bytes"]]
+    if smaller:
+        return min(smaller, key=lambda t: (t["kl"], -t["size_bytes"]))
+    return min(measured, key=lambda t: abs(t["size_bytes"] - row["size_bytes"]), default=None)
+
+
+def verdict_sentence(verdict: dict[str, Any]) -> str:
+    """One sentence: did pruning pay at this size, in quality (KL to the teacher) and in decode speed."""
+    quality = "paid" if verdict["quality_paid"] else "did not pay"
+    sentence = (f"At {verdict['size_bytes'] / 2**20:.1f} MiB ({verdict['name']}), pruning {quality} in quality: "
+                f"teacher {verdict['teacher_quant']} ({verdict['teacher_size_bytes'] / 2**20:.1f} MiB) has KL "
+                f"{verdict['teacher_kl']:.3g} vs {verdict['kl']:.3g}")
+    ratio = verdict.get("decode_ratio")
+    if ratio is None:
+        return sentence + "; decode speed was not measured."
+    speed = "paid" if verdict["speed_paid"] else "did not pay"
+    return sentence + (f"; it {speed} in speed: {ratio:.2f}x the teacher quant's decode tokens/s "
+                       f"(interleaved runs, load average {verdict['load_average'][0]:.1f}).")
+
+
+def equal_size_verdicts(rows: list[dict[str, Any]], tokens: list[int] | None,
+                        threads: int | None = None) -> list[dict[str, Any]]:
+    """For each compressed GGUF row, ``size_match`` among the teacher's GGUF rows: KL to the teacher
+    of both, and (``tokens``) the decode-speed ratio of the two files run in turn by
+    ``measure_speeds`` (``speed_ratio``), with its ``verdict_sentence``."""
+    from ollama_compress.hooks.quantize import SPEED_DECODE_TOKENS, SPEED_PROMPT_TOKENS, measure_speeds, speed_ratio
+
+    ggufs = [r for r in rows if r.get("kind") == "gguf" and r.get("size_bytes") and isinstance(r.get("kl"), (int, float))]
+    teacher = [r for r in ggufs if r["model"] == "teacher"]
+    verdicts = []
+    for row in (r for r in ggufs if r["model"] != "teacher" and r.get("quant") not in ("F32", "F16", "BF16")):
+        match = size_match(row, teacher)
+        if match is None:
+            continue
+        verdict = {"name": row["name"], "size_bytes": row["size_bytes"], "kl": row["kl"],
+                   "teacher_quant": match.get("quant") or match["name"], "teacher_size_bytes": match["size_bytes"],
+                   "teacher_kl": match["kl"], "quality_paid": row["kl"] < match["kl"]}
+        if tokens is not None and len(tokens) >= SPEED_PROMPT_TOKENS + SPEED_DECODE_TOKENS:
+            pruned, original = measure_speeds([Path(row["path"]), Path(match["path"])], tokens, threads=threads)
+            ratio = speed_ratio(pruned, original)
+            verdict.update(decode_ratio=round(ratio, 3), speed_paid=ratio > 1.0, load_average=pruned["load_average"])
+        verdict["sentence"] = verdict_sentence(verdict)
+        verdicts.append(verdict)
+    return verdicts
 
 
 def _quant_of(path: Path) -> str | None:

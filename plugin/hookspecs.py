@@ -103,7 +103,15 @@ def load_source(ctx: StageContext) -> Path | None:
 
     Runs first. A local directory may be returned as is; anything converted (a GGUF file,
     a download) is written into ``ctx.out_dir``. First non-None result wins.
+
+    Before any stage runs, the pipeline also asks where the source is, to hash it for the stage
+    cache and to read its shape: then ``ctx.inputs[LOCATE_SOURCE]`` (``"locate_source"``) is
+    True, and the hook returns the local file or directory that holds the source (a GGUF file
+    as is), converting and writing nothing.
     """
+
+
+LOCATE_SOURCE = "locate_source"  # the ctx.inputs key of load_source's "where is it" call
 
 
 @hookspec(firstresult=True)
