@@ -311,9 +311,10 @@ def measure_speeds(paths: list[Path], tokens: list[int], *, threads: int | None 
     import statistics
 
     llama_cpp = _import_llama_cpp()
+    if not tokens:
+        raise UserError("measuring speed needs some held-out text; give more text")
+    tokens = tokens * (-(-(prompt_tokens + decode_tokens) // len(tokens)))  # token ids set the work, not the speed
     prompt, decode = tokens[:prompt_tokens], tokens[prompt_tokens : prompt_tokens + decode_tokens]
-    if len(prompt) < prompt_tokens or len(decode) < decode_tokens:
-        raise UserError(f"measuring speed needs {prompt_tokens + decode_tokens} tokens of held-out text; give more text")
     load_before = os.getloadavg()[0]
     runs: list[list[tuple[float, float, float, float]]] = [[] for _ in paths]
     used_threads = llama_threads(threads)
@@ -378,8 +379,7 @@ def measure_quants(reference_gguf: Path, quant_ggufs: dict[str, Path], texts: li
     Text is tokenized once with the reference, cut into windows of ``n_ctx`` tokens (BOS first
     when the model adds one) and every token after the first of a window is scored. The
     reference's log-probabilities are kept in a temporary file, so memory stays at one window.
-    Returns one row per model, reference first (its KL is 0 and agreement 1 by definition);
-    speed is None when the text is shorter than the speed run needs.
+    Returns one row per model, reference first (its KL is 0 and agreement 1 by definition).
     """
     import numpy as np
 
@@ -420,12 +420,8 @@ def measure_quants(reference_gguf: Path, quant_ggufs: dict[str, Path], texts: li
             rows.append(_file_row(name, Path(path), summaries[name]) | {"reference": False}
                         | _compare(Path(path), windows, ref_lp, n_vocab, n_ctx))
     if speed:
-        speed_tokens = prefix + tokens
-        paths = [reference_gguf, *quant_ggufs.values()]
-        speeds = (measure_speeds([Path(p) for p in paths], speed_tokens)
-                  if len(speed_tokens) >= SPEED_PROMPT_TOKENS + SPEED_DECODE_TOKENS
-                  else [{"prompt_tokens_per_s": None, "gen_tokens_per_s": None}] * len(paths))
-        for row, figures in zip(rows, speeds):
+        for row, figures in zip(rows, measure_speeds([reference_gguf, *map(Path, quant_ggufs.values())],
+                                                     prefix + tokens)):
             row.update(figures)
     return rows
 

@@ -88,20 +88,23 @@ def stage_candidates(inputs: dict[str, Any]) -> list[Candidate]:
 NEAREST_TEACHER_QUANTS = 3  # evaluate.teacher_quants auto: this many teacher quants per compressed file
 
 
-def auto_teacher_quants(teacher_params: int, compressed_sizes: dict[str, int], imatrix: bool) -> dict[str, list[str]]:
-    """For each compressed quant (name -> file bytes), the ``NEAREST_TEACHER_QUANTS`` teacher quants
-    whose estimated file sizes (``planner.gguf_bytes`` of the teacher's parameter count) are nearest
-    its size, plus the same quant for a like-for-like row. Quants that need an importance matrix
-    count only when ``imatrix`` (``export.imatrix`` is set)."""
+def auto_teacher_quants(teacher_params: int, compressed: dict[str, tuple[str, int]],
+                        imatrix: bool) -> dict[str, list[str]]:
+    """For each compressed quant (row name -> (quant, parameters)), the same quant and the
+    ``NEAREST_TEACHER_QUANTS`` teacher quants whose estimated file sizes are nearest its estimated
+    size, both from ``planner.gguf_bytes`` (the one bits-per-weight table) and the parameter
+    counts, so what the table misses (embeddings kept at more bits) is missed alike on both sides;
+    the files are then made and measured. Quants that need an importance matrix count only when
+    ``imatrix`` (``export.imatrix`` is set)."""
     from ollama_compress.planner import gguf_bytes
     from ollama_compress.quant_names import NEEDS_IMATRIX, QUANT_TYPES, UNQUANTIZED
 
     usable = [q for q in QUANT_TYPES if q not in UNQUANTIZED and (imatrix or q not in NEEDS_IMATRIX)]
     picks = {}
-    for name, size in compressed_sizes.items():
+    for name, (quant, params) in compressed.items():
+        size = gguf_bytes(params, quant)
         nearest = sorted(usable, key=lambda q: (abs(gguf_bytes(teacher_params, q) - size), q))
-        same = name.rsplit(" ", 1)[-1]
-        picks[name] = list(dict.fromkeys([*([same] if same in usable else []), *nearest[:NEAREST_TEACHER_QUANTS]]))
+        picks[name] = list(dict.fromkeys([*([quant] if quant in usable else []), *nearest[:NEAREST_TEACHER_QUANTS]]))
     return picks
 
 
@@ -109,14 +112,14 @@ def wanted_teacher_quants(ctx: StageContext, teacher_dir: Path, candidates: list
     """``evaluate.teacher_quants`` with ``auto`` expanded by ``auto_teacher_quants`` over the
     compressed GGUF rows among ``candidates``."""
     from ollama_compress.planner import model_shape
-    from ollama_compress.quant_names import UNQUANTIZED
+    from ollama_compress.quant_names import QUANTS, UNQUANTIZED
 
     settings = ctx.settings
     named = [q for q in settings.teacher_quants if q != "auto"]
     if "auto" not in settings.teacher_quants:
         return named
-    compressed = {c.name: model_size(c.path) for c in candidates
-                  if c.kind == "gguf" and c.model != "teacher" and c.quant not in UNQUANTIZED}
+    compressed = {c.name: (c.quant, model_shape(c.path).params()) for c in candidates
+                  if c.kind == "gguf" and c.model != "teacher" and c.quant in QUANTS and c.quant not in UNQUANTIZED}
     export = ctx.recipe.export
     picks = auto_teacher_quants(model_shape(teacher_dir).params(), compressed,
                                 imatrix=export is None or export.imatrix is not None)
@@ -440,8 +443,7 @@ def gguf_speeds(candidates: list[Candidate], windows: list[list[int]], threads: 
     """Speed figures of every GGUF row, by path: the export stage's (``quants.json`` beside the
     file, same fingerprint and threads) where there is one, the others measured together by
     ``measure_speeds``, so a file gets one figure per run."""
-    from ollama_compress.hooks.quantize import (SPEED_DECODE_TOKENS, SPEED_PROMPT_TOKENS, llama_threads,
-                                                measure_speeds)
+    from ollama_compress.hooks.quantize import llama_threads, measure_speeds
 
     speeds: dict[str, dict[str, Any]] = {}
     fresh = []
@@ -451,9 +453,8 @@ def gguf_speeds(candidates: list[Candidate], windows: list[list[int]], threads: 
             speeds[str(path)] = {k: stored[k] for k in SPEED_KEYS if k in stored}
         else:
             fresh.append(path)
-    tokens = [t for w in windows for t in w]
-    if fresh and len(tokens) >= SPEED_PROMPT_TOKENS + SPEED_DECODE_TOKENS:
-        for path, figures in zip(fresh, measure_speeds(fresh, tokens, threads=threads)):
+    if fresh:
+        for path, figures in zip(fresh, measure_speeds(fresh, [t for w in windows for t in w], threads=threads)):
             speeds[str(path)] = figures
     return speeds
 
@@ -576,7 +577,7 @@ def equal_size_verdicts(rows: list[dict[str, Any]], tokens: list[int] | None,
     """For each compressed GGUF row, ``size_match`` among the teacher's GGUF rows: KL to the teacher
     of both, and (``tokens``) the decode-speed ratio of the two files run in turn by
     ``measure_speeds`` (``speed_ratio``), with its ``verdict_sentence``."""
-    from ollama_compress.hooks.quantize import SPEED_DECODE_TOKENS, SPEED_PROMPT_TOKENS, measure_speeds, speed_ratio
+    from ollama_compress.hooks.quantize import measure_speeds, speed_ratio
 
     ggufs = [r for r in rows if r.get("kind") == "gguf" and r.get("size_bytes") and isinstance(r.get("kl"), (int, float))]
     teacher = [r for r in ggufs if r["model"] == "teacher"]
@@ -588,7 +589,7 @@ def equal_size_verdicts(rows: list[dict[str, Any]], tokens: list[int] | None,
         verdict = {"name": row["name"], "size_bytes": row["size_bytes"], "kl": row["kl"],
                    "teacher_quant": match.get("quant") or match["name"], "teacher_size_bytes": match["size_bytes"],
                    "teacher_kl": match["kl"], "quality_paid": row["kl"] < match["kl"]}
-        if tokens is not None and len(tokens) >= SPEED_PROMPT_TOKENS + SPEED_DECODE_TOKENS:
+        if tokens:
             pruned, original = measure_speeds([Path(row["path"]), Path(match["path"])], tokens, threads=threads)
             ratio = speed_ratio(pruned, original)
             verdict.update(decode_ratio=round(ratio, 3), speed_paid=ratio > 1.0, load_average=pruned["load_average"])
