@@ -108,6 +108,11 @@ def auto_teacher_quants(teacher_params: int, compressed: dict[str, tuple[str, in
     return picks
 
 
+def has_imatrix(ctx: StageContext) -> bool:
+    """Whether the teacher's quants get an importance matrix (``export.imatrix``, auto by default)."""
+    return ctx.recipe.export is None or ctx.recipe.export.imatrix is not None
+
+
 def wanted_teacher_quants(ctx: StageContext, teacher_dir: Path, candidates: list[Candidate]) -> list[str]:
     """``evaluate.teacher_quants`` with ``auto`` expanded by ``auto_teacher_quants`` over the
     compressed GGUF rows among ``candidates``."""
@@ -120,64 +125,108 @@ def wanted_teacher_quants(ctx: StageContext, teacher_dir: Path, candidates: list
         return named
     compressed = {c.name: (c.quant, model_shape(c.path).params()) for c in candidates
                   if c.kind == "gguf" and c.model != "teacher" and c.quant in QUANTS and c.quant not in UNQUANTIZED}
-    export = ctx.recipe.export
-    picks = auto_teacher_quants(model_shape(teacher_dir).params(), compressed,
-                                imatrix=export is None or export.imatrix is not None)
+    picks = auto_teacher_quants(model_shape(teacher_dir).params(), compressed, imatrix=has_imatrix(ctx))
     for name, quants in picks.items():
         ctx.log(f"teacher quants beside {name}: {', '.join(quants)}")
     return list(dict.fromkeys([*named, *(q for quants in picks.values() for q in quants)]))
 
 
-def teacher_quant_candidates(ctx: StageContext, teacher_dir: Path, quants: list[str],
-                             outtype: str, taken: set[str]) -> list[Candidate]:
+class TeacherQuants:
     """The teacher through the ``export_gguf`` and ``quantize_gguf`` hooks, with the recipe's
     ``export.imatrix`` rule, measured like the export stage's quants (``quants.json`` beside
     them); cached in ``run_dir/cache/teacher-gguf`` under the teacher's content hash and those
     settings."""
-    from ollama_compress.embedded import cache_dir
-    from ollama_compress.fsutil import Fingerprints, settings_hash
-    from ollama_compress.hooks.quantize import measure_heldout_quants, quantize_through_hook, stored_quant_row
-    from ollama_compress.plugins import call_first
-    from ollama_compress.recipe import Export
 
-    wanted = [q for q in quants if f"teacher {q}" not in taken]
-    if not wanted:
-        return []
-    export = (ctx.recipe.export or Export()).model_copy(update={"outtype": outtype, "quants": []})
-    digest = Fingerprints(cache_dir() / "fingerprints.json").sha256(teacher_dir)
-    reads = {"outtype": outtype, "imatrix": export.imatrix,
-             "calibration": ctx.recipe.data.calibration.model_dump(mode="json") if export.imatrix == "auto" else None}
-    folder = Path(ctx.run_dir) / "cache" / "teacher-gguf" / f"{digest[:16]}-{settings_hash(reads)[:8]}"
-    folder.mkdir(parents=True, exist_ok=True)
-    recipe = ctx.recipe.model_copy(update={"name": "teacher", "export": export})
-    teacher_ctx = StageContext(stage="export", recipe=recipe, run_dir=ctx.run_dir, out_dir=folder, options=ctx.options,
-                               console=ctx.console, section="export", inputs={"model_dir": str(teacher_dir)})
-    index_path = folder / "files.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    def __init__(self, ctx: StageContext, teacher_dir: Path, outtype: str):
+        from ollama_compress.embedded import cache_dir
+        from ollama_compress.fsutil import Fingerprints, settings_hash
+        from ollama_compress.recipe import Export
 
-    def cached(quant: str) -> Path | None:
-        return folder / index[quant] if quant in index and (folder / index[quant]).is_file() else None
+        export = (ctx.recipe.export or Export()).model_copy(update={"outtype": outtype, "quants": []})
+        digest = Fingerprints(cache_dir() / "fingerprints.json").sha256(teacher_dir)
+        reads = {"outtype": outtype, "imatrix": export.imatrix,
+                 "calibration": ctx.recipe.data.calibration.model_dump(mode="json") if export.imatrix == "auto" else None}
+        self.folder = Path(ctx.run_dir) / "cache" / "teacher-gguf" / f"{digest[:16]}-{settings_hash(reads)[:8]}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.ctx, self.teacher_dir, self.outtype = ctx, teacher_dir, outtype
+        self.quant_ctx = StageContext(stage="export", recipe=ctx.recipe.model_copy(update={"name": "teacher", "export": export}),
+                                      run_dir=ctx.run_dir, out_dir=self.folder, options=ctx.options, console=ctx.console,
+                                      section="export", inputs={"model_dir": str(teacher_dir)})
+        self.index_path = self.folder / "files.json"
+        self.index = json.loads(self.index_path.read_text()) if self.index_path.is_file() else {}
+        self._base: Path | None = None
 
-    def record(quant: str, path: Path) -> Path:
-        index[quant] = Path(path).name
-        write_json(index_path, index)
+    def _cached(self, quant: str) -> Path | None:
+        name = self.index.get(quant)
+        return self.folder / name if name and (self.folder / name).is_file() else None
+
+    def _record(self, quant: str, path: Path) -> Path:
+        self.index[quant] = Path(path).name
+        write_json(self.index_path, self.index)
         return Path(path)
 
-    base = cached(outtype)
-    if base is None:
-        ctx.log(f"exporting the teacher to {outtype} GGUF (cached in {folder})")
-        base = record(outtype, call_first("export_gguf", ctx=teacher_ctx, model_dir=teacher_dir, outtype=outtype))
-    paths = {outtype: base} if outtype in wanted else {}
-    for quant in (q for q in wanted if q != outtype):
-        paths[quant] = cached(quant)
-        if paths[quant] is None:
-            ctx.log(f"quantizing the teacher to {quant}")
-            paths[quant] = record(quant, quantize_through_hook(teacher_ctx, base, quant))
-    quantized = {q: p for q, p in paths.items() if q != outtype}
-    if quantized and any(stored_quant_row(p) is None for p in [base, *quantized.values()]):
-        measure_heldout_quants(teacher_ctx, base, quantized, folder, speed=ctx.settings.speed)
-    ctx.metrics["teacher_gguf"] = {"folder": str(folder), **teacher_ctx.metrics}
-    return [Candidate(f"teacher {q}", paths[q], "teacher", q) for q in wanted]
+    @property
+    def base(self) -> Path:
+        """The teacher's unquantized GGUF (``export_gguf``)."""
+        from ollama_compress.plugins import call_first
+
+        if self._base is None:
+            self._base = self._cached(self.outtype)
+        if self._base is None:
+            self.ctx.log(f"exporting the teacher to {self.outtype} GGUF (cached in {self.folder})")
+            self._base = self._record(self.outtype, call_first("export_gguf", ctx=self.quant_ctx,
+                                                               model_dir=self.teacher_dir, outtype=self.outtype))
+        return self._base
+
+    def make(self, quants: list[str], taken: set[str]) -> list[Candidate]:
+        """A row for each of ``quants`` not in ``taken`` (row names), quantized unless cached."""
+        from ollama_compress.hooks.quantize import quantize_through_hook
+
+        rows = []
+        for quant in (q for q in dict.fromkeys(quants) if f"teacher {q}" not in taken):
+            path = self.base if quant == self.outtype else self._cached(quant)
+            if path is None:
+                self.ctx.log(f"quantizing the teacher to {quant}")
+                path = self._record(quant, quantize_through_hook(self.quant_ctx, self.base, quant))
+            rows.append(Candidate(f"teacher {quant}", path, "teacher", quant))
+        return rows
+
+    def match_below(self, candidates: list[Candidate], imatrix: bool) -> list[Candidate]:
+        """``auto``: where every teacher quant is larger than a compressed file, the next smaller
+        types of the table (at most ``NEAREST_TEACHER_QUANTS`` more) until one is not, so each
+        compressed quant has a teacher quant at its size or smaller to be judged against."""
+        from ollama_compress.planner import gguf_bytes
+        from ollama_compress.quant_names import NEEDS_IMATRIX, QUANTS, UNQUANTIZED
+
+        def bits(quant: str) -> int:
+            return gguf_bytes(10**9, quant)
+
+        added: list[Candidate] = []
+        compressed = [c for c in candidates if c.kind == "gguf" and c.model != "teacher" and c.quant not in UNQUANTIZED]
+        for row in compressed:
+            for _ in range(NEAREST_TEACHER_QUANTS):
+                teacher = [c for c in [*candidates, *added] if c.model == "teacher" and c.kind == "gguf"
+                           and c.quant in QUANTS]
+                if not teacher or any(model_size(t.path) <= model_size(row.path) for t in teacher):
+                    break
+                smallest = min(teacher, key=lambda t: model_size(t.path))
+                names = {c.name for c in [*candidates, *added]}
+                lower = [q for q in QUANTS if q not in UNQUANTIZED and bits(q) < bits(smallest.quant)
+                         and (imatrix or q not in NEEDS_IMATRIX) and f"teacher {q}" not in names]
+                if not lower:
+                    break
+                added += self.make([max(lower, key=bits)], names)
+        return added
+
+    def measure(self, rows: list[Candidate]) -> None:
+        """``quants.json`` over the teacher quants among ``rows``, unless it holds them all already."""
+        from ollama_compress.hooks.quantize import measure_heldout_quants, stored_quant_row
+
+        quantized = {c.quant: c.path for c in rows if c.model == "teacher" and c.path.parent == self.folder
+                     and c.path != self.base}
+        if quantized and any(stored_quant_row(p) is None for p in [self.base, *quantized.values()]):
+            measure_heldout_quants(self.quant_ctx, self.base, quantized, self.folder, speed=self.ctx.settings.speed)
+        self.ctx.metrics["teacher_gguf"] = {"folder": str(self.folder), **self.quant_ctx.metrics}
 
 
 # ---------------------------------------------------------------- held-out tokens
@@ -523,9 +572,11 @@ def evaluate_run(ctx: StageContext, models: dict[str, Path] | None = None,
         candidates = [Candidate("teacher", teacher_dir, "teacher"),
                       *(Candidate(name, Path(p), name, _quant_of(Path(p))) for name, p in models.items())]
     if settings.teacher_quants:
-        outtype = ctx.recipe.export.outtype if ctx.recipe.export else "F16"
-        candidates += teacher_quant_candidates(ctx, teacher_dir, wanted_teacher_quants(ctx, teacher_dir, candidates),
-                                               outtype, {c.name for c in candidates})
+        teacher_quants = TeacherQuants(ctx, teacher_dir, ctx.recipe.export.outtype if ctx.recipe.export else "F16")
+        candidates += teacher_quants.make(wanted_teacher_quants(ctx, teacher_dir, candidates), {c.name for c in candidates})
+        if "auto" in settings.teacher_quants:
+            candidates += teacher_quants.match_below(candidates, imatrix=has_imatrix(ctx))
+        teacher_quants.measure(candidates)
     with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
         ctx.log(f"teacher log-probabilities on {len(windows)} held-out windows")
         reference = build_reference(ctx, teacher_dir, windows, Path(tmp)) | {"threads": threads}

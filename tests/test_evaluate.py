@@ -278,6 +278,27 @@ def test_auto_picks_the_same_quant_and_the_teacher_quants_nearest_in_size():
     assert with_matrix[1] in NEEDS_IMATRIX and not set(without) & set(NEEDS_IMATRIX)
 
 
+def test_auto_adds_smaller_teacher_quants_until_one_is_no_larger(tmp_path, tiny_model_dir, monkeypatch):
+    from ollama_compress.evaluation import Candidate, TeacherQuants
+
+    def gguf(name: str, size: int) -> Path:
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(b"\0" * size)
+        return path
+
+    ctx = make_ctx(tmp_path, tiny_model_dir("llama", 6), {}, {"teacher_quants": "auto"})
+    teacher_quants = TeacherQuants(ctx, tiny_model_dir("llama", 6), "F16")
+    sizes = {"IQ3_M": 1050, "Q3_K_S": 990, "IQ3_S": 980}  # what llama.cpp would write, smaller with fewer bits
+    monkeypatch.setattr(teacher_quants, "make", lambda quants, taken: [
+        Candidate(f"teacher {q}", gguf(q, sizes[q]), "teacher", q) for q in quants])
+    rows = [Candidate("pruned Q4_K_M", gguf("pruned", 1000), "pruned", "Q4_K_M"),
+            Candidate("teacher Q3_K_M", gguf("Q3_K_M", 1100), "teacher", "Q3_K_M")]
+    added = teacher_quants.match_below(rows, imatrix=False)
+    # the next smaller types of the table, until one is no larger than the pruned file
+    assert [c.name for c in added] == ["teacher IQ3_M", "teacher Q3_K_S"]
+    assert teacher_quants.match_below([*rows, *added], imatrix=False) == []
+
+
 def _gguf_row(name: str, mib: float, kl: float, gen: float | None = None) -> dict:
     model = "teacher" if name.startswith("teacher") else "pruned"
     return {"name": name, "model": model, "quant": name.split()[-1], "kind": "gguf", "path": f"/{name}.gguf",
