@@ -26,6 +26,7 @@ and cuts ``spec.samples`` windows of ``spec.seq_len`` tokens, chosen determinist
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
@@ -344,6 +345,74 @@ def chunk_stream(ids: list[int], samples: int, seq_len: int, seed: int) -> list[
         extra = torch.randint(0, len(ids) - seq_len + 1, (samples - whole,), generator=gen)
         starts = [i * seq_len for i in range(whole)] + [int(s) for s in extra]
     return [ids[s:s + seq_len] for s in starts]
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text (BOS for most models, none for some)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def text_windows(texts: list[str], tokenizer, samples: int, seq_len: int, seed: int) -> list[list[int]]:
+    """The one rule for held-out windows: ``texts`` joined by ``token_stream``, ``samples`` windows
+    of ``seq_len`` tokens cut by ``chunk_stream``, each with the tokenizer's BOS prefix in front."""
+    prefix = bos_prefix(tokenizer)
+    return [prefix + window for window in chunk_stream(token_stream(texts, tokenizer), samples, seq_len, seed)]
+
+
+def heldout_windows(spec: TextSource, tokenizer, ctx=None, model=None) -> list[list[int]]:
+    """``spec`` (``data.heldout``) as token windows: heal's before/after, evaluate and the quant
+    table all measure on these."""
+    return text_windows(load_texts(spec, tokenizer, ctx, model), tokenizer, spec.samples, spec.seq_len, spec.seed)
+
+
+HELDOUT_SPAN = 32  # tokens per hashed span in the held-out overlap check
+
+
+def _span_hashes(ids: list[int], step: int) -> set[bytes]:
+    import numpy as np
+
+    array = np.asarray(ids, dtype=np.int64)
+    return {hashlib.blake2b(array[i:i + HELDOUT_SPAN].tobytes(), digest_size=12).digest()
+            for i in range(0, len(array) - HELDOUT_SPAN + 1, step)}
+
+
+def training_streams(data: Any, tokenizer, ctx=None, model=None, heal: bool = True) -> dict[str, list[list[int]]]:
+    """Token windows each stage calibrates or trains on, by recipe key: ``data.calibration``'s
+    windows and (``heal``) each ``data.heal`` source's whole stream."""
+    batches = calibration_batches(data.calibration, tokenizer, ctx=ctx, model=model)
+    streams = {"data.calibration": [row for batch in batches for row in batch.tolist()]}
+    if heal:
+        sources = data.heal_sources()
+        for i, spec in enumerate(sources):
+            key = f"data.heal[{i}]" if isinstance(data.heal, list) else "data.heal"
+            streams[key] = [token_stream(load_texts(spec, tokenizer, ctx, model=model), tokenizer)]
+    return streams
+
+
+def check_heldout_unseen(heldout: list[list[int]], streams: dict[str, list[list[int]]], skip: int = 0) -> None:
+    """UserError when any ``HELDOUT_SPAN``-token span of the held-out windows (after ``skip`` prefix
+    tokens) also occurs in one of ``streams``: by hash, whatever the window offsets."""
+    held = set().union(*(_span_hashes(w[skip:], HELDOUT_SPAN) for w in heldout))
+    for key, windows in streams.items():
+        seen = set().union(*(_span_hashes(w, 1) for w in windows))
+        shared = held & seen
+        if shared:
+            raise UserError(f"data.heldout shares text with {key} ({len(shared)} of {len(held)} held-out "
+                            f"{HELDOUT_SPAN}-token spans occur in it); held-out text must be text no stage "
+                            "calibrated or trained on: choose another data.heldout source")
+
+
+def unseen_heldout_windows(data: Any, tokenizer, ctx=None, model=None, heal: bool = True) -> list[list[int]]:
+    """``heldout_windows(data.heldout)`` after checking that no stage calibrates or (``heal``) trains
+    on them (``check_heldout_unseen``): heal runs it before training, evaluate before measuring."""
+    windows = heldout_windows(data.heldout, tokenizer, ctx, model)
+    check_heldout_unseen(windows, training_streams(data, tokenizer, ctx, model, heal), skip=len(bos_prefix(tokenizer)))
+    return windows
 
 
 def calibration_batches(spec: TextSource, tokenizer, ctx=None, model=None, batch_size: int = 1,

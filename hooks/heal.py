@@ -8,9 +8,7 @@ memory, data, held-out overlap), measures KL to the teacher on held-out text, tr
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import UserError
 from ollama_compress.fsutil import atomic_path, settings_hash, write_json
 from ollama_compress.hookspecs import hookimpl
-from ollama_compress.recipe import Data, Heal, TextSource
+from ollama_compress.recipe import Data, Heal
 
 LAYER_MAP = "layer_map.json"
 Log = Callable[[str], None]
@@ -70,35 +68,17 @@ def matched_layers(setting: str | list[int], num_layers: int) -> list[int]:
     return sorted(set(setting))
 
 
-PARAGRAPH_MIN = 40  # characters; shorter lines (greetings, list items) may repeat by chance
-
-
-def _paragraph_hashes(texts: list[str]) -> set[str]:
-    hashes = set()
-    for text in texts:
-        for part in re.split(r"\n\s*\n|\n(?=User:|Assistant:)", text):
-            norm = " ".join(part.split())
-            if len(norm) >= PARAGRAPH_MIN:
-                hashes.add(hashlib.sha256(norm.encode()).hexdigest())
-    return hashes
-
-
-def check_no_heldout(heal_texts: list[str], heldout_texts: list[str]) -> None:
-    """UserError if any held-out paragraph (by hash) is in the heal text."""
-    if _paragraph_hashes(heal_texts) & _paragraph_hashes(heldout_texts):
-        raise UserError("data.heal contains held-out text (a paragraph of data.heldout); held-out text is never "
-                        "trained on: remove it from the heal data or choose another held-out source")
-
-
-def check_memory(student_dir: Path, teacher_dir: Path, settings: Heal, device: str, teacher_bytes: int,
-                 config: Any, vocab: int, max_memory_gib: float | None) -> int:
-    """Bytes the heal needs; UserError when ``device`` has less free (or ``max_memory_gib``)."""
+def check_memory(student_dir: Path, teacher_dir: Path, settings: Heal, device: str, autocast: bool,
+                 max_memory_gib: float | None) -> int:
+    """Bytes the heal needs (``planner.heal_memory_bytes``, as ``--dry-run`` shows); UserError when
+    ``device`` has less free (or ``max_memory_gib``)."""
     from ollama_compress import distill, trainer
+    from ollama_compress.planner import heal_memory_bytes, model_shape
 
-    micro = settings.micro_batch or settings.batch_size
-    needed = trainer.memory_needed(trainer.parameter_count(teacher_dir), trainer.parameter_count(student_dir),
-                                   teacher_bytes, micro * settings.seq_len, config.hidden_size,
-                                   config.num_hidden_layers, vocab, distill.DEFAULT_CHUNK_TOKENS)
+    teacher = model_shape(teacher_dir)
+    removed = teacher.num_layers - model_shape(student_dir).num_layers
+    needed = heal_memory_bytes(teacher, removed, settings, device=device, autocast=autocast,
+                               chunk_tokens=distill.DEFAULT_CHUNK_TOKENS)["total"]
     free = max_memory_gib * 2**30 if max_memory_gib is not None else trainer.available_memory(device)
     if free is not None and needed > free:
         raise UserError(f"the teacher and student do not fit: the heal needs about {needed / 2**30:.2f} GiB on "
@@ -115,15 +95,6 @@ def heal_texts(data: Data, tokenizer, teacher_dir: Path, ctx: StageContext | Non
     for spec in data.heal_sources():
         texts.extend(load_texts(spec, tokenizer, ctx, model=teacher_dir))
     return texts
-
-
-def heldout_windows(spec: TextSource, tokenizer, ctx: StageContext | None):
-    from ollama_compress.hooks.data import chunk_stream, load_texts, token_stream
-    import torch
-
-    texts = load_texts(spec, tokenizer, ctx)
-    windows = chunk_stream(token_stream(texts, tokenizer), spec.samples, spec.seq_len, spec.seed)
-    return texts, torch.tensor(windows, dtype=torch.long)
 
 
 # ---------------------------------------------------------------- progress
@@ -237,15 +208,12 @@ def heal_model(
     device = trainer.init_distributed(options.resolved_device())
     compute_dtype = trainer.autocast_dtype(device, settings.dtype)
     teacher_dtype = "bfloat16" if compute_dtype is not None and device.startswith("cuda") else "float32"
-    config = _hf_config(student_dir, options)
-    needed = check_memory(student_dir, teacher_dir, settings, device, 2 if teacher_dtype == "bfloat16" else 4,
-                          config, vocab, max_memory_gib)
+    needed = check_memory(student_dir, teacher_dir, settings, device, compute_dtype is not None, max_memory_gib)
 
+    from ollama_compress.hooks.data import token_stream, unseen_heldout_windows
+
+    held = torch.tensor(unseen_heldout_windows(data, s_tok, ctx, teacher_dir), dtype=torch.long)
     texts = heal_texts(data, s_tok, teacher_dir, ctx)
-    held_texts, held = heldout_windows(data.heldout, s_tok, ctx)
-    check_no_heldout(texts, held_texts)
-    from ollama_compress.hooks.data import token_stream
-
     stream = token_stream(texts, s_tok)
     if len(stream) < settings.seq_len + 1:
         raise UserError(f"the heal text has only {len(stream)} tokens, fewer than heal.seq_len={settings.seq_len}; "
@@ -302,7 +270,7 @@ def heal_model(
         "top1_before": before["top1"], "top1_after": after["top1"],
         "ppl_teacher": before["teacher_ppl"], "ppl_before": before["ppl"], "ppl_after": after["ppl"],
         "tokens_per_s": (sum(r["tokens_per_s"] for r in trained) / len(trained)) if trained else None,
-        "train_seconds": round(seconds, 1), "heal_tokens": len(stream),
+        "train_seconds": round(seconds, 1), "heal_tokens": len(stream), "memory_estimate_bytes": needed,
     }
     log(f"held-out KL to the teacher {before['kl']:.4f} -> {after['kl']:.4f} "
         f"({100 * result['kl_reduction']:.0f}% lower), perplexity {before['ppl']:.2f} -> {after['ppl']:.2f} "
@@ -322,7 +290,7 @@ def iterative_healer(teacher_dir: Path, settings: Heal, data: Data, *, options: 
     Trains the layers next to the cuts with ``train: neighbours``, every decoder layer otherwise.
     """
     from ollama_compress import distill, trainer
-    from ollama_compress.hooks.data import token_stream
+    from ollama_compress.hooks.data import token_stream, unseen_heldout_windows
 
     options = options or RunOptions()
     terms = distill.loss_terms(settings.loss)
@@ -332,9 +300,8 @@ def iterative_healer(teacher_dir: Path, settings: Heal, data: Data, *, options: 
 
     def setup() -> None:  # on the first removal, after prune has checked its own input
         tokenizer = modelio.load_tokenizer(teacher_dir, options)
-        held_texts, _ = heldout_windows(data.heldout, tokenizer, ctx)
+        unseen_heldout_windows(data, tokenizer, ctx, teacher_dir)
         texts = heal_texts(data, tokenizer, teacher_dir, ctx)
-        check_no_heldout(texts, held_texts)
         loaded["stream"] = token_stream(texts, tokenizer)
         loaded["teacher"] = modelio.load_model(teacher_dir, options, device=device).requires_grad_(False)
 
@@ -360,12 +327,6 @@ def iterative_healer(teacher_dir: Path, settings: Heal, data: Data, *, options: 
             f"{records[-1]['loss']:.4f}")
 
     return between_steps
-
-
-def _hf_config(model_dir: Path, options: RunOptions):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model_dir, trust_remote_code=options.trust_remote_code, local_files_only=True)
 
 
 def _checkpoint_to_resume(checkpoint_dir: Path | None, resume: bool | str, fingerprint: str) -> Path | None:

@@ -30,9 +30,10 @@ from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import atomic_path, check_free_space, write_json
 from ollama_compress.gguf_verify import GGUFSummary, verify_gguf
 from ollama_compress.hookspecs import hookimpl
+from ollama_compress.hooks.data import bos_prefix, text_windows
 from ollama_compress.imatrix import check_imatrix
 from ollama_compress.llama_tools import llama_tool
-from ollama_compress.quant_names import IMATRIX_HELPS, NEEDS_IMATRIX, QUANTS, UNQUANTIZED, quant_name_problem
+from ollama_compress.quant_names import IMATRIX_HELPS, NEEDS_IMATRIX, UNQUANTIZED, quant_name_problem
 
 IMATRIX_FILE = "imatrix.gguf"  # the matrix the stage computes, in the stage's directory
 SPEED_PROMPT_TOKENS = 128
@@ -102,13 +103,9 @@ def _check_source(summary: GGUFSummary, allow_requantize: bool) -> None:
 
 
 def _estimated_size(summary: GGUFSummary, quant: str) -> int:
-    bits = 0.0
-    for t in summary.tensors:
-        if len(t.shape) < 2:
-            bits += 8 * t.nbytes  # norms and biases stay as they are
-        else:
-            bits += t.n_elements * max(QUANTS[quant].nominal_bpw, 8.5 if t.name.startswith(("token_embd", "output.")) else 0)
-    return int(bits / 8 * 1.05) + summary.data_offset
+    from ollama_compress.planner import gguf_size, shape_of_gguf
+
+    return gguf_size(shape_of_gguf(summary.path), quant)
 
 
 def _check_disk_space(summary: GGUFSummary, quant: str, dst: Path) -> None:
@@ -228,11 +225,9 @@ class LlamaScorer:
     def n_vocab(self) -> int:
         return self.llm.n_vocab()
 
-    def tokenize(self, texts: list[str], max_tokens: int) -> tuple[list[int], list[int]]:
-        """(BOS prefix the model wants, text tokens) for the joined texts, at most ``max_tokens``."""
-        prefix = self.llm.tokenize(b"", add_bos=True)
-        tokens = self.llm.tokenize("\n\n".join(texts).encode("utf-8"), add_bos=False)
-        return prefix, tokens[:max_tokens]
+    @property
+    def tokenizer(self) -> "LlamaTokenizer":
+        return LlamaTokenizer(self.llm)
 
     def log_probs(self, window: list[int]) -> Any:
         """Log-softmax of the logits at each position but the last: row i predicts window[i+1]."""
@@ -255,10 +250,17 @@ def _log_softmax(x: Any) -> Any:
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)
 
 
-def _windows(prefix: list[int], tokens: list[int], n_ctx: int) -> list[list[int]]:
-    step = n_ctx - len(prefix)
-    chunks = [tokens[i : i + step] for i in range(0, len(tokens), step)]
-    return [prefix + c for c in chunks if len(prefix + c) >= 2]
+class LlamaTokenizer:
+    """llama.cpp's tokenizer of a loaded GGUF, called like an HF tokenizer, so the quant table cuts
+    its windows with the same builder as heal and evaluate (``hooks.data.text_windows``)."""
+
+    def __init__(self, llm: Any):
+        self.llm = llm
+        eos = llm.token_eos()
+        self.eos_token_id = eos if eos >= 0 else None
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=False)}
 
 
 def _file_row(name: str, path: Path, summary: GGUFSummary) -> dict[str, Any]:
@@ -397,10 +399,10 @@ def measure_quants(reference_gguf: Path, quant_ggufs: dict[str, Path], texts: li
     with tempfile.TemporaryDirectory(prefix="quants-") as tmp:
         ref = LlamaScorer(reference_gguf, n_ctx)
         try:
-            prefix, tokens = ref.tokenize(texts, max_tokens)
-            windows = _windows(prefix, tokens, n_ctx)
-            if not windows:
-                raise UserError("the held-out text tokenizes to fewer than 2 tokens; give more text")
+            prefix = bos_prefix(ref.tokenizer)
+            step = n_ctx - len(prefix)
+            windows = text_windows(texts, ref.tokenizer, max(1, max_tokens // step), step, seed=0)
+            tokens = [t for w in windows for t in w[len(prefix):]]
             n_scored = sum(len(w) - 1 for w in windows)
             n_vocab = ref.n_vocab
             ref_lp = np.lib.format.open_memmap(Path(tmp) / "ref.npy", mode="w+", dtype=np.float32, shape=(n_scored, n_vocab))

@@ -20,7 +20,6 @@ It calls the ``evaluate`` hook once per row and merges every plugin's result int
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import tempfile
@@ -33,6 +32,7 @@ from typing import Any, Iterable
 from .context import StageContext
 from .errors import UserError
 from .fsutil import write_json
+from .hooks.data import bos_prefix, unseen_heldout_windows
 from .hooks.quantize import LlamaScorer, stored_quant_row
 
 QUALITY_RETAINED = (
@@ -47,7 +47,6 @@ DEFAULT_PROMPTS = (
     "Translate 'good morning, how are you?' into Spanish.",
 )
 KNOWLEDGE_FILE = "knowledge.jsonl"
-SPAN = 32  # tokens per hashed span in the held-out overlap check
 SPEED_KEYS = ("prompt_tokens_per_s", "gen_tokens_per_s", "prompt_tokens_per_cpu_s", "gen_tokens_per_cpu_s",
               "speed_threads", "speed_rounds", "load_average", "decode_seconds")
 REFERENCE_KEY = "heldout_reference"  # the ctx.inputs key the evaluate hook reads
@@ -88,22 +87,20 @@ def stage_candidates(inputs: dict[str, Any]) -> list[Candidate]:
 NEAREST_TEACHER_QUANTS = 3  # evaluate.teacher_quants auto: this many teacher quants per compressed file
 
 
-def auto_teacher_quants(teacher_params: int, compressed: dict[str, tuple[str, int]],
-                        imatrix: bool) -> dict[str, list[str]]:
-    """For each compressed quant (row name -> (quant, parameters)), the same quant and the
-    ``NEAREST_TEACHER_QUANTS`` teacher quants whose estimated file sizes are nearest its estimated
-    size, both from ``planner.gguf_bytes`` (the one bits-per-weight table) and the parameter
-    counts, so what the table misses (embeddings kept at more bits) is missed alike on both sides;
-    the files are then made and measured. Quants that need an importance matrix count only when
-    ``imatrix`` (``export.imatrix`` is set)."""
-    from ollama_compress.planner import gguf_bytes
+def auto_teacher_quants(teacher: Any, compressed: dict[str, tuple[str, int]], imatrix: bool) -> dict[str, list[str]]:
+    """For each compressed quant (row name -> (quant, file bytes)), the same quant and the
+    ``NEAREST_TEACHER_QUANTS`` teacher quants whose estimated file sizes (``planner.gguf_size`` of
+    the teacher's shape ``teacher``, the one size estimate) are nearest its real size; the files
+    are then made and measured. Quants that need an importance matrix count only when ``imatrix``
+    (``export.imatrix`` is set)."""
+    from ollama_compress.planner import gguf_size
     from ollama_compress.quant_names import NEEDS_IMATRIX, QUANT_TYPES, UNQUANTIZED
 
     usable = [q for q in QUANT_TYPES if q not in UNQUANTIZED and (imatrix or q not in NEEDS_IMATRIX)]
+    estimate = {q: gguf_size(teacher, q) for q in usable}
     picks = {}
-    for name, (quant, params) in compressed.items():
-        size = gguf_bytes(params, quant)
-        nearest = sorted(usable, key=lambda q: (abs(gguf_bytes(teacher_params, q) - size), q))
+    for name, (quant, size) in compressed.items():
+        nearest = sorted(usable, key=lambda q: (abs(estimate[q] - size), q))
         picks[name] = list(dict.fromkeys([*([quant] if quant in usable else []), *nearest[:NEAREST_TEACHER_QUANTS]]))
     return picks
 
@@ -123,9 +120,9 @@ def wanted_teacher_quants(ctx: StageContext, teacher_dir: Path, candidates: list
     named = [q for q in settings.teacher_quants if q != "auto"]
     if "auto" not in settings.teacher_quants:
         return named
-    compressed = {c.name: (c.quant, model_shape(c.path).params()) for c in candidates
+    compressed = {c.name: (c.quant, model_size(c.path)) for c in candidates
                   if c.kind == "gguf" and c.model != "teacher" and c.quant in QUANTS and c.quant not in UNQUANTIZED}
-    picks = auto_teacher_quants(model_shape(teacher_dir).params(), compressed, imatrix=has_imatrix(ctx))
+    picks = auto_teacher_quants(model_shape(teacher_dir), compressed, imatrix=has_imatrix(ctx))
     for name, quants in picks.items():
         ctx.log(f"teacher quants beside {name}: {', '.join(quants)}")
     return list(dict.fromkeys([*named, *(q for quants in picks.values() for q in quants)]))
@@ -195,11 +192,13 @@ class TeacherQuants:
         """``auto``: where every teacher quant is larger than a compressed file, the next smaller
         types of the table (at most ``NEAREST_TEACHER_QUANTS`` more) until one is not, so each
         compressed quant has a teacher quant at its size or smaller to be judged against."""
-        from ollama_compress.planner import gguf_bytes
+        from ollama_compress.planner import gguf_size, model_shape
         from ollama_compress.quant_names import NEEDS_IMATRIX, QUANTS, UNQUANTIZED
 
+        shape = model_shape(self.teacher_dir)
+
         def bits(quant: str) -> int:
-            return gguf_bytes(10**9, quant)
+            return gguf_size(shape, quant)
 
         added: list[Candidate] = []
         compressed = [c for c in candidates if c.kind == "gguf" and c.model != "teacher" and c.quant not in UNQUANTIZED]
@@ -227,61 +226,6 @@ class TeacherQuants:
         if quantized and any(stored_quant_row(p) is None for p in [self.base, *quantized.values()]):
             measure_heldout_quants(self.quant_ctx, self.base, quantized, self.folder, speed=self.ctx.settings.speed)
         self.ctx.metrics["teacher_gguf"] = {"folder": str(self.folder), **self.quant_ctx.metrics}
-
-
-# ---------------------------------------------------------------- held-out tokens
-def bos_prefix(tokenizer) -> list[int]:
-    """The special tokens the tokenizer puts before a text (BOS for most models, none for some)."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a", add_special_tokens=True)["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
-            return list(full[:start])
-    return []
-
-
-def heldout_windows(ctx: StageContext, tokenizer, teacher_dir: Path) -> list[list[int]]:
-    """``data.heldout`` as token windows (BOS first when the model adds one)."""
-    from ollama_compress.hooks.data import calibration_batches
-
-    batches = calibration_batches(ctx.recipe.data.heldout, tokenizer, ctx=ctx, model=teacher_dir)
-    prefix = bos_prefix(tokenizer)
-    return [prefix + row for batch in batches for row in batch.tolist()]
-
-
-def _span_hashes(ids: list[int], step: int) -> set[bytes]:
-    import numpy as np
-
-    array = np.asarray(ids, dtype=np.int64)
-    return {hashlib.blake2b(array[i:i + SPAN].tobytes(), digest_size=12).digest()
-            for i in range(0, len(array) - SPAN + 1, step)}
-
-
-def training_streams(ctx: StageContext, tokenizer, teacher_dir: Path) -> dict[str, list[list[int]]]:
-    """Token windows each stage calibrated or trained on, by recipe key."""
-    from ollama_compress.hooks.data import calibration_batches, load_texts, token_stream
-
-    recipe = ctx.recipe
-    batches = calibration_batches(recipe.data.calibration, tokenizer, ctx=ctx, model=teacher_dir)
-    streams = {"data.calibration": [row for batch in batches for row in batch.tolist()]}
-    heal = getattr(recipe.data, "heal", None) if recipe.heal is not None else None
-    for i, spec in enumerate(heal if isinstance(heal, list) else [heal] if heal is not None else []):
-        key = f"data.heal[{i}]" if isinstance(heal, list) else "data.heal"
-        streams[key] = [token_stream(load_texts(spec, tokenizer, ctx, model=teacher_dir), tokenizer)]
-    return streams
-
-
-def check_heldout_unseen(heldout: list[list[int]], streams: dict[str, list[list[int]]], skip: int = 0) -> None:
-    """UserError when any ``SPAN``-token span of the held-out windows (after ``skip`` prefix
-    tokens) also occurs in a calibration or heal stream: by hash, whatever the window offsets."""
-    held = set().union(*(_span_hashes(w[skip:], SPAN) for w in heldout))
-    for key, windows in streams.items():
-        seen = set().union(*(_span_hashes(w, 1) for w in windows))
-        shared = held & seen
-        if shared:
-            raise UserError(f"data.heldout shares text with {key} ({len(shared)} of {len(held)} held-out "
-                            f"{SPAN}-token spans occur in it); held-out text must be text no stage calibrated "
-                            "or trained on: choose another data.heldout source")
 
 
 # ---------------------------------------------------------------- backends
@@ -564,8 +508,7 @@ def evaluate_run(ctx: StageContext, models: dict[str, Path] | None = None,
     settings = ctx.settings or Evaluate()
     teacher_dir = Path(ctx.inputs["teacher_dir"])
     tokenizer = modelio.load_tokenizer(teacher_dir, ctx.options)
-    windows = heldout_windows(ctx, tokenizer, teacher_dir)
-    check_heldout_unseen(windows, training_streams(ctx, tokenizer, teacher_dir), skip=len(bos_prefix(tokenizer)))
+    windows = unseen_heldout_windows(ctx.recipe.data, tokenizer, ctx, teacher_dir, heal=ctx.recipe.heal is not None)
     if models is None:
         candidates = stage_candidates(ctx.inputs)
     else:

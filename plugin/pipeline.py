@@ -204,7 +204,7 @@ class Run:
 
     def estimate(self) -> dict[str, Any]:
         """Parameters, GGUF size per quant and heal memory, from the source's shape alone."""
-        from .planner import gguf_bytes, heal_memory_bytes, model_shape
+        from .planner import gguf_size, heal_memory_bytes, model_shape
 
         shape = model_shape(self.source_location())
         prune = self.recipe.prune
@@ -217,16 +217,14 @@ class Run:
                                   "params": [shape.params(), params]}
         if self.recipe.export is not None:
             quants = dict.fromkeys([self.recipe.export.outtype, *self.recipe.export.quants])
-            result["gguf_mib"] = {q: round(gguf_bytes(params, q) / 2**20, 1) for q in quants}
+            result["gguf_mib"] = {q: round(gguf_size(shape, q, removed) / 2**20, 1) for q in quants}
         heal = self.recipe.heal
         if heal is not None:
-            neighbours = getattr(heal, "train", "all") == "neighbours"
-            per_layer = sum(shape.layer_params) / max(1, shape.num_layers)
-            trainable = int(per_layer * min(2 * max(1, removed), shape.num_layers - removed)) if neighbours else params
-            micro = getattr(heal, "micro_batch", None) or heal.batch_size
-            memory = heal_memory_bytes(shape, params, trainable, micro_batch=micro, seq_len=heal.seq_len,
-                                       layers=shape.num_layers - removed, hidden=shape.hidden_size,
-                                       teacher_bytes=2 if self.options.resolved_device().startswith("cuda") else 4)
+            from .trainer import autocast_dtype
+
+            device = self.options.resolved_device()
+            memory = heal_memory_bytes(shape, removed, heal, device=device,
+                                       autocast=autocast_dtype(device, heal.dtype) is not None)
             result["heal_memory_gib"] = round(memory["total"] / 2**30, 2)
         return result
 

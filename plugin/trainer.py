@@ -518,25 +518,3 @@ def available_memory(device: str) -> int | None:
         except OSError:
             return None
     return None
-
-
-def parameter_count(model_dir: Path) -> int:
-    """Number of weights in a model directory's safetensors files, from their headers only."""
-    from safetensors import safe_open
-
-    total = 0
-    for path in Path(model_dir).glob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                total += math.prod(f.get_slice(key).get_shape())
-    return total
-
-
-def memory_needed(teacher_params: int, student_params: int, teacher_bytes: int, batch_tokens: int,
-                  hidden: int, layers: int, vocab: int, chunk_tokens: int) -> int:
-    """Rough bytes a heal needs: teacher weights, student weights + grads + AdamW (as if all trained),
-    activations of one micro-batch, and one chunk of logits."""
-    weights = teacher_params * teacher_bytes + student_params * 16
-    activations = batch_tokens * hidden * layers * 4 * 12
-    logits = chunk_tokens * vocab * 4 * 6
-    return int(1.1 * (weights + activations + logits))

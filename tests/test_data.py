@@ -63,8 +63,14 @@ def test_batches_are_windows_of_the_token_stream(smollm2_tokenizer, tmp_path):
 def test_short_text_fills_up_with_overlapping_windows(smollm2_tokenizer, tmp_path):
     text = "Short text about a cat who sleeps on a warm windowsill all afternoon long."
     spec = _spec(**{"from": "text", "path": _write(tmp_path / "s.txt", text)}, samples=5, seq_len=8)
-    batches = data.calibration_batches(spec, smollm2_tokenizer)
-    assert len(batches) == 5 and all(b.shape == (1, 8) for b in batches)
+    stream = data.token_stream(data.load_texts(spec), smollm2_tokenizer)
+    assert 8 <= len(stream) < 5 * 8, "the text must be too short for 5 separate windows"
+    rows = [b[0].tolist() for b in data.calibration_batches(spec, smollm2_tokenizer)]
+    assert len(rows) == 5 and all(len(r) == 8 for r in rows)
+    starts = [[i for i in range(len(stream) - 7) if stream[i:i + 8] == row] for row in rows]
+    assert all(starts), "every sequence is a window of the tokenized text"
+    taken = sorted(s[0] for s in starts)
+    assert any(b - a < 8 for a, b in zip(taken, taken[1:])), "some windows overlap"
 
 
 def test_text_shorter_than_one_sequence_is_a_user_error(smollm2_tokenizer, tmp_path):
@@ -90,6 +96,52 @@ def test_missing_file_and_missing_path_are_user_errors(tmp_path):
 def test_unknown_kind_lists_the_known_ones():
     with pytest.raises(UserError, match="known: .*jsonl.*teacher.*text"):
         data.load_texts(_spec(**{"from": "parquet"}))
+
+
+# ---------------------------------------------------------------- held-out windows and the unseen check
+def test_heldout_windows_are_seq_len_windows_after_the_bos_prefix(smollm2_tokenizer, tmp_path):
+    spec = _spec(**{"from": "text", "path": _write(tmp_path / "h.txt", PROSE)}, samples=3, seq_len=16)
+    prefix = data.bos_prefix(smollm2_tokenizer)
+    stream = data.token_stream(data.load_texts(spec), smollm2_tokenizer)
+    windows = data.heldout_windows(spec, smollm2_tokenizer)
+    assert len(windows) == 3 and all(w[:len(prefix)] == prefix and len(w) == len(prefix) + 16 for w in windows)
+    body = [w[len(prefix):] for w in windows]
+    assert body == data.chunk_stream(stream, 3, 16, 0)
+
+
+def test_heldout_text_in_the_heal_data_is_refused(smollm2_tokenizer):
+    heldout = data.load_texts(_spec(split="heldout"))
+    held = data.heldout_windows(_spec(split="heldout", samples=4, seq_len=64), smollm2_tokenizer)
+    skip = len(data.bos_prefix(smollm2_tokenizer))
+    leaked = data.token_stream(["some intro", heldout[0]], smollm2_tokenizer)
+    with pytest.raises(UserError, match="data.heldout shares text with data.heal"):
+        data.check_heldout_unseen(held, {"data.heal": [leaked]}, skip=skip)
+    data.check_heldout_unseen(held, {"data.heal": [data.token_stream(data.load_texts(_spec()), smollm2_tokenizer)]},
+                              skip=skip)
+
+
+def test_a_shared_span_is_found_at_any_offset_but_a_shorter_one_is_not():
+    held = [[1] + list(range(100, 164))]  # a BOS, then two 32-token spans
+    inside = list(range(7)) + list(range(132, 164)) + list(range(7))
+    with pytest.raises(UserError, match="1 of 2 held-out 32-token spans"):
+        data.check_heldout_unseen(held, {"data.heal": [inside]}, skip=1)
+    data.check_heldout_unseen(held, {"data.heal": [list(range(133, 164))]}, skip=1)
+
+
+def test_the_unseen_check_covers_calibration_and_every_heal_source(smollm2_tokenizer, tmp_path, recipe_file):
+    from ollama_compress.recipe import load_recipe
+
+    held = _write(tmp_path / "held.txt", data.load_texts(_spec(split="heldout"))[0][:4000])
+    heldout = {"from": "text", "path": held, "samples": 4, "seq_len": 64}
+    every_window = {"from": "text", "path": held, "samples": 64, "seq_len": 64}
+    cases = {"data.calibration": {"calibration": every_window},
+             "data.heal\\[1\\]": {"heal": [{"from": "default"}, {"from": "text", "path": held}]}}
+    for key, fields in cases.items():
+        recipe = load_recipe(str(recipe_file(data={"heldout": heldout, **fields})))
+        with pytest.raises(UserError, match=f"shares text with {key}"):
+            data.unseen_heldout_windows(recipe.data, smollm2_tokenizer)
+    recipe = load_recipe(str(recipe_file(data={"heldout": heldout})))
+    assert len(data.unseen_heldout_windows(recipe.data, smollm2_tokenizer)) == 4
 
 
 # ---------------------------------------------------------------- JSON lines

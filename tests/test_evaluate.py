@@ -250,36 +250,37 @@ def test_without_lm_eval_a_recipe_that_asks_for_it_gets_one_clear_line(tmp_path,
 
 
 # ---------------------------------------------------------------- worth it at equal size
-def test_auto_picks_the_same_quant_and_the_teacher_quants_nearest_in_size():
+def test_auto_picks_the_same_quant_and_the_teacher_quants_nearest_in_size(tiny_model_dir):
     from ollama_compress.evaluation import auto_teacher_quants
-
-    # 80M parameters at Q4_K_M (4.89 bits) are the size of 100M at 3.91 bits: Q3_K_M, then IQ3_M
-    # (3.66) and IQ4_XS (4.25) are the nearest of the table
-    from ollama_compress.planner import gguf_bytes
+    from ollama_compress.planner import gguf_size, model_shape
     from ollama_compress.quant_names import NEEDS_IMATRIX, QUANT_TYPES, UNQUANTIZED
 
-    def assert_nearest(picks: list[str], params: int, imatrix: bool) -> None:
-        target = gguf_bytes(params, "Q4_K_M")
+    teacher = model_shape(tiny_model_dir("llama", 6))
+
+    def assert_nearest(picks: list[str], size: int, imatrix: bool) -> None:
         usable = [q for q in QUANT_TYPES if q not in UNQUANTIZED and (imatrix or q not in NEEDS_IMATRIX)]
-        gap = {q: abs(gguf_bytes(100_000_000, q) - target) for q in usable}
+        gap = {q: abs(gguf_size(teacher, q) - size) for q in usable}
         assert picks[0] == "Q4_K_M" and len(picks[1:]) == 3  # like for like, then the 3 nearest in size
         assert max(gap[q] for q in picks[1:]) <= min(gap[q] for q in usable if q not in picks[1:])
 
-    # 80M parameters at Q4_K_M (4.89 bits) are the size of 100M at 3.91 bits: Q3_K_M first
-    picks = auto_teacher_quants(100_000_000, {"pruned Q4_K_M": ("Q4_K_M", 80_000_000)}, imatrix=False)
+    # a compressed file exactly the size of the teacher's Q3_K_M estimate: Q3_K_M comes first
+    size = gguf_size(teacher, "Q3_K_M")
+    picks = auto_teacher_quants(teacher, {"pruned Q4_K_M": ("Q4_K_M", size)}, imatrix=False)
     assert list(picks) == ["pruned Q4_K_M"] and picks["pruned Q4_K_M"][:2] == ["Q4_K_M", "Q3_K_M"]
-    assert_nearest(picks["pruned Q4_K_M"], 80_000_000, imatrix=False)
-    # at about 2 bits per teacher weight, the quants that need an importance matrix count only with one
-    low = {"pruned Q4_K_M": ("Q4_K_M", 42_000_000)}
-    with_matrix = auto_teacher_quants(100_000_000, low, imatrix=True)["pruned Q4_K_M"]
-    without = auto_teacher_quants(100_000_000, low, imatrix=False)["pruned Q4_K_M"]
-    assert_nearest(with_matrix, 42_000_000, imatrix=True)
-    assert_nearest(without, 42_000_000, imatrix=False)
+    assert_nearest(picks["pruned Q4_K_M"], size, imatrix=False)
+    # at the size of the teacher's IQ2_XXS, the quants that need an importance matrix count only with one
+    low = gguf_size(teacher, "IQ2_XXS")
+    with_matrix = auto_teacher_quants(teacher, {"pruned Q4_K_M": ("Q4_K_M", low)}, imatrix=True)["pruned Q4_K_M"]
+    without = auto_teacher_quants(teacher, {"pruned Q4_K_M": ("Q4_K_M", low)}, imatrix=False)["pruned Q4_K_M"]
+    assert_nearest(with_matrix, low, imatrix=True)
+    assert_nearest(without, low, imatrix=False)
     assert with_matrix[1] in NEEDS_IMATRIX and not set(without) & set(NEEDS_IMATRIX)
 
 
 def test_auto_adds_smaller_teacher_quants_until_one_is_no_larger(tmp_path, tiny_model_dir, monkeypatch):
     from ollama_compress.evaluation import Candidate, TeacherQuants
+    from ollama_compress.planner import gguf_size, model_shape
+    from ollama_compress.quant_names import NEEDS_IMATRIX
 
     def gguf(name: str, size: int) -> Path:
         path = tmp_path / f"{name}.gguf"
@@ -288,14 +289,17 @@ def test_auto_adds_smaller_teacher_quants_until_one_is_no_larger(tmp_path, tiny_
 
     ctx = make_ctx(tmp_path, tiny_model_dir("llama", 6), {}, {"teacher_quants": "auto"})
     teacher_quants = TeacherQuants(ctx, tiny_model_dir("llama", 6), "F16")
-    sizes = {"IQ3_M": 1050, "Q3_K_S": 990, "IQ3_S": 980}  # what llama.cpp would write, smaller with fewer bits
+    sizes = iter([1050, 990, 980])  # what llama.cpp writes for the next smaller types, in turn
     monkeypatch.setattr(teacher_quants, "make", lambda quants, taken: [
-        Candidate(f"teacher {q}", gguf(q, sizes[q]), "teacher", q) for q in quants])
+        Candidate(f"teacher {q}", gguf(q, next(sizes)), "teacher", q) for q in quants])
     rows = [Candidate("pruned Q4_K_M", gguf("pruned", 1000), "pruned", "Q4_K_M"),
             Candidate("teacher Q3_K_M", gguf("Q3_K_M", 1100), "teacher", "Q3_K_M")]
     added = teacher_quants.match_below(rows, imatrix=False)
-    # the next smaller types of the table, until one is no larger than the pruned file
-    assert [c.name for c in added] == ["teacher IQ3_M", "teacher Q3_K_S"]
+    # smaller types of the table, one after the other, until one is no larger than the pruned file
+    shape = model_shape(tiny_model_dir("llama", 6))
+    estimates = [gguf_size(shape, q) for q in ("Q3_K_M", *(c.quant for c in added))]
+    assert len(added) == 2 and estimates == sorted(estimates, reverse=True) and len(set(estimates)) == 3
+    assert not {c.quant for c in added} & set(NEEDS_IMATRIX)
     assert teacher_quants.match_below([*rows, *added], imatrix=False) == []
 
 

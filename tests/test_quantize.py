@@ -108,13 +108,14 @@ def test_measure_quants(tiny_f16, quants, tmp_path):
 
 
 def test_measure_quants_default_text(tiny_f16):
-    """Without texts the shipped held-out corpus is used (or a one-line error if it is missing)."""
-    try:
-        rows = measure_quants(tiny_f16, {}, n_ctx=64, max_tokens=64)
-    except UserError as exc:
-        assert "heldout.txt" in str(exc)
-    else:
-        assert rows[0]["tokens"] > 0 and math.isfinite(rows[0]["perplexity"])
+    """Without texts the shipped held-out corpus is used."""
+    from ollama_compress.hooks.quantize import shipped_heldout_text
+
+    rows = measure_quants(tiny_f16, {}, n_ctx=64, max_tokens=128, speed=False)
+    shipped = measure_quants(tiny_f16, {}, texts=shipped_heldout_text(), n_ctx=64, max_tokens=128, speed=False)
+    other = measure_quants(tiny_f16, {}, texts=FALLBACK_TEXT, n_ctx=64, max_tokens=128, speed=False)
+    assert rows[0]["tokens"] == 126 and math.isfinite(rows[0]["perplexity"])
+    assert rows[0]["perplexity"] == shipped[0]["perplexity"] != other[0]["perplexity"]
 
 
 @pytest.mark.parametrize("quant,words", [
@@ -211,7 +212,8 @@ def test_quant_file_name():
 @pytest.mark.slow
 def test_smollm2_export_quants_load_and_generate(smollm2_hf, tmp_path):
     """The real path: SmolLM2 HF dir -> F16 GGUF (exporter) -> Q8_0 and Q4_K_M -> llama.cpp generates."""
-    export = pytest.importorskip("ollama_compress.hooks.export")
+    from ollama_compress.hooks import export
+
     f16 = tmp_path / "smollm2-F16.gguf"
     export.export_gguf(smollm2_hf, f16, "F16")
     for quant in ("Q8_0", "Q4_K_M"):
@@ -255,18 +257,23 @@ def quantize_gguf(ctx, gguf_path, quant):
 """
 
 
-def test_a_plugin_that_takes_over_the_source_export_and_quantize_hooks_is_used_on_every_path(tmp_path, tiny_model_dir):
-    from test_stages import install_plugin, run_cli, tiny_recipe
+def test_a_plugin_that_takes_over_the_source_export_and_quantize_hooks_is_used_on_every_path(
+        tmp_path, tiny_model_dir, recipe_file, plugin_dir):
+    from helpers import cli, install_plugin
 
-    site = tmp_path / "site"
-    site.mkdir()
-    install_plugin(site, "oc_takeover", TAKEOVER_PLUGIN, dist="oc-takeover")
+    install_plugin(plugin_dir, "oc_takeover", TAKEOVER_PLUGIN, dist="oc-takeover")
     log = tmp_path / "plugin.log"
-    env = {"PYTHONPATH": str(site), "OC_PLUGIN_LOG": str(log)}
+    env = {"OC_PLUGIN_LOG": str(log)}
     teacher = tiny_model_dir("llama", 4)
-    recipe = tiny_recipe(tmp_path / "r.yaml", teacher, prune="layers: [2]", quants="[Q8_0]")
-    recipe.write_text(recipe.read_text() + "evaluate: {teacher_quants: [Q8_0], speed: false, knowledge: false, "
-                      "max_new_tokens: 1, prompts: [Hi.]}\n")
+    recipe = recipe_file(teacher, "tiny-takeover",
+                         data={"calibration": {"samples": 2, "seq_len": 32},
+                               "heldout": {"split": "heldout", "samples": 2, "seq_len": 32}},
+                         prune={"layers": [2]}, export={"outtype": "F32", "quants": ["Q8_0"]},
+                         evaluate={"teacher_quants": ["Q8_0"], "speed": False, "knowledge": False,
+                                   "max_new_tokens": 1, "prompts": ["Hi."]})
+
+    def run_cli(*args, env_extra):
+        return cli(*args, env=env_extra, plugins=plugin_dir)
 
     run = run_cli("run", recipe, "--out", tmp_path / "run", env_extra=env)
     assert run.returncode == 0, run.stderr

@@ -83,6 +83,7 @@ def test_what_the_static_check_cannot_see_the_sandbox_stops():
 @pytest.mark.slow
 def test_smollm2_template_passes(smollm2_gguf):
     template = mf.read_gguf_chat_template(smollm2_gguf)
+    assert isinstance(template, str) and "<|im_start|>" in template  # SmolLM2's ChatML template was read
     check_chat_template(template)
 
 
