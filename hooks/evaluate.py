@@ -91,7 +91,7 @@ def register_commands(cli: click.Group) -> None:
     @click.argument("targets", nargs=-1, required=True)
     @click.option("--teacher", help="The original model to measure against (needed unless TARGET is a run directory).")
     @click.option("--heldout", type=click.Path(path_type=Path), help="UTF-8 text file to measure on (default: the shipped held-out text).")
-    @click.option("--teacher-quant", "teacher_quants", multiple=True, help="Also quantize the teacher to this (repeatable).")
+    @click.option("--teacher-quant", "teacher_quants", multiple=True, help="Also quantize the teacher to this (repeatable); auto: the quants nearest each compressed file's size.")
     @click.option("--no-knowledge", is_flag=True, help="Skip the multiple-choice knowledge check.")
     @click.option("--no-speed", is_flag=True, help="Skip the llama.cpp tokens/s measurement.")
     @click.option("--threads", type=int, help="llama.cpp threads (default: half the cores).")

@@ -16,7 +16,7 @@ from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import Fingerprints, atomic_path, check_free_space, check_output_dir, claim_output_dir
 from ollama_compress.gguf_verify import GGUFSummary, verify_gguf
-from ollama_compress.hookspecs import hookimpl
+from ollama_compress.hookspecs import LOCATE_SOURCE, hookimpl
 from ollama_compress.modelio import check_causal_lm, check_finite, check_model_dir, file_in_model_dir
 from ollama_compress.templates import check_chat_template
 
@@ -183,6 +183,8 @@ def register_sources(register):
 @hookimpl(trylast=True)
 def load_source(ctx: StageContext) -> Path:
     path = source_path(ctx.recipe.source, ctx.options)
+    if ctx.inputs.get(LOCATE_SOURCE):
+        return path
     if path.is_file():
         ctx.log(f"importing {path.name} into an HF directory")
         ctx.metrics["imported_gguf"] = str(path)

@@ -28,7 +28,8 @@ from .embedded import cache_dir
 from .errors import CompressError, NotAvailable, StageFailed, UserError
 from .fsutil import (Fingerprints, atomic_path, check_output_dir, claim_output_dir, clean_journal, remove_made,
                      settings_hash, write_json)
-from .plugins import get_plugin_manager
+from .hookspecs import LOCATE_SOURCE
+from .plugins import call_first, get_plugin_manager
 from .recipe import SUPPORTED_RECIPE_VERSIONS, Recipe, load_recipe
 
 STAGE_FILE = ".stage.json"
@@ -151,6 +152,7 @@ class Run:
         self.first, self.last = first, last  # --from / --until: run only these stages of the table
         self.main = launcher_world()[0] == 0  # under a launcher, only rank 0 writes the run directory
         self.inputs: dict[str, Any] = {}
+        self._source_location: Path | None = None
         self.producers: dict[str, str] = {}  # input key -> cache key of the stage that wrote it
         self.lock: dict[str, Any] = {
             "recipe": recipe.model_dump(mode="json", by_alias=True, exclude_none=True),
@@ -160,12 +162,19 @@ class Run:
         }
 
     # ------------------------------------------------------------ keys
+    def source_location(self) -> Path:
+        """The local file or directory of the recipe's source, from the ``load_source`` hook
+        (asked only where it is: nothing is converted or written)."""
+        if self._source_location is None:
+            ctx = StageContext(stage="source", recipe=self.recipe, run_dir=self.run_dir, out_dir=self.run_dir,
+                               options=self.options, console=self.console, inputs={LOCATE_SOURCE: True})
+            self._source_location = Path(call_first("load_source", ctx=ctx))
+        return self._source_location
+
     def source_hash(self, *, read: bool = True) -> str | None:
         """The source's sha256 (hashed once per file version); None when ``read`` is False and
         the source was never hashed in its current state."""
-        from ollama_compress.hooks.source import source_path
-
-        path = source_path(self.recipe.source, self.options)
+        path = self.source_location()
         fingerprints = Fingerprints(cache_dir() / "fingerprints.json")
         digest = fingerprints.sha256(path) if read else fingerprints.known(path)
         if digest is not None:
@@ -177,12 +186,10 @@ class Run:
         prune = self.recipe.prune
         if prune is None or prune.target is None:
             return
-        from ollama_compress.hooks.source import source_path
-
         from .planner import layers_to_remove, model_shape, parse_count
 
         target = prune.target
-        shape = model_shape(source_path(self.recipe.source, self.options))
+        shape = model_shape(self.source_location())
         protected = len({p if isinstance(p, int) else (0 if p == "first" else shape.num_layers - 1)
                          for p in prune.protect})
         removed = layers_to_remove(shape, size_mb=target.size_mb, quant=target.quant,
@@ -199,11 +206,9 @@ class Run:
 
     def estimate(self) -> dict[str, Any]:
         """Parameters, GGUF size per quant and heal memory, from the source's shape alone."""
-        from ollama_compress.hooks.source import source_path
-
         from .planner import gguf_size, heal_memory_bytes, model_shape
 
-        shape = model_shape(source_path(self.recipe.source, self.options))
+        shape = model_shape(self.source_location())
         prune = self.recipe.prune
         removed = 0
         if prune is not None:

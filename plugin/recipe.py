@@ -307,15 +307,16 @@ class Evaluate(Strict):
     prompts: list[str] | None = None  # greedy answers to these prompts (default: a built-in set of 5)
     max_new_tokens: int = Field(48, ge=1, le=4096)  # per greedy answer
     speed: bool = True  # prompt and generation tokens/s in llama.cpp, for GGUF rows
-    teacher_quants: list[str] = []  # also quantize the teacher to these, to compare quant for quant
+    teacher_quants: list[str] = []  # also quantize the teacher to these; auto: the quants nearest each compressed file's size
     lm_eval: LmEval | None = None  # EleutherAI lm-eval on the HF rows (needs the lm-eval extra)
 
-    @field_validator("teacher_quants")
+    @field_validator("teacher_quants", mode="before")
     @classmethod
-    def _known_teacher_quants(cls, value: list[str]) -> list[str]:
-        for q in value:
-            if q not in QUANT_TYPES:
-                raise ValueError(f"unknown quant '{q}'; known: {', '.join(QUANT_TYPES)}")
+    def _known_teacher_quants(cls, value: Any) -> Any:
+        value = [value] if isinstance(value, str) else value
+        for q in value if isinstance(value, list) else []:
+            if q != "auto" and q not in QUANT_TYPES:
+                raise ValueError(f"unknown quant '{q}'; known: auto, {', '.join(QUANT_TYPES)}")
         return value
 
 

@@ -156,9 +156,31 @@ def plot_heal(curve: dict[str, Any], path: Path) -> str:
     return _save(fig, path)
 
 
+def frontier(rows: list[dict[str, Any]], key: str, higher_is_better: bool = True) -> list[str]:
+    """Names of the GGUF rows, teacher quants and compressed quants together, that no other GGUF row
+    beats at the same or a smaller size (on ``key``), smallest first."""
+    points = sorted((r for r in rows if r.get("kind") == "gguf" and r.get("size_bytes")
+                     and isinstance(r.get(key), (int, float))),
+                    key=lambda r: (r["size_bytes"], -r[key] if higher_is_better else r[key]))
+    best, names = None, []
+    for row in points:
+        value = row[key] if higher_is_better else -row[key]
+        if best is None or value > best:
+            best = value
+            names.append(row["name"])
+    return names
+
+
 def _scatter(ax, rows: list[dict[str, Any]], key: str, ylabel: str, reference: float | None = None) -> None:
-    """One point per row at (size in MiB, ``key``); squares for the teacher and its quants."""
+    """One point per row at (size in MiB, ``key``); squares for the teacher and its quants; the
+    ``frontier`` across both families joined by a line."""
     from matplotlib.ticker import ScalarFormatter
+
+    front = {r["name"]: r for r in rows}
+    edge = [front[name] for name in frontier(rows, key)]
+    if len(edge) > 1:
+        ax.plot([r["size_bytes"] / 2**20 for r in edge], [r[key] for r in edge], "-", color="tab:green",
+                linewidth=1, zorder=0, label="frontier (best at its size or smaller)")
 
     for row in rows:
         if not isinstance(row.get(key), (int, float)):
@@ -169,6 +191,7 @@ def _scatter(ax, rows: list[dict[str, Any]], key: str, ylabel: str, reference: f
         ax.annotate(row["name"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     if reference is not None:
         ax.axhline(reference, color="tab:gray", linestyle="--", linewidth=1, label="teacher")
+    if reference is not None or len(edge) > 1:
         ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -179,7 +202,7 @@ def _scatter(ax, rows: list[dict[str, Any]], key: str, ylabel: str, reference: f
 def plot_quality(rows: list[dict[str, Any]], path: Path) -> str:
     fig, ax = _pyplot().subplots(figsize=(6.5, 4.0))
     _scatter(ax, rows, "quality_retained", "quality retained (%)", reference=100.0)
-    ax.set_title("quality vs size (squares: the teacher and its quants)")
+    ax.set_title("quality vs size (squares: the teacher and its quants; green: the frontier)")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -188,7 +211,7 @@ def plot_speed(rows: list[dict[str, Any]], path: Path) -> str:
     fig, (gen, prompt) = _pyplot().subplots(1, 2, figsize=(10.0, 4.0))
     _scatter(gen, rows, "gen_tokens_per_s", "generation tokens/s")
     _scatter(prompt, rows, "prompt_tokens_per_s", "prompt tokens/s")
-    fig.suptitle("llama.cpp speed vs size (squares: the teacher's quants)")
+    fig.suptitle("llama.cpp speed vs size (squares: the teacher's quants; green: the frontier)")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -209,7 +232,8 @@ TABLE_COLUMNS = (
 )
 BUILTIN_KEYS = {"name", "model", "quant", "kind", "path", "size_bytes", "perplexity", "kl", "top1_agreement",
                 "knowledge_accuracy", "quality_retained", "prompt_tokens_per_s", "gen_tokens_per_s", "threads",
-                "answers", "eval_seconds"}
+                "answers", "eval_seconds", "kl_to_unquantized", "prompt_tokens_per_cpu_s", "gen_tokens_per_cpu_s",
+                "speed_threads", "speed_rounds", "load_average", "decode_seconds"}
 
 
 def table_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -246,6 +270,16 @@ def md(value: Any) -> str:
 
 def _cell(text: Any) -> str:
     return md(text) or "(empty)"
+
+
+def verdict_lines(verdicts: list[dict[str, Any]]) -> list[str]:
+    """"Worth it at equal size": one sentence per compressed quant (``evaluation.verdict_sentence``)."""
+    if not verdicts:
+        return []
+    return ["## Worth it at equal size", "",
+            "Each compressed quant against the teacher quant that does best (lowest KL) at its size or "
+            "smaller; decode speed of the two files run in turn on the same machine load.", "",
+            *(f"- {md(v['sentence'])}" for v in verdicts), ""]
 
 
 def answers_lines(evaluation: dict[str, Any]) -> list[str]:
@@ -321,15 +355,16 @@ def write_report(out_dir: Path, title: str, evaluation: dict[str, Any] | None,
         quality = [{"name": r["name"], "size_bytes": r["size_bytes"], "quality_retained": r.get("quality_retained")}
                    for r in sized]
         png = plot_quality(sized, out_dir / "quality_vs_size.png")
-        figures["quality_vs_size"] = {"file": png, "points": quality}
+        figures["quality_vs_size"] = {"file": png, "points": quality, "frontier": frontier(sized, "quality_retained")}
         lines += [f"![quality vs size]({png})", ""]
         fast = [r for r in sized if isinstance(r.get("gen_tokens_per_s"), (int, float))]
         if fast:
             png = plot_speed(fast, out_dir / "speed_vs_size.png")
-            figures["speed_vs_size"] = {"file": png, "points": [
-                {k: r.get(k) for k in ("name", "size_bytes", "prompt_tokens_per_s", "gen_tokens_per_s", "threads")}
+            figures["speed_vs_size"] = {"file": png, "frontier": frontier(fast, "gen_tokens_per_s"), "points": [
+                {k: r.get(k) for k in ("name", "size_bytes", "prompt_tokens_per_s", "gen_tokens_per_s", "speed_threads")}
                 for r in fast]}
             lines += [f"![speed vs size]({png})", ""]
+        lines += verdict_lines(evaluation.get("verdicts") or [])
     else:
         lines += ["No evaluation in this run: add an `evaluate` section to the recipe, or run "
                   "`ollama-compress evaluate RUN_DIR`.", ""]
