@@ -3,10 +3,10 @@
     python bench/evaluate.py [--out DIR] [--teacher-quants Q4_K_M,Q8_0] [--set key=value]...
 
 Runs the shipped recipe ``smollm2-135m-demo`` through the pipeline (Modelfiles written, nothing
-registered: ``ollama.register=false``), with ``evaluate.teacher_quants`` so each quant of the
-pruned (or healed, when a heal plugin is installed) model has the original at the same quant
-beside it. Writes bench/results-evaluate.md: the table, the decode tokens/s of pruned vs teacher
-at the same quant in llama.cpp, and the stage times.
+registered: ``ollama.register=false``), with ``evaluate.teacher_quants`` (default ``auto``: the
+original at the same quant and at the sizes nearest each compressed quant). Writes
+bench/results-evaluate.md: the table, each compressed quant against its size-matched teacher quant
+(KL, decode-speed ratio of the two run in turn), and the stage times. Run it alone on the machine.
 """
 from __future__ import annotations
 
@@ -32,47 +32,23 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, CPU only, {platform.python_version()}"
 
 
-def remeasure_pairs(rows: list[dict], rounds: int) -> None:
-    """Measure each compressed quant and the teacher's same quant again, alternating, keeping the
-    fastest run of each: both see the same moments of a shared machine."""
-    from ollama_compress.evaluation import llama_speed
-
-    by_name = {r["name"]: r for r in rows}
-    prompt = list(range(1000, 1256))  # token ids only set the work, not the speed
-    for row in rows:
-        teacher = by_name.get(f"teacher {row['quant']}")
-        if row["kind"] != "gguf" or row["model"] == "teacher" or teacher is None:
-            continue
-        for _ in range(rounds):
-            for r in (row, teacher):
-                fresh = llama_speed(Path(r["path"]), prompt)
-                for key in ("prompt_tokens_per_s", "gen_tokens_per_s"):
-                    r[key] = max(r[key], fresh[key])
-
-
-def speed_lines(rows: list[dict]) -> list[str]:
-    """Decode (and prompt) tokens/s of the compressed model vs the teacher at each shared quant."""
-    by_name = {r["name"]: r for r in rows}
-    lines = ["| quant | model | size MiB | decode tok/s | prompt tok/s | decode speed-up vs teacher |",
-             "|---|---|---:|---:|---:|---:|"]
-    for row in rows:
-        teacher = by_name.get(f"teacher {row['quant']}")
-        if row["kind"] != "gguf" or row["model"] == "teacher" or teacher is None:
-            continue
-        for r in (row, teacher):
-            ratio = row["gen_tokens_per_s"] / teacher["gen_tokens_per_s"] if r is row else 1.0
-            lines.append(f"| {row['quant']} | {r['name']} | {r['size_bytes'] / 2**20:.1f} | {r['gen_tokens_per_s']:.1f} "
-                         f"| {r['prompt_tokens_per_s']:.0f} | {ratio:.2f}x |")
-    return lines
+def verdict_lines(verdicts: list[dict]) -> list[str]:
+    """Each compressed quant against its size-matched teacher quant: KL and the decode-speed ratio
+    of the two files run in turn (``evaluation.equal_size_verdicts``)."""
+    lines = ["| compressed | MiB | KL | teacher quant | MiB | KL | decode ratio | load |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for v in verdicts:
+        ratio = f"{v['decode_ratio']:.2f}x" if v.get("decode_ratio") is not None else "-"
+        load = f"{v['load_average'][0]:.1f}" if v.get("load_average") else "-"
+        lines.append(f"| {v['name']} | {v['size_bytes'] / 2**20:.1f} | {v['kl']:.3f} | {v['teacher_quant']} | "
+                     f"{v['teacher_size_bytes'] / 2**20:.1f} | {v['teacher_kl']:.3f} | {ratio} | {load} |")
+    return lines + ["", *(f"- {v['sentence']}" for v in verdicts)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench-evaluate/run"))
-    parser.add_argument("--teacher-quants", default="Q4_K_M,Q8_0")
+    parser.add_argument("--teacher-quants", default="auto")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--speed-rounds", type=int, default=2,
-                        help="Extra alternating speed runs per pair (compressed, teacher) after the run.")
     args = parser.parse_args()
     overrides = ["ollama.register=false", f"evaluate.teacher_quants=[{args.teacher_quants}]", *args.overrides]
     load_before = os.getloadavg()
@@ -83,8 +59,7 @@ def main() -> None:
     stages = lock["stages"]
     evaluation = stages["evaluate"]["metrics"]["evaluation"]
     rows = evaluation["rows"]
-    remeasure_pairs(rows, args.speed_rounds)
-    threads = next((r["threads"] for r in rows if r.get("threads")), "?")
+    threads = next((r["speed_threads"] for r in rows if r.get("speed_threads")), "?")
     timing = ", ".join(f"{name} {s.get('seconds', 0):.1f} s" if s["status"] in ("done", "cached")
                        else f"{name} {s['status']}" for name, s in stages.items())
     text = "\n".join([
@@ -99,10 +74,9 @@ def main() -> None:
         f"held-out corpus; knowledge: {evaluation['knowledge_questions']} questions; llama.cpp threads: {threads}",
         f"- wall clock {seconds:.0f} s; stages: {timing}", "",
         f"*{QUALITY_RETAINED}.*", "", *table_lines(rows), "",
-        "Decode speed in llama.cpp, compressed model vs the original at the same quant "
-        f"({threads} thread(s), 64 greedy tokens after a 256-token prompt; fastest of the stage's 3 runs and "
-        f"{args.speed_rounds} more alternating rounds of 3, so both models saw the same load):", "",
-        *speed_lines(rows), "",
+        "Worth it at equal size: each compressed quant against the teacher quant with the lowest KL at its size "
+        f"or smaller; decode ratio from the two files run in turn ({threads} thread(s), median of 3 rounds):", "",
+        *verdict_lines(evaluation.get("verdicts") or []), "",
         f"Greedy answer to \"{evaluation['prompts'][0]}\":", "",
         *[f"- {r['name']}: {json.dumps((r.get('answers') or [''])[0])}" for r in rows], "",
     ])

@@ -41,11 +41,13 @@ def shape_of(model_type: str, config: dict):
             other += p.numel()
         else:
             counts[int(found.group(1))] = counts.get(int(found.group(1)), 0) + p.numel()
-    return ModelShape(tuple(counts[i] for i in sorted(counts)), other, config["hidden_size"], config["vocab_size"])
+    return ModelShape(tuple(counts[i] for i in sorted(counts)), other, config["hidden_size"], config["vocab_size"],
+                      intermediate_size=config["intermediate_size"])
 
 
 def main() -> None:
-    from ollama_compress.planner import heal_memory_bytes, trainable_params
+    from ollama_compress.planner import heal_memory_bytes
+    from ollama_compress.recipe import Heal
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--gpus", type=int, nargs="+", default=[2, 4, 8])
@@ -54,12 +56,11 @@ def main() -> None:
     print("|---|---|---:|" + "---:|" * len(args.gpus))
     for name, (model_type, config, removed) in SHAPES.items():
         shape = shape_of(model_type, config)
-        params = shape.params(removed)
         for train in ("neighbours", "all"):
-            def gib(shards: int) -> str:
-                estimate = heal_memory_bytes(shape, params, trainable_params(shape, removed, train), micro_batch=8,
-                                             seq_len=512, layers=shape.num_layers - removed,
-                                             hidden=shape.hidden_size, teacher_bytes=2, shards=shards)
+            heal = Heal(batch_size=8, seq_len=512, train=train, gradient_checkpointing=True)
+
+            def gib(shards: int, heal: Heal = heal) -> str:
+                estimate = heal_memory_bytes(shape, removed, heal, device="cuda", autocast=True, shards=shards)
                 return f"{estimate['total'] / 2**30:.1f} GiB"
             print(f"| {name} | {train} | {gib(1)} | " + " | ".join(gib(n) for n in args.gpus) + " |")
 

@@ -1,23 +1,35 @@
-"""Heal throughput on a CUDA GPU at Qwen2.5-3B scale (random weights, no download).
+"""Heal throughput against the machine's own matmul rate, measured in the same run.
 
-Builds a teacher of Qwen2.5-3B-Instruct's shape (36 layers) and a student of 28 layers (layers
-24-31 of the teacher removed, as a layer map), and runs the heal loop (``ollama_compress.trainer``)
-with the recipe's default settings at seq 2048, for ``train: neighbours`` and ``train: all``.
-Reports tokens/s, model FLOPs utilisation and peak GPU memory.
+CPU mode (the default without CUDA): the demo's heal. Teacher: the embedded SmolLM2-135M-Instruct
+(30 layers); student: the teacher pruned to 24 layers by block influence (``bench/heal.py``'s);
+batch 4 x seq 256, ``kl`` + ``hidden_mse``, train all, ``heal.dtype: auto``, through
+``hooks.heal.heal_model`` (the function behind the heal stage and command). In the same process it
+first measures the CPU's bf16 and fp32 matmul rates at the heal's shapes with
+``machine.matmul_rate`` (the measurement ``heal.dtype: auto`` decides by; the heal reuses it).
+Then ``--warmup`` untimed steps, ``--steps`` timed ones and one profiled step.
 
-MFU counts, per trained token, 2 N_teacher (teacher forward) + 6 N_student (student forward and
-backward, as if every weight trained) + attention (PaLM: 4 L d T teacher forward, 12 L d T student),
-N without the embedding table, divided by the GPU's dense bf16 peak (--peak-tflops, default 989
-for H100/H200 SXM). On a machine without CUDA it says so and exits 0.
+It prints one JSON line: tokens/s, achieved GFLOP/s counting (2 x teacher params + 6 x student
+params) per token, the ratio to the faster matmul rate (the issue's goal: >= 0.6), peak RSS, the
+heal's dtype choice; and writes the profile of one step (backward functions and the optimizer, then top ops by self CPU time)
+to ``--profile-out``. About 3-5 minutes on a 2-core CPU; run it with nothing else running:
 
-    python bench/heal_throughput.py [--seq-len 2048] [--batch 8] [--steps 6] [--modes neighbours all]
+    python bench/heal_throughput.py --cpu [--steps 8] [--profile-out runs/bench-heal/profile-step.txt]
+
+GPU mode (with CUDA, or ``--gpu``): a teacher of Qwen2.5-3B-Instruct's shape (36 layers, random
+weights) and a 28-layer student (layers 24-31 removed) at seq 2048, for ``train: neighbours`` and
+``train: all``; tokens/s, model FLOPs utilisation against ``--peak-tflops`` (PaLM count: N without
+embeddings, attention added) and against the bf16 matmul rate measured here, peak GPU memory.
+
+    python bench/heal_throughput.py --gpu [--seq-len 2048] [--batch 8] [--steps 6] [--modes neighbours all]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
+from pathlib import Path
 
 QWEN25_3B = dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16, num_key_value_heads=2,
                  vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
@@ -25,6 +37,104 @@ QWEN25_3B = dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=
 REMOVED = list(range(24, 32))
 
 
+def stated_flops_per_token(teacher_params: int, student_params: int) -> float:
+    """The issue's count: teacher forward 2 N_teacher, student forward and backward 6 N_student."""
+    return 2.0 * teacher_params + 6.0 * student_params
+
+
+def peak_rss_gib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
+# ---------------------------------------------------------------- CPU: the demo's heal
+class StepClock:
+    """Times each optimizer step (any optimizer, through torch's global step hook) and profiles one."""
+
+    def __init__(self, profile_step: int, profile_out: Path):
+        self.ends: list[float] = [time.perf_counter()]
+        self.profile_step, self.profile_out = profile_step, profile_out
+        self.profiler = None
+
+    def __enter__(self) -> "StepClock":
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.handle = register_optimizer_step_post_hook(self._after_step)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            self.profiler = None
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        import torch
+
+        self.ends.append(time.perf_counter())
+        done = len(self.ends) - 1
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            write_profile(self.profiler, self.profile_out)
+            self.profiler = None
+        if done == self.profile_step - 1:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profiler.__enter__()
+
+    def step_seconds(self) -> list[float]:
+        return [b - a for a, b in zip(self.ends, self.ends[1:])]
+
+
+def write_profile(profiler, path: Path) -> None:
+    averages = profiler.key_averages()
+    sections = [e for e in averages if e.key.startswith(("Optimizer.step", "autograd::engine"))]
+    total = sum(e.self_cpu_time_total for e in averages) or 1
+    lines = ["# one heal step: backward functions and the optimizer step (CPU time inside each, ms)"]
+    lines += [f"{e.cpu_time_total / 1e3:10.1f}  {e.key}" for e in sorted(sections, key=lambda e: -e.cpu_time_total)]
+    lines += ["", f"# top ops by self CPU time (ms, share of {total / 1e3:.0f} ms)"]
+    for e in sorted(averages, key=lambda e: -e.self_cpu_time_total)[:30]:
+        lines.append(f"{e.self_cpu_time_total / 1e3:10.1f}  {100 * e.self_cpu_time_total / total:5.1f}%  "
+                     f"{e.count:6d}x  {e.key}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run_cpu(args) -> dict:
+    import torch
+    from heal import heal_once, teacher_and_pruned  # bench/heal.py: the demo's teacher and cut, heal_model
+
+    from ollama_compress import machine, modelio
+
+    from ollama_compress.hooks.heal import command_settings
+    from ollama_compress.planner import parameter_count
+
+    threads = machine.use_physical_cores()
+    teacher, pruned = teacher_and_pruned()
+    steps = args.warmup + args.steps + 1
+    overrides = [f"heal.steps={steps}", "heal.checkpoint_every=0", "data.heal={from: default}",
+                 "data.heldout={from: default, split: heldout, samples: 2, seq_len: 256}", *args.overrides]
+    settings, _ = command_settings(str(pruned), overrides)  # the demo's heal: the recipe defaults
+    tokens = settings.batch_size * settings.seq_len
+    micro = (settings.micro_batch or settings.batch_size) * settings.seq_len
+    config = modelio.read_config(pruned)
+    shapes = machine.heal_shapes(micro, config["hidden_size"], config["intermediate_size"], config["vocab_size"])
+    rates = dict(machine.measure_rates(tuple(shapes)))  # cached: the heal's dtype: auto decides by these
+    with StepClock(profile_step=steps, profile_out=args.profile_out) as clock:
+        result = heal_once("throughput", overrides)
+    timed = clock.step_seconds()[args.warmup:args.warmup + args.steps]
+    tokens_per_s = tokens * len(timed) / sum(timed)
+    flops = stated_flops_per_token(parameter_count(teacher), parameter_count(pruned))
+    achieved = tokens_per_s * flops / 1e9
+    best = max(rates.values())
+    return {"mode": "cpu", "threads": threads, "torch": torch.__version__,
+            "matmul_gflops": {k: round(v, 1) for k, v in rates.items()}, "shapes": shapes,
+            "dtype": result.get("dtype"), "steps_timed": len(timed),
+            "step_s": [round(s, 2) for s in timed], "tokens_per_s": round(tokens_per_s, 1),
+            "gflop_per_token": round(flops / 1e9, 4), "achieved_gflops": round(achieved, 1),
+            "ratio_to_faster_matmul": round(achieved / best, 3), "peak_rss_gib": peak_rss_gib(),
+            "profile": str(args.profile_out), "heal_wall_s": result["wall_s"]}
+
+
+# ---------------------------------------------------------------- GPU: Qwen2.5-3B shape
 def build(num_layers: int, dtype, device):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -40,6 +150,10 @@ def non_embedding_params(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
 
 
+def all_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def flops_per_token(teacher, student, seq_len: int) -> float:
     cfg_t, cfg_s = teacher.config, student.config
     d = cfg_t.hidden_size
@@ -49,7 +163,7 @@ def flops_per_token(teacher, student, seq_len: int) -> float:
     return teacher_f + student_f
 
 
-def run_mode(mode: str, args) -> dict:
+def run_mode(mode: str, args, bf16_gflops: float) -> dict:
     import torch
 
     from ollama_compress import distill, trainer
@@ -87,8 +201,10 @@ def run_mode(mode: str, args) -> dict:
     timed = times[args.warmup:]
     tokens_per_s = args.batch * args.seq_len * len(timed) / sum(timed)
     mfu = tokens_per_s * flops_per_token(teacher, student, args.seq_len) / (args.peak_tflops * 1e12)
+    stated = tokens_per_s * stated_flops_per_token(all_params(teacher), all_params(student)) / 1e9
     result = {"mode": mode, "seq_len": args.seq_len, "batch": args.batch, "micro_batch": run.state.micro_batch,
               "tokens_per_s": round(tokens_per_s, 1), "mfu": round(mfu, 4),
+              "ratio_to_bf16_matmul": round(stated / bf16_gflops, 3),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
               "losses": list(default_loss_names(defaults))}
     del run, student, teacher
@@ -99,27 +215,55 @@ def default_loss_names(defaults) -> list[str]:
     return [k for k, v in defaults.loss.items() if v > 0]
 
 
+def run_gpu(args) -> int:
+    import torch
+
+    from ollama_compress import machine
+
+    print(f"device: {torch.cuda.get_device_name()}", file=sys.stderr)
+    cfg = QWEN25_3B
+    shapes = [(args.batch * args.seq_len, cfg["hidden_size"], cfg["intermediate_size"]),
+              (args.batch * args.seq_len, cfg["intermediate_size"], cfg["hidden_size"])]
+    bf16 = machine.matmul_rate(torch.bfloat16, shapes, device="cuda", seconds=2.0)
+    print(json.dumps({"matmul_gflops": {"bfloat16": round(bf16, 1)}}))
+    for mode in args.modes:
+        started = time.perf_counter()
+        result = run_mode(mode, args, bf16)
+        result["wall_s"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(result))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--cpu", action="store_true", help="the demo's heal on this CPU (default without CUDA)")
+    where.add_argument("--gpu", action="store_true", help="the Qwen2.5-3B-shaped heal on CUDA")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: cpu 8, gpu 6)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: cpu 1, gpu 2)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="cpu: a heal.* or data.* override (e.g. heal.dtype=float32)")
+    parser.add_argument("--profile-out", type=Path, default=Path("runs/bench-heal/profile-step.txt"))
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--micro", type=int, default=None, help="micro-batch (default: the batch; halved on OOM)")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=["neighbours", "all"])
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     args = parser.parse_args()
     import torch
 
-    if not torch.cuda.is_available():
-        print("heal_throughput: needs a CUDA GPU; none is visible here, nothing measured")
+    gpu = args.gpu or (not args.cpu and torch.cuda.is_available())
+    if gpu and not torch.cuda.is_available():
+        print("heal_throughput --gpu: needs a CUDA GPU; none is visible here, nothing measured")
         return 0
-    print(f"device: {torch.cuda.get_device_name()}", file=sys.stderr)
-    for mode in args.modes:
-        started = time.perf_counter()
-        result = run_mode(mode, args)
-        result["wall_s"] = round(time.perf_counter() - started, 1)
-        print(json.dumps(result))
+    if args.steps is None:
+        args.steps = 6 if gpu else 8
+    if args.warmup is None:
+        args.warmup = 2 if gpu else 1
+    args.warmup = max(args.warmup, 0 if gpu else 1)  # cpu: the first step's time also holds the loading
+    if gpu:
+        return run_gpu(args)
+    print(json.dumps(run_cpu(args)))
     return 0
 
 

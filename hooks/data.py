@@ -13,11 +13,15 @@ A recipe ``data`` entry (``TextSource``) names a *kind* of source in ``from``:
   (``[{"role": ..., "content": ...}]``), the latter rendered through the model's own chat template.
 * ``hf``: a Hugging Face dataset by name (``dataset``, ``split``); needs the optional ``datasets``
   package and a network.
-* ``teacher``: text the model itself generates (greedy, so reproducible) from seed prompts
-  (``prompts``, or a built-in set of 36), rendered through its chat template; the token budget
-  ``samples x seq_len`` is spread over the prompts (16 to 256 new tokens per reply). This is the model-generated
-  alternative to the shipped corpus: the text matches what the model actually produces. It is
-  generated once and cached (in the run directory, or a given cache directory).
+* ``teacher``: chat the teacher writes with llama.cpp (``ollama_compress.teacher_chat``, many
+  replies decoded at once) from a prompt set: ``prompts``, the JSON lines of ``path`` (``prompt``
+  and ``category``), or the shipped ``prompts.jsonl`` (330 instructions: everyday questions,
+  facts, how-to, code, math, writing). Sampled (``temperature``, ``top_p``, ``seed``), each reply
+  up to ``max_new_tokens``; prompt and reply together, in the model's chat template, are the text.
+  Its size: ``tokens``, else (in ``data.heal``) what keeps each heal window seen at most twice
+  (``heal_chat_tokens``), else ``samples x seq_len``. The teacher GGUF is the source GGUF, or the
+  teacher exported and quantized through the hooks. Cached by content in the user cache
+  (``~/.cache/ollama-compress/teacher-chat``).
 
 Plugins add kinds through ``register_data_sources``; a kind's function is
 ``fn(spec, tokenizer, ctx) -> list[str]``. ``calibration_batches`` joins the texts with the EOS token
@@ -26,6 +30,7 @@ and cuts ``spec.samples`` windows of ``spec.seq_len`` tokens, chosen determinist
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
@@ -40,47 +45,9 @@ from ollama_compress.recipe import TextSource
 
 DEFAULT_FILES = {"calibration": "calibration.txt", "heldout": "heldout.txt"}
 
-# Seed prompts for `teacher`: varied tasks so the generated text covers what a chat model is used for.
-TEACHER_PROMPTS = (
-    "Explain how a refrigerator keeps food cold, in simple terms.",
-    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
-    "What are the main differences between a list and a tuple in Python? Give examples.",
-    "Give me five tips for staying focused while studying.",
-    "Summarize the water cycle in one paragraph.",
-    "Write a polite email asking a colleague to review a document by Friday.",
-    "How do vaccines train the immune system?",
-    "Write a Python function that checks whether a string is a palindrome, and explain it.",
-    "What causes the seasons on Earth?",
-    "Describe a healthy breakfast and why it is good for you.",
-    "Translate 'Where is the train station?' into French, Spanish and German.",
-    "Explain what a binary search is and when to use it.",
-    "Write a haiku about autumn rain.",
-    "What is the difference between weather and climate?",
-    "List the planets of the solar system in order from the Sun with one fact about each.",
-    "How does compound interest work? Give a numeric example.",
-    "Write a JavaScript function that returns the largest number in an array.",
-    "What should I pack for a three-day hiking trip?",
-    "Explain photosynthesis to a ten-year-old.",
-    "Give a short history of the printing press.",
-    "What is a good way to apologize to a friend after an argument?",
-    "Describe how to make a simple tomato pasta sauce.",
-    "Why is the sky blue?",
-    "Explain the rules of chess in a few sentences.",
-    "What are the pros and cons of working from home?",
-    "Write a limerick about a cat who loves to code.",
-    "How do I convert Celsius to Fahrenheit? Show the formula and an example.",
-    "Explain what an API is, with an everyday analogy.",
-    "What are some ways to reduce household energy use?",
-    "Describe the plot of a mystery novel you would like to read.",
-    "What is the Pythagorean theorem? Solve a small example.",
-    "Give advice to someone starting their first job.",
-    "Explain how a bill becomes a law in a parliamentary system, briefly.",
-    "Write a SQL query that counts orders per customer and explain each part.",
-    "What are black holes and how do they form?",
-    "Describe a busy market in a small town early in the morning.",
-)
-
-TEACHER_MAX_NEW_TOKENS = 256
+PROMPTS_FILE = "prompts.jsonl"  # the shipped prompt set of `teacher` (one {"category", "prompt"} a line)
+MAX_WINDOW_VIEWS = 2  # with the default heal data, no heal token window is seen more than this many times
+TEACHER_CHAT_VERSION = 1  # part of the cache key: bump when the generated text would change
 
 
 # ---------------------------------------------------------------- helpers
@@ -89,10 +56,9 @@ def read_text_file(path: str | os.PathLike, what: str) -> str:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} file {path} does not exist; give a path to a text file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {what} file {path}: {exc}") from None
+    from ollama_compress.safe_read import read_text
+
+    text = read_text(path, "data", f"{what} file {path}")  # a regular file of sane size, UTF-8
     if not text.strip():
         raise UserError(f"{what} file {path} is empty; give a file with text in it")
     return text
@@ -155,10 +121,9 @@ def jsonl_texts(spec: TextSource, tokenizer=None, ctx=None) -> list[str]:
         if not line.strip():
             continue
         where = f"{path} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{where}: not valid JSON ({exc.msg})") from None
+        from ollama_compress.safe_read import parse_json
+
+        record = parse_json(line, where)
         texts.append(_record_text(record, tokenizer, where))
     return _nonempty(texts, str(path))
 
@@ -187,7 +152,117 @@ def hf_texts(spec: TextSource, tokenizer=None, ctx=None) -> list[str]:
     return _nonempty(texts, f"dataset {spec.dataset}")
 
 
-# ---------------------------------------------------------------- teacher-generated text
+# ---------------------------------------------------------------- teacher-written chat
+def window_views(tokens_needed: int, tokens_available: int) -> float:
+    """How many times each heal token window is seen: tokens consumed over tokens available."""
+    return tokens_needed / max(1, tokens_available)
+
+
+def heal_chat_tokens(spec: TextSource, data, heal, tokenizer, ctx=None) -> int:
+    """Tokens of teacher chat that ``spec`` (a `teacher` entry of ``data.heal``) writes for ``heal``.
+
+    ``spec.tokens`` when given; else what the heal still lacks after its other sources so that
+    each window is seen at most ``MAX_WINDOW_VIEWS`` times, split evenly over the `teacher` entries
+    (0 when the other sources suffice). A minutes budget is sized as ``heal.steps`` steps.
+    """
+    from ollama_compress.hooks.heal import heal_tokens_needed
+
+    if spec.tokens is not None:
+        return spec.tokens
+    needed = heal_tokens_needed(heal)
+    if needed is None:  # a minutes budget: sized as for the default step count
+        needed = heal.steps * heal.batch_size * heal.seq_len
+    sources = data.heal_sources()
+    teachers = [s for s in sources if s.from_ == "teacher"]
+    others = sum(len(token_stream(load_texts(s, tokenizer, ctx), tokenizer)) for s in sources if s.from_ != "teacher")
+    missing = -(-needed // MAX_WINDOW_VIEWS) - others - sum(s.tokens or 0 for s in teachers)
+    unsized = sum(1 for s in teachers if s.tokens is None)
+    return max(0, -(-missing // max(1, unsized)))
+
+
+def _chat_token_target(spec: TextSource, tokenizer, ctx) -> int:
+    """The size of a `teacher` source: set, derived from the recipe's heal, or ``samples x seq_len``."""
+    if spec.tokens is not None:
+        return spec.tokens
+    recipe = getattr(ctx, "recipe", None)
+    if recipe is not None and recipe.heal is not None and spec in recipe.data.heal_sources():
+        return heal_chat_tokens(spec, recipe.data, recipe.heal, tokenizer, ctx)
+    return spec.samples * spec.seq_len
+
+
+def teacher_prompts(spec: TextSource) -> list[tuple[str, str]]:
+    """(category, prompt) pairs: ``spec.prompts``, the JSON lines of ``spec.path``, or the shipped set."""
+    if spec.prompts is not None:
+        prompts = [("given", p) for p in spec.prompts if p.strip()]
+        if not prompts:
+            raise UserError("data source 'teacher': 'prompts' has no text; give at least one prompt")
+        return prompts
+    if spec.path:
+        content, where = read_text_file(spec.path, "prompts"), spec.path
+    else:
+        content, where = resources.files("ollama_compress.data").joinpath(PROMPTS_FILE).read_text("utf-8"), PROMPTS_FILE
+    prompts = []
+    for number, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where} line {number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+            raise UserError(f"{where} line {number}: expected a JSON object with a 'prompt' string")
+        prompts.append((str(record.get("category", "")), record["prompt"]))
+    return _nonempty_prompts(prompts, where)
+
+
+def _nonempty_prompts(prompts: list, where: str) -> list:
+    if not prompts:
+        raise UserError(f"{where} has no prompts; give a JSON line with a 'prompt' string")
+    return prompts
+
+
+def _chat_template_tokenizer(tokenizer):
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise UserError("data source 'teacher' needs the model's tokenizer with a chat template")
+    return tokenizer
+
+
+def prompt_text(tokenizer, prompt: str) -> str:
+    """``prompt`` as a user turn in the model's chat template, ready for the assistant's reply."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def conversation_text(tokenizer, prompt: str, reply: str) -> str:
+    """The whole conversation, prompt and reply, in the model's chat template (the heal text)."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                          {"role": "assistant", "content": reply}], tokenize=False)
+
+
+def teacher_gguf(model, ctx=None, log=lambda message: None) -> Path:
+    """The teacher as a GGUF llama.cpp can run.
+
+    The recipe's source GGUF when the source is one (``embedded:``, a ``.gguf`` file) and the heal
+    has no other teacher; otherwise ``model`` (an HF directory) exported through the ``export_gguf``
+    hook and quantized to Q8_0 through ``quantize_gguf``, cached in the user cache by content.
+    """
+    if isinstance(model, (str, os.PathLike)) and Path(model).is_file():
+        return Path(model)
+    recipe = getattr(ctx, "recipe", None)
+    if recipe is not None and (recipe.heal is None or recipe.heal.teacher is None):
+        from ollama_compress.hooks.source import source_path
+
+        path = source_path(recipe.source, ctx.options)
+        if path.is_file():
+            return path
+    if not isinstance(model, (str, os.PathLike)):
+        model = _model_dir_from_ctx(ctx) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not model or not Path(model).is_dir():
+        raise UserError("data source 'teacher' needs the model that writes the text (an HF directory or a GGUF); "
+                        "none was given")
+    return _exported_teacher(Path(model), ctx, log)
+
+
 def _model_dir_from_ctx(ctx) -> Any:
     if ctx is None:
         return None
@@ -198,92 +273,135 @@ def _model_dir_from_ctx(ctx) -> Any:
     return None
 
 
-def _model_identity(model) -> str:
-    """Cheap identity of a model for the cache key: its directory's file names, sizes, mtimes."""
-    if isinstance(model, (str, os.PathLike)):
-        path = Path(model).resolve()
-        files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in path.iterdir() if p.is_file())
-        return settings_hash(str(path), files)
-    weights = [(name, tuple(p.shape), float(p.detach().float().flatten()[:64].sum()))
-               for name, p in list(model.named_parameters())[:4]]
-    return settings_hash(model.config.to_dict(), weights)
+def _exported_teacher(model_dir: Path, ctx, log) -> Path:
+    import shutil
+    import tempfile
+
+    from ollama_compress.context import RunOptions, StageContext
+    from ollama_compress.embedded import cache_dir
+    from ollama_compress.fsutil import Fingerprints
+    from ollama_compress.plugins import call_first
+    from ollama_compress.recipe import validate
+
+    digest = Fingerprints(cache_dir() / "fingerprints.json").sha256(model_dir)
+    final = cache_dir() / "teacher-gguf" / f"{digest[:16]}-Q8_0.gguf"
+    if final.is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    log(f"exporting the teacher {model_dir} to GGUF (Q8_0) for llama.cpp, cached in {final.parent}")
+    options = ctx.options if ctx is not None else RunOptions()
+    recipe = validate({"recipe_version": 1, "name": "teacher", "source": {"model": str(model_dir)}}, "teacher")
+    with tempfile.TemporaryDirectory(dir=final.parent) as scratch:
+        stage = StageContext(stage="teacher-gguf", recipe=recipe, run_dir=Path(scratch), out_dir=Path(scratch),
+                             options=options, section="teacher_gguf")
+        base = call_first("export_gguf", ctx=stage, model_dir=model_dir, outtype="F16")
+        quantized = call_first("quantize_gguf", ctx=stage, gguf_path=Path(base), quant="Q8_0")
+        with atomic_path(final) as tmp:
+            shutil.move(str(quantized), tmp)
+    return final
 
 
-def _teacher_cache_file(spec: TextSource, model, ctx, cache_dir) -> Path:
-    if cache_dir is None:
-        if ctx is not None:
-            cache_dir = Path(ctx.run_dir) / "cache" / "teacher-data"
-        else:
-            from ollama_compress.embedded import cache_dir as user_cache
+def _sampling(spec: TextSource):
+    from ollama_compress.teacher_chat import Sampling
 
-            cache_dir = user_cache() / "teacher-data"
-    key = settings_hash(_model_identity(model), list(spec.prompts or TEACHER_PROMPTS),
-                        spec.samples, spec.seq_len, spec.seed, TEACHER_MAX_NEW_TOKENS)
-    return Path(cache_dir) / f"{key[:20]}.jsonl"
+    return Sampling(temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens,
+                    seed=spec.seed)
 
 
-def reply_length(token_budget: int, num_prompts: int) -> int:
-    """New tokens per reply: the token budget spread over the prompts, within [16, 256]."""
-    return min(TEACHER_MAX_NEW_TOKENS, max(16, -(-token_budget // max(1, num_prompts))))
+def teacher_chat_file(spec: TextSource, gguf: Path, tokenizer, tokens: int, cache_dir=None) -> Path:
+    """Where the chat of these settings is cached: the user cache, named by a hash of everything
+    the text depends on (the teacher GGUF's sha256, prompts, chat template, sampling, size)."""
+    from ollama_compress.embedded import cache_dir as user_cache
+    from ollama_compress.fsutil import Fingerprints
+
+    sha = Fingerprints(user_cache() / "fingerprints.json").sha256(gguf)
+    key = settings_hash(TEACHER_CHAT_VERSION, sha, teacher_prompts(spec), tokenizer.chat_template,
+                        vars(_sampling(spec)), tokens)
+    return Path(cache_dir or user_cache() / "teacher-chat") / f"{key[:24]}.jsonl"
 
 
-def _generate_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int) -> list[tuple[str, str]]:
-    import torch
+def generate_teacher_chat(spec: TextSource, gguf: Path, tokenizer, tokens: int, batch: int | None = None,
+                          chat=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Conversations written by the teacher until they hold ``tokens`` tokens, and the figures.
 
-    pairs = []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    torch.manual_seed(seed)
-    for prompt in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-        ids = ids.to(model.device)
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, repetition_penalty=1.2,
-                                 pad_token_id=pad)
-        pairs.append((prompt, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()))
-    return pairs
-
-
-def _loaded_teacher(model, tokenizer, ctx):
-    """The model (loaded from its directory if a path) and a tokenizer with a chat template."""
-    if isinstance(model, (str, os.PathLike)):
-        from ollama_compress import modelio
-
-        options = ctx.options if ctx is not None else None
-        tokenizer = tokenizer or modelio.load_tokenizer(model, options)
-        device = ctx.device if ctx is not None else "cpu"
-        model = modelio.load_model(model, options, dtype="float32", device=device)
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise UserError("data source 'teacher' needs a tokenizer with a chat template")
-    return model, tokenizer
-
-
-def teacher_texts(spec: TextSource, tokenizer=None, ctx=None, model=None, cache_dir=None) -> list[str]:
-    """Conversations the model generates from seed prompts, chat-formatted; cached on disk.
-
-    ``model`` is a loaded causal LM or an HF directory; without it the model directory is taken
-    from ``ctx.inputs`` (``model_dir``, ``model`` or ``source``).
+    Conversation ``i`` answers prompt ``i mod len(prompts)`` (sampled with its own seed, so a
+    prompt used again gets another reply); each is ``{category, prompt, reply, tokens}``, where
+    ``tokens`` counts the whole rendered conversation as the heal tokenizes it.
     """
-    model = model if model is not None else _model_dir_from_ctx(ctx)
-    if model is None:
-        raise UserError("data source 'teacher' needs the model that writes the text; none was given")
-    cache_file = _teacher_cache_file(spec, model, ctx, cache_dir)
+    import time
+
+    from ollama_compress import teacher_chat
+
+    prompts = teacher_prompts(spec)
+    sampling = _sampling(spec)
+    rendered: dict[int, str] = {}
+
+    def text(i: int) -> str:
+        if i >= len(prompts) and sampling.temperature == 0:
+            raise UserError(f"data source 'teacher': {tokens} tokens need more than the {len(prompts)} prompts, and "
+                            "greedy decoding (temperature: 0) would repeat their replies; give more prompts, fewer "
+                            "tokens or a temperature above 0")
+        rendered[i] = prompt_text(tokenizer, prompts[i % len(prompts)][1])
+        return rendered[i]
+
+    records: list[dict[str, Any]] = []
+
+    def enough(replies: list[list[int]]) -> bool:
+        for i in range(len(records), len(replies)):
+            category, prompt = prompts[i % len(prompts)]
+            reply = engine.detokenize(replies[i]).strip()
+            count = len(tokenizer(conversation_text(tokenizer, prompt, reply), add_special_tokens=False)["input_ids"])
+            records.append({"category": category, "prompt": prompt, "reply": reply, "tokens": count,
+                            "new_tokens": len(replies[i])})
+        return sum(r["tokens"] for r in records) >= tokens
+
+    longest = max(len(tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"]) for _, p in prompts)
+    started = time.perf_counter()
+    engine = chat or teacher_chat.LlamaChat(gguf, batch or teacher_chat.DEFAULT_BATCH,
+                                            longest + 16 + sampling.max_new_tokens)
+    try:
+        teacher_chat.generate_replies(engine, text, sampling, enough)
+        decode_calls = engine.decode_calls
+    finally:
+        if chat is None:
+            engine.close()
+    seconds = time.perf_counter() - started
+    new = sum(r["new_tokens"] for r in records)
+    figures = {"conversations": len(records), "tokens": sum(r["tokens"] for r in records), "new_tokens": new,
+               "seconds": round(seconds, 1), "new_tokens_per_s": round(new / max(seconds, 1e-9), 1),
+               "batch": engine.batch_size, "threads": engine.threads, "decode_calls": decode_calls}
+    return records, figures
+
+
+def teacher_texts(spec: TextSource, tokenizer=None, ctx=None, model=None, cache_dir=None, tokens: int | None = None,
+                  log=None) -> list[str]:
+    """Conversations the teacher writes with llama.cpp from the prompt set, chat-formatted; cached.
+
+    ``tokens``: how much to write (default: ``spec.tokens``, else derived from the recipe's heal, else
+    ``samples x seq_len``); 0 writes nothing. ``model`` is a GGUF, an HF directory or a loaded model
+    (without it, ``ctx.inputs`` names one).
+    """
+    log = log or (ctx.log if ctx is not None else (lambda message: None))
+    tokenizer = _chat_template_tokenizer(tokenizer)
+    tokens = tokens if tokens is not None else _chat_token_target(spec, tokenizer, ctx)
+    if tokens == 0:
+        return []
+    gguf = teacher_gguf(model if model is not None else _model_dir_from_ctx(ctx), ctx, log)
+    cache_file = teacher_chat_file(spec, gguf, tokenizer, tokens, cache_dir)
     if cache_file.is_file():
-        pairs = [json.loads(line) for line in cache_file.read_text(encoding="utf-8").splitlines() if line]
+        records = [json.loads(line) for line in cache_file.read_text(encoding="utf-8").splitlines() if line]
+        log(f"teacher chat: reusing {len(records)} conversations ({sum(r['tokens'] for r in records)} tokens) "
+            f"from {cache_file}")
     else:
-        model, tokenizer = _loaded_teacher(model, tokenizer, ctx)
-        prompts = list(spec.prompts or TEACHER_PROMPTS)
-        max_new = reply_length(spec.samples * spec.seq_len, len(prompts))
-        pairs = _generate_replies(model, tokenizer, prompts, max_new, spec.seed)
+        log(f"teacher chat: writing {tokens} tokens of conversations with llama.cpp from {gguf.name}")
+        records, figures = generate_teacher_chat(spec, gguf, tokenizer, tokens)
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache_file) as tmp:
-            tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-    if tokenizer is None:
-        raise UserError("data source 'teacher' needs the model's tokenizer to format the conversations")
-    return [tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                           {"role": "assistant", "content": reply}], tokenize=False)
-            for prompt, reply in pairs]
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        log(f"teacher chat: {figures['conversations']} conversations, {figures['tokens']} tokens in "
+            f"{figures['seconds']:.0f} s ({figures['new_tokens_per_s']:.0f} generated tokens/s, "
+            f"{figures['batch']} at once, {figures['threads']} threads); cached in {cache_file}")
+    return [conversation_text(tokenizer, r["prompt"], r["reply"]) for r in records]
 
 
 @hookimpl
@@ -292,15 +410,17 @@ def register_data_sources(register) -> None:
     register("text", text_file_texts, "a plain UTF-8 text file (path)")
     register("jsonl", jsonl_texts, "JSON lines with a 'text' or chat 'messages' field (path)")
     register("hf", hf_texts, "a Hugging Face dataset by name (dataset, split); needs 'datasets' and a network")
-    register("teacher", teacher_texts, "text the model generates from seed prompts (prompts), cached")
+    register("teacher", teacher_texts, "chat the teacher writes with llama.cpp from a prompt set (prompts or path), cached")
 
 
 # ---------------------------------------------------------------- public API
-def load_texts(spec: TextSource, tokenizer=None, ctx=None, model=None, cache_dir=None) -> list[str]:
+def load_texts(spec: TextSource, tokenizer=None, ctx=None, model=None, cache_dir=None, tokens: int | None = None,
+               log=None) -> list[str]:
     """Texts of a recipe data entry, from the registered source of kind ``spec.from_``.
 
-    ``model`` (a loaded model or an HF directory) and ``cache_dir`` are passed to sources that
-    accept them (``teacher``).
+    ``model`` (a model, HF directory or GGUF), ``cache_dir``, ``tokens`` (how much to write) and
+    ``log`` are passed to sources that accept them (``teacher``). A `teacher` source that has
+    nothing to write (the heal's other sources suffice) gives no texts.
     """
     from ollama_compress.errors import NotAvailable
     from ollama_compress.plugins import capability
@@ -310,8 +430,12 @@ def load_texts(spec: TextSource, tokenizer=None, ctx=None, model=None, cache_dir
     except NotAvailable as exc:
         raise UserError(str(exc)) from None
     params = inspect.signature(fn).parameters
-    extra = {k: v for k, v in (("model", model), ("cache_dir", cache_dir)) if k in params and v is not None}
-    return _nonempty(fn(spec, tokenizer, ctx, **extra), f"data source '{spec.from_}'")
+    extra = {k: v for k, v in (("model", model), ("cache_dir", cache_dir), ("tokens", tokens), ("log", log))
+             if k in params and v is not None}
+    texts = fn(spec, tokenizer, ctx, **extra)
+    if not texts and spec.from_ == "teacher":
+        return []
+    return _nonempty(texts, f"data source '{spec.from_}'")
 
 
 def token_stream(texts: list[str], tokenizer) -> list[int]:
@@ -344,6 +468,74 @@ def chunk_stream(ids: list[int], samples: int, seq_len: int, seed: int) -> list[
         extra = torch.randint(0, len(ids) - seq_len + 1, (samples - whole,), generator=gen)
         starts = [i * seq_len for i in range(whole)] + [int(s) for s in extra]
     return [ids[s:s + seq_len] for s in starts]
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text (BOS for most models, none for some)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def text_windows(texts: list[str], tokenizer, samples: int, seq_len: int, seed: int) -> list[list[int]]:
+    """The one rule for held-out windows: ``texts`` joined by ``token_stream``, ``samples`` windows
+    of ``seq_len`` tokens cut by ``chunk_stream``, each with the tokenizer's BOS prefix in front."""
+    prefix = bos_prefix(tokenizer)
+    return [prefix + window for window in chunk_stream(token_stream(texts, tokenizer), samples, seq_len, seed)]
+
+
+def heldout_windows(spec: TextSource, tokenizer, ctx=None, model=None) -> list[list[int]]:
+    """``spec`` (``data.heldout``) as token windows: heal's before/after, evaluate and the quant
+    table all measure on these."""
+    return text_windows(load_texts(spec, tokenizer, ctx, model), tokenizer, spec.samples, spec.seq_len, spec.seed)
+
+
+HELDOUT_SPAN = 32  # tokens per hashed span in the held-out overlap check
+
+
+def _span_hashes(ids: list[int], step: int) -> set[bytes]:
+    import numpy as np
+
+    array = np.asarray(ids, dtype=np.int64)
+    return {hashlib.blake2b(array[i:i + HELDOUT_SPAN].tobytes(), digest_size=12).digest()
+            for i in range(0, len(array) - HELDOUT_SPAN + 1, step)}
+
+
+def training_streams(data: Any, tokenizer, ctx=None, model=None, heal: bool = True) -> dict[str, list[list[int]]]:
+    """Token windows each stage calibrates or trains on, by recipe key: ``data.calibration``'s
+    windows and (``heal``) each ``data.heal`` source's whole stream."""
+    batches = calibration_batches(data.calibration, tokenizer, ctx=ctx, model=model)
+    streams = {"data.calibration": [row for batch in batches for row in batch.tolist()]}
+    if heal:
+        sources = data.heal_sources()
+        for i, spec in enumerate(sources):
+            key = f"data.heal[{i}]" if isinstance(data.heal, list) else "data.heal"
+            streams[key] = [token_stream(load_texts(spec, tokenizer, ctx, model=model), tokenizer)]
+    return streams
+
+
+def check_heldout_unseen(heldout: list[list[int]], streams: dict[str, list[list[int]]], skip: int = 0) -> None:
+    """UserError when any ``HELDOUT_SPAN``-token span of the held-out windows (after ``skip`` prefix
+    tokens) also occurs in one of ``streams``: by hash, whatever the window offsets."""
+    held = set().union(*(_span_hashes(w[skip:], HELDOUT_SPAN) for w in heldout))
+    for key, windows in streams.items():
+        seen = set().union(*(_span_hashes(w, 1) for w in windows))
+        shared = held & seen
+        if shared:
+            raise UserError(f"data.heldout shares text with {key} ({len(shared)} of {len(held)} held-out "
+                            f"{HELDOUT_SPAN}-token spans occur in it); held-out text must be text no stage "
+                            "calibrated or trained on: choose another data.heldout source")
+
+
+def unseen_heldout_windows(data: Any, tokenizer, ctx=None, model=None, heal: bool = True) -> list[list[int]]:
+    """``heldout_windows(data.heldout)`` after checking that no stage calibrates or (``heal``) trains
+    on them (``check_heldout_unseen``): heal runs it before training, evaluate before measuring."""
+    windows = heldout_windows(data.heldout, tokenizer, ctx, model)
+    check_heldout_unseen(windows, training_streams(data, tokenizer, ctx, model, heal), skip=len(bos_prefix(tokenizer)))
+    return windows
 
 
 def calibration_batches(spec: TextSource, tokenizer, ctx=None, model=None, batch_size: int = 1,

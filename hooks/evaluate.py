@@ -13,7 +13,7 @@ import click
 from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import UserError
 from ollama_compress.evaluation import evaluate_run, measure_model
-from ollama_compress.fsutil import atomic_path
+from ollama_compress.fsutil import atomic_path, claim_output_dir
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.recipe import Data, Evaluate, Recipe, Source, TextSource, validate
 from ollama_compress.report import read_json, read_run, write_report
@@ -91,7 +91,7 @@ def register_commands(cli: click.Group) -> None:
     @click.argument("targets", nargs=-1, required=True)
     @click.option("--teacher", help="The original model to measure against (needed unless TARGET is a run directory).")
     @click.option("--heldout", type=click.Path(path_type=Path), help="UTF-8 text file to measure on (default: the shipped held-out text).")
-    @click.option("--teacher-quant", "teacher_quants", multiple=True, help="Also quantize the teacher to this (repeatable).")
+    @click.option("--teacher-quant", "teacher_quants", multiple=True, help="Also quantize the teacher to this (repeatable); auto: the quants nearest each compressed file's size.")
     @click.option("--no-knowledge", is_flag=True, help="Skip the multiple-choice knowledge check.")
     @click.option("--no-speed", is_flag=True, help="Skip the llama.cpp tokens/s measurement.")
     @click.option("--threads", type=int, help="llama.cpp threads (default: half the cores).")
@@ -117,6 +117,8 @@ def register_commands(cli: click.Group) -> None:
         if heldout is not None and not heldout.is_file():
             raise UserError(f"--heldout {heldout} is not a file; give a UTF-8 text file")
         final = out_dir or (run_dir / EVALUATE_DIR if is_run else Path("evaluation"))
+        if final.exists() or final.is_symlink():
+            claim_output_dir(final, "--out")  # empty, or an earlier evaluation: replaced when done
         models = None if is_run else _model_paths(targets, options)
         with atomic_path(final, is_dir=True) as tmp:
             if is_run:
@@ -142,7 +144,7 @@ def register_commands(cli: click.Group) -> None:
     def report_command(run_dir: Path, out_dir: Path | None) -> None:
         """Rebuild report.md and its PNGs from RUN_DIR's run.json and stage files."""
         lock, inputs = read_run(run_dir)
-        target = out_dir or run_dir / EVALUATE_DIR
+        target = claim_output_dir(out_dir or run_dir / EVALUATE_DIR, "--out")
         evaluation = read_json(target / "evaluation.json") or read_json(run_dir / EVALUATE_DIR / "evaluation.json") \
             or ((lock["stages"].get("evaluate") or {}).get("metrics") or {}).get("evaluation")
         path, _ = write_report(target, lock["recipe"].get("name", run_dir.name), evaluation, inputs)

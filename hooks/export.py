@@ -11,28 +11,31 @@ import click
 
 from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import NotAvailable, UserError
+from ollama_compress.fsutil import check_output_dir, claim_output_dir
 from ollama_compress.gguf import OUTTYPES, check_outtype, layer_map_keys, write_gguf
 from ollama_compress.gguf import export_gguf, width_warnings  # noqa: F401  (the writer's API, long imported from here)
 from ollama_compress.hookspecs import hookimpl
 
 
 def export_model(model_dir: Path, out_dir: Path, name: str, outtype: str = "F16", quants: Sequence[str] = (), *,
-                 metadata: dict[str, Any] | None = None, imatrix: Path | None = None, texts: list[str] | None = None,
+                 metadata: dict[str, Any] | None = None, imatrix: Path | str | None = None, texts: list[str] | None = None,
                  options: RunOptions | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write ``{name}-{outtype}.gguf`` into ``out_dir``, then each of ``quants`` measured against it.
 
     The export stage (no quants: the stage runner quantizes through ``quantize_gguf``) and the
-    ``export`` command both call this. ``quants`` adds ``{name}-{quant}.gguf`` files and
-    ``quants.json``. Everything is checked before anything is written. Returns the GGUF's path,
+    ``export`` command both call this. ``quants`` adds ``{name}-{quant}.gguf`` files, made through
+    the ``quantize_gguf`` hook with ``imatrix`` (a file, ``auto`` or None) as ``export.imatrix``,
+    and ``quants.json``. Everything is checked before anything is written. Returns the GGUF's path,
     outtype, size, seconds and width warnings, plus ``quants``, ``rows`` and ``report`` with quants.
     """
     outtype = check_outtype(outtype)
     wanted = [q for q in _parse_quants(quants) if q != outtype]
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    _check_out_dir(out_dir)
-    if imatrix is not None and not Path(imatrix).is_file():
-        raise UserError(f"importance matrix {imatrix} does not exist")
+    check_output_dir(out_dir, "--out", inputs=(model_dir,))
+    if imatrix is not None and str(imatrix) != "auto" and not Path(imatrix).is_file():
+        raise UserError(f"importance matrix {imatrix} does not exist; give a file or 'auto'")
     quantize = _quantize_api() if wanted else None
+    claim_output_dir(out_dir, "--out", inputs=(model_dir,))
     written = write_gguf(model_dir, out_dir / f"{name}-{outtype}.gguf", outtype, {"name": name, **(metadata or {})},
                          options)
     for line in written.width_warnings:
@@ -40,19 +43,13 @@ def export_model(model_dir: Path, out_dir: Path, name: str, outtype: str = "F16"
     result: dict[str, Any] = {**written.to_dict(), "quants": {}}
     if quantize is None:
         return result
+    ctx = quantize.quant_context(out_dir, imatrix, model_dir=model_dir, options=options)
     for quant in wanted:
-        dst = out_dir / quantize.quant_file_name(written.path, quant)
-        quantize.quantize_file(written.path, quant, dst, imatrix=Path(imatrix) if imatrix else None)
-        result["quants"][quant] = str(dst)
+        result["quants"][quant] = str(quantize.quantize_through_hook(ctx, written.path, quant))
     rows = quantize.measure_quants(written.path, {q: Path(p) for q, p in result["quants"].items()}, texts)
     result["report"] = str(quantize.write_quants_report(rows, out_dir))
     result["rows"] = rows
     return result
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir} is a file; the output must be a directory")
 
 
 def _warn(line: str) -> None:
@@ -144,7 +141,8 @@ def register_commands(cli: click.Group) -> None:
     @click.option("--outtype", default="F16", show_default=True,
                   type=click.Choice(OUTTYPES, case_sensitive=False), help="Type of the unquantized GGUF.")
     @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
-    @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix for low-bit quants.")
+    @click.option("--imatrix", help="Importance matrix for low-bit quants: a file, or 'auto' to compute one "
+                  "over the shipped calibration text (as the recipe's export.imatrix).")
     @click.option("--heldout", type=click.Path(path_type=Path),
                   help="UTF-8 text file to measure the quants on (default: the built-in held-out text).")
     @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -158,7 +156,7 @@ def register_commands(cli: click.Group) -> None:
         texts = [read_text_file(heldout, "held-out text")] if heldout else None
         outtype = check_outtype(outtype)
         _parse_quants(quants)  # bad arguments are errors before a GGUF is imported
-        _check_out_dir(out_dir)
+        check_output_dir(out_dir, "--out", inputs=(Path(model),))
         model_dir = resolve_model_dir(model, options)
         result = export_model(model_dir, out_dir, _model_name(model), outtype, quants,
                               imatrix=imatrix, texts=texts, options=options)

@@ -8,10 +8,8 @@ memory, data, held-out overlap), measures KL to the teacher on held-out text, tr
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import re
 import shutil
 import time
 from pathlib import Path
@@ -21,10 +19,11 @@ import click
 
 from ollama_compress import modelio
 from ollama_compress.context import RunOptions, StageContext
-from ollama_compress.errors import UserError
-from ollama_compress.fsutil import atomic_path, settings_hash, write_json
+from ollama_compress.errors import StageFailed, UserError
+from ollama_compress.fsutil import (atomic_path, check_output_dir, claim_output_dir, clean_journal, remove_made,
+                                   remove_made_children, settings_hash, write_json)
 from ollama_compress.hookspecs import hookimpl
-from ollama_compress.recipe import Data, Heal, TextSource
+from ollama_compress.recipe import Data, Heal
 
 LAYER_MAP = "layer_map.json"
 Log = Callable[[str], None]
@@ -36,14 +35,49 @@ def read_layer_map(student_dir: Path, num_layers: int, teacher_layers: int) -> l
     path = Path(student_dir) / LAYER_MAP
     if not path.is_file():
         return None
-    try:
-        mapping = json.loads(path.read_text())["student_to_teacher"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UserError(f"{path} is not a layer map written by prune ({exc}); prune the model again") from None
+    from ollama_compress.safe_read import read_json
+
+    mapping = read_json(path, "layer map", expect=dict).get("student_to_teacher")
+    if not isinstance(mapping, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in mapping):
+        raise UserError(f"{path} is not a layer map written by prune (no student_to_teacher list of layer numbers); "
+                        "prune the model again")
     if len(mapping) != num_layers or any(not 0 <= t < teacher_layers for t in mapping):
         raise UserError(f"{path} maps {len(mapping)} layers into a {teacher_layers}-layer teacher, but the student "
                         f"has {num_layers} layers; is this teacher the model it was pruned from?")
     return [int(t) for t in mapping]
+
+
+def check_something_to_heal(student_dir: Path, teacher_dir: Path, s_config: dict, t_config: dict, terms) -> None:
+    """A UserError when healing cannot mean anything: the student is the teacher (same directory
+    or the same weight files), or a hidden-state loss compares layers of different widths."""
+    nothing = (f"the student {student_dir} is identical to the teacher {teacher_dir}; there is nothing to heal "
+               "(heal a pruned copy of the teacher)")
+    if Path(student_dir).resolve() == Path(teacher_dir).resolve() or _same_weights(student_dir, teacher_dir):
+        raise UserError(nothing)
+    widths = [c.get("hidden_size") for c in (s_config, t_config)]
+    layer_terms = [t.name for t in terms if t.needs_layers]
+    if layer_terms and widths[0] != widths[1]:
+        raise UserError(f"loss {layer_terms[0]} compares hidden states, but the student is {widths[0]} wide and the "
+                        f"teacher {widths[1]}; heal against the model the student was pruned from, or drop "
+                        f"{layer_terms[0]} from heal.loss")
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Whether two model directories hold byte-identical weight files (hashed only when the sizes match)."""
+    import hashlib
+
+    files_a, files_b = modelio.weight_files(a), modelio.weight_files(b)
+    if not files_a or [(f.name, f.stat().st_size) for f in files_a] != [(f.name, f.stat().st_size) for f in files_b]:
+        return False
+
+    def digest(path: Path) -> bytes:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        return h.digest()
+
+    return all(digest(x) == digest(y) for x, y in zip(files_a, files_b))
 
 
 def shared_vocab(student_tok, teacher_tok, student_vocab: int, teacher_vocab: int, log: Log) -> int:
@@ -71,36 +105,18 @@ def matched_layers(setting: str | list[int], num_layers: int) -> list[int]:
     return sorted(set(setting))
 
 
-PARAGRAPH_MIN = 40  # characters; shorter lines (greetings, list items) may repeat by chance
-
-
-def _paragraph_hashes(texts: list[str]) -> set[str]:
-    hashes = set()
-    for text in texts:
-        for part in re.split(r"\n\s*\n|\n(?=User:|Assistant:)", text):
-            norm = " ".join(part.split())
-            if len(norm) >= PARAGRAPH_MIN:
-                hashes.add(hashlib.sha256(norm.encode()).hexdigest())
-    return hashes
-
-
-def check_no_heldout(heal_texts: list[str], heldout_texts: list[str]) -> None:
-    """UserError if any held-out paragraph (by hash) is in the heal text."""
-    if _paragraph_hashes(heal_texts) & _paragraph_hashes(heldout_texts):
-        raise UserError("data.heal contains held-out text (a paragraph of data.heldout); held-out text is never "
-                        "trained on: remove it from the heal data or choose another held-out source")
-
-
-def check_memory(student_dir: Path, teacher_dir: Path, settings: Heal, device: str, teacher_bytes: int,
-                 config: Any, vocab: int, max_memory_gib: float | None, shards: int = 1) -> int:
-    """Bytes the heal needs (per process; ``shards``: FSDP processes sharing the weights); UserError
-    when ``device`` has less free (or ``max_memory_gib``)."""
+def check_memory(student_dir: Path, teacher_dir: Path, settings: Heal, device: str, autocast: bool,
+                 max_memory_gib: float | None, shards: int = 1) -> int:
+    """Bytes the heal needs per process (``planner.heal_memory_bytes``, as ``--dry-run`` shows;
+    ``shards``: FSDP processes sharing the weights); UserError when ``device`` has less free (or
+    ``max_memory_gib``)."""
     from ollama_compress import distill, trainer
+    from ollama_compress.planner import heal_memory_bytes, model_shape
 
-    micro = settings.micro_batch or settings.batch_size
-    needed = trainer.memory_needed(trainer.parameter_count(teacher_dir), trainer.parameter_count(student_dir),
-                                   teacher_bytes, micro * settings.seq_len, config.hidden_size,
-                                   config.num_hidden_layers, vocab, distill.DEFAULT_CHUNK_TOKENS, shards)
+    teacher = model_shape(teacher_dir)
+    removed = teacher.num_layers - model_shape(student_dir).num_layers
+    needed = heal_memory_bytes(teacher, removed, settings, device=device, autocast=autocast,
+                               chunk_tokens=distill.DEFAULT_CHUNK_TOKENS, shards=shards)["total"]
     free = max_memory_gib * 2**30 if max_memory_gib is not None else trainer.available_memory(device)
     if free is not None and needed > free:
         raise UserError(f"the teacher and student do not fit: the heal needs about {needed / 2**30:.2f} GiB on "
@@ -137,22 +153,17 @@ def default_eval_every(settings: Heal, heldout_tokens: int) -> int:
 
 
 # ---------------------------------------------------------------- data
-def heal_texts(data: Data, tokenizer, teacher_dir: Path, ctx: StageContext | None) -> list[str]:
-    from ollama_compress.hooks.data import load_texts
+def heal_texts(data: Data, tokenizer, teacher_dir: Path, ctx: StageContext | None, settings: Heal | None = None,
+               log: Log = lambda message: None) -> list[str]:
+    """The heal's texts from every ``data.heal`` source; `teacher` chat sized for ``settings``."""
+    from ollama_compress.hooks.data import heal_chat_tokens, load_texts
 
     texts: list[str] = []
     for spec in data.heal_sources():
-        texts.extend(load_texts(spec, tokenizer, ctx, model=teacher_dir))
+        tokens = (heal_chat_tokens(spec, data, settings, tokenizer, ctx)
+                  if spec.from_ == "teacher" and settings is not None else None)
+        texts.extend(load_texts(spec, tokenizer, ctx, model=teacher_dir, tokens=tokens, log=log))
     return texts
-
-
-def heldout_windows(spec: TextSource, tokenizer, ctx: StageContext | None):
-    from ollama_compress.hooks.data import chunk_stream, load_texts, token_stream
-    import torch
-
-    texts = load_texts(spec, tokenizer, ctx)
-    windows = chunk_stream(token_stream(texts, tokenizer), spec.samples, spec.seq_len, spec.seed)
-    return texts, torch.tensor(windows, dtype=torch.long)
 
 
 # ---------------------------------------------------------------- progress
@@ -241,7 +252,7 @@ def heal_model(
     """
     import torch
 
-    from ollama_compress import distill, trainer
+    from ollama_compress import distill, machine, trainer
 
     options = options or RunOptions()
     student_dir, teacher_dir, out_dir = Path(student_dir), Path(teacher_dir), Path(out_dir)
@@ -250,6 +261,7 @@ def heal_model(
         modelio.check_causal_lm(path)
     terms = distill.loss_terms(settings.loss)
     s_config, t_config = (modelio.read_config(p) for p in (student_dir, teacher_dir))
+    check_something_to_heal(student_dir, teacher_dir, s_config, t_config, terms)
     s_tok, t_tok = modelio.load_tokenizer(student_dir, options), modelio.load_tokenizer(teacher_dir, options)
     vocab = shared_vocab(s_tok, t_tok, s_config["vocab_size"], t_config["vocab_size"], log)
     num_layers = s_config["num_hidden_layers"]
@@ -271,24 +283,38 @@ def heal_model(
     load_device = "cpu" if sharded else device  # FSDP moves each process's shards to its GPU
     if not main:  # one voice: rank 0 logs and writes
         log, console = (lambda message: None), None
-    compute_dtype = trainer.autocast_dtype(device, settings.dtype)
-    teacher_dtype = "bfloat16" if compute_dtype is not None and device.startswith("cuda") else "float32"
-    config = _hf_config(student_dir, options)
-    needed = check_memory(student_dir, teacher_dir, settings, device, 2 if teacher_dtype == "bfloat16" else 4,
-                          config, vocab, max_memory_gib, accelerator.num_processes if sharded else 1)
+    threads = machine.use_physical_cores() if device == "cpu" and accelerator.num_processes == 1 else None
+    choice = machine.choose_dtype(device, settings.dtype, machine.heal_shapes(
+        (settings.micro_batch or settings.batch_size) * settings.seq_len, s_config["hidden_size"],
+        s_config.get("intermediate_size", 4 * s_config["hidden_size"]), vocab))
+    compute_dtype = choice.dtype
+    teacher_dtype = "bfloat16" if compute_dtype is not None else "float32"  # a frozen bf16 copy: no casts per step
+    needed = check_memory(student_dir, teacher_dir, settings, device, compute_dtype is not None, max_memory_gib,
+                          accelerator.num_processes if sharded else 1)
 
-    texts = heal_texts(data, s_tok, teacher_dir, ctx)
-    held_texts, held = heldout_windows(data.heldout, s_tok, ctx)
-    check_no_heldout(texts, held_texts)
-    from ollama_compress.hooks.data import token_stream
+    from ollama_compress.hooks.data import MAX_WINDOW_VIEWS, token_stream, unseen_heldout_windows, window_views
 
+    held = torch.tensor(unseen_heldout_windows(data, s_tok, ctx, teacher_dir), dtype=torch.long)
+    texts = heal_texts(data, s_tok, teacher_dir, ctx, settings, log)
     stream = token_stream(texts, s_tok)
+    planned = heal_tokens_needed(settings)
+    if planned is not None:
+        views = window_views(planned, len(stream))
+        log(f"heal data: {len(stream)} tokens for {planned} consumed: each window is seen {views:.2f} times"
+            + ("" if views <= MAX_WINDOW_VIEWS else
+               f", more than {MAX_WINDOW_VIEWS}: add heal text or a teacher source (data.heal)"))
     if len(stream) < settings.seq_len + 1:
         raise UserError(f"the heal text has only {len(stream)} tokens, fewer than heal.seq_len={settings.seq_len}; "
                         "give more text (data.heal) or a smaller seq_len")
 
     fingerprint = settings_hash(settings.model_dump(mode="json"), data.model_dump(mode="json", by_alias=True),
                                 _identity(student_dir), _identity(teacher_dir))
+    if checkpoint_dir is not None:
+        if main:  # one process writes the marker and removes what a killed heal left there
+            claim_output_dir(checkpoint_dir, "the checkpoint folder", inputs=(student_dir, teacher_dir))
+            clean_journal(checkpoint_dir)
+        else:
+            check_output_dir(checkpoint_dir, "the checkpoint folder", inputs=(student_dir, teacher_dir))
     start_from = _checkpoint_to_resume(checkpoint_dir, resume, fingerprint)
 
     torch.manual_seed(settings.seed)
@@ -331,15 +357,21 @@ def heal_model(
     before = measure()
     eval_seconds = time.perf_counter() - eval_started
     run.evaluate = lambda: measure()["kl"]
+    if before["kl"] == 0:
+        raise UserError(f"the student {student_dir} predicts exactly what the teacher does (held-out KL "
+                        f"{before['kl']}); there is nothing to heal")
     if start_from is not None:
         step = run.resume(start_from)
         log(f"resuming from {start_from} (step {step} of {cfg.steps})")
-    elif checkpoint_dir is not None and checkpoint_dir.exists() and main:
-        shutil.rmtree(checkpoint_dir)
+    elif checkpoint_dir is not None and main:
+        remove_made_children(checkpoint_dir)  # an earlier heal's checkpoints, of other settings
     if log_file is not None and main:
         trainer.rewrite_log(log_file, run.state.log)
     accelerator.wait_for_everyone()
     precision = "bf16 autocast" if compute_dtype is not None else "fp32"
+    if choice.rates:
+        log(f"matmul rates on this CPU ({threads or torch.get_num_threads()} threads): " +
+            ", ".join(f"{name} {rate:.3g} GFLOP/s" for name, rate in choice.rates.items()) + f"; healing in {precision}")
     length = f"{minutes:g} minutes" if minutes is not None else f"{cfg.steps} steps"
     processes = f" x {run.world} processes" if run.world > 1 else ""
     log(f"healing on {device}{processes} ({precision}): {length} of {settings.batch_size} x {settings.seq_len} "
@@ -362,10 +394,12 @@ def heal_model(
         "top1_before": before["top1"], "top1_after": after["top1"],
         "ppl_teacher": before["teacher_ppl"], "ppl_before": before["ppl"], "ppl_after": after["ppl"],
         "tokens_per_s": (sum(r["tokens_per_s"] for r in trained) / len(trained)) if trained else None,
-        "train_seconds": round(seconds, 1), "heal_tokens": len(stream),
+        "train_seconds": round(seconds, 1), "heal_tokens": len(stream), "memory_estimate_bytes": needed,
         "trained_tokens": run.state.step * settings.batch_size * settings.seq_len,
         "heldout_curve": curve, "best_step": best_step, "stopped_early": stopped,
+        "dtype": choice.record(), "threads": threads,
     }
+    result["window_views"] = round(window_views(result["trained_tokens"], len(stream)), 2)  # times each window was seen
     if stopped:
         log(f"heal stopped at step {run.state.step}: {stopped}")
     log(f"held-out KL to the teacher {before['kl']:.4f} -> {after['kl']:.4f} "
@@ -379,7 +413,7 @@ def heal_model(
             student.load_state_dict(full)
         _save(student, s_tok, student_dir, out_dir, records, result)
         if checkpoint_dir is not None:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            remove_made(checkpoint_dir)
     accelerator.wait_for_everyone()
     return result
 
@@ -392,7 +426,7 @@ def iterative_healer(teacher_dir: Path, settings: Heal, data: Data, *, options: 
     Trains the layers next to the cuts with ``train: neighbours``, every decoder layer otherwise.
     """
     from ollama_compress import distill, trainer
-    from ollama_compress.hooks.data import token_stream
+    from ollama_compress.hooks.data import token_stream, unseen_heldout_windows
 
     options = options or RunOptions()
     terms = distill.loss_terms(settings.loss)
@@ -402,9 +436,8 @@ def iterative_healer(teacher_dir: Path, settings: Heal, data: Data, *, options: 
 
     def setup() -> None:  # on the first removal, after prune has checked its own input
         tokenizer = modelio.load_tokenizer(teacher_dir, options)
-        held_texts, _ = heldout_windows(data.heldout, tokenizer, ctx)
-        texts = heal_texts(data, tokenizer, teacher_dir, ctx)
-        check_no_heldout(texts, held_texts)
+        unseen_heldout_windows(data, tokenizer, ctx, teacher_dir)
+        texts = heal_texts(data, tokenizer, teacher_dir, ctx, settings, log)
         loaded["stream"] = token_stream(texts, tokenizer)
         loaded["teacher"] = modelio.load_model(teacher_dir, options, device=device).requires_grad_(False)
 
@@ -435,7 +468,7 @@ def iterative_healer(teacher_dir: Path, settings: Heal, data: Data, *, options: 
 def _iterative_step(ctx: StageContext, student_dir: Path, teacher_dir: Path, out: Path) -> Path:
     """The built-in heal between two removals of an iterative prune (``iterative_healer``), on disk."""
     student = modelio.load_model(student_dir, ctx.options, device=ctx.options.resolved_device())
-    teacher_layers = _hf_config(teacher_dir, ctx.options).num_hidden_layers
+    teacher_layers = int(modelio.read_config(teacher_dir)["num_hidden_layers"])
     mapping = read_layer_map(student_dir, student.config.num_hidden_layers, teacher_layers)
     healer = iterative_healer(teacher_dir, ctx.settings, ctx.recipe.data, options=ctx.options, ctx=ctx, log=ctx.log)
     healer(student, int(ctx.inputs["iterative_step"]) - 1, mapping)
@@ -443,12 +476,6 @@ def _iterative_step(ctx: StageContext, student_dir: Path, teacher_dir: Path, out
         modelio.save_model(student.to("cpu"), None, tmp, student_dir)
         shutil.copy2(student_dir / LAYER_MAP, tmp / LAYER_MAP)
     return out
-
-
-def _hf_config(model_dir: Path, options: RunOptions):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model_dir, trust_remote_code=options.trust_remote_code, local_files_only=True)
 
 
 def _checkpoint_to_resume(checkpoint_dir: Path | None, resume: bool | str, fingerprint: str) -> Path | None:
@@ -473,6 +500,9 @@ def _save(student, tokenizer, student_dir: Path, out_dir: Path, records: list, r
         student.activation_checkpointing_disable()
     student = student.to("cpu").eval()
     student.requires_grad_(False)
+    modelio.check_finite(student.state_dict().items(), "the healed model", StageFailed)
+    if out_dir.exists():
+        claim_output_dir(out_dir, "--out")  # an empty folder given as --out, or an earlier heal's output
     with atomic_path(out_dir, is_dir=True) as tmp:
         modelio.save_model(student, tokenizer, tmp, student_dir)
         if (student_dir / LAYER_MAP).is_file():
@@ -606,12 +636,13 @@ def register_commands(cli: click.Group) -> None:
         student_dir, teacher_dir = resolve_model(student, options), resolve_model(teacher, options)
         out = Path(out)
         if out.resolve() in (student_dir.resolve(), teacher_dir.resolve()):
-            raise UserError(f"--out {out} is an input model; choose another directory")
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UserError(f"--out {out} exists and is not empty; choose a new directory")
+            raise UserError(f"--out {out} is an input model; choose an empty or new folder")
+        check_output_dir(out, "--out", inputs=(student_dir, teacher_dir))
+        checkpoints = checkpoints or default_checkpoint_dir(out)
+        check_output_dir(checkpoints, "--checkpoints", inputs=(student_dir, teacher_dir))
         console = Console(stderr=True)
         result = heal_model(student_dir, teacher_dir, out, settings, data_spec, options=options,
-                            checkpoint_dir=checkpoints or default_checkpoint_dir(out), resume=resume,
+                            checkpoint_dir=checkpoints, resume=resume,
                             max_memory_gib=max_memory, console=console,
                             log=lambda message: click.echo(message, err=True))
         from ollama_compress.context import launcher_world

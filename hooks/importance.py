@@ -30,7 +30,7 @@ from typing import Any, Callable
 import click
 
 from ollama_compress.errors import NotAvailable, UserError
-from ollama_compress.fsutil import atomic_path, write_json
+from ollama_compress.fsutil import atomic_path, check_output_dir, claim_output_dir, file_in, write_json
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.modelio import decoder_stack
 
@@ -358,10 +358,9 @@ def plot_scores(name: str, values: list[float], path: Path, title: str = "") -> 
 
 def write_scores(out_dir: Path, scores: dict[str, list[float]], info: dict[str, Any], title: str = "") -> Path:
     """Write ``scores.json`` (metrics plus ``info``) and ``<metric>.png`` per metric into ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = claim_output_dir(out_dir, "--out")
     for name, values in scores.items():
-        plot_scores(name, values, out_dir / f"{name}.png", f"{title} {name}".strip())
+        plot_scores(name, values, file_in(out_dir, f"{name}.png", "metric name"), f"{title} {name}".strip())
     return write_json(out_dir / "scores.json", {**scores, **info})
 
 
@@ -484,8 +483,9 @@ def analyze(model: str, metrics: list[str], calibration: str | None = None, samp
     for m in metrics:
         _metric_fn(m)
     spec = text_source_from_options(calibration, samples, seq_len, seed)
+    out_dir = check_output_dir(Path(out) if out else default_out_dir(model), "--out")
     model_dir = resolve_model_dir(model, options)
-    out_dir = Path(out) if out else default_out_dir(model)
+    check_output_dir(out_dir, "--out", inputs=(model_dir,))
     result = score_model_dir(model_dir, metrics, spec, out_dir, options=options,
                              block_size=lambda n: {"block_size": block_size}, title=source_title(model), log=log)
     return result, out_dir

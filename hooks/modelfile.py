@@ -7,6 +7,7 @@ can add one; ``match(hf_chat_template)`` decides which family an HF Jinja templa
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,7 +20,7 @@ from ollama_compress.hookspecs import hookimpl
 from ollama_compress.templates import check_chat_template
 
 GGUF_CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
-PARAMETER_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+PARAMETER_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
 # ---------------------------------------------------------------- built-in families
@@ -141,15 +142,14 @@ def read_hf_chat_template(model_dir: Path) -> str | None:
     tokenizer_config.json), or None when it has none."""
     model_dir = Path(model_dir)
     jinja = model_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+    from ollama_compress.safe_read import read_json, read_text
+
+    if os.path.lexists(jinja):
+        return read_text(jinja, "template")
     for name in ("chat_template.json", "tokenizer_config.json"):
         path = model_dir / name
-        if path.is_file():
-            try:
-                found = _template_from_config(json.loads(path.read_text(encoding="utf-8")).get("chat_template"))
-            except (ValueError, AttributeError):
-                raise UserError(f"{path} is not valid JSON; fix or remove it") from None
+        if os.path.lexists(path):
+            found = _template_from_config(read_json(path, "config", expect=dict).get("chat_template"))
             if found:
                 return found
     return None
@@ -201,7 +201,7 @@ def merged_parameters(stops: list[str], parameters: dict[str, Any] | None) -> li
     for stop in dict.fromkeys([*stops, *user_stops]):
         rows.append(("stop", stop))
     for name, value in extra.items():
-        if not PARAMETER_NAME.match(name):
+        if not PARAMETER_NAME.fullmatch(name):
             raise UserError(f"'{name}' is not a Modelfile parameter name (lowercase letters, digits, '_')")
         values = value if isinstance(value, list) else [value]
         rows += [(name, v) for v in values]

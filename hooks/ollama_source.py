@@ -8,7 +8,7 @@ source carries its quantization error into everything made from it, which is sai
 """
 from __future__ import annotations
 
-import json
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +19,8 @@ from ollama_compress.hookspecs import hookimpl
 MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
 REGISTRY = "registry.ollama.ai"
 UNQUANTIZED = ("F32", "F16", "BF16")
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+BLOB_NAME = re.compile(r"sha256-[0-9a-f]{64}")
 
 
 def split_name(name: str) -> tuple[str, str, str]:
@@ -63,24 +65,34 @@ def blob_from_manifest(name: str, models_dir: Path) -> Path:
     if not manifest.is_file():
         raise UserError(f"ollama:{name} is not installed in {models_dir} (no manifest {manifest}); "
                         f"see 'ollama list', or 'ollama pull {name}'")
+    from ollama_compress.safe_read import read_json
+
     try:
-        layers = json.loads(manifest.read_text())["layers"]
-        digest = next(layer["digest"] for layer in layers if layer.get("mediaType") == MODEL_MEDIA_TYPE)
-    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        layers = read_json(manifest, "manifest", expect=dict)["layers"]
+        digest = next(layer["digest"] for layer in layers
+                      if isinstance(layer, dict) and layer.get("mediaType") == MODEL_MEDIA_TYPE)
+        if not isinstance(digest, str):
+            raise TypeError(digest)
+    except (KeyError, TypeError, StopIteration):
         raise UserError(f"{manifest} is not an Ollama manifest with a model layer") from None
+    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+        raise UserError(f"{manifest}: the model layer's digest {str(digest)[:80]!r} is not sha256:<64 hex digits>; "
+                        "re-pull or re-create the model in Ollama")
     return models_dir / "blobs" / digest.replace(":", "-")
 
 
 def check_blob(blob: Path) -> Path:
-    """The blob if its sha256 equals the digest in its name and it is a complete GGUF."""
-    from ollama_compress.embedded import cache_dir
-    from ollama_compress.fsutil import Fingerprints
+    """The blob if its sha256 (hashed on every read, never from a cache) equals the digest in its
+    name and it is a complete GGUF."""
+    from ollama_compress.fsutil import file_sha256
     from ollama_compress.hooks.registration import verify_gguf_file
 
+    if not BLOB_NAME.fullmatch(blob.name):
+        raise UserError(f"{blob}: not an Ollama blob (sha256-<64 hex digits>); re-pull or re-create the model in Ollama")
     if not blob.is_file():
         raise UserError(f"{blob}: the model's blob is missing; re-pull or re-create the model in Ollama")
     expected = blob.name.removeprefix("sha256-")
-    actual = Fingerprints(cache_dir() / "fingerprints.json").sha256(blob)
+    actual = file_sha256(blob)  # every time: a size+mtime cache would miss a blob rewritten in place
     if actual != expected:
         raise UserError(f"{blob}: its sha256 is {actual[:16]}..., not the {expected[:16]}... its name promises; "
                         "the blob is damaged: re-pull or re-create the model in Ollama")

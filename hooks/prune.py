@@ -54,15 +54,16 @@ import click
 
 from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import StageFailed, UserError
-from ollama_compress.fsutil import atomic_path, check_free_space, write_json
+from ollama_compress.fsutil import atomic_path, check_free_space, check_output_dir, claim_output_dir, write_json
 from ollama_compress.gguf.arch import ARCHS
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress import modelio
 from ollama_compress.planner import contiguous_starts
+from ollama_compress.safe_read import read_json
 
 # model_type in config.json -> what prune calls it: every architecture the GGUF writer knows
 SUPPORTED_ARCHITECTURES = {model_type: model_type.removesuffix("_text") for model_type in ARCHS}
-LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)", re.DOTALL)
 INDEX_FILE = modelio.SAFETENSORS_INDEX
 LAYER_MAP = "layer_map.json"
 KEEP_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "NOTICE.txt", "USE_POLICY.md")
@@ -342,7 +343,7 @@ def check_layer_tensors(model_dir: Path, num_layers: int, arch: str) -> list[Pat
     files = modelio.weight_files(model_dir)
     found: set[int] = set()
     for path in files:
-        found.update(int(m.group(1)) for k in _tensor_names(path) if (m := LAYER_TENSOR.match(k)))
+        found.update(int(m.group(1)) for k in _tensor_names(path) if (m := LAYER_TENSOR.fullmatch(k)))
     if not found:
         raise UserError(
             f"{model_dir} has no tensors named model.layers.N.*, where {arch} keeps its layers; "
@@ -368,7 +369,7 @@ def _copy_shard(src: Path, dst: Path, new_index: dict[int, int], replace: dict |
     with safe_open(str(src), framework="pt") as f:
         metadata = f.metadata() or {"format": "pt"}
         for key in f.keys():
-            m = LAYER_TENSOR.match(key)
+            m = LAYER_TENSOR.fullmatch(key)
             if m is None:
                 tensors[key] = f.get_tensor(key)
             elif int(m.group(1)) in new_index:
@@ -376,6 +377,7 @@ def _copy_shard(src: Path, dst: Path, new_index: dict[int, int], replace: dict |
                 if replace and key in replace:
                     tensor = replace[key].to(device="cpu", dtype=tensor.dtype).contiguous()
                 tensors[f"model.layers.{new_index[int(m.group(1))]}.{m.group(2)}"] = tensor
+    modelio.check_finite(tensors.items(), str(src))
     if tensors:
         save_file(tensors, str(dst), metadata=metadata)
     return {k: t.numel() * t.element_size() for k, t in tensors.items()}
@@ -393,7 +395,7 @@ def _write_weights(model_dir: Path, out: Path, files: list[Path], kept: Sequence
         weight_map.update({k: name for k in written})
         sizes.update(written)
     if (model_dir / INDEX_FILE).is_file():
-        index = json.loads((model_dir / INDEX_FILE).read_text())
+        index = read_json(model_dir / INDEX_FILE, "index", expect=dict)
         index.setdefault("metadata", {})["total_size"] = sum(sizes.values())
         index["weight_map"] = dict(sorted(weight_map.items()))
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
@@ -437,12 +439,10 @@ def check_out_dir(out_dir: Path, model_dir: Path) -> Path:
     out_dir, model_dir = Path(out_dir), Path(model_dir)
     resolved, source = out_dir.resolve(), model_dir.resolve()
     if resolved == source or source in resolved.parents or resolved in source.parents:
-        raise UserError(f"--out {out_dir} overlaps the model directory {model_dir}; choose another directory")
+        raise UserError(f"--out {out_dir} overlaps the model directory {model_dir}; choose an empty or new folder")
+    check_output_dir(out_dir, "--out")
     if out_dir.exists():
-        if not out_dir.is_dir():
-            raise UserError(f"--out {out_dir} is a file; choose a directory")
-        if any(out_dir.iterdir()) and not (out_dir / LAYER_MAP).is_file():
-            raise UserError(f"--out {out_dir} exists and is not an earlier prune output; choose a new directory")
+        claim_output_dir(out_dir, "--out")  # empty, or an earlier output of this tool: replaced when done
     return out_dir
 
 

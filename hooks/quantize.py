@@ -25,19 +25,22 @@ from typing import Any, Iterator
 
 import click
 
+from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import StageFailed, UserError
-from ollama_compress.fsutil import atomic_path, check_free_space, write_json
+from ollama_compress.fsutil import atomic_path, check_free_space, claim_output_dir, write_json
 from ollama_compress.gguf_verify import GGUFSummary, verify_gguf
 from ollama_compress.hookspecs import hookimpl
+from ollama_compress.hooks.data import bos_prefix, text_windows
 from ollama_compress.imatrix import check_imatrix
 from ollama_compress.llama_tools import llama_tool
-from ollama_compress.quant_names import IMATRIX_HELPS, NEEDS_IMATRIX, QUANTS, UNQUANTIZED, quant_name_problem
+from ollama_compress.quant_names import IMATRIX_HELPS, NEEDS_IMATRIX, UNQUANTIZED, quant_name_problem
 
 IMATRIX_FILE = "imatrix.gguf"  # the matrix the stage computes, in the stage's directory
 SPEED_PROMPT_TOKENS = 128
 SPEED_DECODE_TOKENS = 32
+SPEED_ROUNDS = 3  # the files take turns this many times; each figure is the median
 
-_OUTTYPE_SUFFIX = re.compile(r"-(F32|F16|BF16)$", re.IGNORECASE)
+_OUTTYPE_SUFFIX = re.compile(r"-(F32|F16|BF16)\Z", re.IGNORECASE)
 
 
 # ---------------------------------------------------------------- quantization
@@ -100,13 +103,9 @@ def _check_source(summary: GGUFSummary, allow_requantize: bool) -> None:
 
 
 def _estimated_size(summary: GGUFSummary, quant: str) -> int:
-    bits = 0.0
-    for t in summary.tensors:
-        if len(t.shape) < 2:
-            bits += 8 * t.nbytes  # norms and biases stay as they are
-        else:
-            bits += t.n_elements * max(QUANTS[quant].nominal_bpw, 8.5 if t.name.startswith(("token_embd", "output.")) else 0)
-    return int(bits / 8 * 1.05) + summary.data_offset
+    from ollama_compress.planner import gguf_size, shape_of_gguf
+
+    return gguf_size(shape_of_gguf(summary.path), quant)
 
 
 def _check_disk_space(summary: GGUFSummary, quant: str, dst: Path) -> None:
@@ -226,11 +225,9 @@ class LlamaScorer:
     def n_vocab(self) -> int:
         return self.llm.n_vocab()
 
-    def tokenize(self, texts: list[str], max_tokens: int) -> tuple[list[int], list[int]]:
-        """(BOS prefix the model wants, text tokens) for the joined texts, at most ``max_tokens``."""
-        prefix = self.llm.tokenize(b"", add_bos=True)
-        tokens = self.llm.tokenize("\n\n".join(texts).encode("utf-8"), add_bos=False)
-        return prefix, tokens[:max_tokens]
+    @property
+    def tokenizer(self) -> "LlamaTokenizer":
+        return LlamaTokenizer(self.llm)
 
     def log_probs(self, window: list[int]) -> Any:
         """Log-softmax of the logits at each position but the last: row i predicts window[i+1]."""
@@ -253,17 +250,24 @@ def _log_softmax(x: Any) -> Any:
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)
 
 
-def _windows(prefix: list[int], tokens: list[int], n_ctx: int) -> list[list[int]]:
-    step = n_ctx - len(prefix)
-    chunks = [tokens[i : i + step] for i in range(0, len(tokens), step)]
-    return [prefix + c for c in chunks if len(prefix + c) >= 2]
+class LlamaTokenizer:
+    """llama.cpp's tokenizer of a loaded GGUF, called like an HF tokenizer, so the quant table cuts
+    its windows with the same builder as heal and evaluate (``hooks.data.text_windows``)."""
+
+    def __init__(self, llm: Any):
+        self.llm = llm
+        eos = llm.token_eos()
+        self.eos_token_id = eos if eos >= 0 else None
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=False)}
 
 
 def _file_row(name: str, path: Path, summary: GGUFSummary) -> dict[str, Any]:
     """Facts from the file itself; ``file`` is relative to the file's own directory (a report
     written into a stage's temporary directory must not name it)."""
     return {
-        "name": name, "file": Path(path).name, "file_type": summary.file_type,
+        "name": name, "file": Path(path).name, "fingerprint": file_fingerprint(path), "file_type": summary.file_type,
         "size_bytes": summary.size, "size_mib": round(summary.size / 2**20, 2),
         "bits_per_weight": round(summary.bits_per_weight, 4), "imatrix": imatrix_used(summary),
     }
@@ -278,36 +282,82 @@ def imatrix_used(summary: GGUFSummary) -> dict[str, Any] | None:
             "entries": meta.get("quantize.imatrix.entries_count"), "chunks": meta.get("quantize.imatrix.chunks_count")}
 
 
-def measure_speed(path: Path, tokens: list[int], prompt_tokens: int = SPEED_PROMPT_TOKENS,
-                  decode_tokens: int = SPEED_DECODE_TOKENS, repeats: int = 3) -> dict[str, Any]:
-    """Prompt and generation tokens/s of the GGUF ``path`` in llama.cpp (llama-cpp-python, its
-    default threads): ``prompt_tokens`` of ``tokens`` evaluated as one batch, then
-    ``decode_tokens`` more fed one at a time (a generation step without sampling). Median of
-    ``repeats`` after one warm-up. Also per CPU second of this process (``*_per_cpu_s``), which
-    other jobs on a shared machine disturb far less than wall-clock rates."""
+def file_fingerprint(path: Path) -> str:
+    """Size and a hash of the first and last MiB of a file: which GGUF a stored figure belongs to,
+    cheap enough for multi-GB files (an edited or requantized file changes it)."""
+    import hashlib
+
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.blake2b(digest_size=12)
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read(1 << 20))
+    return f"{size}-{digest.hexdigest()}"
+
+
+def measure_speeds(paths: list[Path], tokens: list[int], *, threads: int | None = None, rounds: int = SPEED_ROUNDS,
+                   prompt_tokens: int = SPEED_PROMPT_TOKENS, decode_tokens: int = SPEED_DECODE_TOKENS
+                   ) -> list[dict[str, Any]]:
+    """The one speed meter: prompt and decode tokens/s of each GGUF in ``paths`` in llama.cpp.
+
+    ``prompt_tokens`` of ``tokens`` are evaluated as one batch, then ``decode_tokens`` more are fed
+    one at a time (a generation step without sampling). The files take turns, round after round
+    (each loaded, warmed up, timed, closed), so all of them meet the same conditions; each figure
+    is the median of its ``rounds``. The load average before and after is recorded, and the
+    per-round decode seconds (``decode_seconds``) let ``speed_ratio`` compare two files of one
+    call round by round, a ratio that stays stable on a busy machine. Also per CPU second of this
+    process (``*_per_cpu_s``). Same threads for every file (``llama_threads``).
+    """
     import statistics
 
     llama_cpp = _import_llama_cpp()
+    if not tokens:
+        raise UserError("measuring speed needs some held-out text; give more text")
+    tokens = tokens * (-(-(prompt_tokens + decode_tokens) // len(tokens)))  # token ids set the work, not the speed
     prompt, decode = tokens[:prompt_tokens], tokens[prompt_tokens : prompt_tokens + decode_tokens]
-    if len(prompt) < prompt_tokens or len(decode) < decode_tokens:
-        raise UserError(f"measuring speed needs {prompt_tokens + decode_tokens} tokens of held-out text; give more text")
-    with llama_log_capture() as log:
-        try:
-            llm = llama_cpp.Llama(str(path), n_ctx=prompt_tokens + decode_tokens + 8, n_batch=prompt_tokens, verbose=False)
-        except (ValueError, RuntimeError) as exc:
-            raise StageFailed(f"llama.cpp could not load {path}: {_failure_reason(log) or exc}") from None
-    try:
-        runs = [_timed_run(llm, prompt, decode) for _ in range(repeats + 1)][1:]
-        threads = llm.n_threads
-    finally:
-        with contextlib.suppress(Exception):
-            llm.close()
-    def rate(n: int, column: int) -> float:
-        return round(n / statistics.median(r[column] for r in runs), 1)
+    load_before = os.getloadavg()[0]
+    runs: list[list[tuple[float, float, float, float]]] = [[] for _ in paths]
+    used_threads = llama_threads(threads)
+    for _ in range(rounds):
+        for i, path in enumerate(paths):
+            with llama_log_capture() as log:
+                try:
+                    llm = llama_cpp.Llama(str(path), n_ctx=prompt_tokens + decode_tokens + 8, n_batch=prompt_tokens,
+                                          **used_threads, verbose=False)
+                except (ValueError, RuntimeError) as exc:
+                    raise StageFailed(f"llama.cpp could not load {path}: {_failure_reason(log) or exc}") from None
+            try:
+                _timed_run(llm, prompt[:16], decode[:4])  # warm-up: pages the weights in
+                runs[i].append(_timed_run(llm, prompt, decode))
+            finally:
+                with contextlib.suppress(Exception):
+                    llm.close()
+    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
 
-    return {"prompt_tokens_per_s": rate(len(prompt), 0), "gen_tokens_per_s": rate(len(decode), 1),
-            "prompt_tokens_per_cpu_s": rate(len(prompt), 2), "gen_tokens_per_cpu_s": rate(len(decode), 3),
-            "speed_threads": threads}
+    def rate(path_runs, n: int, column: int) -> float:
+        return round(n / statistics.median(r[column] for r in path_runs), 1)
+
+    return [{"prompt_tokens_per_s": rate(r, len(prompt), 0), "gen_tokens_per_s": rate(r, len(decode), 1),
+             "prompt_tokens_per_cpu_s": rate(r, len(prompt), 2), "gen_tokens_per_cpu_s": rate(r, len(decode), 3),
+             "speed_threads": used_threads["n_threads"], "speed_rounds": rounds, "load_average": load,
+             "decode_seconds": [round(x[1], 5) for x in r]} for r in runs]
+
+
+def speed_ratio(faster: dict[str, Any], slower: dict[str, Any]) -> float:
+    """How many times ``faster`` decodes as fast as ``slower``: the median over rounds of the
+    ratio of their decode times in the same round, both from one ``measure_speeds`` call."""
+    import statistics
+
+    pairs = list(zip(faster["decode_seconds"], slower["decode_seconds"]))
+    return statistics.median(b / a for a, b in pairs)
+
+
+def measure_speed(path: Path, tokens: list[int], prompt_tokens: int = SPEED_PROMPT_TOKENS,
+                  decode_tokens: int = SPEED_DECODE_TOKENS, rounds: int = SPEED_ROUNDS) -> dict[str, Any]:
+    """``measure_speeds`` of one file."""
+    return measure_speeds([path], tokens, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, rounds=rounds)[0]
 
 
 def _timed_run(llm: Any, prompt: list[int], decode: list[int]) -> tuple[float, float, float, float]:
@@ -324,13 +374,14 @@ def _timed_run(llm: Any, prompt: list[int], decode: list[int]) -> tuple[float, f
 def measure_quants(reference_gguf: Path, quant_ggufs: dict[str, Path], texts: list[str] | None = None,
                    n_ctx: int = 512, max_tokens: int = 4096, speed: bool = True) -> list[dict]:
     """Size, bits per weight, perplexity, KL(reference || quant) / top-1 agreement, the imatrix
-    used, and (``speed``) prompt / generation tokens/s (``measure_speed``) per quant.
+    used, and (``speed``) prompt / generation tokens/s (``measure_speeds``, every file in turn)
+    per quant. Each row carries the file's ``fingerprint``, so evaluate reuses these figures for
+    the same file instead of measuring it again.
 
     Text is tokenized once with the reference, cut into windows of ``n_ctx`` tokens (BOS first
     when the model adds one) and every token after the first of a window is scored. The
     reference's log-probabilities are kept in a temporary file, so memory stays at one window.
-    Returns one row per model, reference first (its KL is 0 and agreement 1 by definition);
-    speed is None when the text is shorter than the speed run needs.
+    Returns one row per model, reference first (its KL is 0 and agreement 1 by definition).
     """
     import numpy as np
 
@@ -348,10 +399,10 @@ def measure_quants(reference_gguf: Path, quant_ggufs: dict[str, Path], texts: li
     with tempfile.TemporaryDirectory(prefix="quants-") as tmp:
         ref = LlamaScorer(reference_gguf, n_ctx)
         try:
-            prefix, tokens = ref.tokenize(texts, max_tokens)
-            windows = _windows(prefix, tokens, n_ctx)
-            if not windows:
-                raise UserError("the held-out text tokenizes to fewer than 2 tokens; give more text")
+            prefix = bos_prefix(ref.tokenizer)
+            step = n_ctx - len(prefix)
+            windows = text_windows(texts, ref.tokenizer, max(1, max_tokens // step), step, seed=0)
+            tokens = [t for w in windows for t in w[len(prefix):]]
             n_scored = sum(len(w) - 1 for w in windows)
             n_vocab = ref.n_vocab
             ref_lp = np.lib.format.open_memmap(Path(tmp) / "ref.npy", mode="w+", dtype=np.float32, shape=(n_scored, n_vocab))
@@ -371,10 +422,9 @@ def measure_quants(reference_gguf: Path, quant_ggufs: dict[str, Path], texts: li
             rows.append(_file_row(name, Path(path), summaries[name]) | {"reference": False}
                         | _compare(Path(path), windows, ref_lp, n_vocab, n_ctx))
     if speed:
-        speed_tokens = prefix + tokens
-        for row, path in zip(rows, [reference_gguf, *quant_ggufs.values()]):
-            row.update(measure_speed(Path(path), speed_tokens) if len(speed_tokens) >= SPEED_PROMPT_TOKENS
-                       + SPEED_DECODE_TOKENS else {"prompt_tokens_per_s": None, "gen_tokens_per_s": None})
+        for row, figures in zip(rows, measure_speeds([reference_gguf, *map(Path, quant_ggufs.values())],
+                                                     prefix + tokens)):
+            row.update(figures)
     return rows
 
 
@@ -408,6 +458,37 @@ def _compare(path: Path, windows: list[list[int]], ref_lp: Any, n_vocab: int, n_
             "tokens": quality["tokens"], "n_ctx": n_ctx, "eval_seconds": round(seconds, 2)}
 
 
+def measure_heldout_quants(ctx, reference: Path, quants: dict[str, Path], out_dir: Path,
+                           speed: bool = True) -> list[dict]:
+    """``measure_quants`` on the recipe's ``data.heldout``, written to ``out_dir/quants.json``: the
+    export stage's quant table and evaluate's teacher quants, measured the same way."""
+    from ollama_compress.hooks.data import load_texts
+
+    heldout = ctx.recipe.data.heldout
+    texts = load_texts(heldout, ctx=ctx)
+    n_ctx = max(8, min(heldout.seq_len, 2048))
+    rows = measure_quants(reference, quants, texts, n_ctx=n_ctx, max_tokens=heldout.samples * heldout.seq_len,
+                          speed=speed)
+    write_quants_report(rows, out_dir)
+    return rows
+
+
+def stored_quant_row(path: Path) -> dict[str, Any] | None:
+    """The row of ``quants.json`` beside ``path`` measured on this very file (same fingerprint), or None."""
+    path = Path(path)
+    try:
+        rows = json.loads((path.parent / "quants.json").read_text())["quants"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    fingerprint = None
+    for row in rows if isinstance(rows, list) else []:
+        if isinstance(row, dict) and row.get("file") == path.name:
+            fingerprint = fingerprint or file_fingerprint(path)
+            if row.get("fingerprint") == fingerprint:
+                return row
+    return None
+
+
 def write_quants_report(rows: list[dict], out_dir: Path) -> Path:
     """Write ``quants.json`` (atomically) into ``out_dir``; return its path."""
     return write_json(Path(out_dir) / "quants.json", {"quants": rows})
@@ -437,16 +518,19 @@ def _rate(value: float | None) -> str:
 # ---------------------------------------------------------------- stage hook and commands
 @hookimpl(trylast=True)
 def quantize_gguf(ctx, gguf_path: Path, quant: str) -> Path:
-    """Quantize the stage's unquantized GGUF to ``quant`` into ``ctx.out_dir`` (export stage).
+    """Quantize the stage's unquantized GGUF to ``quant`` into ``ctx.out_dir``: the export stage,
+    the ``export`` and ``quantize`` commands and evaluate's teacher quants all come here
+    (``quant_context`` builds the commands' context).
 
     ``export.imatrix``: ``auto`` computes the importance matrix of ``ctx.inputs["model_dir"]``
     over the calibration text once per stage (``imatrix.gguf`` in ``ctx.out_dir``) when ``quant``
-    benefits from one; a path uses that file; null uses none.
+    benefits from one; a path uses that file; null uses none. ``ctx.inputs["threads"]``: llama.cpp
+    threads (0 or absent: every core).
     """
     dst = Path(ctx.out_dir) / quant_file_name(gguf_path, quant)
     started = time.perf_counter()
     imatrix = stage_imatrix(ctx, Path(gguf_path), quant)
-    quantize_file(Path(gguf_path), quant, dst, imatrix=imatrix)
+    quantize_file(Path(gguf_path), quant, dst, imatrix=imatrix, nthreads=int(ctx.inputs.get("threads") or 0))
     summary = verify_gguf(dst)
     ctx.metrics.setdefault("quantize", {})[quant] = {
         "file": dst.name, "size_bytes": summary.size, "bits_per_weight": round(summary.bits_per_weight, 4),
@@ -455,6 +539,31 @@ def quantize_gguf(ctx, gguf_path: Path, quant: str) -> Path:
     ctx.log(f"{quant}: {dst.name} ({summary.size / 2**20:.1f} MiB, {summary.bits_per_weight:.2f} bits/weight"
             f"{', imatrix ' + imatrix.name if imatrix else ''})")
     return dst
+
+
+def quant_context(out_dir: Path, imatrix: str | Path | None, *, model_dir: Path | None = None,
+                  threads: int = 0, options=None, console=None, recipe=None) -> StageContext:
+    """The context the commands (and evaluate's teacher quants) give the ``quantize_gguf`` hook:
+    quants go into ``out_dir``, with ``imatrix`` (a file, ``auto`` with ``model_dir``, or None)
+    as the recipe's ``export.imatrix``; ``recipe`` supplies the calibration text for ``auto``."""
+    from ollama_compress.recipe import Export, Recipe, Source
+
+    export = Export(quants=[], imatrix=None if imatrix is None else str(imatrix))
+    if recipe is None:
+        recipe = Recipe(recipe_version=1, name="quantize", source=Source(model=str(model_dir or out_dir)))
+    recipe = recipe.model_copy(update={"export": export})
+    inputs: dict[str, Any] = {"threads": threads}
+    if model_dir is not None:
+        inputs["model_dir"] = str(model_dir)
+    return StageContext(stage="export", recipe=recipe, run_dir=Path(out_dir), out_dir=Path(out_dir),
+                        options=options or RunOptions(), console=console, section="export", inputs=inputs)
+
+
+def quantize_through_hook(ctx: StageContext, gguf_path: Path, quant: str) -> Path:
+    """``quantize_gguf`` of the first plugin that handles it (a built-in is the last one)."""
+    from ollama_compress.plugins import call_first
+
+    return Path(call_first("quantize_gguf", ctx=ctx, gguf_path=Path(gguf_path), quant=quant))
 
 
 def stage_imatrix(ctx, gguf_path: Path, quant: str) -> Path | None:
@@ -527,7 +636,7 @@ def register_commands(cli: click.Group) -> None:
         """Quantize an F32/F16/BF16 GGUF with llama.cpp (GGUF-F16.gguf -> GGUF-Q4_K_M.gguf ...)."""
         for quant in quants:  # check every name before the first slow quantization
             _check_quant(quant, imatrix)
-        target = out_dir or gguf.parent
+        target = claim_output_dir(out_dir, "--out", inputs=(gguf,)) if out_dir else gguf.parent
+        ctx = quant_context(target, imatrix, threads=threads)
         for quant in quants:
-            dst = quantize_file(gguf, quant, target / quant_file_name(gguf, quant), imatrix=imatrix, nthreads=threads)
-            click.echo(verify_gguf(dst).one_line())
+            click.echo(verify_gguf(quantize_through_hook(ctx, gguf, quant)).one_line())

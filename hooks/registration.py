@@ -6,6 +6,7 @@ from it with the Modelfile's TEMPLATE, SYSTEM and PARAMETERs. Each quant becomes
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
 import time
@@ -60,7 +61,7 @@ def quant_from_filename(path: Path) -> str | None:
 
     stem = Path(path).stem.upper()
     for quant in sorted(QUANT_TYPES, key=len, reverse=True):
-        if re.search(rf"(^|[-_.]){re.escape(quant)}$", stem):
+        if re.search(rf"(^|[-_.]){re.escape(quant)}\Z", stem):
             return quant
     return None
 
@@ -108,6 +109,7 @@ def create_model(client, name: str, spec: ModelfileSpec) -> str:
             parameters=spec.parameters or None,
             stream=False,
         )
+        check_registered(client, name, digest)
     except ConnectionError:
         raise no_server(host) from None
     except ollama.ResponseError as exc:
@@ -118,6 +120,23 @@ def create_model(client, name: str, spec: ModelfileSpec) -> str:
     except httpx.HTTPError as exc:
         raise StageFailed(f"talking to Ollama at {host} failed while creating {name}: {exc}") from None
     return name
+
+
+def check_registered(client, name: str, digest: str) -> None:
+    """``name`` exists in the server and its model blob is ``digest``; otherwise it is deleted (nothing
+    half-registered stays) and a StageFailed says to register again."""
+    import ollama
+
+    try:
+        modelfile = client.show(name).modelfile or ""
+    except (ollama.ResponseError, ValueError):  # not there, or an answer that is no model
+        modelfile = ""
+    if f"sha256-{digest.removeprefix('sha256:')}" in modelfile:
+        return
+    with contextlib.suppress(ollama.ResponseError, ConnectionError):
+        client.delete(name)
+    raise StageFailed(f"Ollama did not finish creating {name} from {digest[:19]}...; it was removed: "
+                      "run the registration again")
 
 
 def register_gguf(client, name: str, modelfile_path: Path) -> str:

@@ -14,14 +14,14 @@ import click
 
 from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import StageFailed, UserError
-from ollama_compress.fsutil import Fingerprints, atomic_path, check_free_space
+from ollama_compress.fsutil import Fingerprints, atomic_path, check_free_space, check_output_dir, claim_output_dir
 from ollama_compress.gguf_verify import GGUFSummary, verify_gguf
-from ollama_compress.hookspecs import hookimpl
-from ollama_compress.modelio import check_causal_lm, check_model_dir, file_in_model_dir
+from ollama_compress.hookspecs import LOCATE_SOURCE, hookimpl
+from ollama_compress.modelio import check_causal_lm, check_finite, check_model_dir, file_in_model_dir
 from ollama_compress.templates import check_chat_template
 
 GGUF_MAGIC = b"GGUF"
-PINNED_REVISION = re.compile(r"^[0-9a-f]{40}$")  # a commit: what it names can't change later
+PINNED_REVISION = re.compile(r"[0-9a-f]{40}")  # a commit: what it names can't change later
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -76,10 +76,11 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
         model = AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=name, dtype=getattr(torch, dtype), local_files_only=True
         )
-    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+    except (ValueError, KeyError, OSError, RuntimeError, TypeError, AttributeError, ArithmeticError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{gguf_path}: transformers cannot load this GGUF ({first})") from None
+        raise UserError(f"{gguf_path}: transformers cannot load this GGUF ({first[:300]})") from None
     _strip_quantization(model)
+    check_finite(model.state_dict().items(), str(gguf_path))
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -121,7 +122,7 @@ def resolve_source(spec: str, options: RunOptions | None = None, revision: str |
 def _hub_snapshot(repo_id: str, options: RunOptions, revision: str | None) -> Path:
     if repo_id.count("/") != 1:
         raise UserError(f"{repo_id} is neither a local path nor a hub id (org/name)")
-    if options.trust_remote_code and not PINNED_REVISION.match(revision or ""):
+    if options.trust_remote_code and not PINNED_REVISION.fullmatch(revision or ""):
         raise UserError(
             f"--trust-remote-code runs {repo_id}'s own Python code, so it needs a pinned revision: set "
             "source.revision to a full 40-character commit hash (a branch or tag can change under you)"
@@ -182,6 +183,8 @@ def register_sources(register):
 @hookimpl(trylast=True)
 def load_source(ctx: StageContext) -> Path:
     path = source_path(ctx.recipe.source, ctx.options)
+    if ctx.inputs.get(LOCATE_SOURCE):
+        return path
     if path.is_file():
         ctx.log(f"importing {path.name} into an HF directory")
         ctx.metrics["imported_gguf"] = str(path)
@@ -205,6 +208,9 @@ def register_commands(cli):
     def import_gguf_command(gguf_file: Path, out_dir: Path, dtype: str):
         """Convert a GGUF file into a clean Hugging Face model directory."""
         check_gguf(gguf_file)
+        check_output_dir(out_dir, "--out", inputs=(gguf_file,))
+        if out_dir.exists():
+            claim_output_dir(out_dir, "--out", inputs=(gguf_file,))
         with atomic_path(out_dir, is_dir=True) as tmp:
             import_gguf(gguf_file, tmp, dtype=dtype)
         click.echo(f"wrote {out_dir}")

@@ -50,7 +50,9 @@ def _importance(ctx: StageContext) -> dict[str, Any]:
 def _prune(ctx: StageContext) -> dict[str, Any]:
     scores = {}
     if "scores_file" in ctx.inputs:
-        raw = json.loads(Path(ctx.inputs["scores_file"]).read_text())
+        from ollama_compress.safe_read import read_json
+
+        raw = read_json(ctx.inputs["scores_file"], "scores", expect=dict)
         scores = {k: v for k, v in raw.items() if isinstance(v, list)}
     model_dir = call_first("prune_layers", ctx=ctx, model_dir=Path(ctx.inputs["model_dir"]), scores=scores)
     return {"model_dir": str(model_dir), "pruned_dir": str(model_dir)}
@@ -81,14 +83,8 @@ def _export(ctx: StageContext) -> dict[str, Any]:
 def _measure(ctx: StageContext, reference: Path, quants: dict[str, Path]) -> None:
     """Per-quant size, bits per weight, perplexity and KL to the unquantized GGUF (llama.cpp logits)."""
     from ollama_compress.hooks import quantize
-    from ollama_compress.hooks.data import load_texts
 
-    heldout = ctx.recipe.data.heldout
-    texts = load_texts(heldout, ctx=ctx)
-    n_ctx = max(8, min(heldout.seq_len, 2048))
-    rows = quantize.measure_quants(reference, quants, texts, n_ctx=n_ctx, max_tokens=heldout.samples * heldout.seq_len)
-    quantize.write_quants_report(rows, ctx.out_dir)
-    ctx.metrics["quants"] = rows
+    ctx.metrics["quants"] = quantize.measure_heldout_quants(ctx, reference, quants, ctx.out_dir)
 
 
 @step("ollama")

@@ -192,21 +192,33 @@ def chunked_ce(hidden: torch.Tensor, head: Head, targets: torch.Tensor, chunk_to
 
 
 # ---------------------------------------------------------------- the built-in losses
+def real_rows(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The rows [N, H] of ``states`` [B, T, H] at real tokens: a view when there is no padding
+    (no copy, and no scatter into zeros in the backward pass)."""
+    return states.flatten(0, 1) if bool(mask.all()) else states[mask]
+
+
 def kl_loss(student: ForwardOut, teacher: ForwardOut, batch: Batch) -> torch.Tensor:
     """Forward KL of temperature-softened logits, times T^2, over real tokens (fp32)."""
     mask = batch.mask
-    return chunked_kl(student.final[mask], student.head, teacher.final[mask], teacher.head,
+    return chunked_kl(real_rows(student.final, mask), student.head, real_rows(teacher.final, mask), teacher.head,
                       batch.temperature, batch.chunk_tokens)
 
 
 def hidden_mse_loss(student: ForwardOut, teacher: ForwardOut, batch: Batch) -> torch.Tensor:
-    """Normalised MSE between each matched student layer and its original teacher layer."""
+    """Normalised MSE between each matched student layer and its original teacher layer.
+
+    One fused pass per layer forward and backward (``mse_loss``); the teacher's mean square is a
+    dot product, without a temporary.
+    """
     mask = batch.mask
     terms = []
     for s in batch.matched_layers:
-        target = teacher.layers[batch.student_to_teacher[s]][mask].float()
-        diff = student.layers[s][mask].float() - target
-        terms.append(diff.pow(2).mean() / target.pow(2).mean().clamp_min(1e-12))
+        target = real_rows(teacher.layers[batch.student_to_teacher[s]], mask).float()
+        flat = target.reshape(-1)
+        with torch.no_grad():
+            scale = torch.linalg.vector_norm(flat, dtype=torch.float32).square_().div_(flat.numel()).clamp_min_(1e-12)
+        terms.append(F.mse_loss(real_rows(student.layers[s], mask).float(), target) / scale)
     return torch.stack(terms).mean()
 
 

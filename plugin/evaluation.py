@@ -20,7 +20,6 @@ It calls the ``evaluate`` hook once per row and merges every plugin's result int
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import tempfile
@@ -33,7 +32,8 @@ from typing import Any, Iterable
 from .context import StageContext
 from .errors import UserError
 from .fsutil import write_json
-from .hooks.quantize import LlamaScorer
+from .hooks.data import bos_prefix, unseen_heldout_windows
+from .hooks.quantize import LlamaScorer, stored_quant_row
 
 QUALITY_RETAINED = (
     "quality retained = teacher perplexity / model perplexity on the same held-out tokens, in percent "
@@ -47,10 +47,8 @@ DEFAULT_PROMPTS = (
     "Translate 'good morning, how are you?' into Spanish.",
 )
 KNOWLEDGE_FILE = "knowledge.jsonl"
-SPAN = 32  # tokens per hashed span in the held-out overlap check
-SPEED_PROMPT_TOKENS = 256
-SPEED_GEN_TOKENS = 64
-SPEED_REPEATS = 3  # the fastest of these runs counts: other work on the machine only slows a run down
+SPEED_KEYS = ("prompt_tokens_per_s", "gen_tokens_per_s", "prompt_tokens_per_cpu_s", "gen_tokens_per_cpu_s",
+              "speed_threads", "speed_rounds", "load_average", "decode_seconds")
 REFERENCE_KEY = "heldout_reference"  # the ctx.inputs key the evaluate hook reads
 
 
@@ -86,87 +84,148 @@ def stage_candidates(inputs: dict[str, Any]) -> list[Candidate]:
     return rows
 
 
-def teacher_quant_candidates(ctx: StageContext, teacher_dir: Path, quants: list[str],
-                             outtype: str, taken: set[str]) -> list[Candidate]:
-    """The teacher exported with the export API and quantized with the quantize API, cached in
-    ``run_dir/cache/teacher-gguf`` under the teacher's content hash."""
-    wanted = [q for q in quants if f"teacher {q}" not in taken]
-    if not wanted:
-        return []
-    from ollama_compress.embedded import cache_dir
-    from ollama_compress.fsutil import Fingerprints
-    from ollama_compress.hooks.export import export_gguf
-    from ollama_compress.hooks.quantize import quant_file_name, quantize_file
-
-    digest = Fingerprints(cache_dir() / "fingerprints.json").sha256(teacher_dir)
-    folder = Path(ctx.run_dir) / "cache" / "teacher-gguf" / digest[:16]
-    base = folder / f"teacher-{outtype}.gguf"
-    if not base.is_file():
-        ctx.log(f"exporting the teacher to {outtype} GGUF (cached in {folder})")
-        export_gguf(teacher_dir, base, outtype, {"name": "teacher"}, ctx.options)
-    rows = []
-    for quant in wanted:
-        path = base if quant == outtype else folder / quant_file_name(base, quant)
-        if not path.is_file():
-            ctx.log(f"quantizing the teacher to {quant}")
-            quantize_file(base, quant, path)
-        rows.append(Candidate(f"teacher {quant}", path, "teacher", quant))
-    return rows
+NEAREST_TEACHER_QUANTS = 3  # evaluate.teacher_quants auto: this many teacher quants per compressed file
 
 
-# ---------------------------------------------------------------- held-out tokens
-def bos_prefix(tokenizer) -> list[int]:
-    """The special tokens the tokenizer puts before a text (BOS for most models, none for some)."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a", add_special_tokens=True)["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
-            return list(full[:start])
-    return []
+def auto_teacher_quants(teacher: Any, compressed: dict[str, tuple[str, int]], imatrix: bool) -> dict[str, list[str]]:
+    """For each compressed quant (row name -> (quant, file bytes)), the same quant and the
+    ``NEAREST_TEACHER_QUANTS`` teacher quants whose estimated file sizes (``planner.gguf_size`` of
+    the teacher's shape ``teacher``, the one size estimate) are nearest its real size; the files
+    are then made and measured. Quants that need an importance matrix count only when ``imatrix``
+    (``export.imatrix`` is set)."""
+    from ollama_compress.planner import gguf_size
+    from ollama_compress.quant_names import NEEDS_IMATRIX, QUANT_TYPES, UNQUANTIZED
+
+    usable = [q for q in QUANT_TYPES if q not in UNQUANTIZED and (imatrix or q not in NEEDS_IMATRIX)]
+    estimate = {q: gguf_size(teacher, q) for q in usable}
+    picks = {}
+    for name, (quant, size) in compressed.items():
+        nearest = sorted(usable, key=lambda q: (abs(estimate[q] - size), q))
+        picks[name] = list(dict.fromkeys([*([quant] if quant in usable else []), *nearest[:NEAREST_TEACHER_QUANTS]]))
+    return picks
 
 
-def heldout_windows(ctx: StageContext, tokenizer, teacher_dir: Path) -> list[list[int]]:
-    """``data.heldout`` as token windows (BOS first when the model adds one)."""
-    from ollama_compress.hooks.data import calibration_batches
-
-    batches = calibration_batches(ctx.recipe.data.heldout, tokenizer, ctx=ctx, model=teacher_dir)
-    prefix = bos_prefix(tokenizer)
-    return [prefix + row for batch in batches for row in batch.tolist()]
+def has_imatrix(ctx: StageContext) -> bool:
+    """Whether the teacher's quants get an importance matrix (``export.imatrix``, auto by default)."""
+    return ctx.recipe.export is None or ctx.recipe.export.imatrix is not None
 
 
-def _span_hashes(ids: list[int], step: int) -> set[bytes]:
-    import numpy as np
+def wanted_teacher_quants(ctx: StageContext, teacher_dir: Path, candidates: list[Candidate]) -> list[str]:
+    """``evaluate.teacher_quants`` with ``auto`` expanded by ``auto_teacher_quants`` over the
+    compressed GGUF rows among ``candidates``."""
+    from ollama_compress.planner import model_shape
+    from ollama_compress.quant_names import QUANTS, UNQUANTIZED
 
-    array = np.asarray(ids, dtype=np.int64)
-    return {hashlib.blake2b(array[i:i + SPAN].tobytes(), digest_size=12).digest()
-            for i in range(0, len(array) - SPAN + 1, step)}
-
-
-def training_streams(ctx: StageContext, tokenizer, teacher_dir: Path) -> dict[str, list[list[int]]]:
-    """Token windows each stage calibrated or trained on, by recipe key."""
-    from ollama_compress.hooks.data import calibration_batches, load_texts, token_stream
-
-    recipe = ctx.recipe
-    batches = calibration_batches(recipe.data.calibration, tokenizer, ctx=ctx, model=teacher_dir)
-    streams = {"data.calibration": [row for batch in batches for row in batch.tolist()]}
-    heal = getattr(recipe.data, "heal", None) if recipe.heal is not None else None
-    for i, spec in enumerate(heal if isinstance(heal, list) else [heal] if heal is not None else []):
-        key = f"data.heal[{i}]" if isinstance(heal, list) else "data.heal"
-        streams[key] = [token_stream(load_texts(spec, tokenizer, ctx, model=teacher_dir), tokenizer)]
-    return streams
+    settings = ctx.settings
+    named = [q for q in settings.teacher_quants if q != "auto"]
+    if "auto" not in settings.teacher_quants:
+        return named
+    compressed = {c.name: (c.quant, model_size(c.path)) for c in candidates
+                  if c.kind == "gguf" and c.model != "teacher" and c.quant in QUANTS and c.quant not in UNQUANTIZED}
+    picks = auto_teacher_quants(model_shape(teacher_dir), compressed, imatrix=has_imatrix(ctx))
+    for name, quants in picks.items():
+        ctx.log(f"teacher quants beside {name}: {', '.join(quants)}")
+    return list(dict.fromkeys([*named, *(q for quants in picks.values() for q in quants)]))
 
 
-def check_heldout_unseen(heldout: list[list[int]], streams: dict[str, list[list[int]]], skip: int = 0) -> None:
-    """UserError when any ``SPAN``-token span of the held-out windows (after ``skip`` prefix
-    tokens) also occurs in a calibration or heal stream: by hash, whatever the window offsets."""
-    held = set().union(*(_span_hashes(w[skip:], SPAN) for w in heldout))
-    for key, windows in streams.items():
-        seen = set().union(*(_span_hashes(w, 1) for w in windows))
-        shared = held & seen
-        if shared:
-            raise UserError(f"data.heldout shares text with {key} ({len(shared)} of {len(held)} held-out "
-                            f"{SPAN}-token spans occur in it); held-out text must be text no stage calibrated "
-                            "or trained on: choose another data.heldout source")
+class TeacherQuants:
+    """The teacher through the ``export_gguf`` and ``quantize_gguf`` hooks, with the recipe's
+    ``export.imatrix`` rule, measured like the export stage's quants (``quants.json`` beside
+    them); cached in ``run_dir/cache/teacher-gguf`` under the teacher's content hash and those
+    settings."""
+
+    def __init__(self, ctx: StageContext, teacher_dir: Path, outtype: str):
+        from ollama_compress.embedded import cache_dir
+        from ollama_compress.fsutil import Fingerprints, settings_hash
+        from ollama_compress.recipe import Export
+
+        export = (ctx.recipe.export or Export()).model_copy(update={"outtype": outtype, "quants": []})
+        digest = Fingerprints(cache_dir() / "fingerprints.json").sha256(teacher_dir)
+        reads = {"outtype": outtype, "imatrix": export.imatrix,
+                 "calibration": ctx.recipe.data.calibration.model_dump(mode="json") if export.imatrix == "auto" else None}
+        self.folder = Path(ctx.run_dir) / "cache" / "teacher-gguf" / f"{digest[:16]}-{settings_hash(reads)[:8]}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.ctx, self.teacher_dir, self.outtype = ctx, teacher_dir, outtype
+        self.quant_ctx = StageContext(stage="export", recipe=ctx.recipe.model_copy(update={"name": "teacher", "export": export}),
+                                      run_dir=ctx.run_dir, out_dir=self.folder, options=ctx.options, console=ctx.console,
+                                      section="export", inputs={"model_dir": str(teacher_dir)})
+        self.index_path = self.folder / "files.json"
+        self.index = json.loads(self.index_path.read_text()) if self.index_path.is_file() else {}
+        self._base: Path | None = None
+
+    def _cached(self, quant: str) -> Path | None:
+        name = self.index.get(quant)
+        return self.folder / name if name and (self.folder / name).is_file() else None
+
+    def _record(self, quant: str, path: Path) -> Path:
+        self.index[quant] = Path(path).name
+        write_json(self.index_path, self.index)
+        return Path(path)
+
+    @property
+    def base(self) -> Path:
+        """The teacher's unquantized GGUF (``export_gguf``)."""
+        from ollama_compress.plugins import call_first
+
+        if self._base is None:
+            self._base = self._cached(self.outtype)
+        if self._base is None:
+            self.ctx.log(f"exporting the teacher to {self.outtype} GGUF (cached in {self.folder})")
+            self._base = self._record(self.outtype, call_first("export_gguf", ctx=self.quant_ctx,
+                                                               model_dir=self.teacher_dir, outtype=self.outtype))
+        return self._base
+
+    def make(self, quants: list[str], taken: set[str]) -> list[Candidate]:
+        """A row for each of ``quants`` not in ``taken`` (row names), quantized unless cached."""
+        from ollama_compress.hooks.quantize import quantize_through_hook
+
+        rows = []
+        for quant in (q for q in dict.fromkeys(quants) if f"teacher {q}" not in taken):
+            path = self.base if quant == self.outtype else self._cached(quant)
+            if path is None:
+                self.ctx.log(f"quantizing the teacher to {quant}")
+                path = self._record(quant, quantize_through_hook(self.quant_ctx, self.base, quant))
+            rows.append(Candidate(f"teacher {quant}", path, "teacher", quant))
+        return rows
+
+    def match_below(self, candidates: list[Candidate], imatrix: bool) -> list[Candidate]:
+        """``auto``: where every teacher quant is larger than a compressed file, the next smaller
+        types of the table (at most ``NEAREST_TEACHER_QUANTS`` more) until one is not, so each
+        compressed quant has a teacher quant at its size or smaller to be judged against."""
+        from ollama_compress.planner import gguf_size, model_shape
+        from ollama_compress.quant_names import NEEDS_IMATRIX, QUANTS, UNQUANTIZED
+
+        shape = model_shape(self.teacher_dir)
+
+        def bits(quant: str) -> int:
+            return gguf_size(shape, quant)
+
+        added: list[Candidate] = []
+        compressed = [c for c in candidates if c.kind == "gguf" and c.model != "teacher" and c.quant not in UNQUANTIZED]
+        for row in compressed:
+            for _ in range(NEAREST_TEACHER_QUANTS):
+                teacher = [c for c in [*candidates, *added] if c.model == "teacher" and c.kind == "gguf"
+                           and c.quant in QUANTS]
+                if not teacher or any(model_size(t.path) <= model_size(row.path) for t in teacher):
+                    break
+                smallest = min(teacher, key=lambda t: model_size(t.path))
+                names = {c.name for c in [*candidates, *added]}
+                lower = [q for q in QUANTS if q not in UNQUANTIZED and bits(q) < bits(smallest.quant)
+                         and (imatrix or q not in NEEDS_IMATRIX) and f"teacher {q}" not in names]
+                if not lower:
+                    break
+                added += self.make([max(lower, key=bits)], names)
+        return added
+
+    def measure(self, rows: list[Candidate]) -> None:
+        """``quants.json`` over the teacher quants among ``rows``, unless it holds them all already."""
+        from ollama_compress.hooks.quantize import measure_heldout_quants, stored_quant_row
+
+        quantized = {c.quant: c.path for c in rows if c.model == "teacher" and c.path.parent == self.folder
+                     and c.path != self.base}
+        if quantized and any(stored_quant_row(p) is None for p in [self.base, *quantized.values()]):
+            measure_heldout_quants(self.quant_ctx, self.base, quantized, self.folder, speed=self.ctx.settings.speed)
+        self.ctx.metrics["teacher_gguf"] = {"folder": str(self.folder), **self.quant_ctx.metrics}
 
 
 # ---------------------------------------------------------------- backends
@@ -238,35 +297,6 @@ def _until_stop(tokens: list[int], stop: set[int]) -> list[int]:
         if token in stop:
             return tokens[:i]
     return tokens
-
-
-def llama_speed(path: Path, prompt: list[int], threads: int | None = None,
-                gen_tokens: int = SPEED_GEN_TOKENS) -> dict[str, Any]:
-    """Prompt and generation tokens/s of a GGUF in llama.cpp (no logits kept, greedy decoding;
-    the fastest of ``SPEED_REPEATS`` runs)."""
-    from ollama_compress.hooks.quantize import _import_llama_cpp, llama_log_capture, llama_threads
-
-    llama_cpp = _import_llama_cpp()
-    prompt = prompt[:SPEED_PROMPT_TOKENS]
-    n_ctx = len(prompt) + gen_tokens + 8
-    with llama_log_capture():
-        llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, **llama_threads(threads), verbose=False)
-    try:
-        llm.eval(prompt[:8])  # warm-up: page the weights in
-        prompt_s, gen_s = [], []
-        for _ in range(SPEED_REPEATS):
-            llm.reset()
-            t0 = time.perf_counter()
-            llm.eval(prompt)
-            t1 = time.perf_counter()
-            for _ in range(gen_tokens):
-                llm.eval([llm.sample(temp=0.0, top_k=1, repeat_penalty=1.0)])
-            prompt_s.append(t1 - t0)
-            gen_s.append(time.perf_counter() - t1)
-        return {"prompt_tokens_per_s": round(len(prompt) / min(prompt_s), 1),
-                "gen_tokens_per_s": round(gen_tokens / min(gen_s), 1), "threads": llm.n_threads}
-    finally:
-        llm.close()
 
 
 # ---------------------------------------------------------------- the teacher reference
@@ -393,9 +423,33 @@ def measure_model(ctx: StageContext, model_path: Path) -> dict[str, Any]:
                                            skip_special_tokens=True).strip() for p in prompts]
     finally:
         backend.close()
-    if is_gguf and settings.speed:
-        row.update(llama_speed(model_path, windows[0], reference.get("threads")))
+    if is_gguf:
+        stored = stored_quant_row(model_path) or {}
+        if "mean_kl" in stored:  # the export stage's figure for this very file, not measured again
+            row["kl_to_unquantized"] = stored["mean_kl"]
+        if settings.speed:
+            row.update((reference.get("speeds") or {}).get(str(model_path)) or {})
     return row
+
+
+def gguf_speeds(candidates: list[Candidate], windows: list[list[int]], threads: int | None) -> dict[str, dict[str, Any]]:
+    """Speed figures of every GGUF row, by path: the export stage's (``quants.json`` beside the
+    file, same fingerprint and threads) where there is one, the others measured together by
+    ``measure_speeds``, so a file gets one figure per run."""
+    from ollama_compress.hooks.quantize import llama_threads, measure_speeds
+
+    speeds: dict[str, dict[str, Any]] = {}
+    fresh = []
+    for path in dict.fromkeys(c.path for c in candidates if c.kind == "gguf"):
+        stored = stored_quant_row(path) or {}
+        if stored.get("gen_tokens_per_s") and stored.get("speed_threads") == llama_threads(threads)["n_threads"]:
+            speeds[str(path)] = {k: stored[k] for k in SPEED_KEYS if k in stored}
+        else:
+            fresh.append(path)
+    if fresh:
+        for path, figures in zip(fresh, measure_speeds(fresh, [t for w in windows for t in w], threads=threads)):
+            speeds[str(path)] = figures
+    return speeds
 
 
 def model_size(path: Path) -> int:
@@ -454,25 +508,30 @@ def evaluate_run(ctx: StageContext, models: dict[str, Path] | None = None,
     settings = ctx.settings or Evaluate()
     teacher_dir = Path(ctx.inputs["teacher_dir"])
     tokenizer = modelio.load_tokenizer(teacher_dir, ctx.options)
-    windows = heldout_windows(ctx, tokenizer, teacher_dir)
-    check_heldout_unseen(windows, training_streams(ctx, tokenizer, teacher_dir), skip=len(bos_prefix(tokenizer)))
+    windows = unseen_heldout_windows(ctx.recipe.data, tokenizer, ctx, teacher_dir, heal=ctx.recipe.heal is not None)
     if models is None:
         candidates = stage_candidates(ctx.inputs)
     else:
         candidates = [Candidate("teacher", teacher_dir, "teacher"),
                       *(Candidate(name, Path(p), name, _quant_of(Path(p))) for name, p in models.items())]
     if settings.teacher_quants:
-        outtype = ctx.recipe.export.outtype if ctx.recipe.export else "F16"
-        candidates += teacher_quant_candidates(ctx, teacher_dir, settings.teacher_quants, outtype,
-                                               {c.name for c in candidates})
+        teacher_quants = TeacherQuants(ctx, teacher_dir, ctx.recipe.export.outtype if ctx.recipe.export else "F16")
+        candidates += teacher_quants.make(wanted_teacher_quants(ctx, teacher_dir, candidates), {c.name for c in candidates})
+        if "auto" in settings.teacher_quants:
+            candidates += teacher_quants.match_below(candidates, imatrix=has_imatrix(ctx))
+        teacher_quants.measure(candidates)
     with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
         ctx.log(f"teacher log-probabilities on {len(windows)} held-out windows")
         reference = build_reference(ctx, teacher_dir, windows, Path(tmp)) | {"threads": threads}
+        if settings.speed:
+            reference["speeds"] = gguf_speeds(candidates, windows, threads)
         rows = [measure_row(ctx, c, reference) for c in candidates]
     add_quality_retained(rows)
+    verdicts = equal_size_verdicts(rows, [t for w in windows for t in w] if settings.speed else None, threads)
     evaluation = {"quality_retained": QUALITY_RETAINED, "heldout_tokens": reference["tokens"],
                   "heldout_windows": len(windows), "prompts": list(settings.prompts or DEFAULT_PROMPTS),
-                  "knowledge_questions": len(knowledge_questions()) if settings.knowledge else 0, "rows": rows}
+                  "knowledge_questions": len(knowledge_questions()) if settings.knowledge else 0, "rows": rows,
+                  "verdicts": verdicts}
     evaluation_path = write_json(Path(ctx.out_dir) / "evaluation.json", evaluation)
     ctx.metrics["evaluation"] = evaluation
     report_path, figures = write_report(Path(ctx.out_dir), ctx.recipe.name, evaluation, ctx.inputs)
@@ -480,6 +539,57 @@ def evaluate_run(ctx: StageContext, models: dict[str, Path] | None = None,
     if ctx.console is not None:
         ctx.console.print(rich_table(rows))
     return {"evaluation": str(evaluation_path), "report": str(report_path)}
+
+
+# ---------------------------------------------------------------- worth it at equal size
+def size_match(row: dict[str, Any], teacher_rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The teacher quant a compressed quant is judged against: the one with the lowest KL among
+    those no larger than it, or the nearest in size when all are larger."""
+    measured = [t for t in teacher_rows if isinstance(t.get("kl"), (int, float))]
+    smaller = [t for t in measured if t["size_bytes"] <= row["size_bytes"]]
+    if smaller:
+        return min(smaller, key=lambda t: (t["kl"], -t["size_bytes"]))
+    return min(measured, key=lambda t: abs(t["size_bytes"] - row["size_bytes"]), default=None)
+
+
+def verdict_sentence(verdict: dict[str, Any]) -> str:
+    """One sentence: did pruning pay at this size, in quality (KL to the teacher) and in decode speed."""
+    quality = "paid" if verdict["quality_paid"] else "did not pay"
+    sentence = (f"At {verdict['size_bytes'] / 2**20:.1f} MiB ({verdict['name']}), pruning {quality} in quality: "
+                f"teacher {verdict['teacher_quant']} ({verdict['teacher_size_bytes'] / 2**20:.1f} MiB) has KL "
+                f"{verdict['teacher_kl']:.3g} vs {verdict['kl']:.3g}")
+    ratio = verdict.get("decode_ratio")
+    if ratio is None:
+        return sentence + "; decode speed was not measured."
+    speed = "paid" if verdict["speed_paid"] else "did not pay"
+    return sentence + (f"; it {speed} in speed: {ratio:.2f}x the teacher quant's decode tokens/s "
+                       f"(interleaved runs, load average {verdict['load_average'][0]:.1f}).")
+
+
+def equal_size_verdicts(rows: list[dict[str, Any]], tokens: list[int] | None,
+                        threads: int | None = None) -> list[dict[str, Any]]:
+    """For each compressed GGUF row, ``size_match`` among the teacher's GGUF rows: KL to the teacher
+    of both, and (``tokens``) the decode-speed ratio of the two files run in turn by
+    ``measure_speeds`` (``speed_ratio``), with its ``verdict_sentence``."""
+    from ollama_compress.hooks.quantize import measure_speeds, speed_ratio
+
+    ggufs = [r for r in rows if r.get("kind") == "gguf" and r.get("size_bytes") and isinstance(r.get("kl"), (int, float))]
+    teacher = [r for r in ggufs if r["model"] == "teacher"]
+    verdicts = []
+    for row in (r for r in ggufs if r["model"] != "teacher" and r.get("quant") not in ("F32", "F16", "BF16")):
+        match = size_match(row, teacher)
+        if match is None:
+            continue
+        verdict = {"name": row["name"], "size_bytes": row["size_bytes"], "kl": row["kl"],
+                   "teacher_quant": match.get("quant") or match["name"], "teacher_size_bytes": match["size_bytes"],
+                   "teacher_kl": match["kl"], "quality_paid": row["kl"] < match["kl"]}
+        if tokens:
+            pruned, original = measure_speeds([Path(row["path"]), Path(match["path"])], tokens, threads=threads)
+            ratio = speed_ratio(pruned, original)
+            verdict.update(decode_ratio=round(ratio, 3), speed_paid=ratio > 1.0, load_average=pruned["load_average"])
+        verdict["sentence"] = verdict_sentence(verdict)
+        verdicts.append(verdict)
+    return verdicts
 
 
 def _quant_of(path: Path) -> str | None:

@@ -12,7 +12,9 @@ the whole file into memory) and applies the rules llama.cpp's ``gguf.cpp`` loade
   4 dimensions, rows a whole number of quant blocks;
 * tensor data aligned, inside the file, not overlapping and packed in table order (llama.cpp
   refuses gaps too);
-* ``{arch}.block_count`` equal to the ``blk.N`` tensor indices present.
+* ``{arch}.block_count`` equal to the ``blk.N`` tensor indices present;
+* every tensor llama.cpp's loader needs for the architecture present, and no hyper-parameter
+  (head count, width, ...) of 0 (``gguf.arch.loadability_problems``, which the writer runs too).
 
 Any problem raises ``UserError("<path>: not a valid GGUF file: <reason>")``.
 """
@@ -27,6 +29,7 @@ from typing import Any, BinaryIO
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from .errors import UserError
+from .gguf.arch import loadability_problems, metadata_type_problem
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -231,6 +234,9 @@ def _parse(path: Path, r: _Reader) -> GGUFSummary:
     if arch is not None and not isinstance(arch, str):
         raise _Invalid("general.architecture is not a string")
     block_count = _check_blocks(arch, metadata, tensors)
+    problems = loadability_problems(arch, metadata, {t.name for t in tensors})
+    if problems:
+        raise _Invalid(problems[0])
     ftype = metadata.get("general.file_type")
     return GGUFSummary(
         path=path, version=version, tensor_count=tensor_count, kv_count=kv_count, architecture=arch,
@@ -296,8 +302,9 @@ def _value(r: _Reader, vtype: GGUFValueType, key: str) -> Any:
 
 def _array(r: _Reader, key: str) -> Any:
     itype = _value_type(r, f"items of array '{key}'")
-    if itype == GGUFValueType.ARRAY:
-        raise _Invalid(f"array '{key}' holds arrays; nested arrays are not supported")
+    problem = metadata_type_problem(key, {itype})
+    if problem:
+        raise _Invalid(problem)
     count = r.u64(f"length of array '{key}'")
     item_size = 8 if itype == GGUFValueType.STRING else struct.calcsize(_SCALARS[itype])
     if count * item_size > r.remaining:

@@ -103,7 +103,15 @@ def load_source(ctx: StageContext) -> Path | None:
 
     Runs first. A local directory may be returned as is; anything converted (a GGUF file,
     a download) is written into ``ctx.out_dir``. First non-None result wins.
+
+    Before any stage runs, the pipeline also asks where the source is, to hash it for the stage
+    cache and to read its shape: then ``ctx.inputs[LOCATE_SOURCE]`` (``"locate_source"``) is
+    True, and the hook returns the local file or directory that holds the source (a GGUF file
+    as is), converting and writing nothing.
     """
+
+
+LOCATE_SOURCE = "locate_source"  # the ctx.inputs key of load_source's "where is it" call
 
 
 @hookspec(firstresult=True)
@@ -149,7 +157,9 @@ def export_gguf(ctx: StageContext, model_dir: Path, outtype: str) -> Path | None
 def quantize_gguf(ctx: StageContext, gguf_path: Path, quant: str) -> Path | None:
     """Quantize an F16/F32 GGUF to ``quant`` (llama.cpp spelling, e.g. Q4_K_M); return the path.
 
-    Runs after ``export_gguf``, once per quant. First non-None result wins.
+    Runs after ``export_gguf``, once per quant, and for every other GGUF the tool quantizes: the
+    ``export`` and ``quantize`` commands and evaluate's teacher quants (``ctx.settings`` is then an
+    ``export`` section holding the importance-matrix choice). First non-None result wins.
     """
 
 
@@ -190,5 +200,7 @@ def evaluate(ctx: StageContext, model_path: Path) -> dict[str, Any] | None:
     every plugin's dict is merged, and on a shared key a third-party plugin wins over the built-in
     one (which is ``trylast``). The built-in columns are ``perplexity``, ``kl``,
     ``top1_agreement``, ``knowledge_accuracy``, ``answers``, ``size_bytes`` and, for GGUF files,
-    ``prompt_tokens_per_s`` / ``gen_tokens_per_s``.
+    ``prompt_tokens_per_s`` / ``gen_tokens_per_s`` (with the speed meter's rounds and load average)
+    and ``kl_to_unquantized``: for a file the export stage measured, its figures from the
+    ``quants.json`` beside it, reused rather than measured again.
     """

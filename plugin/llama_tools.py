@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import StageFailed, UserError
+from .fsutil import atomic_path
 
 TOOLS = ("llama-quantize", "llama-imatrix")
 # Like the bindings' build (.ci/setup sets CMAKE_ARGS=-DGGML_NATIVE=OFF): portable, CPU only, and
@@ -77,13 +78,9 @@ def build_llama_tools(log: Callable[[str], None] = print) -> Path:
         log(f"llama-tools: building {', '.join(TOOLS)} from llama-cpp-python {version}'s llama.cpp (once)...")
         _run(["cmake", "-S", str(source), "-B", str(build), *CMAKE_OPTIONS], "cmake configure")
         _run(["cmake", "--build", str(build), "--target", *TOOLS, "-j", str(os.cpu_count() or 1)], "cmake build")
-        staged = Path(tmp) / "bin"
-        staged.mkdir()
-        for name in TOOLS:
-            shutil.copy2(build / "bin" / name, staged / name)
-        if target.exists():
-            shutil.rmtree(target)
-        staged.rename(target)
+        with atomic_path(target, is_dir=True) as staged:  # replaces only a folder this tool made
+            for name in TOOLS:
+                shutil.copy2(build / "bin" / name, staged / name)
     log(f"llama-tools: built in {time.monotonic() - started:.0f} s into {target}")
     return target
 

@@ -2,7 +2,6 @@
 remote code only from the command line, never a hub unless asked."""
 from __future__ import annotations
 
-import json
 import os
 import pickle
 from pathlib import Path
@@ -39,8 +38,10 @@ def file_in_model_dir(model_dir: str | os.PathLike, relative: str, what: str) ->
 def _check_contained(path: Path) -> None:
     """UserError if a file of ``path`` is a symlink leading out of it, or a shard index names a
     file outside it (a shared model must not make us read, or hash, files elsewhere)."""
+    from .safe_read import walk_files
+
     root = _allowed_root(path).resolve()
-    for entry in path.rglob("*"):
+    for entry in walk_files(path, f"model directory {path}"):
         if entry.is_symlink():
             target = entry.resolve()
             if target != root and root not in target.parents:
@@ -54,10 +55,9 @@ def _check_contained(path: Path) -> None:
 
 def _check_shard_index(path: Path, index: Path) -> None:
     """Every shard an index names is a plain file name beside it (symlinks are checked above)."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
-        raise UserError(f"cannot read {index}: {exc}") from None
+    from .safe_read import read_json
+
+    weight_map = read_json(index, "index", expect=dict).get("weight_map")
     if not isinstance(weight_map, dict):
         raise UserError(f"{index} has no weight_map; re-save the model")
     for shard in set(weight_map.values()):
@@ -75,11 +75,10 @@ def _check_remote_code(path: Path, options: RunOptions) -> None:
     for name in ("config.json", "tokenizer_config.json"):
         if not (path / name).is_file():
             continue
-        try:
-            config = json.loads((path / name).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
-            raise UserError(f"cannot read {path / name}; is it a Hugging Face model directory?") from None
-        if isinstance(config, dict) and config.get("auto_map") and not options.trust_remote_code:
+        from .safe_read import read_json
+
+        config = read_json(path / name, "config", expect=dict)
+        if config.get("auto_map") and not options.trust_remote_code:
             raise UserError(f"{path} needs its own Python code ({name} auto_map) to load; read that code and "
                             "pass --trust-remote-code if you trust it, or use a model transformers supports natively")
 
@@ -115,22 +114,25 @@ def check_model_dir(path: str | os.PathLike, options: RunOptions | None = None) 
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    try:
-        return json.loads((Path(path) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {Path(path) / 'config.json'}: {exc}") from None
+    """config.json of a model directory: a JSON object, read boundedly (``safe_read``)."""
+    from .safe_read import read_json
+
+    return read_json(Path(path) / "config.json", "config", expect=dict)
 
 
 def check_causal_lm(path: str | os.PathLike) -> dict[str, Any]:
-    """The config of ``path`` if it is a causal LM, else a UserError naming what it is."""
+    """The config of ``path`` if it is a causal LM whose weights are the model its config describes
+    (``check_weights_match_config``), else a UserError naming what it is."""
     config = read_config(path)
     archs = config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise UserError(f"{path}/config.json: 'architectures' is not a list of names; fix the config")
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    if any(a.endswith("ForCausalLM") or a in causal for a in archs):
-        return config
-    if not archs and config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if any(a.endswith("ForCausalLM") or a in causal for a in archs) or (
+            not archs and config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        check_weights_match_config(path)
         return config
     what = ", ".join(archs) or config.get("model_type") or "unknown"
     raise UserError(f"{path} is not a causal language model ({what}); give a *ForCausalLM model")
@@ -165,13 +167,49 @@ def load_model(path: str | os.PathLike, options: RunOptions | None = None, dtype
     return model.to(device).eval()
 
 
+TOKENIZER_JSON_FILES = {"tokenizer.json": "tokenizer", "vocab.json": "tokenizer", "tokenizer_config.json": "config",
+                        "special_tokens_map.json": "config", "added_tokens.json": "config", "chat_template.json": "config"}
+TOKENIZER_TEXT_FILES = {"merges.txt": "tokenizer", "chat_template.jinja": "template"}
+
+
+def check_tokenizer_files(path: str | os.PathLike) -> None:
+    """The tokenizer files of ``path`` are plain files of sane size, JSON nested boundedly, text
+    UTF-8: what the tokenizers library and transformers would otherwise choke on or hang reading."""
+    from .safe_read import check_json_depth, read_text
+
+    path = Path(path)
+    for name, kind in {**TOKENIZER_JSON_FILES, **TOKENIZER_TEXT_FILES}.items():
+        if os.path.lexists(path / name):
+            text = read_text(path / name, kind)
+            if name in TOKENIZER_JSON_FILES:
+                check_json_depth(text, str(path / name))
+    if os.path.lexists(path / "tokenizer.model"):
+        from .safe_read import check_regular_file
+
+        check_regular_file(path / "tokenizer.model", "tokenizer")
+
+
 def load_tokenizer(path: str | os.PathLike, options: RunOptions | None = None):
+    """The tokenizer of a local model directory; its files checked first (``check_tokenizer_files``)
+    and its chat template too (``templates.check_template_renders``), since transformers renders
+    it in this process."""
     options = options or RunOptions()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(
-        path, trust_remote_code=options.trust_remote_code, local_files_only=True
-    )
+    from .templates import check_template_renders
+
+    if Path(path).is_dir():
+        check_tokenizer_files(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=options.trust_remote_code, local_files_only=True
+        )
+    except Exception as exc:  # the tokenizers library raises bare Exceptions for malformed files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path}: transformers cannot load the tokenizer ({first[:300]})") from None
+    check_template_renders(getattr(tokenizer, "chat_template", None), str(getattr(tokenizer, "bos_token", "") or ""),
+                           str(getattr(tokenizer, "eos_token", "") or ""))
+    return tokenizer
 
 
 def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -196,6 +234,7 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, source_dir: str | o
     out_dir = Path(out_dir)
     weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     check_free_space(out_dir, weights + (64 << 20), f"the model weights ({weights / 2**20:.0f} MiB)")
+    check_finite(model.state_dict().items(), "the model to save")
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
@@ -215,10 +254,12 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
     model_dir = Path(model_dir)
     index = model_dir / SAFETENSORS_INDEX
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
-            raise UserError(f"{index} is not a valid safetensors index: {exc}") from None
+        from .safe_read import read_json
+
+        weight_map = read_json(index, "index", expect=dict).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise UserError(f"{index} is not a valid safetensors index (no weight_map of file names); re-save the model")
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (model_dir / s).is_file()]
         if missing:
             raise UserError(f"{model_dir} lacks weight shards listed in its index: {', '.join(missing[:3])}")
@@ -243,3 +284,150 @@ def decoder_stack(model) -> tuple[Any, Any]:
         raise UserError(f"{type(model).__name__}: the decoder layers aren't where the architecture says (model.model.layers "
                         "with config.num_hidden_layers entries); this architecture is not supported yet")
     return base, layers
+
+
+# ---------------------------------------------------------------- weights that match their config
+SAFETENSORS_MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
+SAFETENSORS_DTYPES = frozenset({"BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16",
+                                "I32", "U32", "F32", "F64", "I64", "U64", "F4", "F6_E2M3", "F6_E3M2"})
+
+
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header, every field type- and range-checked
+    (the data offsets must lie inside the file); a UserError naming the file otherwise."""
+    import struct
+
+    from .safe_read import check_json_depth, parse_json
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 2 <= length <= min(SAFETENSORS_MAX_HEADER, size - 8):
+                raise UserError(f"{path} is not a safetensors file (header length {length}, file size {size}); "
+                                "re-save the model")
+            raw = f.read(length)
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: safetensors header is not UTF-8; re-save the model") from None
+    check_json_depth(text, f"{path} header", 4)
+    header = parse_json(text, f"{path} header")
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: safetensors header is not a JSON object; re-save the model")
+    data_size = size - 8 - length
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise UserError(f"{path}: safetensors __metadata__ is not a map of strings; re-save the model")
+            continue
+        shapes[name] = _safetensors_entry(path, name, entry, data_size)
+    return shapes
+
+
+def _safetensors_entry(path: Path, name: str, entry: Any, data_size: int) -> tuple[int, ...]:
+    def bad(why: str) -> UserError:
+        return UserError(f"{path}: safetensors header entry {name[:80]!r} {why}; re-save the model")
+
+    if not isinstance(entry, dict):
+        raise bad("is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise bad(f"has dtype {dtype!r}, not a safetensors dtype")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise bad(f"has shape {str(shape)[:60]}, not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+            isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_size):
+        raise bad(f"has data_offsets {str(offsets)[:60]}, not a range inside the file")
+    return tuple(shape)
+
+
+def _expected_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], set[str]] | None:
+    """(parameter name -> shape, names that may be absent) of the model ``path``'s config
+    describes, built on the meta device (no memory, no data); None when transformers cannot
+    build it without the model's own code."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_json = read_config(path)
+    if config_json.get("auto_map"):
+        return None
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, RuntimeError, ZeroDivisionError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path}/config.json does not describe a model transformers can build ({first[:200]}); "
+                        "fix the config") from None
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    optional = {name for name in shapes if name.endswith(("inv_freq", ".bias", "masked_bias"))}
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text_config, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False):
+        optional.add("lm_head.weight")
+    return shapes, optional
+
+
+def check_weights_match_config(path: str | os.PathLike) -> None:
+    """A UserError when the safetensors weights of ``path`` are not the model its config.json
+    describes: a tensor of another shape, or parameters (e.g. whole layers) the weights lack,
+    which transformers would fill with random values. Headers only; no weights are read."""
+    path = Path(path)
+    files = weight_files(path)
+    if not files:
+        return
+    present: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        present.update(safetensors_shapes(file))
+    expected = _expected_shapes(path)
+    if expected is None:
+        return
+    shapes, optional = expected
+    matched = [name for name in shapes if name in present]
+    if len(matched) < len(shapes) // 2:
+        return  # another naming convention (transformers renames keys on load); it checks those itself
+    for name in matched:
+        if tuple(present[name]) != shapes[name]:
+            raise UserError(f"{path}: weight {name} has shape {list(present[name])} but config.json describes "
+                            f"{list(shapes[name])}; the weights and config.json disagree")
+    missing = [name for name in shapes if name not in present and name not in optional]
+    if missing:
+        raise UserError(f"{path}: config.json describes {len(missing)} weight(s) the files lack (e.g. {missing[0]}); "
+                        "the weights and config.json disagree (a config from another model size?)")
+
+
+# ---------------------------------------------------------------- finite weights
+FINITE_CHUNK = 1 << 24  # elements checked at once: bounded temporary memory for any tensor size
+
+
+def check_finite(named_tensors: Any, what: str, error: type[Exception] = UserError) -> None:
+    """An ``error`` (UserError: bad input) naming the first tensor of ``named_tensors`` ((name,
+    torch tensor or numpy array) pairs) that holds NaN or Inf: a model with one never gets written
+    or registered."""
+    for name, tensor in named_tensors:
+        if not is_finite(tensor):
+            raise error(f"{what}: tensor {name} holds NaN or Inf values; refusing to write a broken model "
+                            "(check the source weights, or lower heal.lr if healing diverged)")
+
+
+def is_finite(tensor: Any) -> bool:
+    """Whether every value of a torch tensor or numpy array is finite, checked in chunks."""
+    import numpy as np
+
+    if isinstance(tensor, np.ndarray):
+        if not np.issubdtype(tensor.dtype, np.floating):
+            return True
+        flat = tensor.reshape(-1)
+        return all(np.isfinite(flat[i:i + FINITE_CHUNK]).all() for i in range(0, flat.size, FINITE_CHUNK))
+    import torch
+
+    if not torch.is_floating_point(tensor):
+        return True
+    flat = tensor.detach().reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + FINITE_CHUNK]).all()) for i in range(0, flat.numel(), FINITE_CHUNK))

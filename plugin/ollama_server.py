@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 from .errors import StageFailed, UserError
+from .fsutil import make_temp_dir, remove_made
 
 # Ollama is built from source with `go install` (Go modules + cgo; no cmake, no prebuilt download).
 # v0.24.0 is the newest release the Go module proxy serves (`go list -m github.com/ollama/ollama@latest`
@@ -243,13 +244,22 @@ def normalize_host(host: str | None = None) -> str:
     return f"{scheme}://{hostname}:{port}{parts.path.rstrip('/')}"
 
 
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
-
-
 def is_loopback(host: str | None) -> bool:
-    """Whether ``host`` (any OLLAMA_HOST spelling) names this machine (127.0.0.0/8, ::1, localhost)."""
-    name = (urlsplit(normalize_host(host)).hostname or "").lower()
-    return name in LOOPBACK_NAMES or name.startswith("127.")
+    """Whether ``host`` (any OLLAMA_HOST spelling) names this machine: an IP literal in 127.0.0.0/8,
+    ``::1``, or exactly ``localhost``. Any other name is remote (``127.0.0.1.example.org`` is a
+    domain, resolved by DNS)."""
+    import ipaddress
+
+    name = urlsplit(normalize_host(host)).hostname or ""
+    if name == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv4Address):
+        return address in ipaddress.IPv4Network("127.0.0.0/8")
+    return address.is_loopback
 
 
 def make_client(host: str | None = None, **kwargs):
@@ -334,7 +344,7 @@ class OllamaServer:
         self._extra_env = dict(env or {})
         self._state_dir: Path | None = None
         if models_dir is None:
-            self._state_dir = Path(tempfile.mkdtemp(prefix="ollama-compress-serve-"))
+            self._state_dir = make_temp_dir("ollama-compress-serve-")
             models_dir = self._state_dir / "models"
         self.models_dir = Path(models_dir)
         if log_path is None:
@@ -417,7 +427,7 @@ class OllamaServer:
         if process is not None:
             _signal_group(process, signal.SIGKILL)  # runners left behind by the server
         if self._state_dir is not None:
-            shutil.rmtree(self._state_dir, ignore_errors=True)
+            remove_made(self._state_dir)
             self._state_dir = None
 
     @property
@@ -470,8 +480,7 @@ def ensure_server(
         yield ServerHandle(host=wanted, started=False)
         return
     parts = urlsplit(wanted)
-    local = parts.hostname in ("127.0.0.1", "localhost")
-    port = parts.port if local and parts.port and not port_in_use(parts.port) else free_port()
+    port = parts.port if is_loopback(wanted) and parts.port and not port_in_use(parts.port) else free_port()
     binary = ollama_binary(build=build, log=log)
     models = Path(models_dir) if models_dir else default_models_dir()
     log_path = _log_dir() / f"ollama-serve-{port}.log"

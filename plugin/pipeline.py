@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,8 +26,10 @@ from rich.console import Console
 from .context import RunOptions, StageContext, launcher_world
 from .embedded import cache_dir
 from .errors import CompressError, NotAvailable, StageFailed, UserError
-from .fsutil import Fingerprints, atomic_path, remove_stale_temporaries, settings_hash, write_json
-from .plugins import get_plugin_manager
+from .fsutil import (Fingerprints, atomic_path, check_output_dir, claim_output_dir, clean_journal, remove_made,
+                     settings_hash, write_json)
+from .hookspecs import LOCATE_SOURCE
+from .plugins import call_first, get_plugin_manager
 from .recipe import SUPPORTED_RECIPE_VERSIONS, Recipe, load_recipe
 
 STAGE_FILE = ".stage.json"
@@ -152,6 +154,7 @@ class Run:
         self.first, self.last = first, last  # --from / --until: run only these stages of the table
         self.main = launcher_world()[0] == 0  # under a launcher, only rank 0 writes the run directory
         self.inputs: dict[str, Any] = {}
+        self._source_location: Path | None = None
         self.producers: dict[str, str] = {}  # input key -> cache key of the stage that wrote it
         self.lock: dict[str, Any] = {
             "recipe": recipe.model_dump(mode="json", by_alias=True, exclude_none=True),
@@ -161,12 +164,19 @@ class Run:
         }
 
     # ------------------------------------------------------------ keys
+    def source_location(self) -> Path:
+        """The local file or directory of the recipe's source, from the ``load_source`` hook
+        (asked only where it is: nothing is converted or written)."""
+        if self._source_location is None:
+            ctx = StageContext(stage="source", recipe=self.recipe, run_dir=self.run_dir, out_dir=self.run_dir,
+                               options=self.options, console=self.console, inputs={LOCATE_SOURCE: True})
+            self._source_location = Path(call_first("load_source", ctx=ctx))
+        return self._source_location
+
     def source_hash(self, *, read: bool = True) -> str | None:
         """The source's sha256 (hashed once per file version); None when ``read`` is False and
         the source was never hashed in its current state."""
-        from ollama_compress.hooks.source import source_path
-
-        path = source_path(self.recipe.source, self.options)
+        path = self.source_location()
         fingerprints = Fingerprints(cache_dir() / "fingerprints.json")
         digest = fingerprints.sha256(path) if read else fingerprints.known(path)
         if digest is not None:
@@ -178,12 +188,10 @@ class Run:
         prune = self.recipe.prune
         if prune is None or prune.target is None:
             return
-        from ollama_compress.hooks.source import source_path
-
         from .planner import layers_to_remove, model_shape, parse_count
 
         target = prune.target
-        shape = model_shape(source_path(self.recipe.source, self.options))
+        shape = model_shape(self.source_location())
         protected = len({p if isinstance(p, int) else (0 if p == "first" else shape.num_layers - 1)
                          for p in prune.protect})
         removed = layers_to_remove(shape, size_mb=target.size_mb, quant=target.quant,
@@ -200,11 +208,9 @@ class Run:
 
     def estimate(self) -> dict[str, Any]:
         """Parameters, GGUF size per quant and heal memory, from the source's shape alone."""
-        from ollama_compress.hooks.source import source_path
+        from .planner import gguf_size, heal_memory_bytes, model_shape
 
-        from .planner import gguf_bytes, heal_memory_bytes, model_shape, trainable_params
-
-        shape = model_shape(source_path(self.recipe.source, self.options))
+        shape = model_shape(self.source_location())
         prune = self.recipe.prune
         removed = 0
         if prune is not None:
@@ -222,14 +228,14 @@ class Run:
                                                              calibration.samples, calibration.seq_len)
         if self.recipe.export is not None:
             quants = dict.fromkeys([self.recipe.export.outtype, *self.recipe.export.quants])
-            result["gguf_mib"] = {q: round(gguf_bytes(params, q) / 2**20, 1) for q in quants}
+            result["gguf_mib"] = {q: round(gguf_size(shape, q, removed) / 2**20, 1) for q in quants}
         heal = self.recipe.heal
         if heal is not None:
-            trainable = trainable_params(shape, removed, getattr(heal, "train", "all"))
-            micro = getattr(heal, "micro_batch", None) or heal.batch_size
-            memory = heal_memory_bytes(shape, params, trainable, micro_batch=micro, seq_len=heal.seq_len,
-                                       layers=shape.num_layers - removed, hidden=shape.hidden_size,
-                                       teacher_bytes=2 if self.options.resolved_device().startswith("cuda") else 4)
+            from .trainer import autocast_dtype
+
+            device = self.options.resolved_device()
+            memory = heal_memory_bytes(shape, removed, heal, device=device,
+                                       autocast=autocast_dtype(device, heal.dtype) is not None)
             result["heal_memory_gib"] = round(memory["total"] / 2**30, 2)
         return result
 
@@ -282,9 +288,11 @@ class Run:
 
     def execute(self) -> dict[str, Any]:
         source_key = self.source_hash()  # bad sources fail here, before anything is written
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.main:
-            remove_stale_temporaries(self.run_dir)  # what killed runs left behind
+            claim_output_dir(self.run_dir, "--out")
+            clean_journal(self.run_dir)  # what killed runs left behind (only what their journal records)
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         enabled = [s for s in STAGES if s.enabled(self.recipe)]
         for stage in STAGES:
             if stage not in enabled:
@@ -333,7 +341,7 @@ class Run:
         started = time.perf_counter()
         try:
             with atomic_path(final, is_dir=True) as tmp:
-                work.mkdir(exist_ok=True)
+                claim_output_dir(work, "the stage's work folder")
                 ctx = StageContext(stage=stage.name, recipe=self.recipe, run_dir=self.run_dir, out_dir=tmp,
                                    work_dir=work, options=self.options, console=self.console,
                                    section=stage.section,
@@ -344,14 +352,14 @@ class Run:
                           "outputs": _relocate(outputs, tmp, final), "metrics": _relocate(ctx.metrics, tmp, final)}
                 write_json(tmp / STAGE_FILE, record)
         except NotAvailable as exc:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_made(work)
             self._not_available(stage, label, str(exc))
             return
         except CompressError as exc:
             self.lock["stages"][stage.name] = {"status": "failed", "error": str(exc)}
             self._write_lock()
             raise
-        shutil.rmtree(work, ignore_errors=True)
+        remove_made(work)
         self.console.print(f"{label}: done in {record['seconds']:.1f}s")
         self._accept(stage, key, record)
 
@@ -403,6 +411,20 @@ def load_lock(path: Path) -> dict[str, Any]:
     return lock
 
 
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def locked_source_sha256(lock: dict[str, Any], path: Path | None = None) -> str:
+    """The source model's sha256 a lock records; a UserError when it records none (it can't be reproduced)."""
+    inputs = lock.get("inputs")
+    source = inputs.get("source") if isinstance(inputs, dict) else None
+    sha = source.get("sha256") if isinstance(source, dict) else None
+    if not isinstance(sha, str) or not SHA256_HEX.fullmatch(sha):
+        raise UserError(f"{path or 'the lock'} records no sha256 of the source model, so a rerun could not be checked "
+                        "against it; run the recipe file instead (ollama-compress run RECIPE.yaml)")
+    return sha
+
+
 def lock_differences(lock: dict[str, Any], run: "Run") -> list[str]:
     """What differs between a lock and this machine: the source's sha256 and package versions."""
     found = []
@@ -410,8 +432,8 @@ def lock_differences(lock: dict[str, Any], run: "Run") -> list[str]:
     for name, version in package_versions().items():
         if name in locked_versions and locked_versions[name] != version:
             found.append(f"{name} {locked_versions[name]} in the lock, {version} here")
-    locked_sha = lock.get("inputs", {}).get("source", {}).get("sha256")
-    if locked_sha and run.source_hash() != locked_sha:
+    locked_sha = locked_source_sha256(lock)
+    if run.source_hash() != locked_sha:
         found.append(f"the source model's sha256 is {run.lock['inputs']['source']['sha256'][:12]}..., "
                      f"the lock has {locked_sha[:12]}...")
     return found
@@ -421,6 +443,7 @@ def _recipe_from_lock(path: Path, overrides: list[str]) -> Recipe:
     from .recipe import apply_override, validate
 
     lock = load_lock(path)
+    locked_source_sha256(lock, path)  # even with --force: a lock that names no source can't be reproduced
     data = lock["recipe"]
     version = data.get("recipe_version")
     if isinstance(version, int) and version > max(SUPPORTED_RECIPE_VERSIONS):
@@ -457,8 +480,7 @@ def run(recipe: Recipe | str, *, overrides: list[str] = (), out: str | Path | No
         raise UserError("overrides apply to recipe files; edit the Recipe object instead")
     console = console or Console(stderr=True, quiet=launcher_world()[0] != 0)  # rank 0 speaks
     run_dir = Path(out) if out else default_run_dir(recipe)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir} is a file; choose another --out directory")
+    check_output_dir(run_dir, "--out")
     this = Run(recipe, run_dir, options or RunOptions(), console, first=first, last=last)
     this.resolve_target()
     if lock_path is not None and not force:

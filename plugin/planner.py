@@ -15,29 +15,40 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .quant_names import QUANTS
 
-# Average bits per weight of llama.cpp's file types on llama-like models (the quantizer's own
-# table of sizes for an 8B model, divided by its parameter count; block types by their layout).
-BITS_PER_WEIGHT = {
-    "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q5_K_S": 5.54,
-    "Q5_0": 5.5, "Q5_1": 6.0, "Q4_K_M": 4.89, "Q4_K_S": 4.58, "Q4_0": 4.5, "Q4_1": 5.0, "IQ4_XS": 4.25,
-    "IQ4_NL": 4.5, "Q3_K_L": 4.27, "Q3_K_M": 3.91, "Q3_K_S": 3.5, "Q2_K": 3.35, "Q2_K_S": 3.18,
-    "IQ3_XXS": 3.06, "IQ3_XS": 3.3, "IQ3_S": 3.44, "IQ3_M": 3.66, "IQ2_XXS": 2.06, "IQ2_XS": 2.31,
-    "IQ2_S": 2.5, "IQ2_M": 2.7, "IQ1_S": 1.56, "IQ1_M": 1.75,
-}
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|blk)\.(\d+)\.")
 SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                            "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 @dataclass(frozen=True)
+class Tensor:
+    """One weight: its llama.cpp role, decoder layer (None outside the layers) and GGUF shape
+    (row length first)."""
+
+    name: str
+    role: str  # token_embd, output, attn_v, ffn_down, attn_output, weight (another matrix) or vector (1-D)
+    layer: int | None
+    dims: tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        return _count(list(self.dims))
+
+
+@dataclass(frozen=True)
 class ModelShape:
-    """Parameter counts of a model: per decoder layer, and outside the layers."""
+    """Parameter counts of a model: per decoder layer, and outside the layers; with its tensors
+    and the bytes of GGUF metadata (vocabulary, tensor table) when known."""
 
     layer_params: tuple[int, ...]
     other_params: int
     hidden_size: int
     vocab_size: int
+    tensors: tuple[Tensor, ...] = ()
+    metadata_bytes: int = 0
+    intermediate_size: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -47,6 +58,17 @@ class ModelShape:
         """Parameters with ``removed`` average layers taken out."""
         per_layer = sum(self.layer_params) / max(1, self.num_layers)
         return int(self.other_params + sum(self.layer_params) - removed * per_layer)
+
+    def kept_tensors(self, removed: int = 0) -> list[Tensor]:
+        """The tensors with the last ``removed`` layers taken out (the layers of these models
+        share one shape, so which ones go does not change the size)."""
+        kept = self.num_layers - removed
+        return [t for t in self.tensors if t.layer is None or t.layer < kept]
+
+
+def parameter_count(model: Path) -> int:
+    """Parameters of an HF directory (safetensors headers) or a GGUF file (tensor table)."""
+    return model_shape(model).params()
 
 
 def _count(shape: list[int]) -> int:
@@ -65,6 +87,23 @@ def _add(counts: dict[int, int], name: str, params: int) -> int:
     return 0
 
 
+ROLES = (("token_embd", ("embed_tokens", "token_embd", "wte", "tok_embeddings")),
+         ("output", ("lm_head",)),
+         ("attn_v", ("v_proj", "attn_v", "qkv_proj", "attn_qkv", "query_key_value")),
+         ("ffn_down", ("down_proj", "ffn_down", "fc2", "mlp.c_proj")),
+         ("attn_output", ("o_proj", "attn_output", "attn.c_proj")))
+
+
+def _tensor(name: str, dims: tuple[int, ...]) -> Tensor:
+    found = LAYER_INDEX.search(name)
+    layer = int(found.group(1)) if found else None
+    if len([d for d in dims if d > 1]) < 2:
+        return Tensor(name, "vector", layer, dims)
+    role = "output" if name == "output.weight" else next(
+        (r for r, keys in ROLES if any(k in name for k in keys)), "weight")
+    return Tensor(name, role, layer, dims)
+
+
 def _safetensors_header(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -79,35 +118,59 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
             raise UserError(f"{path} has a corrupt safetensors header") from None
 
 
+def _shape(tensors: list[tuple[str, tuple[int, ...]]], metadata_bytes: int, hidden: int, vocab: int,
+           intermediate: int) -> ModelShape:
+    counts: dict[int, int] = {}
+    other = 0
+    for name, dims in tensors:
+        other += _add(counts, name, _count(list(dims)))
+    return ModelShape(tuple(counts[i] for i in sorted(counts)), other, hidden, vocab,
+                      tuple(_tensor(name, dims) for name, dims in tensors), metadata_bytes, intermediate)
+
+
+def _vocab_bytes(model_dir: Path) -> int:
+    """GGUF bytes of the tokenizer in ``tokenizer.json``: each token and merge as a string (8-byte
+    length + UTF-8), each token's type and score (4 + 4 bytes)."""
+    try:
+        model = json.loads((Path(model_dir) / "tokenizer.json").read_text(encoding="utf-8")).get("model", {})
+    except (OSError, ValueError):
+        return 0
+    vocab = model.get("vocab") or {}
+    tokens = list(vocab) if isinstance(vocab, dict) else [v[0] for v in vocab if v]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    return sum(16 + len(t.encode()) for t in tokens) + sum(8 + len(m.encode()) for m in merges)
+
+
+GGUF_TENSOR_INFO = 48  # bytes per tensor-table entry besides its name (dims, type, offset, alignment)
+GGUF_OTHER_METADATA = 8192  # architecture keys, chat template, general.*
+
+
 def shape_of_hf_dir(model_dir: Path) -> ModelShape:
     """The shape of an HF directory from config.json and the safetensors headers only."""
     from .modelio import read_config
 
     config = read_config(model_dir)
-    counts: dict[int, int] = {}
-    other = 0
+    tensors = []
     for file in sorted(Path(model_dir).glob("*.safetensors")):
         for name, info in _safetensors_header(file).items():
             if name != "__metadata__":
-                other += _add(counts, name, _count(info["shape"]))
+                tensors.append((name, tuple(int(d) for d in reversed(info["shape"]))))
     text = config.get("text_config", config)
-    return ModelShape(tuple(counts[i] for i in sorted(counts)), other, int(text.get("hidden_size", 0)),
-                      int(text.get("vocab_size", 0)))
+    table = sum(GGUF_TENSOR_INFO + len(name) for name, _ in tensors)
+    return _shape(tensors, _vocab_bytes(model_dir) + table + GGUF_OTHER_METADATA, int(text.get("hidden_size", 0)),
+                  int(text.get("vocab_size", 0)), int(text.get("intermediate_size", 0)))
 
 
 def shape_of_gguf(path: Path) -> ModelShape:
-    """The shape of a GGUF file from its tensor table (the tensor data is not read)."""
-    from gguf import GGUFReader
+    """The shape of a GGUF file from its header and tensor table (the tensor data is not read)."""
+    from .gguf_verify import verify_gguf
 
-    reader = GGUFReader(path)
-    counts: dict[int, int] = {}
-    other = 0
-    hidden = vocab = 0
-    for tensor in reader.tensors:
-        other += _add(counts, tensor.name, int(tensor.n_elements))
-        if tensor.name == "token_embd.weight":
-            hidden, vocab = int(tensor.shape[0]), int(tensor.shape[1])
-    return ModelShape(tuple(counts[i] for i in sorted(counts)), other, hidden, vocab)
+    summary = verify_gguf(path)
+    meta, arch = summary.metadata, summary.architecture
+    embed = next((t for t in summary.tensors if t.name == "token_embd.weight"), None)
+    hidden, vocab = (int(embed.shape[0]), int(embed.shape[1])) if embed is not None else (0, 0)
+    return _shape([(t.name, tuple(t.shape)) for t in summary.tensors], summary.data_offset, hidden, vocab,
+                  int(meta.get(f"{arch}.feed_forward_length", 0) or 0))
 
 
 def model_shape(path: Path) -> ModelShape:
@@ -115,9 +178,86 @@ def model_shape(path: Path) -> ModelShape:
     return shape_of_gguf(path) if path.is_file() else shape_of_hf_dir(path)
 
 
-def gguf_bytes(params: int, quant: str) -> int:
-    """Estimated GGUF file size of ``params`` parameters at ``quant``."""
-    return int(params * BITS_PER_WEIGHT[quant] / 8)
+def _more_bits(layer: int, layers: int) -> bool:
+    """llama.cpp's ``use_more_bits``: the first and last eighth, and every third layer between."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def tensor_type(quant: str, tensor: Tensor, layers: int, tied: bool) -> str:
+    """The ggml type llama-quantize gives ``tensor`` at ``quant`` (llama-quant.cpp's
+    ``llama_tensor_get_type`` for dense models without an imatrix: the output matrix and tied
+    embeddings at Q6_K, more bits on some attn_v / ffn_down / attn_output layers, then the
+    fallback for rows that don't fit the type's blocks)."""
+    from .gguf_verify import ggml_type_size
+
+    if tensor.role == "vector":
+        return "F32"
+    chosen = QUANTS[quant].main_type
+    if chosen in ("F32", "F16", "BF16"):
+        return chosen
+    role, layer = tensor.role, tensor.layer or 0
+    if role == "output" or (tied and role == "token_embd"):
+        if tensor.dims[0] % ggml_type_size(chosen)[0]:
+            return "Q8_0"
+        if quant in ("IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"):
+            return "Q5_K"
+        return chosen if chosen == "Q8_0" else "Q6_K"
+    if role == "token_embd":
+        chosen = {"IQ2_XXS": "Q2_K", "IQ2_XS": "Q2_K", "IQ1_S": "Q2_K", "IQ1_M": "Q2_K", "IQ2_S": "IQ3_S",
+                  "IQ2_M": "IQ3_S", "IQ3_XXS": "IQ3_S"}.get(quant, chosen)
+    elif role == "attn_v":
+        chosen = {"Q2_K": "Q3_K", "Q3_K_M": "Q5_K" if layer < 2 else "Q4_K", "Q3_K_L": "Q5_K", "IQ3_M": "Q4_K",
+                  "Q4_K_S": "Q5_K" if layer < 4 else chosen}.get(quant, chosen)
+        if quant in ("Q4_K_M", "Q5_K_M") and _more_bits(layer, layers):
+            chosen = "Q6_K"
+    elif role == "ffn_down":
+        if quant == "Q2_K":
+            chosen = "Q3_K"
+        elif quant == "Q3_K_M":
+            chosen = "Q5_K" if layer < layers // 16 else "Q4_K"
+        elif quant == "Q3_K_L":
+            chosen = "Q5_K"
+        elif quant in ("Q4_K_M", "Q5_K_M") and _more_bits(layer, layers):
+            chosen = "Q6_K"
+        elif quant == "Q4_K_S" and layer < layers // 8:
+            chosen = "Q5_K"
+    elif role == "attn_output":
+        chosen = {"Q2_K": "Q3_K", "IQ3_XXS": "IQ3_S", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "IQ3_M": "Q4_K"}.get(
+            quant, chosen)
+    return _fallback(chosen, tensor.dims[0])
+
+
+FALLBACK = {"IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL",
+            "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ4_XS": "IQ4_NL", "Q2_K": "Q4_0", "Q3_K": "Q4_0",
+            "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def _fallback(chosen: str, row: int) -> str:
+    """llama.cpp's ``tensor_type_fallback``: a type of 32-element blocks when the row does not
+    divide into 256, F16 when it does not divide into 32 either."""
+    from .gguf_verify import ggml_type_size
+
+    if row % ggml_type_size(chosen)[0] == 0:
+        return chosen
+    chosen = FALLBACK.get(chosen, chosen)
+    return chosen if row % ggml_type_size(chosen)[0] == 0 else "F16"
+
+
+def tensor_bytes(type_name: str, tensor: Tensor) -> int:
+    from .gguf_verify import ggml_type_size
+
+    block, size = ggml_type_size(type_name)
+    return tensor.count // block * size
+
+
+def gguf_size(shape: ModelShape, quant: str, removed: int = 0) -> int:
+    """Estimated bytes of the GGUF file of ``shape`` (less ``removed`` layers) at ``quant``:
+    each tensor at the type llama-quantize gives it, aligned to 32 bytes, plus the metadata."""
+    tensors = shape.kept_tensors(removed)
+    layers = shape.num_layers - removed
+    tied = not any(t.role == "output" for t in tensors)
+    data = sum(-(-tensor_bytes(tensor_type(quant, t, layers, tied), t) // 32) * 32 for t in tensors)
+    return data + shape.metadata_bytes
 
 
 def parse_count(text: str | int) -> int:
@@ -135,50 +275,68 @@ def layers_to_remove(shape: ModelShape, *, size_mb: float | None = None, params:
                      quant: str = "Q4_K_M", keep_at_least: int = 2) -> int:
     """The fewest layers to remove so the model fits the target; UserError when none fits."""
     for removed in range(0, shape.num_layers - keep_at_least + 1):
-        count = shape.params(removed)
-        fits = (params is None or count <= params) and (
-            size_mb is None or gguf_bytes(count, quant) <= size_mb * 2**20)
+        fits = (params is None or shape.params(removed) <= params) and (
+            size_mb is None or gguf_size(shape, quant, removed) <= size_mb * 2**20)
         if fits:
             return removed
-    smallest = shape.params(shape.num_layers - keep_at_least)
+    most = shape.num_layers - keep_at_least
     what = f"{size_mb:g} MB at {quant}" if size_mb is not None else f"{params:,} parameters"
     raise UserError(f"no model of this source fits {what}: keeping {keep_at_least} of {shape.num_layers} layers "
-                    f"still leaves {smallest:,} parameters (~{gguf_bytes(smallest, quant) / 2**20:.0f} MB at "
-                    f"{quant}); choose a larger target or a smaller source model")
+                    f"still leaves {shape.params(most):,} parameters (~{gguf_size(shape, quant, most) / 2**20:.0f} MB "
+                    f"at {quant}); choose a larger target or a smaller source model")
 
 
-def trainable_params(shape: ModelShape, removed: int, train: str) -> int:
-    """Weights the heal trains: the layers next to the cuts (about two per removed layer) for
-    ``neighbours``, the whole student otherwise (an upper bound for lora)."""
-    if train != "neighbours":
-        return shape.params(removed)
-    per_layer = sum(shape.layer_params) / max(1, shape.num_layers)
-    return int(per_layer * min(2 * max(1, removed), shape.num_layers - removed))
+RUNTIME_BYTES = 700 * 2**20  # Python, torch and transformers loaded, before any model (CPU resident set)
+LAYER_SAVED_HIDDEN = 10  # hidden-sized tensors autograd keeps per decoder layer (norms, q/k/v, attention out, residuals)
+LAYER_SAVED_INTERMEDIATE = 5  # intermediate-sized ones (gate, up, activation, product, down's input)
+LOGITS_COPIES = 6  # vocabulary-sized fp32 tensors alive per chunk: both models' logits, log-softmaxes, the gradient
 
 
-def heal_memory_bytes(teacher: ModelShape, student_params: int, trainable_params: int, *, micro_batch: int,
-                      seq_len: int, layers: int, hidden: int, teacher_bytes: int = 4,
-                      checkpointing: bool = True, logits_chunk: int = 1024, shards: int = 1) -> dict[str, int]:
-    """Estimated peak memory of a heal: weights, gradients and AdamW state, activations, logits.
+def trainable_params(shape: ModelShape, removed: int, train: str, lora_rank: int = 16) -> int:
+    """Parameters the heal trains: every kept decoder layer (``all``), the two layers beside each
+    cut (``neighbours``), or LoRA adapters of rank ``lora_rank`` on the layers' matrices (``lora``)."""
+    kept = shape.layer_params[:shape.num_layers - removed]
+    if train == "lora":
+        matrices = [t for t in shape.kept_tensors(removed) if t.layer is not None and t.role != "vector"]
+        return sum(lora_rank * (t.dims[0] + t.dims[1]) for t in matrices)
+    if train == "neighbours":
+        per_layer = sum(kept) / max(1, len(kept))
+        return int(per_layer * min(2 * max(1, removed), len(kept))) + shape.hidden_size
+    return sum(kept) + shape.hidden_size
 
+
+def heal_memory_bytes(teacher: ModelShape, removed: int, settings: Any, *, device: str = "cpu",
+                      autocast: bool = False, chunk_tokens: int = 1024, shards: int = 1) -> dict[str, int]:
+    """Estimated peak memory of a heal of ``teacher`` less ``removed`` layers with the ``Heal``
+    section ``settings``: the one estimate behind ``--dry-run`` and heal's refusal check.
+
+    Teacher weights (bf16 under autocast on CUDA, fp32 otherwise) and fp32 student weights; per
+    trained parameter its gradient, AdamW's two moments and the foreach update's temporary (16
+    bytes), plus a bf16 copy under autocast; what autograd keeps per decoder layer for one
+    micro-batch (with gradient checkpointing only each layer's input, plus one layer's working
+    set; SDPA keeps no attention probabilities); the teacher's layer outputs the losses compare; one
+    chunk of vocabulary-sized logits; and, on a CPU, the process itself (``RUNTIME_BYTES``).
     Per process: ``shards`` > 1 (FSDP full shard over that many processes) divides the weights,
     gradients and optimizer state; activations and logits are each process's own.
-
-    Student weights and master copies are fp32 (4 bytes), gradients fp32, AdamW two fp32 moments;
-    the frozen teacher is held at ``teacher_bytes`` per parameter. Activations: with gradient
-    checkpointing one hidden state per layer boundary is kept (plus one layer's working set,
-    about 16 hidden-sized tensors); without it about 16 per layer. Logits: a chunk of tokens
-    times the vocabulary, for teacher and student, in fp32.
     """
-    tokens = micro_batch * seq_len
-    per_layer = (1 if checkpointing else 16) * tokens * hidden * 4
-    working = 16 * tokens * hidden * 4
+    micro = getattr(settings, "micro_batch", None) or settings.batch_size
+    seq_len = settings.seq_len
+    tokens = micro * seq_len
+    layers = teacher.num_layers - removed
+    cuda = device.startswith("cuda")
+    checkpointing = settings.gradient_checkpointing if settings.gradient_checkpointing is not None else cuda
+    act_bytes = 2 if autocast else 4
+    inter = teacher.intermediate_size or 4 * teacher.hidden_size
+    per_layer = tokens * (LAYER_SAVED_HIDDEN * teacher.hidden_size + LAYER_SAVED_INTERMEDIATE * inter) * act_bytes
+    trained = trainable_params(teacher, removed, settings.train, getattr(settings, "lora_rank", 16))
     estimate = {
-        "teacher_weights": teacher.params() * teacher_bytes // shards,
-        "student_weights": student_params * 4 // shards,
-        "gradients_and_optimizer": trainable_params * 12 // shards,
-        "activations": layers * per_layer + working,
-        "logits": 2 * min(tokens, logits_chunk) * teacher.vocab_size * 4 * 2,
+        "runtime": 0 if cuda else RUNTIME_BYTES,
+        "teacher_weights": teacher.params() * (2 if cuda and autocast else 4) // shards,
+        "student_weights": (teacher.params(removed) * 4 + (2 * trained if autocast else 0)) // shards,
+        "gradients_and_optimizer": trained * 16 // shards,
+        "activations": (layers * tokens * teacher.hidden_size * 4 + per_layer) if checkpointing
+        else layers * per_layer + teacher.num_layers * tokens * teacher.hidden_size * 4,
+        "logits": LOGITS_COPIES * min(tokens, chunk_tokens) * teacher.vocab_size * 4,
     }
     estimate["total"] = sum(estimate.values())
     return estimate

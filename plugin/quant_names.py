@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 
 class QuantInfo(NamedTuple):
-    nominal_bpw: float  # bits per weight of the main tensor type; only to check free disk space
+    main_type: str  # the ggml type of most matrices (llama.cpp's default type for the file type)
     imatrix: str  # "required": llama.cpp refuses it without an importance matrix; "helps"; "no"
 
 
@@ -14,18 +14,20 @@ class QuantInfo(NamedTuple):
 # main type is IQ2_S, which the library refuses to produce without one. llama.cpp applies an imatrix
 # to the K-quants and every IQ quant (ggml_quantize_requires_imatrix / quantize_*_impl with
 # quant_weights); the legacy Q4_0 ... Q8_0 use it too but gain little, so "auto" skips them.
+# Which tensors get other types than the main one: ``planner.tensor_type``.
 QUANTS: dict[str, QuantInfo] = {
-    "F32": QuantInfo(32, "no"), "F16": QuantInfo(16, "no"), "BF16": QuantInfo(16, "no"),
-    "Q8_0": QuantInfo(8.5, "no"), "Q6_K": QuantInfo(6.6, "helps"), "Q5_K_M": QuantInfo(5.7, "helps"),
-    "Q5_K_S": QuantInfo(5.5, "helps"), "Q5_0": QuantInfo(5.5, "no"), "Q5_1": QuantInfo(6.0, "no"),
-    "Q4_K_M": QuantInfo(4.9, "helps"), "Q4_K_S": QuantInfo(4.6, "helps"), "Q4_0": QuantInfo(4.5, "no"),
-    "Q4_1": QuantInfo(5.0, "no"), "IQ4_XS": QuantInfo(4.3, "helps"), "IQ4_NL": QuantInfo(4.5, "helps"),
-    "Q3_K_L": QuantInfo(4.3, "helps"), "Q3_K_M": QuantInfo(3.9, "helps"), "Q3_K_S": QuantInfo(3.5, "helps"),
-    "Q2_K": QuantInfo(3.0, "helps"), "Q2_K_S": QuantInfo(2.8, "required"),
-    "IQ3_XXS": QuantInfo(3.1, "helps"), "IQ3_XS": QuantInfo(3.3, "helps"), "IQ3_S": QuantInfo(3.5, "helps"),
-    "IQ3_M": QuantInfo(3.7, "helps"), "IQ2_XXS": QuantInfo(2.1, "required"), "IQ2_XS": QuantInfo(2.3, "required"),
-    "IQ2_S": QuantInfo(2.5, "required"), "IQ2_M": QuantInfo(2.7, "required"),
-    "IQ1_S": QuantInfo(1.6, "required"), "IQ1_M": QuantInfo(1.8, "required"),
+    "F32": QuantInfo("F32", "no"), "F16": QuantInfo("F16", "no"), "BF16": QuantInfo("BF16", "no"),
+    "Q8_0": QuantInfo("Q8_0", "no"), "Q6_K": QuantInfo("Q6_K", "helps"), "Q5_K_M": QuantInfo("Q5_K", "helps"),
+    "Q5_K_S": QuantInfo("Q5_K", "helps"), "Q5_0": QuantInfo("Q5_0", "no"), "Q5_1": QuantInfo("Q5_1", "no"),
+    "Q4_K_M": QuantInfo("Q4_K", "helps"), "Q4_K_S": QuantInfo("Q4_K", "helps"), "Q4_0": QuantInfo("Q4_0", "no"),
+    "Q4_1": QuantInfo("Q4_1", "no"), "IQ4_XS": QuantInfo("IQ4_XS", "helps"), "IQ4_NL": QuantInfo("IQ4_NL", "helps"),
+    "Q3_K_L": QuantInfo("Q3_K", "helps"), "Q3_K_M": QuantInfo("Q3_K", "helps"), "Q3_K_S": QuantInfo("Q3_K", "helps"),
+    "Q2_K": QuantInfo("Q2_K", "helps"), "Q2_K_S": QuantInfo("Q2_K", "required"),
+    "IQ3_XXS": QuantInfo("IQ3_XXS", "helps"), "IQ3_XS": QuantInfo("IQ3_S", "helps"), "IQ3_S": QuantInfo("IQ3_S", "helps"),
+    "IQ3_M": QuantInfo("IQ3_S", "helps"), "IQ2_XXS": QuantInfo("IQ2_XXS", "required"),
+    "IQ2_XS": QuantInfo("IQ2_XS", "required"), "IQ2_S": QuantInfo("IQ2_XS", "required"),
+    "IQ2_M": QuantInfo("IQ2_S", "required"), "IQ1_S": QuantInfo("IQ1_S", "required"),
+    "IQ1_M": QuantInfo("IQ1_M", "required"),
 }
 QUANT_TYPES = tuple(QUANTS)
 UNQUANTIZED = ("F32", "F16", "BF16")

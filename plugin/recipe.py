@@ -17,18 +17,18 @@ from .errors import UserError
 from .quant_names import NEEDS_IMATRIX, QUANT_TYPES, quant_name_problem  # noqa: F401 (QUANT_TYPES: re-exported)
 
 SUPPORTED_RECIPE_VERSIONS = (1,)
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")  # capability names: no dots, so never an import path
+NAME_RE = re.compile(r"[a-z][a-z0-9_]*")  # capability names: no dots, so never an import path
 # Ollama model names, as Ollama's own parser accepts them (types/model/name.go, isValidPart):
 # [host/][namespace/]model[:tag]; every part starts with a letter, digit or '_'; a namespace has
 # no '.', only a host may hold ':'; host up to 350 bytes, the other parts up to 80.
 MODEL_NAME_RE = re.compile(
-    r"^(?:(?:[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}/)?[A-Za-z0-9_][A-Za-z0-9_-]{0,79}/)?"
-    r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,79})?$"
+    r"(?:(?:[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}/)?[A-Za-z0-9_][A-Za-z0-9_-]{0,79}/)?"
+    r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,79})?"
 )
 
 
 def _capability_name(value: str) -> str:
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise ValueError(f"'{value}' is not a capability name (lowercase letters, digits, '_'; no dots)")
     return value
 
@@ -41,7 +41,7 @@ MAX_YAML_DEPTH = 64
 
 def ollama_name_problem(name: str) -> str | None:
     """Why ``name`` is not a model name Ollama accepts, or None when it is."""
-    if not isinstance(name, str) or not MODEL_NAME_RE.match(name):
+    if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name):
         return (f"'{name}' is not a valid Ollama model name; use [namespace/]model[:tag] with letters, "
                 "digits, '_', '-', '.' (each part starting with a letter, digit or '_'; at most 80 characters)")
     return None
@@ -56,7 +56,7 @@ def check_ollama_name(name: str) -> str:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)  # .inf/.nan: refused
 
 
 class Source(Strict):
@@ -78,7 +78,11 @@ class TextSource(Strict):
     path: str | None = None  # file for text/jsonl
     dataset: str | None = None  # HF dataset name for `hf` (needs the datasets package and a network)
     split: str = "train"
-    prompts: list[str] | None = None  # seed prompts for `teacher` (default: a built-in set)
+    prompts: list[str] | None = None  # prompts for `teacher` (default: `path`, JSON lines with `prompt`, or the shipped set)
+    tokens: int | None = Field(None, ge=1, le=100_000_000)  # `teacher`: tokens of chat to write (default: from the heal)
+    temperature: float = Field(0.7, ge=0, le=5)  # `teacher` sampling; 0: greedy
+    top_p: float = Field(0.9, gt=0, le=1)  # `teacher` nucleus sampling
+    max_new_tokens: int = Field(256, ge=1, le=4096)  # `teacher`: the longest reply
     samples: int = Field(32, ge=1, le=100_000)  # number of sequences
     seq_len: int = Field(256, ge=8, le=131_072)  # tokens per sequence
     seed: int = 0
@@ -89,8 +93,9 @@ class TextSource(Strict):
 class Data(Strict):
     calibration: TextSource = TextSource()
     heldout: TextSource = TextSource(split="heldout", samples=16)
-    # heal text: one source or a list whose texts are joined (e.g. the shipped corpus plus teacher-written chat)
-    heal: Union[TextSource, list[TextSource]] = TextSource()
+    # heal text: one source or a list whose texts are joined; by default the shipped corpus plus teacher-written
+    # chat, as much as keeps each heal window seen at most twice (hooks/data.py, heal_chat_tokens)
+    heal: Union[TextSource, list[TextSource]] = [TextSource(), TextSource.model_validate({"from": "teacher"})]
 
     @field_validator("heal")
     @classmethod
@@ -185,7 +190,7 @@ class Heal(Strict):
     hidden_layers: Union[Literal["all"], list[int]] = "all"  # student layers matched by hidden_mse
     train: Literal["all", "neighbours", "lora"] = "all"  # all decoder layers; layers next to a cut; LoRA (peft)
     lora_rank: int = Field(16, gt=0)
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast; auto: bf16 on CUDA and on CPUs with bf16
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast; auto: bf16 on CUDA, on a CPU the faster one by a matmul measurement
     gradient_checkpointing: bool | None = None  # default: on for CUDA, off elsewhere
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)  # 0: off
@@ -304,21 +309,22 @@ class Evaluate(Strict):
     prompts: list[str] | None = None  # greedy answers to these prompts (default: a built-in set of 5)
     max_new_tokens: int = Field(48, ge=1, le=4096)  # per greedy answer
     speed: bool = True  # prompt and generation tokens/s in llama.cpp, for GGUF rows
-    teacher_quants: list[str] = []  # also quantize the teacher to these, to compare quant for quant
+    teacher_quants: list[str] = []  # also quantize the teacher to these; auto: the quants nearest each compressed file's size
     lm_eval: LmEval | None = None  # EleutherAI lm-eval on the HF rows (needs the lm-eval extra)
 
-    @field_validator("teacher_quants")
+    @field_validator("teacher_quants", mode="before")
     @classmethod
-    def _known_teacher_quants(cls, value: list[str]) -> list[str]:
-        for q in value:
-            if q not in QUANT_TYPES:
-                raise ValueError(f"unknown quant '{q}'; known: {', '.join(QUANT_TYPES)}")
+    def _known_teacher_quants(cls, value: Any) -> Any:
+        value = [value] if isinstance(value, str) else value
+        for q in value if isinstance(value, list) else []:
+            if q != "auto" and q not in QUANT_TYPES:
+                raise ValueError(f"unknown quant '{q}'; known: auto, {', '.join(QUANT_TYPES)}")
         return value
 
 
 class Recipe(Strict):
     recipe_version: int
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=80)  # the run directory runs/<name>
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*\z", max_length=80)  # the run directory runs/<name>
     description: str | None = None
     source: Source
     data: Data = Data()
@@ -439,7 +445,32 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
     return data
 
 
+def non_finite_numbers(data: Any) -> list[str]:
+    """Where ``data`` (parsed YAML) holds NaN or an infinity, as dotted key paths (iterative walk)."""
+    import math
+
+    found: list[str] = []
+    stack: list[tuple[str, Any]] = [("", data)]
+    seen: set[int] = set()  # a container reached twice (YAML aliases) is walked once
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append(f"{where or '(top)'}: {value} is not a finite number; give a finite value")
+        elif isinstance(value, (dict, list, tuple)):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+        if isinstance(value, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
+    return sorted(found)
+
+
 def validate(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    problems = non_finite_numbers(data)
+    if problems:
+        raise RecipeError(source, problems)
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .errors import UserError
-from .fsutil import atomic_path
+from .fsutil import atomic_path, file_in
+from .recipe import MODEL_NAME_RE
 
 MAX_CURVE_POINTS = 200  # heal curve points kept in run.json
 
@@ -154,9 +156,31 @@ def plot_heal(curve: dict[str, Any], path: Path) -> str:
     return _save(fig, path)
 
 
+def frontier(rows: list[dict[str, Any]], key: str, higher_is_better: bool = True) -> list[str]:
+    """Names of the GGUF rows, teacher quants and compressed quants together, that no other GGUF row
+    beats at the same or a smaller size (on ``key``), smallest first."""
+    points = sorted((r for r in rows if r.get("kind") == "gguf" and r.get("size_bytes")
+                     and isinstance(r.get(key), (int, float))),
+                    key=lambda r: (r["size_bytes"], -r[key] if higher_is_better else r[key]))
+    best, names = None, []
+    for row in points:
+        value = row[key] if higher_is_better else -row[key]
+        if best is None or value > best:
+            best = value
+            names.append(row["name"])
+    return names
+
+
 def _scatter(ax, rows: list[dict[str, Any]], key: str, ylabel: str, reference: float | None = None) -> None:
-    """One point per row at (size in MiB, ``key``); squares for the teacher and its quants."""
+    """One point per row at (size in MiB, ``key``); squares for the teacher and its quants; the
+    ``frontier`` across both families joined by a line."""
     from matplotlib.ticker import ScalarFormatter
+
+    front = {r["name"]: r for r in rows}
+    edge = [front[name] for name in frontier(rows, key)]
+    if len(edge) > 1:
+        ax.plot([r["size_bytes"] / 2**20 for r in edge], [r[key] for r in edge], "-", color="tab:green",
+                linewidth=1, zorder=0, label="frontier (best at its size or smaller)")
 
     for row in rows:
         if not isinstance(row.get(key), (int, float)):
@@ -167,6 +191,7 @@ def _scatter(ax, rows: list[dict[str, Any]], key: str, ylabel: str, reference: f
         ax.annotate(row["name"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     if reference is not None:
         ax.axhline(reference, color="tab:gray", linestyle="--", linewidth=1, label="teacher")
+    if reference is not None or len(edge) > 1:
         ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -177,7 +202,7 @@ def _scatter(ax, rows: list[dict[str, Any]], key: str, ylabel: str, reference: f
 def plot_quality(rows: list[dict[str, Any]], path: Path) -> str:
     fig, ax = _pyplot().subplots(figsize=(6.5, 4.0))
     _scatter(ax, rows, "quality_retained", "quality retained (%)", reference=100.0)
-    ax.set_title("quality vs size (squares: the teacher and its quants)")
+    ax.set_title("quality vs size (squares: the teacher and its quants; green: the frontier)")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -186,7 +211,7 @@ def plot_speed(rows: list[dict[str, Any]], path: Path) -> str:
     fig, (gen, prompt) = _pyplot().subplots(1, 2, figsize=(10.0, 4.0))
     _scatter(gen, rows, "gen_tokens_per_s", "generation tokens/s")
     _scatter(prompt, rows, "prompt_tokens_per_s", "prompt tokens/s")
-    fig.suptitle("llama.cpp speed vs size (squares: the teacher's quants)")
+    fig.suptitle("llama.cpp speed vs size (squares: the teacher's quants; green: the frontier)")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -207,14 +232,15 @@ TABLE_COLUMNS = (
 )
 BUILTIN_KEYS = {"name", "model", "quant", "kind", "path", "size_bytes", "perplexity", "kl", "top1_agreement",
                 "knowledge_accuracy", "quality_retained", "prompt_tokens_per_s", "gen_tokens_per_s", "threads",
-                "answers", "eval_seconds"}
+                "answers", "eval_seconds", "kl_to_unquantized", "prompt_tokens_per_cpu_s", "gen_tokens_per_cpu_s",
+                "speed_threads", "speed_rounds", "load_average", "decode_seconds"}
 
 
 def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| " + " | ".join(c for c, _ in TABLE_COLUMNS) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(TABLE_COLUMNS) - 1)) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(fn(row).replace("-%", "-") for _, fn in TABLE_COLUMNS) + " |")
+        lines.append("| " + " | ".join(md(fn(row).replace("-%", "-")) for _, fn in TABLE_COLUMNS) + " |")
     return lines
 
 
@@ -230,8 +256,30 @@ def rich_table(rows: list[dict[str, Any]]):
     return table
 
 
-def _cell(text: str) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|") or "(empty)"
+MARKDOWN_ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;",  # no raw HTML
+                    "\\": "\\\\", "`": "\\`", "|": "\\|", "*": "\\*", "[": "\\[", "]": "\\]"}
+
+
+def md(value: Any) -> str:
+    """``value`` (anything read from run data: model, stage, metric and Ollama names, answers) as
+    inline Markdown that shows as itself: one line (no heading, list or code fence can start),
+    HTML characters as entities, and no code span, table cell, emphasis or link it could open."""
+    text = " ".join(str(value).split())
+    return "".join(MARKDOWN_ESCAPES.get(c, c if c.isprintable() else " ") for c in text)
+
+
+def _cell(text: Any) -> str:
+    return md(text) or "(empty)"
+
+
+def verdict_lines(verdicts: list[dict[str, Any]]) -> list[str]:
+    """"Worth it at equal size": one sentence per compressed quant (``evaluation.verdict_sentence``)."""
+    if not verdicts:
+        return []
+    return ["## Worth it at equal size", "",
+            "Each compressed quant against the teacher quant that does best (lowest KL) at its size or "
+            "smaller; decode speed of the two files run in turn on the same machine load.", "",
+            *(f"- {md(v['sentence'])}" for v in verdicts), ""]
 
 
 def answers_lines(evaluation: dict[str, Any]) -> list[str]:
@@ -241,7 +289,7 @@ def answers_lines(evaluation: dict[str, Any]) -> list[str]:
         for row in evaluation["rows"]:
             answers = row.get("answers") or []
             if i < len(answers):
-                lines.append(f"| {row['name']} | {_cell(answers[i])} |")
+                lines.append(f"| {_cell(row.get('name'))} | {_cell(answers[i])} |")
         lines.append("")
     return lines
 
@@ -252,17 +300,17 @@ def extra_metric_lines(rows: list[dict[str, Any]]) -> list[str]:
     for row in rows:
         extra = {k: v for k, v in row.items() if k not in BUILTIN_KEYS and v is not None}
         if extra:
-            lines.append(f"- **{row['name']}**: " + json.dumps(extra, sort_keys=True, default=str))
+            lines.append(f"- **{_cell(row.get('name'))}**: " + md(json.dumps(extra, sort_keys=True, default=str)))
     return lines
 
 
 def layer_map_lines(layer_map: dict[str, Any]) -> list[str]:
     kept = layer_map.get("student_to_teacher") or []
-    lines = [f"{layer_map.get('num_layers_before', '?')} -> {layer_map.get('num_layers_after', len(kept))} layers; "
-             f"removed (teacher indices): {layer_map.get('removed') or []}; chosen by "
-             f"{layer_map.get('metric') or 'explicit layers'}.", "",
+    lines = [md(f"{layer_map.get('num_layers_before', '?')} -> {layer_map.get('num_layers_after', len(kept))} "
+                f"layers; removed (teacher indices): {layer_map.get('removed') or []}; chosen by "
+                f"{layer_map.get('metric') or 'explicit layers'}."), "",
              "| student layer | teacher layer |", "|---:|---:|"]
-    lines += [f"| {s} | {t} |" for s, t in enumerate(kept)]
+    lines += [f"| {s} | {md(t)} |" for s, t in enumerate(kept)]
     return lines
 
 
@@ -286,12 +334,13 @@ def ollama_lines(inputs: dict[str, Any]) -> list[str]:
     if not models:
         if modelfiles:
             return ["Modelfiles were written but nothing was registered: " +
-                    ", ".join(f"`{p}`" for p in modelfiles.values())]
+                    ", ".join(md(p) for p in modelfiles.values())]
         return ["No Ollama models were registered in this run."]
     lines = ["```", "ollama serve   # if no Ollama server is running"]
-    lines += [f"ollama run {name}" for name in models.values()]
+    # in a code block only names Ollama accepts (no backtick or line break can end the block)
+    lines += [f"ollama run {name}" for name in models.values() if isinstance(name, str) and MODEL_NAME_RE.fullmatch(name)]
     lines += ["```", "", "| quant | Ollama name | Modelfile |", "|---|---|---|"]
-    lines += [f"| {q} | `{name}` | `{modelfiles.get(q, '-')}` |" for q, name in models.items()]
+    lines += [f"| {md(q)} | {md(name)} | {md(modelfiles.get(q, '-'))} |" for q, name in models.items()]
     return lines
 
 
@@ -304,13 +353,13 @@ def write_report(out_dir: Path, title: str, evaluation: dict[str, Any] | None,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Any] = {}
-    lines = [f"# {title}: what was lost and gained", ""]
+    lines = [f"# {md(title)}: what was lost and gained", ""]
     rows = (evaluation or {}).get("rows") or []
     if rows:
         lines += ["## Evaluation", "",
-                  f"Every row against the teacher on the same {evaluation.get('heldout_tokens', '?')} held-out "
-                  f"tokens ({evaluation.get('heldout_windows', '?')} windows); knowledge: "
-                  f"{evaluation.get('knowledge_questions', 0)} multiple-choice questions scored by log-likelihood; "
+                  f"Every row against the teacher on the same {md(evaluation.get('heldout_tokens', '?'))} held-out "
+                  f"tokens ({md(evaluation.get('heldout_windows', '?'))} windows); knowledge: "
+                  f"{md(evaluation.get('knowledge_questions', 0))} multiple-choice questions scored by log-likelihood; "
                   "tokens/s: llama.cpp, GGUF rows only.", "", f"*{QUALITY_RETAINED}.*", "",
                   *table_lines(rows), ""]
         extra = extra_metric_lines(rows)
@@ -320,25 +369,26 @@ def write_report(out_dir: Path, title: str, evaluation: dict[str, Any] | None,
         quality = [{"name": r["name"], "size_bytes": r["size_bytes"], "quality_retained": r.get("quality_retained")}
                    for r in sized]
         png = plot_quality(sized, out_dir / "quality_vs_size.png")
-        figures["quality_vs_size"] = {"file": png, "points": quality}
+        figures["quality_vs_size"] = {"file": png, "points": quality, "frontier": frontier(sized, "quality_retained")}
         lines += [f"![quality vs size]({png})", ""]
         fast = [r for r in sized if isinstance(r.get("gen_tokens_per_s"), (int, float))]
         if fast:
             png = plot_speed(fast, out_dir / "speed_vs_size.png")
-            figures["speed_vs_size"] = {"file": png, "points": [
-                {k: r.get(k) for k in ("name", "size_bytes", "prompt_tokens_per_s", "gen_tokens_per_s", "threads")}
+            figures["speed_vs_size"] = {"file": png, "frontier": frontier(fast, "gen_tokens_per_s"), "points": [
+                {k: r.get(k) for k in ("name", "size_bytes", "prompt_tokens_per_s", "gen_tokens_per_s", "speed_threads")}
                 for r in fast]}
             lines += [f"![speed vs size]({png})", ""]
+        lines += verdict_lines(evaluation.get("verdicts") or [])
     else:
         lines += ["No evaluation in this run: add an `evaluate` section to the recipe, or run "
                   "`ollama-compress evaluate RUN_DIR`.", ""]
     scores = importance(inputs)
     if scores:
         lines += ["## Layer importance", ""]
-        pngs = [plot_importance(m, v, scores["removed"], out_dir / f"importance_{m}.png")
+        pngs = [plot_importance(m, v, scores["removed"], file_in(out_dir, f"importance_{m}.png", "metric name"))
                 for m, v in scores["scores"].items()]
         figures["importance"] = {**scores, "files": pngs}
-        lines += [f"![importance {m}]({png})" for m, png in zip(scores["scores"], pngs)] + [""]
+        lines += [f"![importance {md(m)}]({quote(png)})" for m, png in zip(scores["scores"], pngs)] + [""]
     curve = heal_curve(inputs)
     lines += ["## Heal", ""]
     if curve:

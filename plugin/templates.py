@@ -9,6 +9,7 @@ and ``import``/``include``/``extends`` (templates that load other templates).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from .errors import UserError
@@ -96,14 +97,107 @@ def _check_node(node: Any, nodes: Any) -> None:
         raise _refuse(f"it spells a dunder name in {node.value[:40]!r} (line {node.lineno})")
 
 
+# ---------------------------------------------------------------- bounded rendering
+RENDER_SECONDS = 10.0  # real templates render in milliseconds; the worker's start is most of this
+MAX_RENDER_CHARS = 1 << 20  # a rendered conversation far beyond any context window
+RENDER_MEMORY = 1 << 30  # address space of the rendering process
+SAMPLE_MESSAGES = [  # what a trial render gives a template: a plain exchange every chat template accepts
+    {"role": "user", "content": "Hello, who are you?"},
+    {"role": "assistant", "content": "I am a helpful assistant."},
+    {"role": "user", "content": "What is 2 + 2?"},
+]
+
+
 def render_chat_template(text: str, messages: list[dict[str, Any]], **variables: Any) -> str:
-    """Render a checked chat template in Jinja's immutable sandbox (what transformers does too)."""
-    from jinja2.exceptions import SecurityError, TemplateError
+    """Render a checked chat template in Jinja's immutable sandbox (what transformers does too),
+    in a child process with a deadline (RENDER_SECONDS), an output cap (MAX_RENDER_CHARS) and a
+    memory cap: nested loops, huge strings or powers stop there, not here. A UserError when the
+    template is refused, fails, or breaks a limit."""
+    import json
+    import subprocess
+    import sys
 
     check_chat_template(text)
+    request = json.dumps({"template": text, "messages": messages, "variables": variables}, default=str)
     try:
-        return _environment().from_string(text).render(messages=messages, **variables)
+        done = subprocess.run([sys.executable, "-I", "-c", "from ollama_compress.templates import _render_worker; "
+                               "_render_worker()"], input=request.encode(), capture_output=True,
+                              timeout=RENDER_SECONDS, check=False)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"chat template refused: it did not finish rendering a conversation within {RENDER_SECONDS:.0f} s "
+                        "(runaway loops?); use a model with a plain chat template, or set ollama.template") from None
+    try:
+        reply = json.loads(done.stdout.decode("utf-8"))
+        kind, message = reply["kind"], reply["text"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"chat template refused: rendering it exhausted its limits (exit {done.returncode}); "
+                        "use a model with a plain chat template, or set ollama.template") from None
+    if kind == "ok":
+        return message
+    if kind == "security":
+        raise _refuse(f"the sandbox stopped it ({message})")
+    if kind == "limit":
+        raise UserError(f"chat template refused: {message}; use a model with a plain chat template, or set ollama.template")
+    raise UserError(f"chat template failed to render: {message}")
+
+
+def _render_worker() -> None:
+    """The child side of ``render_chat_template``: a JSON request on stdin, a JSON reply on stdout."""
+    import json
+    import resource
+    import sys
+
+    resource.setrlimit(resource.RLIMIT_AS, (RENDER_MEMORY, RENDER_MEMORY))
+    cpu = int(RENDER_SECONDS) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+    request = json.loads(sys.stdin.buffer.read(MAX_TEMPLATE_CHARS * 8 + (16 << 20)))
+    kind, text = _render_bounded(request["template"], request["messages"], request["variables"])
+    sys.stdout.write(json.dumps({"kind": kind, "text": text}))
+
+
+def _render_bounded(text: str, messages: Any, variables: dict[str, Any]) -> tuple[str, str]:
+    """(kind, rendered text or reason): kind is ok, security, limit or error."""
+    from jinja2.exceptions import SecurityError, TemplateError
+
+    pieces: list[str] = []
+    size = 0
+    try:
+        for piece in _environment().from_string(text).generate(messages=messages, **variables):
+            size += len(piece)
+            if size > MAX_RENDER_CHARS:
+                return "limit", f"it renders more than {MAX_RENDER_CHARS} characters for one conversation"
+            pieces.append(piece)
     except SecurityError as exc:
-        raise _refuse(f"the sandbox stopped it ({exc})") from None
-    except TemplateError as exc:
-        raise UserError(f"chat template failed to render: {exc}") from None
+        return "security", str(exc)[:300]
+    except MemoryError:
+        return "limit", f"rendering it needs more than {RENDER_MEMORY >> 20} MiB"
+    except RecursionError:
+        return "limit", "it recurses too deeply"
+    except (TemplateError, ArithmeticError, TypeError, ValueError, LookupError, AttributeError) as exc:
+        return "error", f"{type(exc).__name__}: {str(exc)[:300]}"
+    return "ok", "".join(pieces)
+
+
+def check_template_renders(text: Any, bos_token: str = "", eos_token: str = "") -> None:
+    """Before a model's chat template is used in-process (``tokenizer.apply_chat_template``):
+    statically checked, and a trial render of a plain conversation finishes within the limits.
+
+    A template that fails on that conversation by its own choice (``raise_exception``) is left
+    for its real use to report; one that hangs, floods or escapes is refused here."""
+    if isinstance(text, dict):  # several named templates
+        for one in text.values():
+            check_template_renders(one, bos_token, eos_token)
+        return
+    if not text:
+        return
+    _trial_render(text, bos_token or "", eos_token or "")
+
+
+@functools.lru_cache(maxsize=32)
+def _trial_render(text: str, bos_token: str, eos_token: str) -> None:
+    try:
+        render_chat_template(text, SAMPLE_MESSAGES, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
+    except UserError as exc:
+        if str(exc).startswith("chat template failed to render"):
+            return
+        raise

@@ -1,8 +1,9 @@
 """The heal training loop: distil a pruned student from its frozen teacher, on CUDA, MPS or CPU.
 
 * Precision: fp32 master weights and optimizer state; the forward runs under bf16 autocast on
-  CUDA and on CPUs with native bf16 (AVX-512 BF16 or AMX, about 4x the fp32 matmul rate), losses
-  are accumulated in fp32. The teacher is loaded in bf16 when the forward runs in bf16.
+  CUDA and on CPUs whose bf16 matmuls measure faster than fp32 ones (``machine.choose_dtype``:
+  CPU flags do not tell), losses are accumulated in fp32. The teacher is loaded in bf16 when the
+  forward runs in bf16.
 * Memory: only the layer outputs some loss uses are kept (forward hooks), the KL is computed in
   token chunks from the final hidden states (``distill.head_loss``); micro-batches with gradient
   accumulation; an out-of-memory error in the first step halves the micro-batch (down to 1) and
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
 import time
@@ -32,15 +32,17 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from .distill import Batch, ForwardOut, Head, LossTerm, combined_loss, plain_kl
 from .errors import StageFailed, UserError
-from .fsutil import atomic_path, write_json
+from .fsutil import atomic_path, make_dir, move_made, remove_made, write_json
+from .machine import MatmulShape, choose_dtype, heal_shapes
 
-CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
+DEFAULT_SHAPES = tuple(heal_shapes(1024, 576, 1536, 49152))  # the demo's (SmolLM2-135M) when none given
+CHECKPOINT_RE = re.compile(r"step-(\d{7})")
 STATE_FILE = "state.json"
 BEST_FILE = "best.safetensors"  # trainable weights at the best held-out KL so far
 
@@ -54,27 +56,10 @@ class HealInterrupted(StageFailed):
 
 
 # ---------------------------------------------------------------- device and precision
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
-
-
-def autocast_dtype(device: str, setting: str) -> torch.dtype | None:
-    """The autocast dtype for ``heal.dtype`` on ``device`` (None: plain fp32)."""
-    kind = device.split(":")[0]
-    if setting == "float32":
-        return None
-    if setting == "bfloat16":
-        return torch.bfloat16
-    if kind == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if kind == "cpu":
-        return torch.bfloat16 if cpu_has_bf16() else None
-    return None
+def autocast_dtype(device: str, setting: str, shapes: Sequence[MatmulShape] = DEFAULT_SHAPES) -> torch.dtype | None:
+    """The autocast dtype for ``heal.dtype`` on ``device`` (None: plain fp32); on a CPU, ``auto``
+    measures bf16 and fp32 matmuls of ``shapes`` (``machine.choose_dtype``, once per process)."""
+    return choose_dtype(device, setting, shapes).dtype
 
 
 def autocast(device: str, dtype: torch.dtype | None):
@@ -167,6 +152,12 @@ def select_trainable(model, mode: str, student_to_teacher: list[int] | None, lor
     return model
 
 
+def adamw_kernel(params: list[torch.nn.Parameter]) -> dict[str, bool]:
+    """One fused pass over the weights where torch has that kernel for them (CPU, CUDA), else foreach."""
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return {"fused": True} if fused else {"foreach": True}
+
+
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -200,7 +191,7 @@ def latest_checkpoint(directory: Path) -> Path | None:
     """The newest complete checkpoint (a renamed ``step-NNNNNNN`` directory with its state file)."""
     if not directory.is_dir():
         return None
-    found = [p for p in directory.iterdir() if CHECKPOINT_RE.match(p.name) and (p / STATE_FILE).is_file()]
+    found = [p for p in directory.iterdir() if CHECKPOINT_RE.fullmatch(p.name) and (p / STATE_FILE).is_file()]
     return max(found, key=lambda p: p.name) if found else None
 
 
@@ -226,29 +217,26 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, sta
 
 
 def _drop_older(directory: Path, final: Path) -> None:
-    import shutil
-
     for old in directory.iterdir():
-        if old != final and CHECKPOINT_RE.match(old.name):
-            shutil.rmtree(old, ignore_errors=True)
+        if old != final and CHECKPOINT_RE.fullmatch(old.name):
+            remove_made(old)
 
 
 def save_sharded_checkpoint(accelerator, final: Path, state: dict[str, Any]) -> None:
     """FSDP: every process writes its shards with ``Accelerator.save_state`` into a temporary directory
     that rank 0 completes with the state file and renames (the best weights are not kept across a
     resume here)."""
-    import shutil
-
     tmp = final.with_name(f".{final.name}.tmp-sharded")
     if accelerator.is_main_process:
         final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_made(tmp)  # an interrupted earlier attempt of this tool's, never a folder of the user's
+        make_dir(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(tmp / STATE_FILE, {**state, "step": int(final.name.split("-")[1])})
-        os.replace(tmp, final)
+        move_made(tmp, final)
         _drop_older(final.parent, final)
 
 
@@ -452,7 +440,7 @@ class Trainer:
             self.teacher_module = ForwardModule(teacher)
         self.params = list(trainable_parameters(self.student_module).values())
         optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay,
-                                      betas=(0.9, 0.95), foreach=True)
+                                      betas=(0.9, 0.95), **adamw_kernel(self.params))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, config.steps, config.warmup, config.schedule))
         self.optimizer, self.scheduler = acc.prepare_optimizer(optimizer), acc.prepare_scheduler(scheduler)
@@ -707,26 +695,3 @@ def available_memory(device: str) -> int | None:
         except OSError:
             return None
     return None
-
-
-def parameter_count(model_dir: Path) -> int:
-    """Number of weights in a model directory's safetensors files, from their headers only."""
-    from safetensors import safe_open
-
-    total = 0
-    for path in Path(model_dir).glob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                total += math.prod(f.get_slice(key).get_shape())
-    return total
-
-
-def memory_needed(teacher_params: int, student_params: int, teacher_bytes: int, batch_tokens: int,
-                  hidden: int, layers: int, vocab: int, chunk_tokens: int, shards: int = 1) -> int:
-    """Rough bytes a heal needs per process: teacher weights, student weights + grads + AdamW (as if
-    all trained; split over ``shards`` processes under FSDP), activations of one micro-batch, and
-    one chunk of logits."""
-    weights = (teacher_params * teacher_bytes + student_params * 16) // shards
-    activations = batch_tokens * hidden * layers * 4 * 12
-    logits = chunk_tokens * vocab * 4 * 6
-    return int(1.1 * (weights + activations + logits))

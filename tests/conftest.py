@@ -13,6 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # set before torch loads; see cli.main
 
+from helpers import write_recipe  # noqa: E402
 from tiny_models import ARCHITECTURES, save_tiny_model  # noqa: E402
 
 
@@ -56,3 +57,23 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
 @pytest.fixture(params=ARCHITECTURES)
 def arch(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    """Factory: ``recipe_file(model, name="test", **sections)`` -> a recipe YAML in tmp_path
+    (``helpers.recipe_dict``: a section given as None is left out)."""
+    count = iter(range(1000))
+
+    def make(model="/m", name: str = "test", **sections) -> Path:
+        return write_recipe(tmp_path / f"recipe-{next(count)}.yaml", model, name, **sections)
+
+    return make
+
+
+@pytest.fixture
+def plugin_dir(tmp_path) -> Path:
+    """An empty directory to ``helpers.install_plugin`` into; pass it to ``cli(..., plugins=)``."""
+    root = tmp_path / "plugins"
+    root.mkdir()
+    return root

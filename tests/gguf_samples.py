@@ -7,8 +7,26 @@ import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 
+LLAMA_BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
+                       "ffn_down")  # what llama.cpp's llama loader needs in every block
+
+
+def add_llama_block_tensors(w: GGUFWriter, block: int, width: int = 32, skip: tuple[str, ...] = (), seed: int = 0) -> None:
+    """Every tensor llama.cpp's llama needs in block ``block``: norms of ``width`` ones (F32),
+    matrices of 8 x ``width`` (F16); names in ``skip`` left out."""
+    rng = np.random.default_rng(seed + block)
+    for kind in LLAMA_BLOCK_TENSORS:
+        if kind in skip:
+            continue
+        if kind.endswith("norm"):
+            w.add_tensor(f"blk.{block}.{kind}.weight", np.ones(width, np.float32))
+        else:
+            w.add_tensor(f"blk.{block}.{kind}.weight", rng.standard_normal((8, width)).astype(np.float16))
+
+
 def write_small_gguf(path: Path, block_count: int = 2, alignment: int | None = None) -> Path:
-    """A minimal well-formed llama-style GGUF (no tokenizer): a few F32 tensors and one F16.
+    """A minimal well-formed llama-style GGUF (no tokenizer): every tensor llama.cpp's llama needs,
+    tiny (norms F32, matrices F16).
 
     The last tensor is 32 floats (128 bytes), a multiple of the alignment, so the file ends exactly
     at the end of its data: cutting one byte cuts tensor data.
@@ -22,8 +40,7 @@ def write_small_gguf(path: Path, block_count: int = 2, alignment: int | None = N
     rng = np.random.default_rng(0)
     w.add_tensor("token_embd.weight", rng.standard_normal((16, 32), dtype=np.float32))
     for i in range(block_count):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(32, np.float32))
-        w.add_tensor(f"blk.{i}.ffn_up.weight", rng.standard_normal((8, 32)).astype(np.float16))
+        add_llama_block_tensors(w, i)
     w.add_tensor("output_norm.weight", np.ones(32, np.float32))
     _finish(w)
     return Path(path)

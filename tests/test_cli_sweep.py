@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gguf_samples import write_small_gguf
+from helpers import make_deep_tree, remove_deep_tree
 
 GOOD = """\
 recipe_version: 1
@@ -80,6 +81,163 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
         made[f"recipe_{name}"] = root / f"{name}.yaml"
         made[f"recipe_{name}"].write_text(text)
     return made
+
+
+def _model_copy(src: Path, dst: Path, config: dict | None = None, files: dict | None = None) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    if config is not None:
+        (dst / "config.json").write_text(json.dumps({**json.loads((dst / "config.json").read_text()), **config}))
+    for name, content in (files or {}).items():
+        (dst / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return dst
+
+
+def _poisoned(path: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def _gguf_with(path: Path, skip: tuple = (), nested: bool = False, **keys) -> Path:
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from gguf_samples import add_llama_block_tensors
+
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    for key, value in keys.items():
+        w.add_uint32(f"llama.{key.replace('__', '.')}", value)
+    if nested:
+        w.add_array("general.tags", [["a", "b"], ["c"]])
+    w.add_tensor("token_embd.weight", np.ones((4, 32), np.float32))
+    add_llama_block_tensors(w, 0, skip=skip)
+    w.add_tensor("output_norm.weight", np.ones(32, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_model_dir):
+    """Malformed model files of every kind, each a copy of a good tiny llama (2 layers, SmolLM2 tokenizer)."""
+    from tiny_models import tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    good = tiny_model_dir("llama", 2)
+    made = {"good_model": good}
+    made["more_layers"] = _model_copy(good, root / "more-layers", {"num_hidden_layers": 4})
+    made["wider_config"] = _model_copy(good, root / "wider", {"hidden_size": 128})
+    made["config_list"] = _model_copy(good, root / "config-list", files={"config.json": "[1, 2]"})
+    bad_header = json.dumps({"w": {"dtype": 5, "shape": "2x2", "data_offsets": [0, 16]}}).encode()
+    made["bad_header"] = _model_copy(good, root / "bad-header", files={
+        "model.safetensors": len(bad_header).to_bytes(8, "little") + bad_header + bytes(16)})
+    made["template_not_utf8"] = _model_copy(good, root / "template-latin1", files={"chat_template.jinja": b"\xff{{ x }}"})
+    made["template_runaway"] = _model_copy(good, root / "template-runaway", files={
+        "chat_template.jinja": "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"})
+    made["card_nested_tags"] = _model_copy(good, root / "card-nested", files={"README.md": "---\ntags: [[a, b]]\n---\n"})
+    made["card_python_tag"] = _model_copy(good, root / "card-python", files={
+        "README.md": "---\nlicense: !!python/object/apply:os.system ['true']\n---\n"})
+    made["nan_weights"] = _poisoned(_model_copy(good, root / "nan-weights"))
+    other = root / "layer-map-null"  # another student (seed 1), so only its layer map is wrong
+    tiny_model("llama", 2, seed=1).save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (other / name).write_bytes((good / name).read_bytes())
+    (other / "layer_map.json").write_text("null")
+    made["layer_map_null"] = other
+    made["mapped_student"] = _model_copy(other, root / "mapped-student", files={
+        "layer_map.json": json.dumps({"student_to_teacher": [0, 1], "removed": [], "num_layers_before": 2})})
+    tokenizer = json.loads((good / "tokenizer.json").read_text())
+    made["deep_tokenizer"] = _model_copy(good, root / "deep-tokenizer", files={
+        "tokenizer.json": json.dumps(tokenizer)[:-1] + ', "x": ' + "[" * 100000 + "]" * 100000 + "}"})
+    made["fifo_tokenizer"] = _model_copy(good, root / "fifo-tokenizer")
+    (made["fifo_tokenizer"] / "tokenizer.json").unlink()
+    os.mkfifo(made["fifo_tokenizer"] / "tokenizer.json")
+    made["deep_folders"] = _model_copy(good, root / "deep-folders")
+    make_deep_tree(made["deep_folders"] / "notes", 1000)
+    wide = root / "wide-teacher"
+    tiny_model("llama", 2, hidden_size=128, intermediate_size=256).save_pretrained(wide)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (wide / name).write_bytes((good / name).read_bytes())
+    made["wide_teacher"] = wide
+    made["copy_of_good"] = _model_copy(good, root / "copy-of-good")
+    made["head_count_zero"] = _gguf_with(root / "heads0.gguf", attention__head_count=0)
+    made["missing_tensor"] = _gguf_with(root / "no-attn-q.gguf", skip=("attn_q",))
+    made["nested_array"] = _gguf_with(root / "nested.gguf", nested=True)
+    manifest = root / "ollama-models" / "manifests" / "registry.ollama.ai" / "library" / "broken" / "latest"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": ["sha256-00", 7, None]}))
+    made["ollama_models"] = root / "ollama-models"
+    for name, text in {
+        "inf_lr": GOOD.format(model=good) + "heal: {lr: .inf}\n",
+        "nan_nested": GOOD.format(model=good) + "heal: {loss: {kl: .nan}}\n",
+        "template_source": GOOD.format(model=made["template_not_utf8"]),
+        "more_layers_source": GOOD.format(model=made["more_layers"]),
+        "manifest_source": GOOD.format(model="ollama:broken"),
+    }.items():
+        made[f"recipe_{name}"] = root / f"{name}.yaml"
+        made[f"recipe_{name}"].write_text(text)
+    yield made
+    remove_deep_tree(made["deep_folders"] / "notes")  # pytest's own recursive cleanup could not
+
+
+# Malformed model files (issue 15, item 5): each kind through every command that reads it.
+MODEL_CASES = [
+    ("analyze_more_layers_than_weights", ["analyze", "{more_layers}", "--out", "{out}"]),
+    ("prune_more_layers_than_weights", ["prune", "{more_layers}", "--layers", "1", "--out", "{out}"]),
+    ("export_more_layers_than_weights", ["export", "{more_layers}", "--out", "{out}"]),
+    ("heal_more_layers_than_weights", ["heal", "{more_layers}", "--teacher", "{good_model}", "--out", "{out}"]),
+    ("run_more_layers_than_weights", ["run", "{recipe_more_layers_source}", "--out", "{out}"]),
+    ("export_wider_config", ["export", "{wider_config}", "--out", "{out}"]),
+    ("analyze_config_list", ["analyze", "{config_list}", "--out", "{out}"]),
+    ("export_config_list", ["export", "{config_list}", "--out", "{out}"]),
+    ("prune_config_list", ["prune", "{config_list}", "--layers", "1", "--out", "{out}"]),
+    ("analyze_safetensors_bad_types", ["analyze", "{bad_header}", "--out", "{out}"]),
+    ("export_safetensors_bad_types", ["export", "{bad_header}", "--out", "{out}"]),
+    ("prune_safetensors_bad_types", ["prune", "{bad_header}", "--layers", "1", "--out", "{out}"]),
+    ("analyze_template_not_utf8", ["analyze", "{template_not_utf8}", "--out", "{out}"]),
+    ("run_template_not_utf8", ["run", "{recipe_template_source}", "--out", "{out}"]),
+    ("analyze_template_runaway", ["analyze", "{template_runaway}", "--out", "{out}"]),
+    ("export_card_nested_tags", ["export", "{card_nested_tags}", "--out", "{out}"]),
+    ("export_card_python_tag", ["export", "{card_python_tag}", "--out", "{out}"]),
+    ("export_nan_weights", ["export", "{nan_weights}", "--out", "{out}"]),
+    ("prune_nan_weights", ["prune", "{nan_weights}", "--layers", "0", "--out", "{out}"]),
+    ("export_layer_map_null", ["export", "{layer_map_null}", "--out", "{out}"]),
+    ("heal_layer_map_null", ["heal", "{layer_map_null}", "--teacher", "{good_model}", "--out", "{out}"]),
+    ("analyze_deep_tokenizer", ["analyze", "{deep_tokenizer}", "--out", "{out}"]),
+    ("analyze_fifo_tokenizer", ["analyze", "{fifo_tokenizer}", "--out", "{out}"]),
+    ("export_fifo_tokenizer", ["export", "{fifo_tokenizer}", "--out", "{out}"]),
+    ("analyze_deep_folders", ["analyze", "{deep_folders}", "--out", "{out}"]),
+    ("heal_student_is_teacher", ["heal", "{good_model}", "--teacher", "{good_model}", "--steps", "1",
+                                 "--set", "heal.loss={{kl: 1.0}}", "--out", "{out}"]),
+    ("heal_student_copy_of_teacher", ["heal", "{copy_of_good}", "--teacher", "{good_model}", "--steps", "1",
+                                      "--set", "heal.loss={{kl: 1.0}}", "--out", "{out}"]),
+    ("heal_teacher_of_another_width", ["heal", "{mapped_student}", "--teacher", "{wide_teacher}", "--steps", "1",
+                                       "--out", "{out}"]),
+    ("heal_lr_inf", ["heal", "{more_layers}", "--teacher", "{good_model}", "--lr", "inf", "--out", "{out}"]),
+    ("heal_set_nan", ["heal", "{good_model}", "--teacher", "{good_model}", "--set", "heal.lr=.nan", "--out", "{out}"]),
+    ("run_recipe_lr_inf", ["run", "{recipe_inf_lr}", "--out", "{out}"]),
+    ("run_recipe_nan_in_a_map", ["run", "{recipe_nan_nested}", "--out", "{out}"]),
+    ("run_set_lr_inf", ["run", "{recipe_good}", "--set", "heal.lr=.inf", "--out", "{out}"]),
+    ("run_set_temperature_nan", ["run", "{recipe_good}", "--set", "heal.temperature=nan", "--out", "{out}"]),
+    ("validate_lr_inf", ["validate", "{recipe_inf_lr}"]),
+    ("verify_head_count_zero", ["verify", "{head_count_zero}"]),
+    ("import_head_count_zero", ["import-gguf", "{head_count_zero}", "--out", "{out}"]),
+    ("quantize_head_count_zero", ["quantize", "{head_count_zero}", "-q", "Q8_0", "--out", "{out}"]),
+    ("register_head_count_zero", ["register", "{head_count_zero}", "--name", "m", "--template", "chatml"]),
+    ("verify_missing_tensor", ["verify", "{missing_tensor}"]),
+    ("analyze_missing_tensor", ["analyze", "{missing_tensor}", "--out", "{out}"]),
+    ("verify_nested_array", ["verify", "{nested_array}"]),
+    ("analyze_manifest_layers_not_objects", ["analyze", "ollama:broken", "--out", "{out}"]),
+    ("run_manifest_layers_not_objects", ["run", "{recipe_manifest_source}", "--out", "{out}"]),
+]
 
 
 # (case id, argv with {names} of inputs, or {out}/{file_as_dir} for the output)
@@ -156,6 +314,18 @@ CASES = [
 
 @pytest.mark.parametrize("case, argv", CASES, ids=[c for c, _ in CASES])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, argv, inputs, tmp_path, capfd, monkeypatch):
+    _sweep_case(case, argv, inputs, tmp_path, capfd, monkeypatch)
+
+
+@pytest.mark.parametrize("case, argv", MODEL_CASES, ids=[c for c, _ in MODEL_CASES])
+def test_malformed_model_files_are_one_line_exit_2_and_write_nothing(case, argv, inputs, models, tmp_path, capfd,
+                                                                     monkeypatch):
+    monkeypatch.setenv("OLLAMA_MODELS", str(models["ollama_models"]))
+    # export hashes its source while it plans (the hash cache is not an output); nothing else may be cached
+    _sweep_case(case, argv, {**inputs, **models}, tmp_path, capfd, monkeypatch, cache_allowed=("fingerprints.json",))
+
+
+def _sweep_case(case, argv, inputs, tmp_path, capfd, monkeypatch, cache_allowed=()):
     from ollama_compress.cli import main
 
     work = tmp_path / "work"
@@ -172,10 +342,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, argv, inputs, tmp
     captured = capfd.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert info.value.code == 2, (case, info.value.code, captured.err[-2000:])
-    prefix = inputs["recipe_bad_key"].as_posix() if case.startswith("validate_bad") else "Error: "  # validate: located errors
+    prefix = args[1] if case.startswith(("validate_bad", "validate_lr")) else "Error: "  # validate: located errors
     assert len(lines) == 1 and lines[0].startswith(prefix), (case, lines)
     assert "Traceback" not in captured.err
     assert not out.exists() or _files(out) == set(), _files(out)
     assert _files(work) <= {out}, _files(work)
     assert _files(inputs["dir"].parent) == before_inputs
-    assert not (tmp_path / "cache").exists() or not [p for p in _files(tmp_path / "cache") if p.is_file()]
+    cached = [p.name for p in _files(tmp_path / "cache") if p.is_file()] if (tmp_path / "cache").exists() else []
+    assert set(cached) <= set(cache_allowed), cached

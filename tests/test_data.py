@@ -9,6 +9,7 @@ import torch
 from ollama_compress.context import StageContext
 from ollama_compress.errors import UserError
 from ollama_compress.hooks import data
+from ollama_compress.hooks.heal import heal_tokens_needed
 from ollama_compress.recipe import TextSource, validate
 
 PROSE = ("The ferry leaves the harbour at seven and crosses the bay in forty minutes. "
@@ -63,8 +64,14 @@ def test_batches_are_windows_of_the_token_stream(smollm2_tokenizer, tmp_path):
 def test_short_text_fills_up_with_overlapping_windows(smollm2_tokenizer, tmp_path):
     text = "Short text about a cat who sleeps on a warm windowsill all afternoon long."
     spec = _spec(**{"from": "text", "path": _write(tmp_path / "s.txt", text)}, samples=5, seq_len=8)
-    batches = data.calibration_batches(spec, smollm2_tokenizer)
-    assert len(batches) == 5 and all(b.shape == (1, 8) for b in batches)
+    stream = data.token_stream(data.load_texts(spec), smollm2_tokenizer)
+    assert 8 <= len(stream) < 5 * 8, "the text must be too short for 5 separate windows"
+    rows = [b[0].tolist() for b in data.calibration_batches(spec, smollm2_tokenizer)]
+    assert len(rows) == 5 and all(len(r) == 8 for r in rows)
+    starts = [[i for i in range(len(stream) - 7) if stream[i:i + 8] == row] for row in rows]
+    assert all(starts), "every sequence is a window of the tokenized text"
+    taken = sorted(s[0] for s in starts)
+    assert any(b - a < 8 for a, b in zip(taken, taken[1:])), "some windows overlap"
 
 
 def test_text_shorter_than_one_sequence_is_a_user_error(smollm2_tokenizer, tmp_path):
@@ -90,6 +97,52 @@ def test_missing_file_and_missing_path_are_user_errors(tmp_path):
 def test_unknown_kind_lists_the_known_ones():
     with pytest.raises(UserError, match="known: .*jsonl.*teacher.*text"):
         data.load_texts(_spec(**{"from": "parquet"}))
+
+
+# ---------------------------------------------------------------- held-out windows and the unseen check
+def test_heldout_windows_are_seq_len_windows_after_the_bos_prefix(smollm2_tokenizer, tmp_path):
+    spec = _spec(**{"from": "text", "path": _write(tmp_path / "h.txt", PROSE)}, samples=3, seq_len=16)
+    prefix = data.bos_prefix(smollm2_tokenizer)
+    stream = data.token_stream(data.load_texts(spec), smollm2_tokenizer)
+    windows = data.heldout_windows(spec, smollm2_tokenizer)
+    assert len(windows) == 3 and all(w[:len(prefix)] == prefix and len(w) == len(prefix) + 16 for w in windows)
+    body = [w[len(prefix):] for w in windows]
+    assert body == data.chunk_stream(stream, 3, 16, 0)
+
+
+def test_heldout_text_in_the_heal_data_is_refused(smollm2_tokenizer):
+    heldout = data.load_texts(_spec(split="heldout"))
+    held = data.heldout_windows(_spec(split="heldout", samples=4, seq_len=64), smollm2_tokenizer)
+    skip = len(data.bos_prefix(smollm2_tokenizer))
+    leaked = data.token_stream(["some intro", heldout[0]], smollm2_tokenizer)
+    with pytest.raises(UserError, match="data.heldout shares text with data.heal"):
+        data.check_heldout_unseen(held, {"data.heal": [leaked]}, skip=skip)
+    data.check_heldout_unseen(held, {"data.heal": [data.token_stream(data.load_texts(_spec()), smollm2_tokenizer)]},
+                              skip=skip)
+
+
+def test_a_shared_span_is_found_at_any_offset_but_a_shorter_one_is_not():
+    held = [[1] + list(range(100, 164))]  # a BOS, then two 32-token spans
+    inside = list(range(7)) + list(range(132, 164)) + list(range(7))
+    with pytest.raises(UserError, match="1 of 2 held-out 32-token spans"):
+        data.check_heldout_unseen(held, {"data.heal": [inside]}, skip=1)
+    data.check_heldout_unseen(held, {"data.heal": [list(range(133, 164))]}, skip=1)
+
+
+def test_the_unseen_check_covers_calibration_and_every_heal_source(smollm2_tokenizer, tmp_path, recipe_file):
+    from ollama_compress.recipe import load_recipe
+
+    held = _write(tmp_path / "held.txt", data.load_texts(_spec(split="heldout"))[0][:4000])
+    heldout = {"from": "text", "path": held, "samples": 4, "seq_len": 64}
+    every_window = {"from": "text", "path": held, "samples": 64, "seq_len": 64}
+    cases = {"data.calibration": {"calibration": every_window, "heal": {"from": "default"}},
+             "data.heal\\[1\\]": {"heal": [{"from": "default"}, {"from": "text", "path": held}]}}
+    for key, fields in cases.items():
+        recipe = load_recipe(str(recipe_file(data={"heldout": heldout, **fields})))
+        with pytest.raises(UserError, match=f"shares text with {key}"):
+            data.unseen_heldout_windows(recipe.data, smollm2_tokenizer)
+    recipe = load_recipe(str(recipe_file(data={"heldout": heldout, "heal": {"from": "default"}})))
+    assert len(data.unseen_heldout_windows(recipe.data, smollm2_tokenizer)) == 4
 
 
 # ---------------------------------------------------------------- JSON lines
@@ -132,7 +185,7 @@ def test_hf_dataset_unavailable_is_a_user_error():
 def test_teacher_generates_chat_text_once_and_caches_it(tiny_model_dir, smollm2_tokenizer, tmp_path):
     model_dir = tiny_model_dir("llama")
     prompts = ["Name a fruit.", "Say hello."]
-    spec = _spec(**{"from": "teacher", "prompts": prompts}, samples=2, seq_len=24)
+    spec = _spec(**{"from": "teacher", "prompts": prompts, "max_new_tokens": 8}, samples=2, seq_len=24)
     cache = tmp_path / "cache"
     texts = data.load_texts(spec, smollm2_tokenizer, model=model_dir, cache_dir=cache)
     assert len(texts) == 2
@@ -149,18 +202,37 @@ def test_teacher_generates_chat_text_once_and_caches_it(tiny_model_dir, smollm2_
     assert len(batches) == 2 and batches[0].shape == (1, 24)
 
 
-def test_teacher_takes_the_model_from_the_stage_and_caches_in_the_run_dir(tiny_model_dir, smollm2_tokenizer,
-                                                                         tmp_path):
+def test_teacher_takes_the_model_from_the_stage_and_caches_in_the_user_cache(tiny_model_dir, smollm2_tokenizer,
+                                                                            tmp_path, monkeypatch):
+    monkeypatch.setenv("OLLAMA_COMPRESS_CACHE", str(tmp_path / "user-cache"))
     model_dir = tiny_model_dir("qwen2")
     recipe = validate({"recipe_version": 1, "name": "t", "source": {"model": str(model_dir)}})
     ctx = StageContext(stage="importance", recipe=recipe, run_dir=tmp_path, out_dir=tmp_path / "out",
                        inputs={"model_dir": str(model_dir)})
-    spec = _spec(**{"from": "teacher", "prompts": ["Count to three."]}, samples=1, seq_len=16)
+    spec = _spec(**{"from": "teacher", "prompts": ["Count to three."], "max_new_tokens": 8}, samples=1, seq_len=16)
     texts = data.load_texts(spec, smollm2_tokenizer, ctx=ctx)
     assert len(texts) == 1 and "Count to three." in texts[0]
-    assert list((tmp_path / "cache" / "teacher-data").glob("*.jsonl"))
+    assert list((tmp_path / "user-cache" / "teacher-chat").glob("*.jsonl"))
+    assert list((tmp_path / "user-cache" / "teacher-gguf").glob("*-Q8_0.gguf"))  # exported through the hooks
 
 
 def test_teacher_without_a_model_is_a_user_error(smollm2_tokenizer):
     with pytest.raises(UserError, match="needs the model"):
         data.load_texts(_spec(**{"from": "teacher"}), smollm2_tokenizer)
+
+
+# ---------------------------------------------------------------- the default heal data
+def test_default_heal_data_is_the_corpus_plus_teacher_chat_sized_by_the_heal(smollm2_tokenizer):
+    from ollama_compress.recipe import Data, Heal, load_recipe
+
+    for heal_data in (Data(), load_recipe("smollm2-135m-demo").data):
+        assert [s.from_ for s in heal_data.heal_sources()] == ["default", "teacher"]
+    corpus = len(data.token_stream(data.default_texts(_spec()), smollm2_tokenizer))
+    chat = Data().heal_sources()[1]
+    demo = Heal(steps=60, batch_size=4, seq_len=256)
+    tokens = data.heal_chat_tokens(chat, Data(), demo, smollm2_tokenizer)
+    assert tokens == -(-60 * 4 * 256 // data.MAX_WINDOW_VIEWS) - corpus
+    assert data.window_views(heal_tokens_needed(demo), corpus + tokens) <= data.MAX_WINDOW_VIEWS
+    assert data.heal_chat_tokens(chat, Data(), Heal(steps=2, batch_size=1, seq_len=64), smollm2_tokenizer) == 0
+    sized = Data.model_validate({"heal": [{"from": "default"}, {"from": "teacher", "tokens": 1234}]})
+    assert data.heal_chat_tokens(sized.heal_sources()[1], sized, demo, smollm2_tokenizer) == 1234

@@ -46,7 +46,7 @@ def healed_stand_in(tiny_model_dir, pruned: Path, root: Path) -> Path:
 def evaluated(tmp_path_factory, tiny_model_dir):
     from ollama_compress.hooks.export import export_gguf
     from ollama_compress.hooks.prune import prune_dir
-    from ollama_compress.hooks.quantize import quantize_file
+    from ollama_compress.hooks.quantize import measure_heldout_quants, quantize_file
 
     root = tmp_path_factory.mktemp("evaluate")
     teacher = tiny_model_dir("llama", 6)
@@ -59,6 +59,7 @@ def evaluated(tmp_path_factory, tiny_model_dir):
                                    "gguf": {"F32": str(f32), "Q8_0": str(q8)},
                                    "ollama_models": {"Q8_0": "tiny-eval:Q8_0"}},
                    {"max_new_tokens": 6, "teacher_quants": ["Q8_0"], "prompts": ["Name a colour.", "Count to three."]})
+    measure_heldout_quants(ctx, f32, {"Q8_0": q8}, root / "gguf")  # the export stage's quants.json
     outputs = evaluate_run(ctx)
     rows = {r["name"]: r for r in ctx.metrics["evaluation"]["rows"]}
     return ctx, outputs, rows
@@ -97,6 +98,30 @@ def test_gguf_rows_have_llama_cpp_speed_and_sizes_are_the_files(evaluated):
     assert "gen_tokens_per_s" not in rows["pruned"]
     assert rows["healed Q8_0"]["size_bytes"] < rows["healed F32"]["size_bytes"] / 2
     assert all(len(rows[n]["answers"]) == 2 for n in ROWS)
+
+
+def test_the_same_file_gets_the_same_speed_and_kl_in_quants_json_and_evaluation_json(evaluated):
+    _, outputs, _ = evaluated
+    rows = {r["name"]: r for r in json.loads(Path(outputs["evaluation"]).read_text())["rows"]}
+    for name in ("healed F32", "healed Q8_0", "teacher Q8_0"):  # the export's files and the teacher's own
+        path = Path(rows[name]["path"])
+        stored = {r["file"]: r for r in json.loads((path.parent / "quants.json").read_text())["quants"]}[path.name]
+        for key in ("prompt_tokens_per_s", "gen_tokens_per_s", "load_average", "decode_seconds"):
+            assert rows[name][key] == stored[key], (name, key)
+        assert rows[name]["kl_to_unquantized"] == stored["mean_kl"], name
+    assert rows["healed Q8_0"]["kl_to_unquantized"] > 0 and rows["healed F32"]["kl_to_unquantized"] == 0.0
+
+
+def test_a_compressed_quant_gets_a_verdict_against_the_teacher_quant_at_its_size(evaluated):
+    ctx, outputs, rows = evaluated
+    (verdict,) = ctx.metrics["evaluation"]["verdicts"]
+    assert (verdict["name"], verdict["teacher_quant"]) == ("healed Q8_0", "Q8_0")
+    assert (verdict["kl"], verdict["teacher_kl"]) == (rows["healed Q8_0"]["kl"], rows["teacher Q8_0"]["kl"])
+    assert verdict["quality_paid"] is False  # a different random model loses to the teacher's own Q8_0
+    assert verdict["decode_ratio"] > 0 and verdict["speed_paid"] == (verdict["decode_ratio"] > 1)
+    assert verdict["sentence"].startswith(f"At {rows['healed Q8_0']['size_bytes'] / 2**20:.1f} MiB (healed Q8_0), "
+                                          "pruning did not pay in quality: teacher Q8_0")
+    assert f"- {verdict['sentence']}" in Path(outputs["report"]).read_text()
 
 
 def test_the_numbers_go_to_run_json_metrics_and_the_report(evaluated):
@@ -222,3 +247,107 @@ def test_without_lm_eval_a_recipe_that_asks_for_it_gets_one_clear_line(tmp_path,
         evaluate_run(ctx)
     assert str(err.value).count("\n") == 0
     assert "lm-eval is not installed: pip install 'ollama-compress[lm-eval]'" in str(err.value)
+
+
+# ---------------------------------------------------------------- worth it at equal size
+def test_auto_picks_the_same_quant_and_the_teacher_quants_nearest_in_size(tiny_model_dir):
+    from ollama_compress.evaluation import auto_teacher_quants
+    from ollama_compress.planner import gguf_size, model_shape
+    from ollama_compress.quant_names import NEEDS_IMATRIX, QUANT_TYPES, UNQUANTIZED
+
+    teacher = model_shape(tiny_model_dir("llama", 6))
+
+    def assert_nearest(picks: list[str], size: int, imatrix: bool) -> None:
+        usable = [q for q in QUANT_TYPES if q not in UNQUANTIZED and (imatrix or q not in NEEDS_IMATRIX)]
+        gap = {q: abs(gguf_size(teacher, q) - size) for q in usable}
+        assert picks[0] == "Q4_K_M" and len(picks[1:]) == 3  # like for like, then the 3 nearest in size
+        assert max(gap[q] for q in picks[1:]) <= min(gap[q] for q in usable if q not in picks[1:])
+
+    # a compressed file exactly the size of the teacher's Q3_K_M estimate: Q3_K_M comes first
+    size = gguf_size(teacher, "Q3_K_M")
+    picks = auto_teacher_quants(teacher, {"pruned Q4_K_M": ("Q4_K_M", size)}, imatrix=False)
+    assert list(picks) == ["pruned Q4_K_M"] and picks["pruned Q4_K_M"][:2] == ["Q4_K_M", "Q3_K_M"]
+    assert_nearest(picks["pruned Q4_K_M"], size, imatrix=False)
+    # at the size of the teacher's IQ2_XXS, the quants that need an importance matrix count only with one
+    low = gguf_size(teacher, "IQ2_XXS")
+    with_matrix = auto_teacher_quants(teacher, {"pruned Q4_K_M": ("Q4_K_M", low)}, imatrix=True)["pruned Q4_K_M"]
+    without = auto_teacher_quants(teacher, {"pruned Q4_K_M": ("Q4_K_M", low)}, imatrix=False)["pruned Q4_K_M"]
+    assert_nearest(with_matrix, low, imatrix=True)
+    assert_nearest(without, low, imatrix=False)
+    assert with_matrix[1] in NEEDS_IMATRIX and not set(without) & set(NEEDS_IMATRIX)
+
+
+def test_auto_adds_smaller_teacher_quants_until_one_is_no_larger(tmp_path, tiny_model_dir, monkeypatch):
+    from ollama_compress.evaluation import Candidate, TeacherQuants
+    from ollama_compress.planner import gguf_size, model_shape
+    from ollama_compress.quant_names import NEEDS_IMATRIX
+
+    def gguf(name: str, size: int) -> Path:
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(b"\0" * size)
+        return path
+
+    ctx = make_ctx(tmp_path, tiny_model_dir("llama", 6), {}, {"teacher_quants": "auto"})
+    teacher_quants = TeacherQuants(ctx, tiny_model_dir("llama", 6), "F16")
+    sizes = iter([1050, 990, 980])  # what llama.cpp writes for the next smaller types, in turn
+    monkeypatch.setattr(teacher_quants, "make", lambda quants, taken: [
+        Candidate(f"teacher {q}", gguf(q, next(sizes)), "teacher", q) for q in quants])
+    rows = [Candidate("pruned Q4_K_M", gguf("pruned", 1000), "pruned", "Q4_K_M"),
+            Candidate("teacher Q3_K_M", gguf("Q3_K_M", 1100), "teacher", "Q3_K_M")]
+    added = teacher_quants.match_below(rows, imatrix=False)
+    # smaller types of the table, one after the other, until one is no larger than the pruned file
+    shape = model_shape(tiny_model_dir("llama", 6))
+    estimates = [gguf_size(shape, q) for q in ("Q3_K_M", *(c.quant for c in added))]
+    assert len(added) == 2 and estimates == sorted(estimates, reverse=True) and len(set(estimates)) == 3
+    assert not {c.quant for c in added} & set(NEEDS_IMATRIX)
+    assert teacher_quants.match_below([*rows, *added], imatrix=False) == []
+
+
+def _gguf_row(name: str, mib: float, kl: float, gen: float | None = None) -> dict:
+    model = "teacher" if name.startswith("teacher") else "pruned"
+    return {"name": name, "model": model, "quant": name.split()[-1], "kind": "gguf", "path": f"/{name}.gguf",
+            "size_bytes": int(mib * 2**20), "kl": kl, "gen_tokens_per_s": gen,
+            "quality_retained": 100 - 100 * kl}
+
+
+def test_the_frontier_runs_across_teacher_quants_and_compressed_quants():
+    from ollama_compress.report import frontier
+
+    rows = [_gguf_row("teacher Q2_K", 84.1, 0.403, 40.0), _gguf_row("teacher IQ3_XXS", 84.5, 0.312, 35.0),
+            _gguf_row("pruned Q4_K_M", 86.7, 0.466, 48.0), _gguf_row("teacher Q3_K_M", 89.2, 0.121, 39.0),
+            _gguf_row("teacher Q4_K_M", 100.6, 0.08, 38.8),
+            {"name": "teacher", "model": "teacher", "kind": "hf", "size_bytes": 500 * 2**20, "quality_retained": 100.0}]
+    assert frontier(rows, "quality_retained") == ["teacher Q2_K", "teacher IQ3_XXS", "teacher Q3_K_M", "teacher Q4_K_M"]
+    assert frontier(rows, "gen_tokens_per_s") == ["teacher Q2_K", "pruned Q4_K_M"]
+
+
+def test_the_verdict_says_whether_pruning_paid_in_quality_and_in_speed():
+    from ollama_compress.evaluation import equal_size_verdicts, verdict_sentence
+
+    rows = [_gguf_row("teacher Q2_K", 84.1, 0.403), _gguf_row("teacher IQ3_XXS", 84.5, 0.312),
+            _gguf_row("teacher Q3_K_M", 89.2, 0.121), _gguf_row("pruned Q4_K_M", 86.7, 0.466),
+            _gguf_row("pruned Q2_K", 60.0, 0.30)]
+    lost, won = equal_size_verdicts(rows, tokens=None)
+    # the best teacher quant no larger than the pruned file: IQ3_XXS, not the larger Q3_K_M
+    assert (lost["teacher_quant"], lost["quality_paid"]) == ("IQ3_XXS", False)
+    assert lost["sentence"] == ("At 86.7 MiB (pruned Q4_K_M), pruning did not pay in quality: teacher IQ3_XXS "
+                                "(84.5 MiB) has KL 0.312 vs 0.466; decode speed was not measured.")
+    # smaller than every teacher quant: judged against the nearest in size
+    assert (won["teacher_quant"], won["quality_paid"]) == ("Q2_K", True)
+    assert won["sentence"].startswith("At 60.0 MiB (pruned Q2_K), pruning paid in quality: teacher Q2_K (84.1 MiB) "
+                                      "has KL 0.403 vs 0.3;")
+    faster = {**lost, "decode_ratio": 1.21, "speed_paid": True, "load_average": [1.9, 2.1]}
+    assert verdict_sentence(faster).endswith("; it paid in speed: 1.21x the teacher quant's decode tokens/s "
+                                             "(interleaved runs, load average 1.9).")
+    slower = {**lost, "decode_ratio": 0.8, "speed_paid": False, "load_average": [0.5, 0.6]}
+    assert "; it did not pay in speed: 0.80x" in verdict_sentence(slower)
+
+
+def test_the_speed_ratio_compares_two_files_round_by_round():
+    from ollama_compress.hooks.quantize import speed_ratio
+
+    # a busy second round slows both files alike; the per-round ratio stays 1.25
+    pruned = {"decode_seconds": [0.8, 1.6, 0.8]}
+    teacher = {"decode_seconds": [1.0, 2.0, 1.0]}
+    assert speed_ratio(pruned, teacher) == pytest.approx(1.25)
+    assert speed_ratio(teacher, pruned) == pytest.approx(0.8)

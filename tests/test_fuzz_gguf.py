@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ollama_compress.gguf_verify as gv
-from gguf_samples import write_small_gguf
+from gguf_samples import add_llama_block_tensors, write_small_gguf
 from ollama_compress.errors import UserError
 
 EXAMPLES = int(os.environ.get("OLLAMA_COMPRESS_FUZZ_EXAMPLES", "300"))
@@ -46,7 +46,8 @@ def _with_metadata(path: Path) -> Path:
     w.add_bool("fuzz.flag", True)
     w.add_float64("fuzz.f64", 1.5)
     w.add_tensor("token_embd.weight", np.ones((3, 32), np.float32))
-    w.add_tensor("blk.0.attn_norm.weight", np.ones(32, np.float32))
+    add_llama_block_tensors(w, 0)
+    w.add_tensor("output_norm.weight", np.ones(32, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import quantize as gguf_quantize
 
-from gguf_samples import write_small_gguf
+from gguf_samples import add_llama_block_tensors, write_small_gguf
 from ollama_compress.errors import UserError
 from ollama_compress.gguf_verify import verify_gguf
 
@@ -139,7 +139,9 @@ def test_accepts_custom_alignment_and_quantized_tensor(tmp_path):
     weights = np.random.default_rng(1).standard_normal((4, 64), dtype=np.float32)
     w.add_tensor("blk.0.ffn_up.weight", gguf_quantize(weights, GGMLQuantizationType.Q8_0),
                  raw_dtype=GGMLQuantizationType.Q8_0)
-    w.add_tensor("blk.0.attn_norm.weight", np.ones(64, np.float32))
+    w.add_tensor("token_embd.weight", np.ones((4, 64), np.float32))
+    add_llama_block_tensors(w, 0, 64, skip=("ffn_up",))
+    w.add_tensor("output_norm.weight", np.ones(64, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -190,7 +192,7 @@ def test_verify_command_output(small, tmp_path):
     assert result.output.startswith(f"{small}: GGUF v3, llama, 2 blocks")
     result = CliRunner().invoke(_verify_group(), ["verify", "--json", str(small), str(small)])
     rows = json.loads(result.output)
-    assert [r["tensor_count"] for r in rows] == [6, 6]
+    assert [r["tensor_count"] for r in rows] == [20, 20]
 
 
 def test_verify_command_exit_codes(small, tmp_path):

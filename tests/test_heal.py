@@ -349,16 +349,6 @@ def test_a_plugin_registers_a_loss_by_function_and_a_recipe_uses_it(student_dir,
     assert [r["final_state_mse"] for r in log] == pytest.approx(MeanSquareLogitPlugin.calls, rel=1e-5)
 
 
-def test_heldout_text_in_the_heal_data_is_refused(tmp_path):
-    from ollama_compress.hooks.data import default_texts
-    from ollama_compress.recipe import TextSource
-
-    heldout = default_texts(TextSource(split="heldout"))
-    with pytest.raises(UserError, match="held-out text"):
-        heal_hooks.check_no_heldout(["some intro\n\n" + heldout[0][:3000]], heldout)
-    heal_hooks.check_no_heldout(default_texts(TextSource()), heldout)
-
-
 # ---------------------------------------------------------------- the command and its bad input
 def test_heal_command_writes_a_healed_model(student_dir, teacher_dir, tmp_path):
     out = tmp_path / "cmd"

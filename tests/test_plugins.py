@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
+
+from helpers import cli, install_plugin
 
 PLUGIN = '''
 from ollama_compress.hookspecs import hookimpl
@@ -22,23 +20,14 @@ def register_importance_metrics(register):
 
 
 @pytest.fixture
-def plugin_path(tmp_path):
+def plugin_path(plugin_dir):
     """A tiny installed distribution 'oc-weight-norm' with one entry point, on a PYTHONPATH."""
-    (tmp_path / "oc_weight_norm.py").write_text(textwrap.dedent(PLUGIN))
-    info = tmp_path / "oc_weight_norm-0.3.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: oc-weight-norm\nVersion: 0.3.0\n")
-    (info / "entry_points.txt").write_text("[ollama_compress]\nweight_norm = oc_weight_norm\n")
-    return tmp_path
+    return install_plugin(plugin_dir, "oc_weight_norm", PLUGIN, "oc-weight-norm", "0.3.0", "weight_norm")
 
 
 def run(args, plugin_path, load=None):
-    env = dict(os.environ, PYTHONPATH=str(plugin_path))
-    env.pop("OLLAMA_COMPRESS_LOAD_PLUGINS", None)
-    if load is not None:
-        env["OLLAMA_COMPRESS_LOAD_PLUGINS"] = load
-    return subprocess.run([sys.executable, "-m", "ollama_compress", *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    return cli(*args, plugins=plugin_path, env={} if load is None else {"OLLAMA_COMPRESS_LOAD_PLUGINS": load},
+               timeout=600)
 
 
 def test_third_party_plugin_is_listed_with_its_version_and_hooks(plugin_path):

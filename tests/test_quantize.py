@@ -108,13 +108,14 @@ def test_measure_quants(tiny_f16, quants, tmp_path):
 
 
 def test_measure_quants_default_text(tiny_f16):
-    """Without texts the shipped held-out corpus is used (or a one-line error if it is missing)."""
-    try:
-        rows = measure_quants(tiny_f16, {}, n_ctx=64, max_tokens=64)
-    except UserError as exc:
-        assert "heldout.txt" in str(exc)
-    else:
-        assert rows[0]["tokens"] > 0 and math.isfinite(rows[0]["perplexity"])
+    """Without texts the shipped held-out corpus is used."""
+    from ollama_compress.hooks.quantize import shipped_heldout_text
+
+    rows = measure_quants(tiny_f16, {}, n_ctx=64, max_tokens=128, speed=False)
+    shipped = measure_quants(tiny_f16, {}, texts=shipped_heldout_text(), n_ctx=64, max_tokens=128, speed=False)
+    other = measure_quants(tiny_f16, {}, texts=FALLBACK_TEXT, n_ctx=64, max_tokens=128, speed=False)
+    assert rows[0]["tokens"] == 126 and math.isfinite(rows[0]["perplexity"])
+    assert rows[0]["perplexity"] == shipped[0]["perplexity"] != other[0]["perplexity"]
 
 
 @pytest.mark.parametrize("quant,words", [
@@ -211,7 +212,8 @@ def test_quant_file_name():
 @pytest.mark.slow
 def test_smollm2_export_quants_load_and_generate(smollm2_hf, tmp_path):
     """The real path: SmolLM2 HF dir -> F16 GGUF (exporter) -> Q8_0 and Q4_K_M -> llama.cpp generates."""
-    export = pytest.importorskip("ollama_compress.hooks.export")
+    from ollama_compress.hooks import export
+
     f16 = tmp_path / "smollm2-F16.gguf"
     export.export_gguf(smollm2_hf, f16, "F16")
     for quant in ("Q8_0", "Q4_K_M"):
@@ -222,3 +224,74 @@ def test_smollm2_export_quants_load_and_generate(smollm2_hf, tmp_path):
         assert out["usage"]["completion_tokens"] >= 1
         assert out["choices"][0]["text"].strip()
         llm.close()
+
+
+# ---------------------------------------------------------------- one quant loop, through the hooks
+TAKEOVER_PLUGIN = """
+import os
+from pathlib import Path
+from ollama_compress.hookspecs import hookimpl
+
+def _note(line):
+    with open(os.environ["OC_PLUGIN_LOG"], "a") as f:
+        f.write(line + "\\n")
+
+@hookimpl
+def load_source(ctx):
+    from ollama_compress.hooks.source import source_path
+    _note("locate source" if ctx.inputs.get("locate_source") else "load source")
+    return source_path(ctx.recipe.source, ctx.options)
+
+@hookimpl
+def export_gguf(ctx, model_dir, outtype):
+    from ollama_compress.gguf import export_gguf as write_gguf
+    _note(f"export {Path(model_dir).name}")
+    return write_gguf(Path(model_dir), Path(ctx.out_dir) / f"plugin-{outtype}.gguf", outtype, {"name": "plugin"},
+                      ctx.options)
+
+@hookimpl
+def quantize_gguf(ctx, gguf_path, quant):
+    from ollama_compress.hooks.quantize import quantize_file
+    _note(f"quantize {Path(gguf_path).name} {quant}")
+    return quantize_file(Path(gguf_path), quant, Path(ctx.out_dir) / f"plugin-{quant}.gguf")
+"""
+
+
+def test_a_plugin_that_takes_over_the_source_export_and_quantize_hooks_is_used_on_every_path(
+        tmp_path, tiny_model_dir, recipe_file, plugin_dir):
+    from helpers import cli, install_plugin
+
+    install_plugin(plugin_dir, "oc_takeover", TAKEOVER_PLUGIN, dist="oc-takeover")
+    log = tmp_path / "plugin.log"
+    env = {"OC_PLUGIN_LOG": str(log)}
+    teacher = tiny_model_dir("llama", 4)
+    recipe = recipe_file(teacher, "tiny-takeover",
+                         data={"calibration": {"samples": 2, "seq_len": 32},
+                               "heldout": {"split": "heldout", "samples": 2, "seq_len": 32}},
+                         prune={"layers": [2]}, export={"outtype": "F32", "quants": ["Q8_0"]},
+                         evaluate={"teacher_quants": ["Q8_0"], "speed": False, "knowledge": False,
+                                   "max_new_tokens": 1, "prompts": ["Hi."]})
+
+    def run_cli(*args, env_extra):
+        return cli(*args, env=env_extra, plugins=plugin_dir)
+
+    run = run_cli("run", recipe, "--out", tmp_path / "run", env_extra=env)
+    assert run.returncode == 0, run.stderr
+    lock = json.loads((tmp_path / "run" / "run.json").read_text())
+    notes = log.read_text().splitlines()
+    assert notes[0] == "locate source" and "load source" in notes  # the stage cache hashes what the hook names
+    assert Path(lock["stages"]["export"]["outputs"]["gguf"]["Q8_0"]).name == "plugin-Q8_0.gguf"
+    rows = {r["name"]: r for r in lock["stages"]["evaluate"]["metrics"]["evaluation"]["rows"]}
+    teacher_q8 = Path(rows["teacher Q8_0"]["path"])  # evaluate's teacher quant: exported and quantized by the plugin
+    assert teacher_q8.name == "plugin-Q8_0.gguf" and "teacher-gguf" in teacher_q8.parts
+    assert f"export {teacher.name}" in notes and "quantize plugin-F32.gguf Q8_0" in notes
+
+    exported = run_cli("export", teacher, "--outtype", "F32", "--quant", "Q8_0", "--out", tmp_path / "exp",
+                       env_extra=env)
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "exp" / "plugin-Q8_0.gguf").is_file()
+
+    (f32,) = (tmp_path / "exp").glob("*-F32.gguf")
+    quantized = run_cli("quantize", f32, "-q", "Q8_0", "--out", tmp_path / "q", env_extra=env)
+    assert quantized.returncode == 0, quantized.stderr
+    assert [p.name for p in (tmp_path / "q").iterdir()] == ["plugin-Q8_0.gguf"]

@@ -15,13 +15,14 @@ from ollama_compress.modelio import check_model_dir
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "plugin").rglob("*.py")) + sorted((ROOT / "hooks").rglob("*.py"))
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+EMPTY_SAFETENSORS = (2).to_bytes(8, "little") + b"{}"  # a valid safetensors file holding no tensor
 
 
 def model_dir(root: Path, weights=("model.safetensors",), config=None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.json").write_text(json.dumps(config or CONFIG))
     for name in weights:
-        (root / name).write_bytes(b"\0" * 16)
+        (root / name).write_bytes(EMPTY_SAFETENSORS if name.endswith(".safetensors") else b"\0" * 16)
     return root
 
 
@@ -55,7 +56,7 @@ def test_symlinks_inside_and_the_hub_cache_layout_are_fine(tmp_path):
     repo = tmp_path / "hub" / "models--org--name"
     blob = repo / "blobs" / "abc123"
     blob.parent.mkdir(parents=True)
-    blob.write_bytes(b"\0" * 16)
+    blob.write_bytes(EMPTY_SAFETENSORS)
     snapshot = model_dir(repo / "snapshots" / ("0" * 40), weights=())
     (snapshot / "model.safetensors").symlink_to(Path("../../blobs/abc123"))
     assert check_model_dir(snapshot) == snapshot
@@ -177,3 +178,255 @@ def test_a_gguf_file_named_inside_a_model_directory_stays_inside(tmp_path):
     for bad in ("out.gguf", "../../../secret.gguf", "/etc/passwd", "a\0b"):
         with pytest.raises(UserError):
             file_in_model_dir(snapshot, bad, "source.gguf_file")
+
+
+# ---------------------------------------------------------------- weights that are the model their config says
+def _copy_model(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(path: Path, **changes) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"num_hidden_layers": 4}, "describes .* weight\\(s\\) the files lack"),
+    ({"hidden_size": 128}, "has shape .* but config.json describes"),
+    ({"intermediate_size": 96}, "has shape .* but config.json describes"),
+])
+def test_a_config_that_disagrees_with_the_weights_is_refused_by_every_loader(tiny_model_dir, tmp_path, change, words):
+    from ollama_compress.gguf import check_exportable
+    from ollama_compress.modelio import check_causal_lm, load_model
+
+    path = _copy_model(tiny_model_dir("llama", 2), tmp_path / "m")
+    _edit_config(path, **change)
+    for load in (check_causal_lm, load_model, check_exportable):
+        with pytest.raises(UserError, match=words) as info:
+            load(path)
+        assert "\n" not in str(info.value)
+
+
+def test_weights_that_match_their_config_load_for_every_architecture(tiny_model_dir, arch):
+    from ollama_compress.modelio import check_causal_lm
+
+    check_causal_lm(tiny_model_dir(arch, 2))
+
+
+def _safetensors(path: Path, header, data: bytes = b"\0" * 16) -> Path:
+    raw = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+GOOD_ENTRY = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+
+
+@pytest.mark.parametrize("header", [
+    [1, 2],
+    {"w": 5},
+    {"w": {**GOOD_ENTRY, "dtype": 5}},
+    {"w": {**GOOD_ENTRY, "dtype": "F99"}},
+    {"w": {**GOOD_ENTRY, "shape": "2x2"}},
+    {"w": {**GOOD_ENTRY, "shape": [2, -1]}},
+    {"w": {**GOOD_ENTRY, "shape": [True, 2]}},
+    {"w": {**GOOD_ENTRY, "data_offsets": [0, 1 << 40]}},
+    {"w": {**GOOD_ENTRY, "data_offsets": [8, 4]}},
+    {"w": {**GOOD_ENTRY, "data_offsets": "0-16"}},
+    {"__metadata__": {"format": 1}, "w": GOOD_ENTRY},
+    b"\xff\xfe not utf-8",
+    b"{" * 10000,
+])
+def test_safetensors_headers_of_the_wrong_types_are_one_line(tmp_path, header):
+    from ollama_compress.modelio import safetensors_shapes
+
+    path = _safetensors(tmp_path / "model.safetensors", header)
+    with pytest.raises(UserError) as info:
+        safetensors_shapes(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_a_good_safetensors_header_reads(tmp_path):
+    from ollama_compress.modelio import safetensors_shapes
+
+    path = _safetensors(tmp_path / "model.safetensors", {"__metadata__": {"format": "pt"}, "w": GOOD_ENTRY})
+    assert safetensors_shapes(path) == {"w": (2, 2)}
+
+
+def test_a_config_that_is_not_an_object_is_one_line(tmp_path):
+    from ollama_compress.modelio import read_config
+
+    for text in ("[1, 2]", "null", '"llama"', "[" * 100000):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(UserError, match="config.json") as info:
+            read_config(tmp_path)
+        assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- never write a broken model
+def _poison(path: Path, name: str = "model.layers.1.mlp.down_proj.weight", value: float = float("nan")) -> str:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    tensors[name][0, 0] = value
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return name
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_export_refuses_non_finite_weights_and_writes_nothing(tiny_model_dir, tmp_path, value):
+    from ollama_compress.gguf import write_gguf
+
+    path = _copy_model(tiny_model_dir("llama", 2), tmp_path / "m")
+    name = _poison(path, value=value)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UserError, match=f"tensor {name} holds NaN or Inf"):
+        write_gguf(path, out / "m.gguf", "F16")
+    assert list(out.iterdir()) == []
+
+
+def test_prune_refuses_non_finite_weights_and_writes_nothing(tiny_model_dir, tmp_path):
+    from ollama_compress.hooks.prune import prune_dir
+
+    path = _copy_model(tiny_model_dir("llama", 4), tmp_path / "m")
+    name = _poison(path)
+    with pytest.raises(UserError, match="model.layers.*holds NaN or Inf"):
+        prune_dir(path, tmp_path / "out", [2])
+    assert not (tmp_path / "out").exists()
+    assert name.startswith("model.layers.1.")
+
+
+def test_saving_a_model_with_non_finite_weights_is_refused(tmp_path):
+    import torch
+
+    from ollama_compress.modelio import check_finite, save_model
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", 2)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[3, 3] = float("inf")
+    with pytest.raises(UserError, match="model.layers.1.self_attn.o_proj.weight holds NaN or Inf"):
+        save_model(model, None, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    big = torch.zeros(3 * (1 << 24) + 5)
+    check_finite([("big", big)], "x")
+    big[-1] = float("nan")  # past the first chunks
+    with pytest.raises(UserError, match="big holds NaN"):
+        check_finite([("big", big)], "x")
+
+
+def test_heal_refuses_to_save_weights_that_diverged(tmp_path):
+    import torch
+
+    from ollama_compress.errors import StageFailed
+    from ollama_compress.hooks.heal import _save
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", 2)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    student_dir = tmp_path / "student"
+    student_dir.mkdir()
+    with pytest.raises(StageFailed, match="healed model: tensor .* holds NaN or Inf"):
+        _save(model, None, student_dir, tmp_path / "out", [], {})
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- GGUFs llama.cpp can load
+def _gguf(path: Path, block_count: int = 2, skip: tuple = (), **keys) -> Path:
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from gguf_samples import add_llama_block_tensors
+
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(block_count)
+    for key, value in keys.items():
+        w.add_uint32(f"llama.{key.replace('__', '.')}", value)
+    w.add_tensor("token_embd.weight", np.ones((4, 32), np.float32))
+    for i in range(block_count):
+        add_llama_block_tensors(w, i, skip=skip if i == block_count - 1 else ())
+    w.add_tensor("output_norm.weight", np.ones(32, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("skip, keys, words", [
+    (("attn_q",), {}, "needs tensors this file lacks: blk.1.attn_q.weight"),
+    (("ffn_down", "ffn_norm"), {}, "blk.1.ffn_norm.weight, blk.1.ffn_down.weight"),
+    ((), {"attention__head_count": 0}, "llama.attention.head_count is 0"),
+    ((), {"embedding_length": 0}, "llama.embedding_length is 0"),
+    ((), {"context_length": 0}, "llama.context_length is 0"),
+])
+def test_verify_refuses_what_llama_cpp_cannot_load(tmp_path, skip, keys, words):
+    from ollama_compress.gguf_verify import verify_gguf
+
+    path = _gguf(tmp_path / "m.gguf", skip=skip, **keys)
+    with pytest.raises(UserError, match=words):
+        verify_gguf(path)
+    assert verify_gguf(_gguf(tmp_path / "ok.gguf", attention__head_count=4)).tensor_count == 20
+
+
+def test_verify_and_the_writer_share_the_metadata_rule():
+    from gguf import GGUFValueType
+
+    from ollama_compress.gguf.arch import metadata_type_problem
+
+    assert metadata_type_problem("general.tags", {GGUFValueType.ARRAY}) is not None
+    assert metadata_type_problem("general.tags", {GGUFValueType.STRING, GGUFValueType.INT64}) is not None
+    assert metadata_type_problem("general.tags", {GGUFValueType.STRING}) is None
+
+
+@pytest.mark.parametrize("card, words", [
+    ("---\ntags: [[a, b], c]\n---\n# card\n", "general.tags' is an array of arrays"),
+    ("---\ntags: [a, 1]\n---\n", "general.tags' is an array of mixed types"),
+    ("---\nlicense: !!python/object/apply:os.system ['touch x']\n---\n", "model card"),
+    ("---\ntags: [a\n---\n", "model card"),
+])
+def test_export_refuses_model_card_values_llama_cpp_cannot_read(tiny_model_dir, tmp_path, card, words):
+    from ollama_compress.gguf import write_gguf
+
+    path = _copy_model(tiny_model_dir("llama", 2), tmp_path / "m")
+    (path / "README.md").write_text(card)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UserError, match=words) as info:
+        write_gguf(path, out / "m.gguf", "F16")
+    assert "\n" not in str(info.value)
+    assert list(out.iterdir()) == [] and not (tmp_path / "x").exists()
+
+
+def test_a_gguf_the_writer_makes_passes_the_same_loadability_check(tiny_model_dir, arch, tmp_path):
+    from ollama_compress.gguf import write_gguf
+    from ollama_compress.gguf_verify import verify_gguf
+
+    summary = verify_gguf(write_gguf(tiny_model_dir(arch, 2), tmp_path / "m.gguf", "F16").path)
+    assert summary.block_count == 2
+
+
+def test_import_refuses_a_gguf_with_non_finite_weights(tmp_path, smollm2_gguf):
+    import numpy as np
+
+    from gguf_samples import write_tiny_llama_gguf
+    from ollama_compress.gguf_verify import verify_gguf
+    from ollama_compress.hooks.source import import_gguf
+
+    path = write_tiny_llama_gguf(tmp_path / "tiny.gguf", smollm2_gguf, dtype=np.float32)
+    summary = verify_gguf(path)
+    norm = next(t for t in summary.tensors if t.name == "blk.1.ffn_norm.weight")
+    with open(path, "r+b") as f:
+        f.seek(summary.data_offset + norm.offset + 4)
+        f.write(np.array([np.inf], np.float32).tobytes())
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UserError, match="post_attention_layernorm.weight holds NaN or Inf"):
+        import_gguf(path, out)
+    assert list(out.iterdir()) == []

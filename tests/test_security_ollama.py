@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gguf_samples import write_small_gguf
-from ollama_compress.errors import StageFailed
+from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.hooks import registration
 from ollama_compress.hooks.modelfile import ModelfileSpec, chat_family
 from ollama_compress.ollama_server import is_loopback, make_client, normalize_host
@@ -37,8 +37,16 @@ class Recorder(BaseHTTPRequestHandler):
         Recorder.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
         if self.path.startswith("/api/blobs/"):
             self._answer(201, {})
+        elif self.path == "/api/show":  # the created model, from the last blob uploaded
+            blobs = [r["path"].rsplit("/", 1)[1] for r in Recorder.requests if r["path"].startswith("/api/blobs/")]
+            self._answer(200, {"modelfile": f"FROM /models/blobs/{blobs[-1].replace(':', '-')}" if blobs else "",
+                               "model_info": {}})
         else:
             self._answer(200, {"status": "success"})
+
+    def do_DELETE(self):  # noqa: N802
+        Recorder.requests.append({"path": self.path, "headers": dict(self.headers), "body": b""})
+        self._answer(200, {})
 
     def do_HEAD(self):  # noqa: N802
         Recorder.requests.append({"path": self.path, "headers": dict(self.headers), "body": b""})
@@ -126,3 +134,76 @@ def test_registering_twice_gives_the_same_model(tmp_path, smollm2_gguf):
         after = {m.model: m.digest for m in client.list().models}
     assert first == second == ["twice:Q4_1"]
     assert after == before and list(after) == ["twice:Q4_1"]
+
+
+# ---------------------------------------------------------------- whole values, local hosts, digests
+@pytest.mark.parametrize("host", ["127.0.0.1.example.org", "127.0.0.1.nip.io:11434", "http://localhost.example.org",
+                                  "localhost.", "http://[::ffff:10.0.0.1]:11434", "10.0.0.1", "127.1.example"])
+def test_a_name_that_only_looks_local_is_remote(host):
+    from ollama_compress.recipe import RecipeError, validate
+
+    assert not is_loopback(host)
+    with pytest.raises(RecipeError):
+        validate({"recipe_version": 1, "name": "demo", "source": {"model": "x"}, "ollama": {"host": host}}, "test")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.9.8.7:8080", "http://localhost:11434", "[::1]:11434", "LOCALHOST"])
+def test_loopback_ip_literals_and_localhost_are_local(host):
+    assert is_loopback(host)
+
+
+@pytest.mark.parametrize("field, value", [("ollama.name", "demo\n"), ("ollama.name", "demo:q4\n"), ("name", "demo\n")])
+def test_a_trailing_line_break_is_not_part_of_a_valid_name(field, value):
+    from ollama_compress.recipe import RecipeError, validate
+
+    data = {"recipe_version": 1, "name": "demo", "source": {"model": "x"}, "ollama": {}}
+    section, _, key = field.rpartition(".")
+    (data[section] if section else data)[key] = value
+    with pytest.raises(RecipeError):
+        validate(data, "test")
+    with pytest.raises(UserError):
+        registration.check_model_name("demo\n")
+
+
+def test_a_parameter_name_with_a_trailing_line_break_is_refused():
+    from ollama_compress.hooks.modelfile import merged_parameters
+
+    with pytest.raises(UserError, match="not a Modelfile parameter name"):
+        merged_parameters([], {"temperature\n": 0.5})
+    assert merged_parameters([], {"temperature": 0.5}) == [("temperature", 0.5)]
+
+
+def _blob(folder: Path) -> Path:
+    gguf = write_small_gguf(folder / "model.gguf")
+    blob = folder / f"sha256-{hashlib.sha256(gguf.read_bytes()).hexdigest()}"
+    gguf.rename(blob)
+    return blob
+
+
+def test_a_blob_rewritten_in_place_is_caught_on_the_next_read(tmp_path, monkeypatch):
+    """Same size, same mtime, other bytes: a size+mtime cache would say 'unchanged'."""
+    import os
+
+    from ollama_compress.hooks.ollama_source import check_blob
+
+    monkeypatch.setenv("OLLAMA_COMPRESS_CACHE", str(tmp_path / "cache"))
+    blob = _blob(tmp_path)
+    assert check_blob(blob) == blob
+    st = blob.stat()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF  # a weight byte
+    blob.write_bytes(bytes(data))
+    os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(UserError, match="sha256"):
+        check_blob(blob)
+
+
+@pytest.mark.parametrize("digest", ["sha256:../../../etc/passwd", "sha256:abc", "md5:" + "0" * 64, 7])
+def test_a_manifest_digest_that_is_not_a_sha256_is_refused(tmp_path, digest):
+    from ollama_compress.hooks.ollama_source import blob_from_manifest
+
+    manifest = tmp_path / "manifests" / "registry.ollama.ai" / "library" / "demo" / "latest"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"layers": [{"mediaType": "application/vnd.ollama.image.model", "digest": digest}]}))
+    with pytest.raises(UserError, match="digest"):
+        blob_from_manifest("demo", tmp_path)

@@ -89,7 +89,7 @@ def _check_accepted(recipe: Recipe, tmp_path: Path) -> None:
     if recipe.source.gguf_file is not None:
         resolve_inside(tmp_path / "model", recipe.source.gguf_file, "source.gguf_file")
     if recipe.ollama is not None:
-        assert recipe.ollama.name is None or MODEL_NAME_RE.match(recipe.ollama.name)
+        assert recipe.ollama.name is None or MODEL_NAME_RE.fullmatch(recipe.ollama.name)
         assert recipe.ollama.host is None or is_loopback(recipe.ollama.host)
 
 

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chat_templates import ALPACA, BY_FAMILY, LLAMA2
-from helpers import assert_clean_error, cli
+from gguf_samples import add_llama_block_tensors
+from helpers import assert_clean_error, cli, make_deep_tree, remove_deep_tree
 from ollama_compress.errors import UserError
 from ollama_compress.hooks import modelfile as mf
 from ollama_compress.templates import check_chat_template, render_chat_template
@@ -83,6 +84,7 @@ def test_what_the_static_check_cannot_see_the_sandbox_stops():
 @pytest.mark.slow
 def test_smollm2_template_passes(smollm2_gguf):
     template = mf.read_gguf_chat_template(smollm2_gguf)
+    assert isinstance(template, str) and "<|im_start|>" in template  # SmolLM2's ChatML template was read
     check_chat_template(template)
 
 
@@ -91,7 +93,9 @@ def write_gguf_with_template(path: Path, template: str) -> Path:
     w = GGUFWriter(str(path), "llama")
     w.add_block_count(1)
     w.add_chat_template(template)
-    w.add_tensor("blk.0.attn_norm.weight", np.ones(32, np.float32))
+    w.add_tensor("token_embd.weight", np.ones((4, 32), np.float32))
+    add_llama_block_tensors(w, 0)
+    w.add_tensor("output_norm.weight", np.ones(32, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -187,3 +191,115 @@ def test_accepted_modelfile_text_reads_back_exactly(tmp_path, system, stop):
     expected_stops = list(dict.fromkeys([*mf.chat_family("llama3").stops, *([stop] if stop else [])]))
     assert spec.parameters.get("stop") == expected_stops
     assert set(spec.parameters) == {"stop"}
+
+
+# ---------------------------------------------------------------- rendering never hangs or floods
+RUNAWAY = {
+    "nested_loops": "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+    "nested_loops_from_the_issue": "{% for a in range(10**9) %}{% for b in range(10**9) %}{% endfor %}{% endfor %}",
+    "nested_loops_over_a_set_list": "{% set r = range(100000)|list %}{% for a in r %}{% for b in r %}"
+                                    "{% endfor %}{% endfor %}",
+    "big_string": "{{ 'x' * 10**10 }}",
+    "big_power": "{{ 10 ** (10 ** 9) }}",
+    "flood": "{% for a in range(100000) %}{% for b in range(1000) %}xxxxxxxxxx{% endfor %}{% endfor %}",
+    "recursive_macro": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(RUNAWAY))
+def test_runaway_templates_stop_within_the_limits(name, tmp_path):
+    """In a child process with its own deadline, so a hang fails the test instead of stalling it."""
+    import subprocess
+    import sys
+
+    script = ("import sys, time\n"
+              "from ollama_compress.errors import UserError\n"
+              "from ollama_compress.templates import render_chat_template\n"
+              "start = time.monotonic()\n"
+              f"try:\n    render_chat_template({RUNAWAY[name]!r}, [{{'role': 'user', 'content': 'hi'}}])\n"
+              "except UserError as exc:\n    print('REFUSED', round(time.monotonic() - start, 1), exc)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    assert done.stdout.startswith("REFUSED"), (done.stdout, done.stderr[-2000:])
+    assert "chat template" in done.stdout and done.stdout.count("\n") == 1
+
+
+def test_real_templates_render_the_same_in_the_bounded_renderer():
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+    assert render_chat_template(template, MESSAGES, add_generation_prompt=True) == "<system>Be brief.<user>Hi<a>"
+
+
+def test_a_model_whose_template_runs_away_is_refused_before_the_tokenizer_is_used(tiny_model_dir, tmp_path):
+    import shutil
+
+    from ollama_compress.modelio import load_tokenizer
+
+    path = shutil.copytree(tiny_model_dir("llama", 2), tmp_path / "m")
+    (path / "chat_template.jinja").write_text(RUNAWAY["nested_loops"])
+    with pytest.raises(UserError, match="did not finish rendering|chat template refused"):
+        load_tokenizer(path)
+    (path / "chat_template.jinja").write_bytes(b"{{ messages }}\xff\xfe")
+    with pytest.raises(UserError, match="chat_template.jinja is not UTF-8"):
+        load_tokenizer(path)
+    with pytest.raises(UserError, match="chat_template.jinja is not UTF-8"):
+        mf.read_hf_chat_template(path)
+    (path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert load_tokenizer(path).apply_chat_template(MESSAGES, tokenize=False) == "Be brief.Hi"
+
+
+# ---------------------------------------------------------------- input files are read boundedly
+def test_fifos_devices_and_huge_files_are_refused_before_reading(tmp_path):
+    from ollama_compress.safe_read import read_json, read_text
+
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match="not a regular file"):
+        read_json(fifo, "config")  # a plain open() would block here forever
+    with pytest.raises(UserError, match="not a regular file"):
+        read_text("/dev/zero", "data")
+    big = tmp_path / "tokenizer.json"
+    with open(big, "wb") as f:
+        f.truncate(3 << 30)  # sparse: 3 GiB claimed, nothing on disk
+    with pytest.raises(UserError, match="more than a tokenizer file may be"):
+        read_text(big, "tokenizer")
+
+
+def test_a_tokenizer_file_that_is_a_fifo_is_one_line_not_a_hang(tiny_model_dir, tmp_path):
+    """In a child process with a deadline: the tokenizers library would block on the FIFO forever."""
+    import shutil
+    import subprocess
+    import sys
+
+    path = shutil.copytree(tiny_model_dir("llama", 2), tmp_path / "m")
+    (path / "tokenizer.json").unlink()
+    os.mkfifo(path / "tokenizer.json")
+    script = ("from ollama_compress.errors import UserError\n"
+              "from ollama_compress.modelio import load_tokenizer\n"
+              f"try:\n    load_tokenizer({str(path)!r})\n"
+              "except UserError as exc:\n    print('REFUSED', exc)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("REFUSED") and "not a regular file" in done.stdout, (done.stdout, done.stderr[-2000:])
+
+
+def test_deep_json_and_deep_folders_are_one_line(tiny_model_dir, tmp_path):
+    import shutil
+
+    from ollama_compress.modelio import check_model_dir, load_tokenizer, read_config
+    from ollama_compress.safe_read import parse_json
+
+    with pytest.raises(UserError, match="nests deeper than"):
+        parse_json("[" * 100000 + "]" * 100000, "deep.json")
+    assert parse_json('{"a": ["[[[[", {"b": "]]"}]}', "ok.json") == {"a": ["[[[[", {"b": "]]"}]}
+    path = shutil.copytree(tiny_model_dir("llama", 2), tmp_path / "m")
+    tokenizer = json.loads((path / "tokenizer.json").read_text())
+    deep = '{"x": ' * 100000 + "1" + "}" * 100000
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer)[:-1] + ', "extra": ' + deep + "}")
+    with pytest.raises(UserError, match="tokenizer.json nests deeper than"):
+        load_tokenizer(path)
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    make_deep_tree(path / "notes", 1000)
+    try:
+        with pytest.raises(UserError, match="nested more than"):
+            check_model_dir(path)
+    finally:
+        remove_deep_tree(path / "notes")
+    assert check_model_dir(path) == path and read_config(path)["num_hidden_layers"] == 2

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
+
+from helpers import cli, install_plugin
 
 EXPORT_PLUGIN = '''
 from pathlib import Path
@@ -29,43 +28,18 @@ def run_stage(ctx):
 '''
 
 
-def install_plugin(root, module: str, source: str, dist: str = "oc-exporter") -> None:
-    """A tiny installed distribution with one entry point, importable from ``root``."""
-    (root / f"{module}.py").write_text(textwrap.dedent(source))
-    info = root / f"{module}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[ollama_compress]\n{module} = {module}\n")
+def tiny_recipe(recipe_file, model_dir, prune: dict | None = None, quants: tuple = ()):
+    return recipe_file(model_dir, "tiny-stages",
+                       data={"calibration": {"samples": 2, "seq_len": 32},
+                             "heldout": {"split": "heldout", "samples": 2, "seq_len": 32}},
+                       prune=prune or {"remove": 2}, export={"outtype": "F32", "quants": list(quants)})
 
 
-def run_cli(*args, env_extra=None):
-    env = dict(os.environ, **(env_extra or {}))
-    env.pop("OLLAMA_COMPRESS_LOAD_PLUGINS", None)
-    return subprocess.run([sys.executable, "-m", "ollama_compress", *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=900)
-
-
-def tiny_recipe(path, model_dir, prune="remove: 2", quants="[]"):
-    path.write_text(f"""\
-recipe_version: 1
-name: tiny-stages
-source: {{model: {model_dir}}}
-data:
-  calibration: {{samples: 2, seq_len: 32}}
-  heldout: {{split: heldout, samples: 2, seq_len: 32}}
-prune: {{{prune}}}
-export: {{outtype: F32, quants: {quants}}}
-""")
-    return path
-
-
-def test_an_installed_plugin_takes_over_a_stage_and_wraps_every_stage(tmp_path, tiny_model_dir):
-    plugin_root = tmp_path / "site"
-    plugin_root.mkdir()
-    install_plugin(plugin_root, "oc_exporter", EXPORT_PLUGIN)
-    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_model_dir("llama", 4), prune="layers: [2]")
+def test_an_installed_plugin_takes_over_a_stage_and_wraps_every_stage(tmp_path, tiny_model_dir, recipe_file, plugin_dir):
+    install_plugin(plugin_dir, "oc_exporter", EXPORT_PLUGIN, dist="oc-exporter")
+    recipe = tiny_recipe(recipe_file, tiny_model_dir("llama", 4), prune={"layers": [2]})
     out = tmp_path / "run"
-    proc = run_cli("run", recipe, "--out", out, env_extra={"PYTHONPATH": str(plugin_root)})
+    proc = cli("run", recipe, "--out", out, plugins=plugin_dir)
     assert proc.returncode == 0, proc.stderr
     stages = json.loads((out / "run.json").read_text())["stages"]
     assert stages["export"]["metrics"]["exported_by"] == "oc-exporter"
@@ -75,17 +49,15 @@ def test_an_installed_plugin_takes_over_a_stage_and_wraps_every_stage(tmp_path, 
         assert isinstance(stages[name]["seconds"], float) and "seconds" not in stages[name]["metrics"]
 
 
-def test_a_misspelled_hook_is_an_error_that_names_it(tmp_path):
-    plugin_root = tmp_path / "site"
-    plugin_root.mkdir()
-    install_plugin(plugin_root, "oc_typo", '''
+def test_a_misspelled_hook_is_an_error_that_names_it(tmp_path, plugin_dir):
+    install_plugin(plugin_dir, "oc_typo", '''
 from ollama_compress.hookspecs import hookimpl
 
 @hookimpl
 def export_guff(ctx, model_dir, outtype):
     return None
 ''', dist="oc-typo")
-    proc = run_cli("plugins", env_extra={"PYTHONPATH": str(plugin_root)})
+    proc = cli("plugins", plugins=plugin_dir)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "oc_typo" in proc.stderr and "export_guff" in proc.stderr
@@ -107,36 +79,36 @@ def isolated_cache(tmp_path):
     return {"OLLAMA_COMPRESS_CACHE": str(tmp_path / "cache")}
 
 
-def test_cache_keys_cover_only_what_a_stage_reads(tmp_path, tiny_model_dir, isolated_cache):
-    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_model_dir("llama", 6))
+def test_cache_keys_cover_only_what_a_stage_reads(tmp_path, tiny_model_dir, isolated_cache, recipe_file):
+    recipe = tiny_recipe(recipe_file, tiny_model_dir("llama", 6))
     out = tmp_path / "run"
-    first = run_cli("run", recipe, "--out", out, env_extra=isolated_cache)
+    first = cli("run", recipe, "--out", out, env=isolated_cache)
     assert first.returncode == 0, first.stderr
     assert statuses(first.stderr) == {s: "done" for s in ("source", "importance", "prune", "export")}
 
-    fewer = run_cli("run", recipe, "--out", out, "--set", "prune.remove=1", env_extra=isolated_cache)
+    fewer = cli("run", recipe, "--out", out, "--set", "prune.remove=1", env=isolated_cache)
     assert fewer.returncode == 0, fewer.stderr
     assert statuses(fewer.stderr) == {"source": "cached", "importance": "cached", "prune": "done",
                                       "export": "done"}
 
-    heldout = run_cli("run", recipe, "--out", out, "--set", "prune.remove=1", "--set",
-                      "data.heldout.samples=3", env_extra=isolated_cache)
+    heldout = cli("run", recipe, "--out", out, "--set", "prune.remove=1", "--set",
+                      "data.heldout.samples=3", env=isolated_cache)
     assert heldout.returncode == 0, heldout.stderr
     assert statuses(heldout.stderr) == {"source": "cached", "importance": "cached", "prune": "cached",
                                         "export": "done"}
 
 
-def test_the_source_is_hashed_once_and_a_dry_run_reads_no_weights(tmp_path, tiny_model_dir, isolated_cache):
+def test_the_source_is_hashed_once_and_a_dry_run_reads_no_weights(tmp_path, tiny_model_dir, isolated_cache, recipe_file):
     from ollama_compress.fsutil import Fingerprints, tree_sha256
 
     model = tmp_path / "model"
     model.mkdir()
     for f in tiny_model_dir("llama", 4).iterdir():
         (model / f.name).write_bytes(f.read_bytes())
-    recipe = tiny_recipe(tmp_path / "r.yaml", model, prune="layers: [1]")
+    recipe = tiny_recipe(recipe_file, model, prune={"layers": [1]})
     cache = tmp_path / "cache" / "fingerprints.json"
 
-    plan = run_cli("run", recipe, "--out", tmp_path / "run", "--dry-run", env_extra={**isolated_cache, "COLUMNS": "200"})
+    plan = cli("run", recipe, "--out", tmp_path / "run", "--dry-run", env=isolated_cache)
     assert plan.returncode == 0, plan.stderr
     assert "source not hashed yet" in plan.stdout
     assert not cache.exists()  # a dry run never read the weights to hash them
@@ -154,10 +126,8 @@ def test_the_source_is_hashed_once_and_a_dry_run_reads_no_weights(tmp_path, tiny
     assert Fingerprints(cache).sha256(model) == tree_sha256(model) != digest
 
 
-def test_a_stage_that_returns_an_undeclared_key_fails_by_name(tmp_path, tiny_model_dir):
-    plugin_root = tmp_path / "site"
-    plugin_root.mkdir()
-    install_plugin(plugin_root, "oc_leaky", '''
+def test_a_stage_that_returns_an_undeclared_key_fails_by_name(tmp_path, tiny_model_dir, plugin_dir, recipe_file):
+    install_plugin(plugin_dir, "oc_leaky", '''
 from ollama_compress.hookspecs import hookimpl
 
 @hookimpl(wrapper=True)
@@ -167,30 +137,30 @@ def run_stage(ctx):
         result = {**result, "ollama_host": "http://elsewhere"}
     return result
 ''', dist="oc-leaky")
-    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_model_dir("llama", 4), prune="layers: [2]")
-    proc = run_cli("run", recipe, "--out", tmp_path / "run", env_extra={"PYTHONPATH": str(plugin_root)})
+    recipe = tiny_recipe(recipe_file, tiny_model_dir("llama", 4), prune={"layers": [2]})
+    proc = cli("run", recipe, "--out", tmp_path / "run", plugins=plugin_dir)
     assert proc.returncode == 1, proc.stderr
     assert "prune stage returned ollama_host" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_from_until_and_reproducing_a_lock(tmp_path, tiny_model_dir, isolated_cache):
-    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_model_dir("llama", 4), prune="layers: [2]")
+def test_from_until_and_reproducing_a_lock(tmp_path, tiny_model_dir, isolated_cache, recipe_file):
+    recipe = tiny_recipe(recipe_file, tiny_model_dir("llama", 4), prune={"layers": [2]})
     out = tmp_path / "run"
-    early = run_cli("run", recipe, "--out", out, "--from", "export", env_extra=isolated_cache)
+    early = cli("run", recipe, "--out", out, "--from", "export", env=isolated_cache)
     assert early.returncode == 2 and "--from export: the source stage has no finished output" in early.stderr
 
-    part = run_cli("run", recipe, "--out", out, "--until", "prune", env_extra=isolated_cache)
+    part = cli("run", recipe, "--out", out, "--until", "prune", env=isolated_cache)
     assert part.returncode == 0, part.stderr
     lock = json.loads((out / "run.json").read_text())
     assert lock["stages"]["export"] == {"status": "skipped", "reason": "--until prune"}
     assert not (out / "40-gguf").exists()
 
-    rest = run_cli("run", recipe, "--out", out, "--from", "prune", env_extra=isolated_cache)
+    rest = cli("run", recipe, "--out", out, "--from", "prune", env=isolated_cache)
     assert rest.returncode == 0, rest.stderr
     assert statuses(rest.stderr) == {"source": "cached", "prune": "done", "export": "done"}
     assert not list(out.glob(".*.work"))
 
-    again = run_cli("run", out / "run.json", env_extra=isolated_cache)  # reproduce from the lock
+    again = cli("run", out / "run.json", env=isolated_cache)  # reproduce from the lock
     assert again.returncode == 0, again.stderr
     assert statuses(again.stderr) == {"source": "cached", "prune": "cached", "export": "cached"}
 
@@ -198,13 +168,13 @@ def test_from_until_and_reproducing_a_lock(tmp_path, tiny_model_dir, isolated_ca
     lock["versions"]["torch"] = "0.0.1"
     lock["inputs"]["source"]["sha256"] = "0" * 64
     (out / "run.json").write_text(json.dumps(lock))
-    refused = run_cli("run", out / "run.json", env_extra=isolated_cache)
+    refused = cli("run", out / "run.json", env=isolated_cache)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "torch 0.0.1 in the lock" in refused.stderr and "sha256" in refused.stderr and "--force" in refused.stderr
-    forced = run_cli("run", out / "run.json", "--force", env_extra=isolated_cache)
+    forced = cli("run", out / "run.json", "--force", env=isolated_cache)
     assert forced.returncode == 0, forced.stderr
 
     lock["recipe"]["recipe_version"] = 99
     (out / "run.json").write_text(json.dumps(lock))
-    newer = run_cli("run", out / "run.json", "--force", env_extra=isolated_cache)
+    newer = cli("run", out / "run.json", "--force", env=isolated_cache)
     assert newer.returncode == 2 and "recipe version 99" in newer.stderr

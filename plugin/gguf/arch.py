@@ -203,3 +203,80 @@ def gemma_query_scale(model_type: str, config, n_layers: int) -> float:
     factor = scalar ** -0.5 / cpp
     return 1.0 if abs(factor - 1.0) < 1e-7 else factor
 
+
+
+# ------------------------------------------------------------------------- what llama.cpp can load
+# Tensor kinds of gguf-py's MODEL_TENSORS[arch] that llama.cpp's loader does not require: the output
+# head (tied to token_embd when absent), computed rope tables, and the fused / expert alternatives.
+OPTIONAL_TENSORS = ("OUTPUT", "ROPE_FREQS", "ROPE_FACTORS_LONG", "ROPE_FACTORS_SHORT", "ATTN_ROT_EMBD", "ATTN_QKV",
+                    "FFN_GATE_INP", "FFN_GATE_EXP", "FFN_DOWN_EXP", "FFN_UP_EXP", "FFN_EXP_PROBS_B")
+_SEPARATE_QKV = ("ATTN_Q", "ATTN_K", "ATTN_V")  # needed unless a block has the fused ATTN_QKV
+_DENSE_FFN = ("FFN_GATE", "FFN_DOWN", "FFN_UP")  # needed unless a block routes to experts (FFN_GATE_INP)
+_POSITIVE_HPARAMS = ("block_count", "context_length", "embedding_length", "attention.head_count",
+                     "attention.head_count_kv")  # when present as numbers, 0 makes llama.cpp divide by zero
+
+
+def metadata_type_problem(key: str, item_types: set) -> str | None:
+    """Why an array value of ``key`` whose items have GGUF ``item_types`` is one llama.cpp cannot
+    read (nested arrays, mixed item types), or None. Used by the writer and by ``verify``."""
+    gguf = gguf_py()
+    if gguf.GGUFValueType.ARRAY in item_types:
+        return f"metadata '{key}' is an array of arrays, which llama.cpp cannot read"
+    if len(item_types) > 1:
+        return f"metadata '{key}' is an array of mixed types ({', '.join(sorted(t.name for t in item_types))})"
+    return None
+
+
+def _model_arch(arch_name: str | None):
+    gguf = gguf_py()
+    by_name = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+    return by_name.get(arch_name or "")
+
+
+def loadability_problems(arch_name: str | None, metadata: dict[str, Any], tensor_names: set[str]) -> list[str]:
+    """Why llama.cpp could not load a GGUF of ``arch_name`` with these keys and tensors: a hyper-
+    parameter of 0, or a tensor its architecture needs missing (per block, from gguf-py's
+    ``MODEL_TENSORS`` less ``OPTIONAL_TENSORS``). Files without tensors (vocabularies) and
+    architectures gguf-py does not know are only checked for the keys."""
+    problems = []
+    for field in _POSITIVE_HPARAMS:
+        value = metadata.get(f"{arch_name}.{field}")
+        if isinstance(value, int) and not isinstance(value, bool) and value <= 0 and not (
+                field == "block_count" and not tensor_names):
+            problems.append(f"{arch_name}.{field} is {value}; llama.cpp needs a positive number")
+    arch = _model_arch(arch_name)
+    if arch is None or not tensor_names:
+        return problems
+    block_count = metadata.get(f"{arch_name}.block_count")
+    blocks = range(block_count) if isinstance(block_count, int) and 0 < block_count <= len(tensor_names) else range(0)
+    missing = [name for name in _required_tensor_names(arch, blocks, tensor_names) if name not in tensor_names]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        problems.append(f"llama.cpp's {arch_name} needs tensors this file lacks: {shown}")
+    return problems
+
+
+def _required_tensor_names(arch, blocks: range, present: set[str]) -> list[str]:
+    gguf = gguf_py()
+    kinds = [k for k in gguf.MODEL_TENSORS[arch] if k.name not in OPTIONAL_TENSORS]
+    names = []
+    for kind in kinds:
+        pattern = gguf.TENSOR_NAMES[kind] + ".weight"
+        if "{bid}" not in pattern:
+            names.append(pattern)
+            continue
+        for bid in blocks:
+            name = pattern.format(bid=bid)
+            if kind.name in _SEPARATE_QKV and f"blk.{bid}.attn_qkv.weight" in present:
+                continue
+            if kind.name in _DENSE_FFN and f"blk.{bid}.ffn_gate_inp.weight" in present:
+                continue
+            names.append(name)
+    return names
+
+
+def check_loadable(what: str, arch_name: str | None, metadata: dict[str, Any], tensor_names: set[str]) -> None:
+    """A UserError naming the first of ``loadability_problems``."""
+    problems = loadability_problems(arch_name, metadata, tensor_names)
+    if problems:
+        raise UserError(f"{what}: {problems[0]}; llama.cpp and Ollama could not load it")

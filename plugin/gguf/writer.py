@@ -20,8 +20,9 @@ import numpy as np
 from ollama_compress.context import RunOptions
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import atomic_path, check_free_space
+from ollama_compress.modelio import check_finite, check_tokenizer_files
 
-from .arch import gguf_py, read_model_config, write_hparams
+from .arch import check_loadable, gguf_py, metadata_type_problem, read_model_config, write_hparams
 from .tensors import PlannedTensor, expected_size, plan_tensors, width_warnings_of
 from .vocab import build_vocab, load_tokenizer_or_none, write_vocab
 
@@ -35,21 +36,19 @@ def _layer_map(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "layer_map.json"
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}") from None
-    return data if isinstance(data, dict) else {}
+    from ollama_compress.safe_read import read_json
+
+    return read_json(path, "layer map", expect=dict)
 
 
 def layer_map_keys(model_dir: Path) -> dict[str, Any]:
     """Provenance keys from the prune stage's ``layer_map.json`` in ``model_dir`` (empty if none)."""
     out: dict[str, Any] = {}
     layer_map = _layer_map(model_dir)
-    if isinstance(layer_map.get("removed"), list):
-        out["removed_layers"] = [int(i) for i in layer_map["removed"]]
-    if isinstance(layer_map.get("student_to_teacher"), list):
-        out["layer_map"] = [int(i) for i in layer_map["student_to_teacher"]]
+    for key, name in (("removed", "removed_layers"), ("student_to_teacher", "layer_map")):
+        value = layer_map.get(key)
+        if isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+            out[name] = value
     if isinstance(layer_map.get("num_layers_before"), int):
         out["teacher_layers"] = layer_map["num_layers_before"]
     if isinstance(layer_map.get("metric"), str):
@@ -112,7 +111,7 @@ def _loadable_name(name: str, tokens: Sequence[Any]) -> str:
 
 def _write_general(w, model_dir: Path, metadata: dict[str, Any], total_params: int, tokens: Sequence[Any]) -> None:
     gguf = gguf_py()
-    meta = gguf.Metadata.load(None, model_dir, metadata.get("name") or metadata.get("general.name"), total_params)
+    meta = _model_card_metadata(model_dir, metadata, total_params)
     if meta.name is None:
         meta.name = model_dir.name
     meta.name = _loadable_name(meta.name, tokens)
@@ -129,6 +128,37 @@ def _write_general(w, model_dir: Path, metadata: dict[str, Any], total_params: i
         meta.size_label = gguf.size_label(total_params, total_params, 0, 0)
     w.add_type(gguf.GGUFType.MODEL)
     meta.set_gguf_meta_model(w)
+
+
+def _model_card_metadata(model_dir: Path, metadata: dict[str, Any], total_params: int):
+    """gguf-py's Metadata from the model card (README.md front matter) and config; one line when
+    the card's YAML is malformed or holds values of the wrong kinds."""
+    import yaml
+
+    gguf = gguf_py()
+    try:
+        return gguf.Metadata.load(None, model_dir, metadata.get("name") or metadata.get("general.name"), total_params)
+    except (yaml.YAMLError, TypeError, AttributeError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{model_dir}: the model card (README.md) metadata cannot be read ({first[:200]}); "
+                        "fix or remove its YAML front matter") from None
+
+
+def check_metadata_types(w, what: str) -> None:
+    """A UserError when a key the writer holds is of a type llama.cpp cannot read (see
+    ``arch.metadata_type_problem``; the verifier applies the same rule to files)."""
+    gguf = gguf_py()
+    for key, value in w.kv_data[0].items():
+        if value.type != gguf.GGUFValueType.ARRAY:
+            continue
+        try:
+            item_types = {value.sub_type} if value.sub_type is not None else {
+                gguf.GGUFValueType.get_type(item) for item in value.value}
+        except ValueError:
+            item_types = {gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING}  # items of no GGUF type (maps...)
+        problem = metadata_type_problem(key, item_types)
+        if problem:
+            raise UserError(f"{what}: {problem} (from the model card or metadata?); fix that value")
 
 
 # ------------------------------------------------------------------------- writing
@@ -230,6 +260,7 @@ def _prepare(model_dir: Path, out_path: Path, outtype: str, metadata: dict[str, 
     gguf = gguf_py()
     planned, info = plan_tensors(model_dir, outtype)
     n_vocab = next(t.shape[0] for t in planned if t.name == "token_embd.weight")
+    check_tokenizer_files(model_dir)  # before anything (transformers, gguf-py, vocab) reads them
     tokenizer = load_tokenizer_or_none(model_dir, options)
     vocab = build_vocab(model_dir, info["model_type"], n_vocab, tokenizer)
     for note in vocab.notes:
@@ -246,6 +277,9 @@ def _prepare(model_dir: Path, out_path: Path, outtype: str, metadata: dict[str, 
         _add_value(w, META_PREFIX + key, value)
     for t in planned:
         w.add_tensor_info(t.name, t.shape, _np_dtype(t.qtype), t.nbytes, raw_dtype=t.qtype)
+    check_metadata_types(w, str(model_dir))
+    check_loadable(str(model_dir), info["arch"], {key: v.value for key, v in w.kv_data[0].items()},
+                   {t.name for t in planned})
     return w, planned
 
 
@@ -263,6 +297,7 @@ def _write_tensor_data(out: BinaryIO, planned: list[PlannedTensor], alignment: i
                 raise StageFailed(f"tensor {t.source or t.name} changed shape while exporting: "
                                   f"{tuple(block.shape)} does not fit {t.shape}")
             rows += block.shape[0] if block.ndim else 1
+            check_finite(((t.source or t.name, block),), "export")
             out.write(memoryview(_to_gguf_type(block, t.qtype)).cast("B"))
         if rows != (t.shape[0] if t.shape else 1):
             raise StageFailed(f"tensor {t.source or t.name} changed shape while exporting: {rows} rows, not {t.shape[0]}")
