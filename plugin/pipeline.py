@@ -56,6 +56,9 @@ def _prune_settings(recipe: Recipe) -> dict[str, Any]:
 
 
 def _dump(section: Any) -> Any:
+    """A recipe section (or a list of them, as ``data.heal`` may be) as plain JSON data for a cache key."""
+    if isinstance(section, list):
+        return [_dump(item) for item in section]
     return section.model_dump(mode="json", by_alias=True) if section is not None else None
 
 

@@ -21,17 +21,20 @@ DEFAULT_BATCH = 16  # replies decoded at once; bench/heal_data.py measures the c
 
 
 def default_threads() -> int:
-    """The cores not already busy (core count minus the 1-minute load average), at least one.
+    """Every core, unless the machine is already oversubscribed (1-minute load average above the core
+    count), then one.
 
-    llama.cpp's threads wait for each other at every step; on a shared CPU a thread that is not
-    scheduled stalls the rest (measured on 2 cores at load 16: 2 threads ran 9x slower than 1).
+    llama.cpp's threads wait for each other at every step; on an oversubscribed CPU a thread that is
+    not scheduled stalls the rest (measured on 2 cores at load 16: 2 threads ran 9x slower than 1).
+    The load average counts this process's own earlier stages too, so a load up to the core count
+    still means the cores are ours.
     """
     cores = os.cpu_count() or 1
     try:
-        busy = round(os.getloadavg()[0])
+        load = os.getloadavg()[0]
     except OSError:
-        busy = 0
-    return max(1, min(cores, cores - busy))
+        load = 0.0
+    return cores if load <= cores else 1
 
 
 @dataclass(frozen=True)
