@@ -11,7 +11,7 @@ import click
 
 from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import NotAvailable, UserError
-from ollama_compress.fsutil import check_output_dir, claim_output_dir
+from ollama_compress.fsutil import check_output_dir, claimed_output_dir
 from ollama_compress.gguf import OUTTYPES, check_outtype, layer_map_keys, write_gguf
 from ollama_compress.gguf import export_gguf, width_warnings  # noqa: F401  (the writer's API, long imported from here)
 from ollama_compress.hookspecs import hookimpl
@@ -35,7 +35,14 @@ def export_model(model_dir: Path, out_dir: Path, name: str, outtype: str = "F16"
     if imatrix is not None and str(imatrix) != "auto" and not Path(imatrix).is_file():
         raise UserError(f"importance matrix {imatrix} does not exist; give a file or 'auto'")
     quantize = _quantize_api() if wanted else None
-    claim_output_dir(out_dir, "--out", inputs=(model_dir,))
+    with claimed_output_dir(out_dir, "--out", inputs=(model_dir,)):
+        return _write_and_quantize(model_dir, out_dir, name, outtype, wanted, quantize, metadata, imatrix, texts,
+                                   options, log)
+
+
+def _write_and_quantize(model_dir: Path, out_dir: Path, name: str, outtype: str, wanted: list[str], quantize,
+                        metadata: dict[str, Any] | None, imatrix: Path | str | None, texts: list[str] | None,
+                        options: RunOptions | None, log: Callable[[str], None] | None) -> dict[str, Any]:
     written = write_gguf(model_dir, out_dir / f"{name}-{outtype}.gguf", outtype, {"name": name, **(metadata or {})},
                          options)
     for line in written.width_warnings:

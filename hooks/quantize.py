@@ -27,7 +27,7 @@ import click
 
 from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import StageFailed, UserError
-from ollama_compress.fsutil import atomic_path, check_free_space, claim_output_dir, write_json
+from ollama_compress.fsutil import atomic_path, check_free_space, claimed_output_dir, write_json
 from ollama_compress.gguf_verify import GGUFSummary, verify_gguf
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.hooks.data import bos_prefix, text_windows
@@ -636,7 +636,9 @@ def register_commands(cli: click.Group) -> None:
         """Quantize an F32/F16/BF16 GGUF with llama.cpp (GGUF-F16.gguf -> GGUF-Q4_K_M.gguf ...)."""
         for quant in quants:  # check every name before the first slow quantization
             _check_quant(quant, imatrix)
-        target = claim_output_dir(out_dir, "--out", inputs=(gguf,)) if out_dir else gguf.parent
-        ctx = quant_context(target, imatrix, threads=threads)
-        for quant in quants:
-            click.echo(verify_gguf(quantize_through_hook(ctx, gguf, quant)).one_line())
+        verify_gguf(gguf)  # bad input is refused before anything is written
+        with claimed_output_dir(out_dir, "--out", inputs=(gguf,)) if out_dir else contextlib.nullcontext(gguf.parent) \
+                as target:
+            ctx = quant_context(target, imatrix, threads=threads)
+            for quant in quants:
+                click.echo(verify_gguf(quantize_through_hook(ctx, gguf, quant)).one_line())

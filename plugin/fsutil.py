@@ -117,6 +117,27 @@ def claim_output_dir(path: str | os.PathLike, what: str = "--out", inputs: tuple
     return path
 
 
+@contextlib.contextmanager
+def claimed_output_dir(path: str | os.PathLike, what: str = "--out", inputs: tuple = ()) -> Iterator[Path]:
+    """``claim_output_dir`` for the length of a command's work: when the work fails, a folder the claim
+    created goes again and a marker it added to an empty folder is taken back, so a command that
+    stops on bad input leaves nothing behind."""
+    path = Path(path)
+    existed = path.exists() or path.is_symlink()
+    marked_before = existed and _marker(path) is not None
+    path = claim_output_dir(path, what, inputs)
+    try:
+        yield path
+    except BaseException:
+        if not existed:
+            remove_made(path)
+        elif not marked_before and {e.name for e in os.scandir(path)} <= {MARKER, JOURNAL}:
+            for name in (MARKER, JOURNAL):
+                with contextlib.suppress(FileNotFoundError):
+                    (path / name).unlink()
+        raise
+
+
 def make_dir(path: str | os.PathLike) -> Path:
     """Create the new directory ``path`` (FileExistsError if anything is there) marked as this tool's."""
     path = Path(path)
