@@ -308,10 +308,16 @@ def layer_map_lines(layer_map: dict[str, Any]) -> list[str]:
     kept = layer_map.get("student_to_teacher") or []
     lines = [md(f"{layer_map.get('num_layers_before', '?')} -> {layer_map.get('num_layers_after', len(kept))} "
                 f"layers; removed (teacher indices): {layer_map.get('removed') or []}; chosen by "
-                f"{layer_map.get('metric') or 'explicit layers'}."), "",
+                f"{_chosen_by(layer_map)}."), "",
              "| student layer | teacher layer |", "|---:|---:|"]
     lines += [f"| {s} | {md(t)} |" for s, t in enumerate(kept)]
     return lines
+
+
+def _chosen_by(layer_map: dict[str, Any]) -> str:
+    if (layer_map.get("select") or {}).get("candidates"):
+        return "measured KL (above)"
+    return layer_map.get("metric") or "explicit layers"
 
 
 def candidate_lines(layer_map: dict[str, Any]) -> list[str]:
