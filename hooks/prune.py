@@ -58,7 +58,7 @@ from ollama_compress.fsutil import atomic_path, check_free_space, check_output_d
 from ollama_compress.gguf.arch import ARCHS
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress import modelio
-from ollama_compress.planner import contiguous_starts
+from ollama_compress.planner import contiguous_starts, index_runs
 from ollama_compress.safe_read import read_json
 
 # model_type in config.json -> what prune calls it: every architecture the GGUF writer knows
@@ -212,15 +212,7 @@ def select_layers(
 def kept_slices(removed: Iterable[int], num_layers: int) -> list[tuple[int, int]]:
     """The kept layers as ``[start, end)`` runs, like mergekit's ``layer_range``."""
     gone = set(removed)
-    runs: list[tuple[int, int]] = []
-    for i in range(num_layers):
-        if i in gone:
-            continue
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
+    return index_runs(i for i in range(num_layers) if i not in gone)
 
 
 def describe_selection(removed: Iterable[int], num_layers: int) -> str:

@@ -12,7 +12,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .errors import UserError
 from .quant_names import QUANTS
@@ -345,6 +345,17 @@ def heal_memory_bytes(teacher: ModelShape, removed: int, settings: Any, *, devic
 # ---------------------------------------------------------------- prune.select: measured
 MEASURE_WINDOWS = 8  # calibration windows each candidate cut is scored on (KL to the teacher)
 MEASURED_AUTO_FLOPS = 5e13  # select: auto measures when the estimate is at most this (a few CPU minutes)
+
+
+def index_runs(indices: Iterable[int]) -> list[tuple[int, int]]:
+    """Layer indices as contiguous ``[start, end)`` runs, in order."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(set(indices)):
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def contiguous_starts(num_layers: int, n: int, protected: set[int]) -> list[int]:

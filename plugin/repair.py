@@ -26,13 +26,14 @@ plain cut and ``SpanFit.skipped`` says why.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from .errors import UserError
 from .modelio import decoder_stack
+from .planner import index_runs
 
 RIDGE = 1e-3  # ridge weight, relative to the mean diagonal of X^T X
 REPAIR_MODES = ("linear", "none")
@@ -41,13 +42,7 @@ POST_MLP_NORM = "post_feedforward_layernorm"  # gemma2, gemma3: RMSNorm between 
 
 def spans_of(removed: Sequence[int]) -> list[tuple[int, int]]:
     """The removed layers as contiguous ``[start, end)`` runs."""
-    runs: list[tuple[int, int]] = []
-    for i in sorted(set(removed)):
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
+    return index_runs(removed)
 
 
 def _anchor_module(layer) -> tuple[Any, str]:
