@@ -30,7 +30,7 @@ from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import atomic_path, check_free_space, claimed_output_dir, write_json
 from ollama_compress.gguf_verify import GGUFSummary, verify_gguf
 from ollama_compress.hookspecs import hookimpl
-from ollama_compress.hooks.data import bos_prefix, text_windows
+from ollama_compress.hooks.data import bos_prefix, text_windows, token_stream
 from ollama_compress.imatrix import check_imatrix
 from ollama_compress.llama_tools import llama_tool
 from ollama_compress.quant_names import IMATRIX_HELPS, NEEDS_IMATRIX, UNQUANTIZED, quant_name_problem
@@ -400,7 +400,7 @@ def measure_quants(reference_gguf: Path, quant_ggufs: dict[str, Path], texts: li
         ref = LlamaScorer(reference_gguf, n_ctx)
         try:
             prefix = bos_prefix(ref.tokenizer)
-            step = n_ctx - len(prefix)
+            step = max(1, min(n_ctx - len(prefix), len(token_stream(texts, ref.tokenizer))))  # a short text: one window
             windows = text_windows(texts, ref.tokenizer, max(1, max_tokens // step), step, seed=0)
             tokens = [t for w in windows for t in w[len(prefix):]]
             n_scored = sum(len(w) - 1 for w in windows)
