@@ -24,6 +24,7 @@ def test_demo_recipe_end_to_end(tmp_path, smollm2_hf, ollama_server):  # noqa: F
                "--set", "data.calibration.samples=8", "--set", "data.heldout.samples=4",
                "--set", "heal.budget=null", "--set", "heal.steps=6", "--set", "heal.checkpoint_every=3",  # a short heal: the bench measures the full one
                "--set", "evaluate.teacher_quants=[Q4_K_M, IQ3_M]",
+               "--set", "prune.select=metric",  # measured selection is covered in test_repair; it costs minutes here
                "--set", "evaluate.max_new_tokens=8")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
