@@ -16,6 +16,8 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from ollama_compress.fsutil import JOURNAL, MARKER
+
 from gguf_samples import write_small_gguf, write_tiny_llama_gguf
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.gguf_verify import verify_gguf
@@ -294,4 +296,4 @@ def test_a_plugin_that_takes_over_the_source_export_and_quantize_hooks_is_used_o
     (f32,) = (tmp_path / "exp").glob("*-F32.gguf")
     quantized = run_cli("quantize", f32, "-q", "Q8_0", "--out", tmp_path / "q", env_extra=env)
     assert quantized.returncode == 0, quantized.stderr
-    assert [p.name for p in (tmp_path / "q").iterdir()] == ["plugin-Q8_0.gguf"]
+    assert [p.name for p in (tmp_path / "q").iterdir() if p.name not in (MARKER, JOURNAL)] == ["plugin-Q8_0.gguf"]
