@@ -294,6 +294,8 @@ def heal_model(
 
     from ollama_compress.hooks.data import MAX_WINDOW_VIEWS, token_stream, unseen_heldout_windows, window_views
 
+    if resume is True:  # --resume without a checkpoint is refused before any slow work
+        _checkpoint_to_resume(checkpoint_dir, True, "")
     held = torch.tensor(unseen_heldout_windows(data, s_tok, ctx, teacher_dir), dtype=torch.long)
     texts = heal_texts(data, s_tok, teacher_dir, ctx, settings, log)
     stream = token_stream(texts, s_tok)
