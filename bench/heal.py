@@ -36,11 +36,12 @@ def teacher_and_pruned() -> tuple[Path, Path]:
     from ollama_compress.embedded import smollm2_gguf
     from ollama_compress.hooks.prune import plan_and_prune
     from ollama_compress.hooks.source import imported_gguf_dir
+    from ollama_compress.recipe import Prune
 
     teacher = imported_gguf_dir(smollm2_gguf())
     pruned = WORK / "pruned"
     if not (pruned / "layer_map.json").is_file():
-        plan_and_prune(teacher, pruned, metric="block_influence", remove=6)
+        plan_and_prune(teacher, pruned, Prune(metric="block_influence", remove=6, repair="none", select="metric"))
     return teacher, pruned
 
 

@@ -166,7 +166,7 @@ def flops_per_token(teacher, student, seq_len: int) -> float:
 def run_mode(mode: str, args, bf16_gflops: float) -> dict:
     import torch
 
-    from ollama_compress import distill, trainer
+    from ollama_compress import trainer
     from ollama_compress.recipe import Heal
 
     defaults = Heal()
@@ -182,13 +182,11 @@ def run_mode(mode: str, args, bf16_gflops: float) -> dict:
     student = trainer.select_trainable(student, mode, s2t)
     student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     stream = torch.randint(0, QWEN25_3B["vocab_size"], (args.seq_len * args.batch * 4,)).tolist()
-    cfg = trainer.TrainConfig(steps=args.warmup + args.steps, lr=defaults.lr, batch_size=args.batch,
-                              micro_batch=args.micro or args.batch, seq_len=args.seq_len,
-                              temperature=defaults.temperature, warmup=1)
-    terms = distill.loss_terms(defaults.loss)
-    run = trainer.Trainer(student, teacher, terms, stream, cfg, device=device, compute_dtype=torch.bfloat16,
-                          student_to_teacher=s2t, matched_layers=list(range(len(s2t))),
-                          vocab=QWEN25_3B["vocab_size"])
+    cfg = trainer.TrainConfig.from_heal(
+        defaults, steps=args.warmup + args.steps, batch_size=args.batch, micro_batch=args.micro or args.batch,
+        seq_len=args.seq_len, warmup=1, checkpoint_every=0, patience=0, device=device, compute_dtype=torch.bfloat16,
+        student_to_teacher=s2t, matched_layers=list(range(len(s2t))), vocab=QWEN25_3B["vocab_size"])
+    run = trainer.Trainer(student, teacher, stream, cfg)
     times: list[float] = []
 
     def on_step(record):

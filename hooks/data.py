@@ -562,27 +562,3 @@ def batches_provider(spec: TextSource, tokenizer, ctx=None) -> Callable[[Any], l
         return lambda model: calibration_batches(spec, tokenizer, ctx=ctx, model=model)
     batches = calibration_batches(spec, tokenizer, ctx=ctx)
     return lambda model: batches
-
-
-def text_source_from_options(path: str | os.PathLike | None = None, samples: int | None = None,
-                             seq_len: int | None = None, seed: int = 0) -> TextSource:
-    """The ``TextSource`` of a command's ``--calibration/--samples/--seq-len/--seed`` options
-    (a ``.jsonl`` file is read as JSON lines, anything else as plain text)."""
-    from pydantic import ValidationError
-
-    fields: dict[str, Any] = {"seed": seed}
-    if path is not None:
-        if not Path(path).is_file():
-            raise UserError(f"--calibration {path} is not a file; give a .txt or .jsonl file")
-        fields.update({"from": "jsonl" if str(path).lower().endswith((".jsonl", ".json")) else "text",
-                       "path": str(path)})
-    if samples is not None:
-        fields["samples"] = samples
-    if seq_len is not None:
-        fields["seq_len"] = seq_len
-    try:
-        return TextSource.model_validate(fields)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        option = "--" + ".".join(str(p) for p in first["loc"]).replace("_", "-")
-        raise UserError(f"{option}: {first['msg']}") from None

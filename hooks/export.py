@@ -64,13 +64,13 @@ def _warn(line: str) -> None:
 
 
 def _parse_quants(quants: Iterable[str]) -> list[str]:
-    from ollama_compress.recipe import QUANT_TYPES
+    from ollama_compress.quant_names import quant_name_problem
 
     out: list[str] = []
     for q in quants:
         name = q.strip().upper()
-        if name not in QUANT_TYPES:
-            raise UserError(f"unknown quant '{q}'; known: {', '.join(QUANT_TYPES)}")
+        if problem := quant_name_problem(name):
+            raise UserError(problem)
         if name not in out:
             out.append(name)
     return out

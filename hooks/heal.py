@@ -235,16 +235,17 @@ def heal_model(
     settings: Heal,
     data: Data,
     *,
-    options: RunOptions | None = None,
     ctx: StageContext | None = None,
+    options: RunOptions | None = None,
     checkpoint_dir: Path | None = None,
     resume: bool | str = False,
     max_memory_gib: float | None = None,
     console=None,
-    log: Log = lambda message: None,
+    log: Log | None = None,
 ) -> dict[str, Any]:
     """Distil ``student_dir`` from ``teacher_dir`` per ``settings`` and ``data``; write ``out_dir``.
 
+    ``options``, ``console`` and ``log`` default to the stage context's (``ctx``) when there is one.
     ``resume``: True continues from the last complete checkpoint in ``checkpoint_dir`` (UserError
     if there is none), False refuses to overwrite existing checkpoints, "auto" resumes when a
     checkpoint of the same settings exists and starts over otherwise. Returns the figures
@@ -254,7 +255,9 @@ def heal_model(
 
     from ollama_compress import distill, machine, trainer
 
-    options = options or RunOptions()
+    options = options or (ctx.options if ctx is not None else RunOptions())
+    console = console if console is not None or ctx is None else ctx.console
+    log = log or (ctx.log if ctx is not None else lambda message: None)
     student_dir, teacher_dir, out_dir = Path(student_dir), Path(teacher_dir), Path(out_dir)
     for path in (student_dir, teacher_dir):
         modelio.check_model_dir(path, options)
@@ -336,19 +339,13 @@ def heal_model(
         warmup = settings.warmup if settings.warmup is not None else trainer.MEASURE_STEPS
     else:
         warmup = min(settings.warmup if settings.warmup is not None else max(1, steps // 20), steps)
-    cfg = trainer.TrainConfig(
-        steps=steps, lr=settings.lr, batch_size=settings.batch_size,
-        micro_batch=settings.micro_batch or settings.batch_size, seq_len=settings.seq_len,
-        temperature=settings.temperature, schedule=settings.schedule, warmup=warmup,
-        weight_decay=settings.weight_decay, grad_clip=settings.grad_clip,
-        checkpoint_every=settings.checkpoint_every if checkpoint_dir is not None else 0, seed=settings.seed,
-        eval_every=default_eval_every(settings, held.numel()), patience=settings.patience,
-        budget_seconds=minutes * 60 if minutes is not None else None)
     log_file = (checkpoint_dir / "train_log.jsonl") if checkpoint_dir is not None else None
-    run = trainer.Trainer(student, teacher, terms, stream, cfg, device=device, compute_dtype=compute_dtype,
-                          student_to_teacher=mapping or list(range(num_layers)), matched_layers=matched,
-                          vocab=vocab, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, log_file=log_file,
-                          accelerator=accelerator)
+    cfg = trainer.TrainConfig.from_heal(
+        settings, steps=steps, warmup=warmup, eval_every=default_eval_every(settings, held.numel()),
+        checkpoint_every=settings.checkpoint_every if checkpoint_dir is not None else 0, terms=terms,
+        device=device, compute_dtype=compute_dtype, student_to_teacher=mapping or list(range(num_layers)),
+        matched_layers=matched, vocab=vocab, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, log_file=log_file)
+    run = trainer.Trainer(student, teacher, stream, cfg, accelerator=accelerator)
     teacher_cache: list = []
     eval_student, eval_teacher = run.eval_models()
 
@@ -427,11 +424,10 @@ def iterative_healer(teacher_dir: Path, settings: Heal, data: Data, *, options: 
 
     Trains the layers next to the cuts with ``train: neighbours``, every decoder layer otherwise.
     """
-    from ollama_compress import distill, trainer
+    from ollama_compress import trainer
     from ollama_compress.hooks.data import token_stream, unseen_heldout_windows
 
     options = options or RunOptions()
-    terms = distill.loss_terms(settings.loss)
     device = options.resolved_device()
     compute_dtype = trainer.autocast_dtype(device, settings.dtype)
     loaded: dict[str, Any] = {}
@@ -450,14 +446,12 @@ def iterative_healer(teacher_dir: Path, settings: Heal, data: Data, *, options: 
         vocab = min(model.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0])
         mode = "neighbours" if settings.train == "neighbours" else "all"
         trainer.select_trainable(model, mode, student_to_teacher)
-        cfg = trainer.TrainConfig(steps=settings.iterative_steps, lr=settings.lr, batch_size=settings.batch_size,
-                                  micro_batch=settings.micro_batch or settings.batch_size, seq_len=settings.seq_len,
-                                  temperature=settings.temperature, schedule="constant", warmup=1,
-                                  grad_clip=settings.grad_clip, seed=settings.seed + 1000 * (step + 1))
-        run = trainer.Trainer(model, teacher, terms, stream, cfg, device=device, compute_dtype=compute_dtype,
-                              student_to_teacher=student_to_teacher,
-                              matched_layers=matched_layers(settings.hidden_layers, len(student_to_teacher)),
-                              vocab=vocab)
+        cfg = trainer.TrainConfig.from_heal(
+            settings, steps=settings.iterative_steps, schedule="constant", warmup=1, weight_decay=0.0,
+            checkpoint_every=0, patience=0, budget_seconds=None, seed=settings.seed + 1000 * (step + 1),
+            device=device, compute_dtype=compute_dtype, student_to_teacher=student_to_teacher,
+            matched_layers=matched_layers(settings.hidden_layers, len(student_to_teacher)), vocab=vocab)
+        run = trainer.Trainer(model, teacher, stream, cfg)
         records = run.run()
         model.requires_grad_(False)
         model.eval()
@@ -467,12 +461,12 @@ def iterative_healer(teacher_dir: Path, settings: Heal, data: Data, *, options: 
     return between_steps
 
 
-def _iterative_step(ctx: StageContext, student_dir: Path, teacher_dir: Path, out: Path) -> Path:
+def _iterative_step(ctx: StageContext, settings: Heal, student_dir: Path, teacher_dir: Path, out: Path) -> Path:
     """The built-in heal between two removals of an iterative prune (``iterative_healer``), on disk."""
     student = modelio.load_model(student_dir, ctx.options, device=ctx.options.resolved_device())
     teacher_layers = int(modelio.read_config(teacher_dir)["num_hidden_layers"])
     mapping = read_layer_map(student_dir, student.config.num_hidden_layers, teacher_layers)
-    healer = iterative_healer(teacher_dir, ctx.settings, ctx.recipe.data, options=ctx.options, ctx=ctx, log=ctx.log)
+    healer = iterative_healer(teacher_dir, settings, ctx.recipe.data, options=ctx.options, ctx=ctx, log=ctx.log)
     healer(student, int(ctx.inputs["iterative_step"]) - 1, mapping)
     with atomic_path(out, is_dir=True) as tmp:
         modelio.save_model(student.to("cpu"), None, tmp, student_dir)
@@ -554,17 +548,15 @@ def heal(ctx: StageContext, student_dir: Path, teacher_dir: Path) -> Path | None
     Checkpoints live in ``run_dir/cache/heal-checkpoints`` (outside the stage's temporary
     directory), so an interrupted heal continues where it stopped when the run is started again.
     """
-    settings = ctx.settings
+    settings = ctx.section_as(Heal)
     if settings is None:
         return None
     out = Path(ctx.out_dir) / "model"
     if ctx.inputs.get("iterative_step"):  # between removals of an iterative prune: a short heal
-        return _iterative_step(ctx, Path(student_dir), Path(teacher_dir), out)
-    result = heal_model(
-        resolve_model(student_dir, ctx.options), resolve_model(teacher_dir, ctx.options), out, settings, ctx.recipe.data,
-        options=ctx.options, ctx=ctx, checkpoint_dir=Path(ctx.run_dir) / "cache" / "heal-checkpoints",
-        resume="auto", console=ctx.console, log=ctx.log,
-    )
+        return _iterative_step(ctx, settings, Path(student_dir), Path(teacher_dir), out)
+    result = heal_model(resolve_model(student_dir, ctx.options), resolve_model(teacher_dir, ctx.options), out,
+                        settings, ctx.recipe.data, ctx=ctx, resume="auto",
+                        checkpoint_dir=Path(ctx.run_dir) / "cache" / "heal-checkpoints")
     ctx.metrics.update(result)
     return out
 
@@ -584,11 +576,12 @@ def _data_override(data: str | None) -> list[str]:
     return [f"data.heal={{from: {kind}, path: {json.dumps(str(path))}}}"]
 
 
-def command_settings(student: str, overrides: list[str]) -> tuple[Heal, Data]:
-    """The heal settings and data of the command: the recipe defaults plus ``--set`` overrides."""
+def command_settings(student: str, overrides: list[str], heal: dict[str, Any] | None = None) -> tuple[Heal, Data]:
+    """The heal settings and data of the command: the recipe defaults, the ``heal`` fields given as
+    options, then the ``--set`` overrides."""
     from ollama_compress.recipe import apply_override, validate
 
-    raw: dict[str, Any] = {"recipe_version": 1, "name": "heal", "source": {"model": student}, "heal": {}}
+    raw: dict[str, Any] = {"recipe_version": 1, "name": "heal", "source": {"model": student}, "heal": dict(heal or {})}
     for item in overrides:
         apply_override(raw, item)
     recipe = validate(raw, "heal settings")
@@ -599,9 +592,13 @@ def default_checkpoint_dir(out: Path) -> Path:
     return out.with_name(out.name + ".checkpoints")
 
 
+COMMAND_SKIPS = ("teacher",)  # the command's --teacher is required and takes any model form
+
+
 @hookimpl
 def register_commands(cli: click.Group) -> None:
-    from ollama_compress.cli import make_options, run_options
+    from ollama_compress.cli import (echo_json, json_option, make_options, option_values, run_options,
+                                     section_from_options, section_options)
 
     if "heal" in cli.commands:
         return
@@ -610,31 +607,29 @@ def register_commands(cli: click.Group) -> None:
     @click.argument("student")
     @click.option("--teacher", required=True, help="The unpruned model (same forms as STUDENT).")
     @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the healed model.")
-    @click.option("--steps", type=int, help="Optimizer steps (heal.steps).")
-    @click.option("--lr", type=float, help="Peak learning rate (heal.lr).")
-    @click.option("--train", "train_mode", type=click.Choice(["all", "neighbours", "lora"]), help="What trains.")
+    @section_options(Heal, COMMAND_SKIPS)
     @click.option("--data", help="Heal text: a .txt/.jsonl file, default, teacher or default+teacher.")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Any recipe key under heal. or data. (heal.loss={kl: 1, ce: 0.1}).")
     @click.option("--resume", is_flag=True, help="Continue from the last complete checkpoint.")
     @click.option("--checkpoints", type=click.Path(path_type=Path), help="Checkpoint directory (default: OUT.checkpoints).")
     @click.option("--max-memory", type=float, help="Memory the heal may use, in GiB (default: what the device has free).")
-    @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+    @json_option
     @run_options
-    def heal_command(student, teacher, out, steps, lr, train_mode, data, overrides, resume, checkpoints, max_memory,
-                     as_json, **run_kwargs):
+    def heal_command(student, teacher, out, data, overrides, resume, checkpoints, max_memory, as_json, **given):
         """Distil STUDENT (a pruned model) from --teacher and write the healed model to --out.
 
         STUDENT and MODEL are HF directories, .gguf files (imported once), embedded:NAME or cached hub ids.
         """
         from rich.console import Console
 
-        options = make_options(**run_kwargs)
-        items = [f"heal.{k}={v}" for k, v in (("steps", steps), ("lr", lr), ("train", train_mode)) if v is not None]
+        options = make_options(**given)
+        chosen = option_values(Heal, given, COMMAND_SKIPS)
+        section_from_options(Heal, chosen)  # a bad option value is named by its flag
         bad = [o for o in overrides if not o.split("=", 1)[0].startswith(("heal.", "data."))]
         if bad:
             raise UserError(f"--set {bad[0]}: heal takes heal.* and data.* keys only")
-        settings, data_spec = command_settings(str(student), [*items, *_data_override(data), *overrides])
+        settings, data_spec = command_settings(str(student), [*_data_override(data), *overrides], chosen)
         student_dir, teacher_dir = resolve_model(student, options), resolve_model(teacher, options)
         out = Path(out)
         if out.resolve() in (student_dir.resolve(), teacher_dir.resolve()):
@@ -642,17 +637,15 @@ def register_commands(cli: click.Group) -> None:
         check_output_dir(out, "--out", inputs=(student_dir, teacher_dir))
         checkpoints = checkpoints or default_checkpoint_dir(out)
         check_output_dir(checkpoints, "--checkpoints", inputs=(student_dir, teacher_dir))
-        console = Console(stderr=True)
         result = heal_model(student_dir, teacher_dir, out, settings, data_spec, options=options,
-                            checkpoint_dir=checkpoints, resume=resume,
-                            max_memory_gib=max_memory, console=console,
-                            log=lambda message: click.echo(message, err=True))
+                            checkpoint_dir=checkpoints, resume=resume, max_memory_gib=max_memory,
+                            console=Console(stderr=True), log=lambda message: click.echo(message, err=True))
         from ollama_compress.context import launcher_world
 
         if launcher_world()[0] != 0:  # under a launcher, rank 0 reports
             return
         if as_json:
-            click.echo(json.dumps(result, indent=2))
+            echo_json(result)
         else:
             click.echo(f"wrote {out}: held-out KL to the teacher {result['kl_before']:.4f} -> {result['kl_after']:.4f}, "
                        f"perplexity {result['ppl_before']:.2f} -> {result['ppl_after']:.2f}")

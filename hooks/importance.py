@@ -19,7 +19,6 @@ removes the lowest). All are measured with forward hooks on the decoder layers:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 import time
@@ -33,6 +32,7 @@ from ollama_compress.errors import NotAvailable, UserError
 from ollama_compress.fsutil import atomic_path, check_output_dir, claim_output_dir, file_in, write_json
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.modelio import decoder_stack
+from ollama_compress.recipe import TextSource
 
 HIDDEN_STATE_METRICS = ("block_influence", "angular")
 
@@ -426,7 +426,7 @@ def score_model_dir(model_dir: Path, metrics: list[str], spec, out_dir: Path, *,
 # ---------------------------------------------------------------- stage hook
 @hookimpl(trylast=True)
 def score_layers(ctx, model_dir: Path) -> dict[str, list[float]] | None:
-    prune = ctx.recipe.prune
+    prune = ctx.recipe.prune  # the importance stage scores for the prune section
     metrics = list(dict.fromkeys([prune.metric, *prune.report_metrics])) if prune else ["block_influence"]
     result = score_model_dir(Path(model_dir), metrics, ctx.recipe.data.calibration, ctx.out_dir,
                              options=ctx.options, dtype=ctx.recipe.source.dtype,
@@ -471,18 +471,16 @@ def print_table(scores: dict[str, list[float]], console, title: str) -> None:
     console.print(table)
 
 
-def analyze(model: str, metrics: list[str], calibration: str | None = None, samples: int | None = None,
-            seq_len: int | None = None, block_size: int = 1, out: str | None = None, options=None,
-            seed: int = 0, log: Callable[[str], None] = lambda m: None) -> tuple[Analysis, Path]:
-    """The ``analyze`` command as a function: score ``model`` (any source form) and write the outputs."""
+def analyze(model: str, metrics: list[str], spec: TextSource, *, block_size: int = 1, out: Path | None = None,
+            options=None, log: Callable[[str], None] = lambda m: None) -> tuple[Analysis, Path]:
+    """The ``analyze`` command as a function: score ``model`` (any source form) on the calibration
+    text ``spec`` and write the outputs."""
     from ollama_compress.context import RunOptions
-    from ollama_compress.hooks.data import text_source_from_options
     from ollama_compress.hooks.source import resolve_model_dir
 
     options = options or RunOptions()
     for m in metrics:
         _metric_fn(m)
-    spec = text_source_from_options(calibration, samples, seq_len, seed)
     out_dir = check_output_dir(Path(out) if out else default_out_dir(model), "--out")
     model_dir = resolve_model_dir(model, options)
     check_output_dir(out_dir, "--out", inputs=(model_dir,))
@@ -493,29 +491,27 @@ def analyze(model: str, metrics: list[str], calibration: str | None = None, samp
 
 @hookimpl
 def register_commands(cli) -> None:
-    from ollama_compress.cli import make_options, run_options
+    from ollama_compress.cli import (calibration_from_options, calibration_options, echo_json, json_option,
+                                     make_options, run_options)
 
     @cli.command("analyze")
     @click.argument("model")
     @click.option("--metric", "metrics", multiple=True, help="Importance metric (repeatable); default block_influence.")
-    @click.option("--calibration", type=str, help="Calibration text (.txt) or JSON lines (.jsonl); default: shipped corpus.")
-    @click.option("--samples", type=int, help="Number of calibration sequences (default 32).")
-    @click.option("--seq-len", type=int, help="Tokens per sequence (default 256).")
+    @calibration_options
     @click.option("--block-size", type=int, default=1, show_default=True, help="Block size n for 'angular'.")
-    @click.option("--seed", type=int, default=0, show_default=True, help="Seed for choosing the sequences.")
-    @click.option("--out", type=str, help="Output directory (default ./analyze-<model name>).")
-    @click.option("--json", "as_json", is_flag=True, help="Print only {metric: [scores]} as JSON on stdout.")
+    @click.option("--out", type=click.Path(path_type=Path), help="Output directory (default ./analyze-<model name>).")
+    @json_option
     @run_options
-    def analyze_command(model, metrics, calibration, samples, seq_len, block_size, seed, out, as_json, **run_opts):
+    def analyze_command(model, metrics, block_size, out, as_json, **given):
         """Score each layer of MODEL (HF directory or .gguf file): higher = more important."""
         from rich.console import Console
 
         stderr = Console(stderr=True)
-        result, out_dir = analyze(model, list(metrics) or ["block_influence"], calibration, samples, seq_len,
-                                  block_size, out, make_options(**run_opts), seed,
-                                  log=lambda m: stderr.print(f"[dim]{m}[/dim]"))
+        spec = calibration_from_options(given)
+        result, out_dir = analyze(model, list(metrics) or ["block_influence"], spec, block_size=block_size, out=out,
+                                  options=make_options(**given), log=lambda m: stderr.print(f"[dim]{m}[/dim]"))
         if as_json:
-            click.echo(json.dumps(result.scores))
+            echo_json(result.scores)
             stderr.print(f"wrote {out_dir / 'scores.json'}")
             return
         console = Console()

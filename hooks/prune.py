@@ -59,6 +59,7 @@ from ollama_compress.gguf.arch import ARCHS
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress import modelio
 from ollama_compress.planner import contiguous_starts, index_runs
+from ollama_compress.recipe import Prune, TextSource, exactly_one
 from ollama_compress.safe_read import read_json
 
 # model_type in config.json -> what prune calls it: every architecture the GGUF writer knows
@@ -184,8 +185,8 @@ def select_layers(
     per start, e.g. the angular distance across the block) when given, else the run with the
     lowest total per-layer score. Bad input raises a one-line ``UserError``.
     """
-    if sum(x is not None for x in (remove, keep, layers)) != 1:
-        raise UserError("give exactly one of remove, keep or layers")
+    if problem := exactly_one(remove=remove, keep=keep, layers=layers):
+        raise UserError(problem)
     protected = resolve_protect(protect, num_layers)
     if layers is not None:
         if block:
@@ -715,48 +716,40 @@ def prune_iteratively(
 def plan_and_prune(
     model_dir: Path,
     out_dir: Path,
+    prune: Prune,
     *,
-    metric: str = "block_influence",
-    remove: int | None = None,
-    keep: int | None = None,
-    layers: Sequence[int] | None = None,
-    block: bool = False,
-    protect: Iterable[str | int] = DEFAULT_PROTECT,
-    iterative: bool = False,
-    calibration=None,
+    calibration: TextSource | None = None,
     scores: dict[str, list[float]] | None = None,
     options: RunOptions | None = None,
     dtype: str = "float32",
     ctx: StageContext | None = None,
     log: Callable[[str], None] = lambda message: None,
     between_steps: BetweenSteps | None = None,
-    repair: str = "none",
-    select: str = "metric",
 ) -> dict[str, Any]:
-    """Check everything, score if needed, choose the layers and write the pruned model.
+    """Check everything, score if needed, choose the layers per the recipe section ``prune`` and write
+    the pruned model.
 
     ``calibration`` is a recipe ``TextSource`` (None: the built-in text). ``scores`` computed
     earlier (by the importance stage) are used instead of scoring again. ``between_steps`` runs
     after each removal of an iterative prune (a short heal, see ``heal_through_hook``).
-    ``repair``: "linear" fits and fuses a linear map per cut (``ollama_compress.repair``), "none" cuts
-    the weights byte for byte. ``select``: "metric" (the metric's pick), "measured" (every contiguous
-    span plus each metric's pick, each repaired, scored by KL to the teacher) or "auto" (measured when
-    cheap, see ``resolve_select``). The recipe and the command default to linear/auto.
-    Returns the layer map
-    plus ``out`` and ``description``. Bad input is reported before any model is loaded and
-    before anything is written.
+    ``prune.repair``: "linear" fits and fuses a linear map per cut (``ollama_compress.repair``), "none"
+    cuts the weights byte for byte. ``prune.select``: "metric" (the metric's pick), "measured" (every
+    contiguous span plus each metric's pick, each repaired, scored by KL to the teacher) or "auto"
+    (measured when cheap, see ``resolve_select``). ``prune.target`` must have been turned into
+    ``remove`` first (``pipeline.Run.resolve_target``). Returns the layer map plus ``out`` and
+    ``description``. Bad input is reported before any model is loaded and before anything is written.
     """
     options = options or RunOptions()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    protect = list(protect)
+    remove, keep, layers, block, metric, repair = (prune.remove, prune.keep, prune.layers, prune.block,
+                                                   prune.metric, prune.repair)
+    protect = list(prune.protect)
     arch, config = inspect_model_dir(model_dir, options)
     num_layers = config.num_hidden_layers
     if modelio.weight_files(model_dir):
         check_layer_tensors(model_dir, num_layers, arch)
-    if iterative and (layers is not None or block):
+    if prune.iterative and (layers is not None or block):
         raise UserError("iterative removes the lowest-scoring layer each step; don't combine it with layers or block")
-    if repair not in ("linear", "none"):
-        raise UserError(f"repair '{repair}' is not linear or none")
     # The selection with placeholder scores: every count, index and protect error before real work.
     planned = select_layers([0.0] * num_layers, num_layers, remove=remove, keep=keep, layers=layers,
                             block=block, protect=protect)
@@ -765,13 +758,13 @@ def plan_and_prune(
     if needs_scores:
         check_metric(metric)
     other_metrics = len([m for m in (scores or {}) if m != metric])
-    select = resolve_select(select, model_dir, num_layers, len(planned), resolve_protect(protect, num_layers),
-                            1 + other_metrics, calibration, explicit=layers is not None, iterative=iterative)
+    select = resolve_select(prune.select, model_dir, num_layers, len(planned), resolve_protect(protect, num_layers),
+                            1 + other_metrics, calibration, explicit=layers is not None, iterative=prune.iterative)
     repairs = repair == "linear" and len(planned) > 0
-    needs_batches = (needs_scores and (iterative or not have_scores)) or repairs or select == "measured"
+    needs_batches = (needs_scores and (prune.iterative or not have_scores)) or repairs or select == "measured"
     batches_fn = _batches_fn(model_dir, calibration, options, ctx) if needs_batches else None
 
-    if needs_scores and iterative:
+    if needs_scores and prune.iterative:
         prune_iteratively(model_dir, out_dir, len(planned), metric, batches_fn, protect=protect,
                           options=options, dtype=dtype, between_steps=between_steps, log=log, repair=repair)
     else:
@@ -811,26 +804,20 @@ def prune_layers(ctx: StageContext, model_dir: Path, scores: dict[str, list[floa
     The model goes in a ``model`` subdirectory so the stage directory can also hold other files
     (logs, plots) next to it; ``layer_map.json`` is inside the model directory.
     """
-    settings = ctx.settings
+    settings = ctx.section_as(Prune)
     if settings is None:
         return None
     out = Path(ctx.out_dir) / "model"
-    data = getattr(ctx.recipe, "data", None)
-    source = getattr(ctx.recipe, "source", None)
-    heal_settings = getattr(ctx.recipe, "heal", None)
+    heal_settings = ctx.recipe.heal
     between_steps = None
     if settings.iterative and heal_settings is not None and heal_settings.iterative_steps > 0:
         from ollama_compress.hooks.heal import resolve_model
 
         teacher = resolve_model(heal_settings.teacher, ctx.options) if heal_settings.teacher else Path(model_dir)
         between_steps = heal_through_hook(ctx, teacher, Path(model_dir))
-    result = plan_and_prune(
-        Path(model_dir), out, metric=settings.metric, remove=settings.remove, keep=settings.keep,
-        layers=settings.layers, block=settings.block, protect=settings.protect,
-        iterative=settings.iterative, calibration=data.calibration if data else None,
-        scores=scores or None, options=ctx.options, dtype=getattr(source, "dtype", "float32"),
-        ctx=ctx, log=ctx.log, between_steps=between_steps, repair=settings.repair, select=settings.select,
-    )
+    result = plan_and_prune(Path(model_dir), out, settings, calibration=ctx.recipe.data.calibration,
+                            scores=scores or None, options=ctx.options, dtype=ctx.recipe.source.dtype, ctx=ctx,
+                            log=ctx.log, between_steps=between_steps)
     ctx.log(result["description"])
     if "select" in result:  # the measured candidates next to the metric scores
         write_json(Path(ctx.out_dir) / "scores.json", {**(result.get("scores") or {}),
@@ -882,83 +869,38 @@ def heal_through_hook(ctx: StageContext, teacher_dir: Path, source_dir: Path) ->
 
 
 # ---------------------------------------------------------------- command line
-def parse_layers(text: str) -> list[int]:
-    """``"3,7,9"`` -> ``[3, 7, 9]``; UserError for anything else."""
-    parts = [part.strip() for part in text.split(",")]
-    if not parts or not all(p.lstrip("-").isdigit() for p in parts):
-        raise UserError(f"--layers '{text}' is not a comma-separated list of layer numbers (e.g. 3,7,9)")
-    return [int(p) for p in parts]
-
-
-def parse_protect(text: str) -> list[str | int]:
-    """``"first,last"``, ``"none"`` or ``"0,5"`` (mixed allowed) -> protect entries."""
-    if text.strip().lower() in ("none", ""):
-        return []
-    items: list[str | int] = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        if part in ("first", "last"):
-            items.append(part)
-        elif part.lstrip("-").isdigit():
-            items.append(int(part))
-        else:
-            raise UserError(f"--protect '{part}' is not first, last, none or a layer number")
-    return items
+COMMAND_SKIPS = ("target", "report_metrics")  # the prune command takes a count or layers; it scores one metric
 
 
 @hookimpl
 def register_commands(cli: click.Group) -> None:
-    from ollama_compress.cli import echo_json, make_options, run_options
+    from ollama_compress.cli import (calibration_from_options, calibration_options, echo_json, json_option,
+                                     make_options, option_values, run_options, section_from_options, section_options)
 
     if "prune" in cli.commands:
         return
 
     @cli.command("prune")
     @click.argument("model")
-    @click.option("--remove", type=int, help="How many layers to remove.")
-    @click.option("--keep", type=int, help="Or: how many layers to keep.")
-    @click.option("--layers", help="Or: exactly these 0-based layers, e.g. 3,7,9.")
-    @click.option("--metric", default="block_influence", show_default=True, help="Importance metric that chooses.")
-    @click.option("--block", is_flag=True, help="Remove one contiguous block of layers.")
-    @click.option("--protect", default="first,last", show_default=True, help="Never remove: first,last | none | 0,5.")
-    @click.option("--iterative", is_flag=True, help="Remove one layer, rescore, repeat.")
-    @click.option("--repair", default="linear", show_default=True,
-                  help="linear: fit a linear map per cut into the layer before it; none: plain cut.")
-    @click.option("--select", default="auto", show_default=True,
-                  help="metric | measured (try each span and metric pick, keep the lowest KL) | auto.")
-    @click.option("--calibration", type=click.Path(path_type=Path),
-                  help="Calibration .txt or .jsonl (default: built-in text).")
-    @click.option("--samples", type=int, default=32, show_default=True, help="Calibration sequences.")
-    @click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence.")
+    @section_options(Prune, COMMAND_SKIPS)
+    @calibration_options
     @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the pruned model.")
-    @click.option("--json", "as_json", is_flag=True, help="Print the layer map as JSON.")
+    @json_option
     @run_options
-    def prune_command(model, remove, keep, layers, metric, block, protect, iterative, repair, select, calibration,
-                      samples, seq_len, out, as_json, **run_kwargs):
+    def prune_command(model, out, as_json, **given):
         """Remove the least important layers of MODEL and write the smaller model to --out.
 
         MODEL is an HF directory, a .gguf file (imported once), embedded:NAME or a cached hub id.
         """
         from ollama_compress.hooks.source import resolve_model_dir
 
-        options = make_options(**run_kwargs)
-        if repair not in ("linear", "none"):
-            raise UserError(f"--repair {repair}: use linear or none")
-        if select not in SELECT_MODES:
-            raise UserError(f"--select {select}: use one of {', '.join(SELECT_MODES)}")
-        if sum(x is not None for x in (remove, keep, layers)) != 1:
-            raise UserError("give exactly one of --remove N, --keep N or --layers 3,7,9")
-        chosen = parse_layers(layers) if layers is not None else None
-        protect_items = parse_protect(protect)
-        from ollama_compress.hooks.data import text_source_from_options
-
-        spec = text_source_from_options(calibration, samples, seq_len)
+        options = make_options(**given)
+        settings = section_from_options(Prune, option_values(Prune, given, COMMAND_SKIPS))
+        spec = calibration_from_options(given)
         model_dir = Path(model) if Path(model).is_dir() else resolve_model_dir(model, options)
         check_out_dir(out, model_dir)
-        result = plan_and_prune(
-            model_dir, out, metric=metric, remove=remove, keep=keep, layers=chosen, block=block,
-            protect=protect_items, iterative=iterative, calibration=spec, options=options,
-            log=lambda message: click.echo(message, err=True), repair=repair, select=select,
-        )
+        result = plan_and_prune(model_dir, out, settings, calibration=spec, options=options,
+                                log=lambda message: click.echo(message, err=True))
         if as_json:
             echo_json(result)
         else:

@@ -9,11 +9,17 @@ import json
 import os
 import re
 import sys
+import types
+import typing
+from typing import Any, Sequence, TypeVar
 
 import click
+from pydantic import BaseModel
 
 from .context import RunOptions, launcher_world
 from .errors import CompressError
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def run_options(fn):
@@ -33,6 +39,176 @@ def make_options(trust_remote_code: bool = False, allow_pickle: bool = False, de
 
 def echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2))
+
+
+def json_option(fn):
+    """``--json``, shared by every command that reports a result."""
+    return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")(fn)
+
+
+# ---------------------------------------------------------------- options from a recipe section
+def field_comments(model: type[BaseModel]) -> dict[str, str]:
+    """Each field's trailing comment in the schema's source (``remove: int | None = None  # how many``)."""
+    import inspect
+    import io
+    import tokenize
+
+    comments: dict[str, str] = {}
+    for cls in reversed(model.__mro__):
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or cls is BaseModel:
+            continue
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        field_on_line: dict[int, str] = {}
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.NAME and token.start[1] == 4 and token.string in cls.model_fields:
+                field_on_line[token.start[0]] = token.string
+            elif token.type == tokenize.COMMENT and token.start[0] in field_on_line:
+                comments[field_on_line[token.start[0]]] = token.string.lstrip("# ").strip()
+    return comments
+
+
+def _choices(annotation: Any) -> list[str]:
+    """The strings of the ``Literal`` members of ``annotation`` (itself or inside a Union)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(a) for a in typing.get_args(annotation)]
+    return [c for arg in typing.get_args(annotation) if typing.get_origin(arg) is typing.Literal
+            for c in _choices(arg)]
+
+
+def _option_kind(annotation: Any) -> tuple[str, Any] | None:
+    """("flag" | "value" | "list", click type) for a field's annotation; None when a flag can't hold it."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        return "flag", None
+    if annotation in (int, float, str):
+        return "value", {int: click.INT, float: click.FLOAT, str: click.STRING}[annotation]
+    if origin is typing.Literal:
+        return "value", click.Choice(_choices(annotation))
+    members = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else (annotation,)
+    if any(typing.get_origin(m) is list for m in members) and all(
+            typing.get_origin(m) in (list, typing.Literal) for m in members):
+        return "list", click.STRING
+    return None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.removesuffix("_").replace("_", "-")
+
+
+def section_fields(model: type[BaseModel], skip: Sequence[str] = (), only: Sequence[str] | None = None) -> list[str]:
+    """The fields of ``model`` (all, or ``only`` these, less ``skip``) that a command-line option can
+    hold: not nested sections or mappings."""
+    return [name for name, info in model.model_fields.items()
+            if name not in skip and (only is None or name in only) and _option_kind(info.annotation) is not None]
+
+
+def section_options(model: type[BaseModel], skip: Sequence[str] = (), only: Sequence[str] | None = None, *,
+                    dest: str = ""):
+    """click options for the fields of the recipe section ``model``, like mergekit's options object.
+
+    Each field becomes ``--field-name`` typed from its annotation (bools are flags, ``Literal`` a
+    choice, lists comma-separated with ``none`` for an empty one), with the field's trailing comment
+    in the schema as help and the schema's default shown. An option not given arrives as None
+    (in the keyword ``dest + name``), so ``section_from_options`` leaves the schema default.
+    """
+    comments = field_comments(model)
+
+    def decorate(fn):
+        for name in reversed(section_fields(model, skip, only)):
+            info = model.model_fields[name]
+            kind, click_type = _option_kind(info.annotation)
+            default = info.get_default(call_default_factory=True)
+            help_text = comments.get(name, "")
+            if kind == "list":
+                choices = _choices(info.annotation)
+                help_text += f" (comma-separated{', or ' + ' | '.join(choices) if choices else ''}; none: empty)"
+                default = ",".join(str(d) for d in default) if isinstance(default, list) else default
+            flag = _flag(name)
+            if kind == "flag" and default is not False:
+                flag = f"{flag}/--no-{flag[2:]}"
+            if default is not None and default is not False:  # shown, not passed: unset keeps the schema's default
+                help_text += f"  [default: {str(default).lower() if isinstance(default, bool) else default}]"
+            option = click.option(flag, dest + name, type=click_type, is_flag=kind == "flag", default=None,
+                                  help=help_text[:1].upper() + help_text[1:])
+            fn = option(fn)
+            fn.__click_params__[-1].section_field = f"{model.__name__}.{name}"
+        return fn
+
+    return decorate
+
+
+def _list_value(text: str, choices: list[str]) -> Any:
+    if text in choices:
+        return text
+    if text.strip().lower() in ("none", ""):
+        return []
+    return [part.strip() for part in text.split(",")]
+
+
+def option_values(model: type[BaseModel], given: dict[str, Any], skip: Sequence[str] = (),
+                  only: Sequence[str] | None = None, *, dest: str = "") -> dict[str, Any]:
+    """The section fields the user gave on the command line (``given``: click's keywords), as recipe data."""
+    values: dict[str, Any] = {}
+    for name in section_fields(model, skip, only):
+        value = given.get(dest + name)
+        if value is None:
+            continue
+        info = model.model_fields[name]
+        if _option_kind(info.annotation)[0] == "list":
+            value = _list_value(value, _choices(info.annotation))
+        values[info.alias or name] = value
+    return values
+
+
+def section_from_options(model: type[M], values: dict[str, Any]) -> M:
+    """``values`` (from ``option_values``, perhaps with more keys) validated by the recipe's own
+    schema; a UserError naming the option (``--remove: ...``) when it refuses them."""
+    from pydantic import ValidationError
+
+    from .errors import UserError
+    from .recipe import format_error
+
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = _flag(str(first["loc"][0])) if first["loc"] else ""
+        line = format_error({**first, "loc": ()}).removeprefix("recipe: ")
+        raise UserError(f"{where}: {line}" if where else line) from None
+
+
+CALIBRATION_FIELDS = ("samples", "seq_len", "seed")  # of the calibration TextSource, for prune and analyze
+
+
+def calibration_options(fn):
+    """``--calibration FILE`` and the calibration ``TextSource`` fields (``--samples``, ``--seq-len``, ``--seed``)."""
+    from pathlib import Path
+
+    from .recipe import TextSource
+
+    fn = section_options(TextSource, only=CALIBRATION_FIELDS, dest="calibration_")(fn)
+    return click.option("--calibration", "calibration_path", type=click.Path(path_type=Path),
+                        help="Calibration text (.txt) or JSON lines (.jsonl); default: the shipped corpus.")(fn)
+
+
+def calibration_from_options(given: dict[str, Any]):
+    """The calibration ``TextSource`` of ``calibration_options`` (a ``.jsonl`` file is read as JSON lines)."""
+    from .errors import UserError
+    from .recipe import TextSource
+
+    values = option_values(TextSource, given, only=CALIBRATION_FIELDS, dest="calibration_")
+    path = given.get("calibration_path")
+    if path is not None:
+        if not path.is_file():
+            raise UserError(f"--calibration {path} is not a file; give a .txt or .jsonl file")
+        values.update({"from": "jsonl" if path.suffix.lower() in (".jsonl", ".json") else "text", "path": str(path)})
+    return section_from_options(TextSource, values)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

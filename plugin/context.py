@@ -4,12 +4,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
 
     from .recipe import Recipe
+
+
+Section = TypeVar("Section")
 
 
 def launcher_world() -> tuple[int, int]:
@@ -74,6 +77,14 @@ class StageContext:
     def settings(self) -> Any:
         """This stage's section of the recipe (``recipe.prune`` for the prune stage, ...)."""
         return getattr(self.recipe, self.section or self.stage, None)
+
+    def section_as(self, kind: type[Section]) -> Section | None:
+        """``settings``, typed: this stage's section, which is a ``kind`` (``Prune`` for the prune and
+        importance stages, ...), or None when the recipe has none."""
+        value = self.settings
+        if value is not None and not isinstance(value, kind):
+            raise TypeError(f"the {self.stage} stage's section is a {type(value).__name__}, not {kind.__name__}")
+        return value
 
     def log(self, message: str) -> None:
         if self.console is not None:

@@ -12,10 +12,13 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .errors import UserError
 from .quant_names import QUANTS
+
+if TYPE_CHECKING:  # pragma: no cover - the recipe schema imports this module
+    from .recipe import Heal
 
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|blk)\.(\d+)\.")
 SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -305,7 +308,7 @@ def trainable_params(shape: ModelShape, removed: int, train: str, lora_rank: int
     return sum(kept) + shape.hidden_size
 
 
-def heal_memory_bytes(teacher: ModelShape, removed: int, settings: Any, *, device: str = "cpu",
+def heal_memory_bytes(teacher: ModelShape, removed: int, settings: Heal, *, device: str = "cpu",
                       autocast: bool = False, chunk_tokens: int = 1024, shards: int = 1) -> dict[str, int]:
     """Estimated peak memory of a heal of ``teacher`` less ``removed`` layers with the ``Heal``
     section ``settings``: the one estimate behind ``--dry-run`` and heal's refusal check.
@@ -319,7 +322,7 @@ def heal_memory_bytes(teacher: ModelShape, removed: int, settings: Any, *, devic
     Per process: ``shards`` > 1 (FSDP full shard over that many processes) divides the weights,
     gradients and optimizer state; activations and logits are each process's own.
     """
-    micro = getattr(settings, "micro_batch", None) or settings.batch_size
+    micro = settings.micro_batch or settings.batch_size
     seq_len = settings.seq_len
     tokens = micro * seq_len
     layers = teacher.num_layers - removed
@@ -328,7 +331,7 @@ def heal_memory_bytes(teacher: ModelShape, removed: int, settings: Any, *, devic
     act_bytes = 2 if autocast else 4
     inter = teacher.intermediate_size or 4 * teacher.hidden_size
     per_layer = tokens * (LAYER_SAVED_HIDDEN * teacher.hidden_size + LAYER_SAVED_INTERMEDIATE * inter) * act_bytes
-    trained = trainable_params(teacher, removed, settings.train, getattr(settings, "lora_rank", 16))
+    trained = trainable_params(teacher, removed, settings.train, settings.lora_rank)
     estimate = {
         "runtime": 0 if cuda else RUNTIME_BYTES,
         "teacher_weights": teacher.params() * (2 if cuda and autocast else 4) // shards,

@@ -35,9 +35,10 @@ NEEDS_IMATRIX = tuple(q for q, info in QUANTS.items() if info.imatrix == "requir
 IMATRIX_HELPS = tuple(q for q, info in QUANTS.items() if info.imatrix != "no")
 
 
-def quant_name_problem(quant: str) -> str | None:
-    """Why ``quant`` is not a quant name this tool knows (with a did-you-mean), or None."""
-    if quant in QUANTS:
+def quant_name_problem(quant: str, also: tuple[str, ...] = ()) -> str | None:
+    """Why ``quant`` is not a quant name this tool knows (with a did-you-mean), or None; ``also``:
+    further names the caller accepts (``auto``)."""
+    if quant in QUANTS or quant in also:
         return None
     hint = f" (did you mean {quant.upper()}?)" if quant.upper() in QUANTS else ""
-    return f"unknown quant '{quant}'{hint}; known: {', '.join(QUANT_TYPES)}"
+    return f"unknown quant '{quant}'{hint}; known: {', '.join((*also, *QUANT_TYPES))}"

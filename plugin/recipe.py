@@ -33,6 +33,14 @@ def _capability_name(value: str) -> str:
     return value
 
 
+def exactly_one(**given: Any) -> str | None:
+    """The problem when not exactly one of ``given`` is set (not None): "give exactly one of remove, keep or layers"."""
+    if sum(value is not None for value in given.values()) == 1:
+        return None
+    *first, last = given
+    return f"give exactly one of {', '.join(first)} or {last}"
+
+
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; anything near this is not one
 MAX_YAML_ALIASES = 100  # anchors/aliases expand; a few are handy, thousands are a bomb
 MAX_YAML_NODES = 100_000  # values with aliases expanded; a recipe has a few dozen
@@ -77,7 +85,7 @@ class TextSource(Strict):
     from_: str = Field("default", alias="from")  # default | text | jsonl | hf | teacher | a plugin's kind
     path: str | None = None  # file for text/jsonl
     dataset: str | None = None  # HF dataset name for `hf` (needs the datasets package and a network)
-    split: str = "train"
+    split: str = "train"  # dataset split for `hf`
     prompts: list[str] | None = None  # prompts for `teacher` (default: `path`, JSON lines with `prompt`, or the shipped set)
     tokens: int | None = Field(None, ge=1, le=100_000_000)  # `teacher`: tokens of chat to write (default: from the heal)
     temperature: float = Field(0.7, ge=0, le=5)  # `teacher` sampling; 0: greedy
@@ -85,7 +93,7 @@ class TextSource(Strict):
     max_new_tokens: int = Field(256, ge=1, le=4096)  # `teacher`: the longest reply
     samples: int = Field(32, ge=1, le=100_000)  # number of sequences
     seq_len: int = Field(256, ge=8, le=131_072)  # tokens per sequence
-    seed: int = 0
+    seed: int = 0  # which sequences are drawn
 
     _kind = field_validator("from_")(classmethod(lambda cls, v: _capability_name(v)))
 
@@ -120,10 +128,8 @@ class Target(Strict):
 
     @model_validator(mode="after")
     def _one_goal(self) -> "Target":
-        if (self.size_mb is None) == (self.params is None):
-            raise ValueError("give exactly one of size_mb or params")
-        if self.quant not in QUANT_TYPES:
-            raise ValueError(f"unknown quant '{self.quant}'; known: {', '.join(QUANT_TYPES)}")
+        if problem := exactly_one(size_mb=self.size_mb, params=self.params) or quant_name_problem(self.quant):
+            raise ValueError(problem)
         if self.params is not None:
             from .planner import parse_count
 
@@ -156,9 +162,8 @@ class Prune(Strict):
 
     @model_validator(mode="after")
     def _one_selection(self) -> "Prune":
-        given = [k for k in ("remove", "keep", "layers", "target") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of remove, keep, layers or target")
+        if problem := exactly_one(remove=self.remove, keep=self.keep, layers=self.layers, target=self.target):
+            raise ValueError(problem)
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ValueError("layers has duplicate indices")
         return self
@@ -170,8 +175,8 @@ class HealBudget(Strict):
 
     @model_validator(mode="after")
     def _one_kind(self) -> "HealBudget":
-        if (self.minutes is None) == (self.tokens is None):
-            raise ValueError("give exactly one of minutes or tokens, e.g. budget: {minutes: 10}")
+        if problem := exactly_one(minutes=self.minutes, tokens=self.tokens):
+            raise ValueError(problem + ", e.g. budget: {minutes: 10}")
         return self
 
 
@@ -189,16 +194,16 @@ class Heal(Strict):
     loss: dict[str, float] = {"kl": 1.0, "hidden_mse": 1.0}  # registered loss name -> weight
     hidden_layers: Union[Literal["all"], list[int]] = "all"  # student layers matched by hidden_mse
     train: Literal["all", "neighbours", "lora"] = "all"  # all decoder layers; layers next to a cut; LoRA (peft)
-    lora_rank: int = Field(16, gt=0)
+    lora_rank: int = Field(16, gt=0)  # rank of the LoRA adapters (train: lora)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast; auto: bf16 on CUDA, on a CPU the faster one by a matmul measurement
     gradient_checkpointing: bool | None = None  # default: on for CUDA, off elsewhere
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
     grad_clip: float = Field(1.0, ge=0)  # 0: off
     checkpoint_every: int = Field(20, ge=0)  # steps between checkpoints (0: none)
     eval_every: int | None = Field(None, ge=0)  # steps between held-out KL checks (default: ~10% of heal time; 0: none)
     patience: int = Field(3, ge=0)  # held-out checks without a better KL that stop the heal (0: never stop early)
     iterative_steps: int = Field(20, ge=0)  # with prune.iterative: heal steps after each removal (0: none)
-    seed: int = 0
+    seed: int = 0  # batch order and initial state
 
     @field_validator("seq_len")
     @classmethod
@@ -317,8 +322,8 @@ class Evaluate(Strict):
     def _known_teacher_quants(cls, value: Any) -> Any:
         value = [value] if isinstance(value, str) else value
         for q in value if isinstance(value, list) else []:
-            if q != "auto" and q not in QUANT_TYPES:
-                raise ValueError(f"unknown quant '{q}'; known: auto, {', '.join(QUANT_TYPES)}")
+            if problem := quant_name_problem(q, also=("auto",)):
+                raise ValueError(problem)
         return value
 
 
@@ -349,7 +354,7 @@ class Recipe(Strict):
 
 
 # ---------------------------------------------------------------- loading
-def _format_error(err: dict[str, Any]) -> str:
+def format_error(err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"]) or "recipe"
     loc = loc.replace("from_", "from")
     kind, msg = err["type"], err["msg"]
@@ -474,7 +479,7 @@ def validate(data: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(source, [_format_error(e) for e in exc.errors()]) from None
+        raise RecipeError(source, [format_error(e) for e in exc.errors()]) from None
 
 
 def shipped_recipes() -> dict[str, Path]:

@@ -40,6 +40,7 @@ from .distill import Batch, ForwardOut, Head, LossTerm, combined_loss, plain_kl
 from .errors import StageFailed, UserError
 from .fsutil import atomic_path, make_dir, move_made, remove_made, write_json
 from .machine import MatmulShape, choose_dtype, heal_shapes
+from .recipe import Heal
 
 DEFAULT_SHAPES = tuple(heal_shapes(1024, 576, 1536, 49152))  # the demo's (SmolLM2-135M) when none given
 CHECKPOINT_RE = re.compile(r"step-(\d{7})")
@@ -319,6 +320,9 @@ def heldout_metrics(student, teacher, windows: torch.Tensor, device: str, vocab:
 # ---------------------------------------------------------------- the loop
 @dataclass
 class TrainConfig:
+    """Everything one heal run keeps fixed: the hyperparameters (``from_heal``: the recipe's ``heal``
+    section), where it runs, how student layers pair with teacher layers, and where it checkpoints."""
+
     steps: int
     lr: float
     batch_size: int
@@ -335,6 +339,30 @@ class TrainConfig:
     eval_every: int = 0  # steps between held-out evaluations (0: none)
     patience: int = 0  # evaluations without improvement that stop the heal (0: never)
     budget_seconds: float | None = None  # heal.budget.minutes: ``steps`` is set after MEASURE_STEPS
+    terms: list[LossTerm] = field(default_factory=list)  # the weighted losses (``distill.loss_terms``)
+    device: str = "cpu"
+    compute_dtype: torch.dtype | None = None  # autocast dtype; None: plain fp32
+    student_to_teacher: list[int] = field(default_factory=list)  # the teacher layer of each student layer
+    matched_layers: list[int] = field(default_factory=list)  # student layers a layer loss compares
+    vocab: int = 0  # token ids both heads share
+    checkpoint_dir: Path | None = None
+    fingerprint: str = ""  # of the settings and models; a checkpoint of another one is refused
+    log_file: Path | None = None  # train_log.jsonl, rewritten at each checkpoint
+
+    @classmethod
+    def from_heal(cls, settings: Heal, **given: Any) -> "TrainConfig":
+        """The config of a heal per the recipe section ``settings``; ``given``: what the section does not
+        hold (steps and warmup once derived, device, layer pairing, checkpoints) or overrides."""
+        from .distill import loss_terms
+
+        minutes = settings.budget.minutes if settings.budget is not None else None
+        fields: dict[str, Any] = dict(
+            lr=settings.lr, batch_size=settings.batch_size, micro_batch=settings.micro_batch or settings.batch_size,
+            seq_len=settings.seq_len, temperature=settings.temperature, schedule=settings.schedule,
+            weight_decay=settings.weight_decay, grad_clip=settings.grad_clip, checkpoint_every=settings.checkpoint_every,
+            seed=settings.seed, patience=settings.patience, terms=loss_terms(settings.loss),
+            budget_seconds=minutes * 60 if minutes is not None else None)
+        return cls(**{**fields, **given})
 
 
 @dataclass
@@ -413,23 +441,21 @@ class Trainer:
     ``config.eval_every`` steps and after the last one, in every process.
     """
 
-    def __init__(self, student, teacher, terms: list[LossTerm], stream: list[int], config: TrainConfig, *,
-                 device: str, compute_dtype: torch.dtype | None, student_to_teacher: list[int],
-                 matched_layers: list[int], vocab: int, checkpoint_dir: Path | None = None,
-                 fingerprint: str = "", on_step: Progress | None = None, log_file: Path | None = None,
+    def __init__(self, student, teacher, stream: list[int], config: TrainConfig, *, on_step: Progress | None = None,
                  accelerator=None, evaluate: Callable[[], float] | None = None,
                  clock: Callable[[], float] = time.perf_counter):
-        self.student, self.teacher, self.terms, self.stream, self.config = student, teacher, terms, stream, config
-        self.device, self.compute_dtype, self.vocab = device, compute_dtype, vocab
-        self.student_to_teacher, self.matched_layers = student_to_teacher, matched_layers
-        self.checkpoint_dir, self.fingerprint, self.on_step, self.log_file = checkpoint_dir, fingerprint, on_step, log_file
-        self.evaluate, self.clock = evaluate, clock
-        needs_layers = any(t.needs_layers for t in terms)
-        self.student_layers = sorted(matched_layers) if needs_layers else []
-        self.teacher_layers = sorted({student_to_teacher[s] for s in matched_layers}) if needs_layers else []
+        self.student, self.teacher, self.stream, self.config = student, teacher, stream, config
+        self.terms, self.device, self.vocab = config.terms, config.device, config.vocab
+        self.compute_dtype = config.compute_dtype
+        self.student_to_teacher, self.matched_layers = config.student_to_teacher, config.matched_layers
+        self.checkpoint_dir, self.fingerprint, self.log_file = config.checkpoint_dir, config.fingerprint, config.log_file
+        self.on_step, self.evaluate, self.clock = on_step, evaluate, clock
+        needs_layers = any(t.needs_layers for t in self.terms)
+        self.student_layers = sorted(self.matched_layers) if needs_layers else []
+        self.teacher_layers = sorted({self.student_to_teacher[s] for s in self.matched_layers}) if needs_layers else []
         if not trainable_parameters(student):
             raise UserError("heal has nothing to train with these settings; check heal.train")
-        self.accelerator = accelerator or make_accelerator(device)
+        self.accelerator = accelerator or make_accelerator(self.device)
         acc = self.accelerator
         self.rank, self.world, self.sharded = acc.process_index, acc.num_processes, is_sharded(acc)
         self.student_module = acc.prepare_model(ForwardModule(student))

@@ -179,11 +179,11 @@ def _trainer(student_dir, teacher_dir, checkpoint_dir, on_step=None, steps=6, **
 
     stream = token_stream(default_texts(Data().heal_sources()[0]), tok)
     cfg = trainer.TrainConfig(steps=settings.steps, lr=settings.lr, batch_size=2, micro_batch=1, seq_len=32,
-                              temperature=2.0, warmup=1, checkpoint_every=2, seed=0, **config)
-    terms = distill.loss_terms({"kl": 1.0, "hidden_mse": 1.0})
-    return trainer.Trainer(student, teacher, terms, stream, cfg, device="cpu", compute_dtype=None,
-                           student_to_teacher=[0, 1, 4, 5], matched_layers=[0, 1, 2, 3], vocab=49152,
-                           checkpoint_dir=checkpoint_dir, fingerprint="test", on_step=on_step)
+                              temperature=2.0, warmup=1, checkpoint_every=2, seed=0,
+                              terms=distill.loss_terms({"kl": 1.0, "hidden_mse": 1.0}), device="cpu",
+                              student_to_teacher=[0, 1, 4, 5], matched_layers=[0, 1, 2, 3], vocab=49152,
+                              checkpoint_dir=checkpoint_dir, fingerprint="test", **config)
+    return trainer.Trainer(student, teacher, stream, cfg, on_step=on_step)
 
 
 def test_resume_after_sigint_reaches_the_same_weights_as_an_uninterrupted_run(student_dir, teacher_dir, tmp_path):
@@ -404,12 +404,14 @@ def test_bad_models_and_resume_are_one_line_and_exit_2(student_dir, teacher_dir,
 
 def test_iterative_prune_heals_between_removals(teacher_dir, tmp_path):
     from ollama_compress.hooks.prune import plan_and_prune
+    from ollama_compress.recipe import Prune
 
     settings = quick(iterative_steps=2, loss={"kl": 1.0, "hidden_mse": 1.0})
     messages: list[str] = []
     healer = heal_hooks.iterative_healer(teacher_dir, settings, SMALL_DATA, log=messages.append)
     out = tmp_path / "iterative"
-    result = plan_and_prune(teacher_dir, out, remove=2, iterative=True, between_steps=healer)
+    result = plan_and_prune(teacher_dir, out, Prune(remove=2, iterative=True, repair="none", select="metric"),
+                            between_steps=healer)
     assert result["num_layers_after"] == 4 and len(result["steps"]) == 2
     assert sum("heal after step" in m for m in messages) == 2
     healed, original = modelio.load_model(out), modelio.load_model(teacher_dir)

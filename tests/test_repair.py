@@ -12,6 +12,7 @@ from helpers import assert_clean_error, cli
 from ollama_compress import repair, trainer
 from ollama_compress.errors import UserError
 from ollama_compress.hooks import prune
+from ollama_compress.recipe import Prune
 from tiny_models import tiny_model
 
 CALIBRATION_TEXT = (
@@ -148,9 +149,9 @@ def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
 def test_repair_none_writes_todays_weights_bit_for_bit(tiny_model_dir, tmp_path, calibration_file):
     source = tiny_model_dir("llama", 6)
     spec = _text_source(calibration_file)
-    prune.plan_and_prune(source, tmp_path / "none", layers=[2, 3], repair="none", calibration=spec)
+    prune.plan_and_prune(source, tmp_path / "none", Prune(layers=[2, 3], repair="none"), calibration=spec)
     prune.prune_dir(source, tmp_path / "plain", [2, 3])
-    prune.plan_and_prune(source, tmp_path / "linear", layers=[2, 3], repair="linear", calibration=spec)
+    prune.plan_and_prune(source, tmp_path / "linear", Prune(layers=[2, 3], repair="linear"), calibration=spec)
     assert (tmp_path / "none" / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()
     none, linear = _tensors(tmp_path / "none"), _tensors(tmp_path / "linear")
     changed = sorted(k for k in none if not torch.equal(none[k], linear[k]))
@@ -166,7 +167,7 @@ def test_the_repaired_model_loads_in_stock_transformers_and_matches_the_fit(tiny
     source = tiny_model_dir("llama", 6)
     spec = _text_source(calibration_file)
     out = tmp_path / "repaired"
-    result = prune.plan_and_prune(source, out, layers=[2, 3], repair="linear", calibration=spec)
+    result = prune.plan_and_prune(source, out, Prune(layers=[2, 3], repair="linear"), calibration=spec)
     assert result["repair"]["method"] == "linear" and result["repair"]["spans"][0]["span"] == [2, 4]
     loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     assert loaded.config.num_hidden_layers == 4
@@ -188,8 +189,8 @@ def test_measured_select_keeps_the_lowest_kl_cut_when_the_metric_picks_a_worse_o
     modelio.save_model(model, modelio.load_tokenizer(tiny_model_dir("llama", 8, seed=4)), source)
     scores = {"block_influence": [1.0, 0.9, 0.8, 0.1, 0.1, 0.9, 0.9, 1.0]}  # the metric points at the loud pair
     messages: list[str] = []
-    result = prune.plan_and_prune(source, tmp_path / "out", remove=2, scores=scores, select="measured",
-                                  repair="linear", calibration=_text_source(calibration_file), log=messages.append)
+    result = prune.plan_and_prune(source, tmp_path / "out", Prune(remove=2, select="measured", repair="linear"),
+                                  scores=scores, calibration=_text_source(calibration_file), log=messages.append)
     select = result["select"]
     assert select["metric_pick"] == [3, 4]
     candidates = {tuple(c["removed"]): c for c in select["candidates"]}
