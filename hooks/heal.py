@@ -18,6 +18,8 @@ from typing import Any, Callable
 import click
 
 from ollama_compress import modelio
+from ollama_compress.cli import (add_command, echo_json, json_option, make_options, option_values, run_options,
+                                 section_from_options, section_options)
 from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import (atomic_path, check_output_dir, claim_output_dir, clean_journal, remove_made,
@@ -595,57 +597,54 @@ def default_checkpoint_dir(out: Path) -> Path:
 COMMAND_SKIPS = ("teacher",)  # the command's --teacher is required and takes any model form
 
 
+@click.command("heal")
+@click.argument("student")
+@click.option("--teacher", required=True, help="The unpruned model (same forms as STUDENT).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the healed model.")
+@section_options(Heal, COMMAND_SKIPS)
+@click.option("--data", help="Heal text: a .txt/.jsonl file, default, teacher or default+teacher.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Any recipe key under heal. or data. (heal.loss={kl: 1, ce: 0.1}).")
+@click.option("--resume", is_flag=True, help="Continue from the last complete checkpoint.")
+@click.option("--checkpoints", type=click.Path(path_type=Path), help="Checkpoint directory (default: OUT.checkpoints).")
+@click.option("--max-memory", type=float, help="Memory the heal may use, in GiB (default: what the device has free).")
+@json_option
+@run_options
+def heal_command(student, teacher, out, data, overrides, resume, checkpoints, max_memory, as_json, **given):
+    """Distil STUDENT (a pruned model) from --teacher and write the healed model to --out.
+
+    STUDENT and MODEL are HF directories, .gguf files (imported once), embedded:NAME or cached hub ids.
+    """
+    from rich.console import Console
+
+    options = make_options(**given)
+    chosen = option_values(Heal, given, COMMAND_SKIPS)
+    section_from_options(Heal, chosen)  # a bad option value is named by its flag
+    bad = [o for o in overrides if not o.split("=", 1)[0].startswith(("heal.", "data."))]
+    if bad:
+        raise UserError(f"--set {bad[0]}: heal takes heal.* and data.* keys only")
+    settings, data_spec = command_settings(str(student), [*_data_override(data), *overrides], chosen)
+    student_dir, teacher_dir = resolve_model(student, options), resolve_model(teacher, options)
+    out = Path(out)
+    if out.resolve() in (student_dir.resolve(), teacher_dir.resolve()):
+        raise UserError(f"--out {out} is an input model; choose an empty or new folder")
+    check_output_dir(out, "--out", inputs=(student_dir, teacher_dir))
+    checkpoints = checkpoints or default_checkpoint_dir(out)
+    check_output_dir(checkpoints, "--checkpoints", inputs=(student_dir, teacher_dir))
+    result = heal_model(student_dir, teacher_dir, out, settings, data_spec, options=options,
+                        checkpoint_dir=checkpoints, resume=resume, max_memory_gib=max_memory,
+                        console=Console(stderr=True), log=lambda message: click.echo(message, err=True))
+    from ollama_compress.context import launcher_world
+
+    if launcher_world()[0] != 0:  # under a launcher, rank 0 reports
+        return
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(f"wrote {out}: held-out KL to the teacher {result['kl_before']:.4f} -> {result['kl_after']:.4f}, "
+                   f"perplexity {result['ppl_before']:.2f} -> {result['ppl_after']:.2f}")
+
+
 @hookimpl
 def register_commands(cli: click.Group) -> None:
-    from ollama_compress.cli import (echo_json, json_option, make_options, option_values, run_options,
-                                     section_from_options, section_options)
-
-    if "heal" in cli.commands:
-        return
-
-    @cli.command("heal")
-    @click.argument("student")
-    @click.option("--teacher", required=True, help="The unpruned model (same forms as STUDENT).")
-    @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the healed model.")
-    @section_options(Heal, COMMAND_SKIPS)
-    @click.option("--data", help="Heal text: a .txt/.jsonl file, default, teacher or default+teacher.")
-    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                  help="Any recipe key under heal. or data. (heal.loss={kl: 1, ce: 0.1}).")
-    @click.option("--resume", is_flag=True, help="Continue from the last complete checkpoint.")
-    @click.option("--checkpoints", type=click.Path(path_type=Path), help="Checkpoint directory (default: OUT.checkpoints).")
-    @click.option("--max-memory", type=float, help="Memory the heal may use, in GiB (default: what the device has free).")
-    @json_option
-    @run_options
-    def heal_command(student, teacher, out, data, overrides, resume, checkpoints, max_memory, as_json, **given):
-        """Distil STUDENT (a pruned model) from --teacher and write the healed model to --out.
-
-        STUDENT and MODEL are HF directories, .gguf files (imported once), embedded:NAME or cached hub ids.
-        """
-        from rich.console import Console
-
-        options = make_options(**given)
-        chosen = option_values(Heal, given, COMMAND_SKIPS)
-        section_from_options(Heal, chosen)  # a bad option value is named by its flag
-        bad = [o for o in overrides if not o.split("=", 1)[0].startswith(("heal.", "data."))]
-        if bad:
-            raise UserError(f"--set {bad[0]}: heal takes heal.* and data.* keys only")
-        settings, data_spec = command_settings(str(student), [*_data_override(data), *overrides], chosen)
-        student_dir, teacher_dir = resolve_model(student, options), resolve_model(teacher, options)
-        out = Path(out)
-        if out.resolve() in (student_dir.resolve(), teacher_dir.resolve()):
-            raise UserError(f"--out {out} is an input model; choose an empty or new folder")
-        check_output_dir(out, "--out", inputs=(student_dir, teacher_dir))
-        checkpoints = checkpoints or default_checkpoint_dir(out)
-        check_output_dir(checkpoints, "--checkpoints", inputs=(student_dir, teacher_dir))
-        result = heal_model(student_dir, teacher_dir, out, settings, data_spec, options=options,
-                            checkpoint_dir=checkpoints, resume=resume, max_memory_gib=max_memory,
-                            console=Console(stderr=True), log=lambda message: click.echo(message, err=True))
-        from ollama_compress.context import launcher_world
-
-        if launcher_world()[0] != 0:  # under a launcher, rank 0 reports
-            return
-        if as_json:
-            echo_json(result)
-        else:
-            click.echo(f"wrote {out}: held-out KL to the teacher {result['kl_before']:.4f} -> {result['kl_after']:.4f}, "
-                       f"perplexity {result['ppl_before']:.2f} -> {result['ppl_after']:.2f}")
+    add_command(cli, heal_command)

@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import click
 
+from ollama_compress.cli import (add_command, calibration_from_options, calibration_options, echo_json, json_option,
+                                 make_options, run_options)
 from ollama_compress.errors import NotAvailable, UserError
 from ollama_compress.fsutil import atomic_path, check_output_dir, claim_output_dir, file_in, write_json
 from ollama_compress.hookspecs import hookimpl
@@ -489,32 +491,32 @@ def analyze(model: str, metrics: list[str], spec: TextSource, *, block_size: int
     return result, out_dir
 
 
+@click.command("analyze")
+@click.argument("model")
+@click.option("--metric", "metrics", multiple=True, help="Importance metric (repeatable); default block_influence.")
+@calibration_options
+@click.option("--block-size", type=int, default=1, show_default=True, help="Block size n for 'angular'.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output directory (default ./analyze-<model name>).")
+@json_option
+@run_options
+def analyze_command(model, metrics, block_size, out, as_json, **given):
+    """Score each layer of MODEL (HF directory or .gguf file): higher = more important."""
+    from rich.console import Console
+
+    stderr = Console(stderr=True)
+    spec = calibration_from_options(given)
+    result, out_dir = analyze(model, list(metrics) or ["block_influence"], spec, block_size=block_size, out=out,
+                              options=make_options(**given), log=lambda m: stderr.print(f"[dim]{m}[/dim]"))
+    if as_json:
+        echo_json(result.scores)
+        stderr.print(f"wrote {out_dir / 'scores.json'}")
+        return
+    console = Console()
+    print_table(result.scores, console, f"{Path(model).name}: layer importance ({result.tokens} tokens)")
+    times = ", ".join(f"{m} {s:.1f}s" for m, s in result.seconds.items())
+    console.print(f"{times}; wrote {out_dir / 'scores.json'} and one PNG per metric")
+
+
 @hookimpl
-def register_commands(cli) -> None:
-    from ollama_compress.cli import (calibration_from_options, calibration_options, echo_json, json_option,
-                                     make_options, run_options)
-
-    @cli.command("analyze")
-    @click.argument("model")
-    @click.option("--metric", "metrics", multiple=True, help="Importance metric (repeatable); default block_influence.")
-    @calibration_options
-    @click.option("--block-size", type=int, default=1, show_default=True, help="Block size n for 'angular'.")
-    @click.option("--out", type=click.Path(path_type=Path), help="Output directory (default ./analyze-<model name>).")
-    @json_option
-    @run_options
-    def analyze_command(model, metrics, block_size, out, as_json, **given):
-        """Score each layer of MODEL (HF directory or .gguf file): higher = more important."""
-        from rich.console import Console
-
-        stderr = Console(stderr=True)
-        spec = calibration_from_options(given)
-        result, out_dir = analyze(model, list(metrics) or ["block_influence"], spec, block_size=block_size, out=out,
-                                  options=make_options(**given), log=lambda m: stderr.print(f"[dim]{m}[/dim]"))
-        if as_json:
-            echo_json(result.scores)
-            stderr.print(f"wrote {out_dir / 'scores.json'}")
-            return
-        console = Console()
-        print_table(result.scores, console, f"{Path(model).name}: layer importance ({result.tokens} tokens)")
-        times = ", ".join(f"{m} {s:.1f}s" for m, s in result.seconds.items())
-        console.print(f"{times}; wrote {out_dir / 'scores.json'} and one PNG per metric")
+def register_commands(cli: click.Group) -> None:
+    add_command(cli, analyze_command)

@@ -52,6 +52,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import click
 
+from ollama_compress.cli import (add_command, calibration_from_options, calibration_options, echo_json, json_option,
+                                 make_options, option_values, run_options, section_from_options, section_options)
 from ollama_compress.context import RunOptions, StageContext
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import atomic_path, check_free_space, check_output_dir, claim_output_dir, write_json
@@ -650,35 +652,26 @@ def choose_and_repair(model, batches: list, removed: list[int], *, select: str, 
 BetweenSteps = Callable[[Any, int, list[int]], None]
 
 
-def prune_iteratively(
-    model_dir: Path,
-    out_dir: Path,
-    n_remove: int,
-    metric: str,
-    batches_fn: BatchesFn,
-    *,
-    protect: Iterable[str | int] = DEFAULT_PROTECT,
-    options: RunOptions | None = None,
-    dtype: str = "float32",
-    between_steps: BetweenSteps | None = None,
-    log: Callable[[str], None] = lambda message: None,
-    repair: str = "none",
-) -> Path:
-    """Remove ``n_remove`` layers one at a time, rescoring the pruned model after each removal.
+def prune_iteratively(model_dir: Path, out_dir: Path, prune: Prune, batches_fn: BatchesFn, *,
+                      between_steps: BetweenSteps | None = None, log: Callable[[str], None] = lambda message: None,
+                      options: RunOptions | None = None, dtype: str = "float32") -> Path:
+    """Remove ``prune.remove`` layers (or all but ``prune.keep``) one at a time, rescoring the pruned
+    model with ``prune.metric`` after each removal; ``prune.protect`` layers stay.
 
     ``batches_fn(model)`` gives the calibration batches (called once, see ``data.batches_provider``).
     ``between_steps(model, step, student_to_teacher)`` runs after each removal (a heal, later);
     without it the result is cut from the original weights (exact), else the in-memory model is
     saved. ``layer_map.json`` gets ``steps``: each step's scores and the layer it removed.
-    ``repair: linear`` repairs the final cut from the original weights when nothing healed between
+    ``prune.repair: linear`` repairs the final cut from the original weights when nothing healed between
     steps; after a heal between steps the layers have already adapted and repair is skipped.
     """
     options = options or RunOptions()
+    metric, repair, protect = prune.metric, prune.repair, list(prune.protect)
     arch, config = inspect_model_dir(model_dir, options)
     num_layers = config.num_hidden_layers
-    protect = list(protect)
     protected = resolve_protect(protect, num_layers)
-    select_layers([0.0] * num_layers, num_layers, remove=n_remove, protect=protect)  # bad input first
+    # bad input first
+    n_remove = len(select_layers([0.0] * num_layers, num_layers, remove=prune.remove, keep=prune.keep, protect=protect))
     model = modelio.load_model(model_dir, options, dtype=dtype, device=options.resolved_device())
     batches = batches_fn(model)
     teacher_of = list(range(num_layers))
@@ -765,8 +758,8 @@ def plan_and_prune(
     batches_fn = _batches_fn(model_dir, calibration, options, ctx) if needs_batches else None
 
     if needs_scores and prune.iterative:
-        prune_iteratively(model_dir, out_dir, len(planned), metric, batches_fn, protect=protect,
-                          options=options, dtype=dtype, between_steps=between_steps, log=log, repair=repair)
+        prune_iteratively(model_dir, out_dir, prune, batches_fn, between_steps=between_steps, log=log,
+                          options=options, dtype=dtype)
     else:
         block_scores, tensors, extra = None, None, {}
         model = batches = None
@@ -872,38 +865,35 @@ def heal_through_hook(ctx: StageContext, teacher_dir: Path, source_dir: Path) ->
 COMMAND_SKIPS = ("target", "report_metrics")  # the prune command takes a count or layers; it scores one metric
 
 
+@click.command("prune")
+@click.argument("model")
+@section_options(Prune, COMMAND_SKIPS)
+@calibration_options
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the pruned model.")
+@json_option
+@run_options
+def prune_command(model, out, as_json, **given):
+    """Remove the least important layers of MODEL and write the smaller model to --out.
+
+    MODEL is an HF directory, a .gguf file (imported once), embedded:NAME or a cached hub id.
+    """
+    from ollama_compress.hooks.source import resolve_model_dir
+
+    options = make_options(**given)
+    settings = section_from_options(Prune, option_values(Prune, given, COMMAND_SKIPS))
+    spec = calibration_from_options(given)
+    model_dir = Path(model) if Path(model).is_dir() else resolve_model_dir(model, options)
+    check_out_dir(out, model_dir)
+    result = plan_and_prune(model_dir, out, settings, calibration=spec, options=options,
+                            log=lambda message: click.echo(message, err=True))
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(f"layers removed: {result['removed']}")
+        click.echo(result["description"])
+        click.echo(f"wrote {out} ({result['num_layers_before']} -> {result['num_layers_after']} layers)")
+
+
 @hookimpl
 def register_commands(cli: click.Group) -> None:
-    from ollama_compress.cli import (calibration_from_options, calibration_options, echo_json, json_option,
-                                     make_options, option_values, run_options, section_from_options, section_options)
-
-    if "prune" in cli.commands:
-        return
-
-    @cli.command("prune")
-    @click.argument("model")
-    @section_options(Prune, COMMAND_SKIPS)
-    @calibration_options
-    @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the pruned model.")
-    @json_option
-    @run_options
-    def prune_command(model, out, as_json, **given):
-        """Remove the least important layers of MODEL and write the smaller model to --out.
-
-        MODEL is an HF directory, a .gguf file (imported once), embedded:NAME or a cached hub id.
-        """
-        from ollama_compress.hooks.source import resolve_model_dir
-
-        options = make_options(**given)
-        settings = section_from_options(Prune, option_values(Prune, given, COMMAND_SKIPS))
-        spec = calibration_from_options(given)
-        model_dir = Path(model) if Path(model).is_dir() else resolve_model_dir(model, options)
-        check_out_dir(out, model_dir)
-        result = plan_and_prune(model_dir, out, settings, calibration=spec, options=options,
-                                log=lambda message: click.echo(message, err=True))
-        if as_json:
-            echo_json(result)
-        else:
-            click.echo(f"layers removed: {result['removed']}")
-            click.echo(result["description"])
-            click.echo(f"wrote {out} ({result['num_layers_before']} -> {result['num_layers_after']} layers)")
+    add_command(cli, prune_command)

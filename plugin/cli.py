@@ -41,6 +41,12 @@ def echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
+def add_command(group: click.Group, command: click.Command) -> None:
+    """Add a built-in ``command`` unless a plugin registered one of that name first."""
+    if command.name not in group.commands:
+        group.add_command(command)
+
+
 def json_option(fn):
     """``--json``, shared by every command that reports a result."""
     return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")(fn)
@@ -49,8 +55,10 @@ def json_option(fn):
 # ---------------------------------------------------------------- options from a recipe section
 def field_comments(model: type[BaseModel]) -> dict[str, str]:
     """Each field's trailing comment in the schema's source (``remove: int | None = None  # how many``)."""
+    import ast
     import inspect
     import io
+    import textwrap
     import tokenize
 
     comments: dict[str, str] = {}
@@ -58,14 +66,14 @@ def field_comments(model: type[BaseModel]) -> dict[str, str]:
         if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or cls is BaseModel:
             continue
         try:
-            source = inspect.getsource(cls)
+            source = textwrap.dedent(inspect.getsource(cls))
         except (OSError, TypeError):
             continue
-        field_on_line: dict[int, str] = {}
+        body = ast.parse(source).body[0].body
+        field_on_line = {node.end_lineno: node.target.id for node in body
+                         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
         for token in tokenize.generate_tokens(io.StringIO(source).readline):
-            if token.type == tokenize.NAME and token.start[1] == 4 and token.string in cls.model_fields:
-                field_on_line[token.start[0]] = token.string
-            elif token.type == tokenize.COMMENT and token.start[0] in field_on_line:
+            if token.type == tokenize.COMMENT and token.start[0] in field_on_line:
                 comments[field_on_line[token.start[0]]] = token.string.lstrip("# ").strip()
     return comments
 

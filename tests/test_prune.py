@@ -318,6 +318,12 @@ def test_cli_angular_block_takes_the_closest_unprotected_block(tiny_model_dir, t
     assert result["removed"] == [best, best + 1, best + 2]
 
 
+def _iterative(repair: str = "none"):
+    from ollama_compress.recipe import Prune
+
+    return Prune(remove=2, iterative=True, metric="block_influence", repair=repair)
+
+
 def test_iterative_rescores_after_each_removal(tiny_model_dir, tmp_path, calibration_file):
     from ollama_compress.recipe import TextSource
 
@@ -325,7 +331,7 @@ def test_iterative_rescores_after_each_removal(tiny_model_dir, tmp_path, calibra
     spec = TextSource.model_validate({"from": "text", "path": str(calibration_file), "samples": 2, "seq_len": 16})
     batches_fn = prune._batches_fn(source, spec, prune.RunOptions(), None)
     calls = []
-    out = prune.prune_iteratively(source, tmp_path / "healed", 2, "block_influence", batches_fn,
+    out = prune.prune_iteratively(source, tmp_path / "healed", _iterative(), batches_fn,
                                   between_steps=lambda model, step, kept: calls.append((step, kept)))
     layer_map = json.loads((out / "layer_map.json").read_text())
     steps = layer_map["steps"]
@@ -338,7 +344,7 @@ def test_iterative_rescores_after_each_removal(tiny_model_dir, tmp_path, calibra
     assert layer_map["student_to_teacher"] == teacher_of and [c[0] for c in calls] == [0, 1]
     assert calls[-1][1] == teacher_of
     # without a step in between, the result is cut from the original weights: the same model
-    exact = prune.prune_iteratively(source, tmp_path / "exact", 2, "block_influence", batches_fn)
+    exact = prune.prune_iteratively(source, tmp_path / "exact", _iterative(), batches_fn)
     assert json.loads((exact / "layer_map.json").read_text())["removed"] == layer_map["removed"]
     ids = _ids()
     assert torch.equal(_logits(_load(out), ids), _logits(_load(exact), ids))
@@ -496,8 +502,8 @@ def test_iterative_without_a_heal_repairs_the_final_cut_from_the_original_weight
     source = tiny_model_dir("llama")
     spec = TextSource.model_validate({"from": "text", "path": str(calibration_file), "samples": 2, "seq_len": 16})
     batches_fn = prune._batches_fn(source, spec, prune.RunOptions(), None)
-    plain = prune.prune_iteratively(source, tmp_path / "plain", 2, "block_influence", batches_fn)
-    repaired = prune.prune_iteratively(source, tmp_path / "repaired", 2, "block_influence", batches_fn, repair="linear")
+    plain = prune.prune_iteratively(source, tmp_path / "plain", _iterative(), batches_fn)
+    repaired = prune.prune_iteratively(source, tmp_path / "repaired", _iterative(repair="linear"), batches_fn)
     layer_map = json.loads((repaired / "layer_map.json").read_text())
     assert layer_map["repair"]["method"] == "linear" and layer_map["repair"]["spans"]
     anchors = {s["anchor"] for s in layer_map["repair"]["spans"] if s["anchor"] is not None}
