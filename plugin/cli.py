@@ -96,8 +96,8 @@ def _option_kind(annotation: Any) -> tuple[str, Any] | None:
         return "flag", None
     if annotation in (int, float, str):
         return "value", {int: click.INT, float: click.FLOAT, str: click.STRING}[annotation]
-    if origin is typing.Literal:
-        return "value", click.Choice(_choices(annotation))
+    if origin is typing.Literal:  # checked by the schema, like the recipe's value
+        return "value", click.STRING
     members = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else (annotation,)
     if any(typing.get_origin(m) is list for m in members) and all(
             typing.get_origin(m) in (list, typing.Literal) for m in members):
@@ -142,8 +142,10 @@ def section_options(model: type[BaseModel], skip: Sequence[str] = (), only: Sequ
                 flag = f"{flag}/--no-{flag[2:]}"
             if default is not None and default is not False:  # shown, not passed: unset keeps the schema's default
                 help_text += f"  [default: {str(default).lower() if isinstance(default, bool) else default}]"
+            choices = _choices(info.annotation)
+            metavar = f"[{'|'.join(choices)}]" if kind == "value" and choices else None
             option = click.option(flag, dest + name, type=click_type, is_flag=kind == "flag", default=None,
-                                  help=help_text[:1].upper() + help_text[1:])
+                                  metavar=metavar, help=help_text[:1].upper() + help_text[1:])
             fn = option(fn)
             fn.__click_params__[-1].section_field = f"{model.__name__}.{name}"
         return fn

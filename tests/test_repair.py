@@ -214,7 +214,7 @@ def test_auto_measures_small_models_and_refuses_measured_with_explicit_layers(ti
 def test_bad_repair_and_select_settings_are_one_line_exit_2(tiny_model_dir, tmp_path):
     source = tiny_model_dir("llama", 6)
     proc = cli("prune", source, "--remove", "2", "--repair", "cubic", "--out", tmp_path / "a")
-    assert_clean_error(proc, "--repair cubic: use linear or none")
+    assert_clean_error(proc, "--repair: Input should be 'linear' or 'none'")
     assert len(proc.stderr.strip().splitlines()) == 1
     proc = cli("prune", source, "--layers", "2,3", "--select", "measured", "--out", tmp_path / "b")
     assert_clean_error(proc, "select: measured chooses the layers itself")
