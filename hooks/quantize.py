@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
-import math
 import os
 import re
 import subprocess
@@ -34,6 +33,7 @@ from ollama_compress.hooks.data import bos_prefix, text_windows, token_stream
 from ollama_compress.imatrix import check_imatrix
 from ollama_compress.llama_tools import llama_tool
 from ollama_compress.quant_names import IMATRIX_HELPS, NEEDS_IMATRIX, UNQUANTIZED, quant_name_problem
+from ollama_compress.reference import QualityMeter
 
 IMATRIX_FILE = "imatrix.gguf"  # the matrix the stage computes, in the stage's directory
 SPEED_PROMPT_TOKENS = 128
@@ -406,17 +406,16 @@ def measure_quants(reference_gguf: Path, quant_ggufs: dict[str, Path], texts: li
             n_scored = sum(len(w) - 1 for w in windows)
             n_vocab = ref.n_vocab
             ref_lp = np.lib.format.open_memmap(Path(tmp) / "ref.npy", mode="w+", dtype=np.float32, shape=(n_scored, n_vocab))
-            start, nll, t0 = 0, 0.0, time.perf_counter()
+            meter, t0 = QualityMeter(), time.perf_counter()
             for w in windows:
                 lp = ref.log_probs(w)
-                ref_lp[start : start + len(lp)] = lp
-                nll -= float(lp[np.arange(len(lp)), w[1:]].sum(dtype=np.float64))
-                start += len(lp)
+                ref_lp[meter.tokens : meter.tokens + len(lp)] = lp
+                meter.add(lp, lp, w[1:])
             ref_seconds = time.perf_counter() - t0
         finally:
             ref.close()
         rows = [_file_row(ref_name, reference_gguf, summaries["reference"]) | {
-            "reference": True, "perplexity": math.exp(nll / n_scored), "mean_kl": 0.0, "top1_agreement": 1.0,
+            "reference": True, "perplexity": meter.result()["perplexity"], "mean_kl": 0.0, "top1_agreement": 1.0,
             "tokens": n_scored, "n_ctx": n_ctx, "eval_seconds": round(ref_seconds, 2)}]
         for name, path in quant_ggufs.items():
             rows.append(_file_row(name, Path(path), summaries[name]) | {"reference": False}
@@ -431,17 +430,11 @@ def measure_quants(reference_gguf: Path, quant_ggufs: dict[str, Path], texts: li
 def quality_against(model: Any, windows: list[list[int]], ref_lp: Any) -> dict[str, Any]:
     """Perplexity, KL(reference || model) per token and top-1 agreement with the reference over
     ``windows``: ``model.log_probs(window)`` gives the model's rows, ``ref_lp`` the reference's, in order."""
-    import numpy as np
-
-    start, nll, kl, agree = 0, 0.0, 0.0, 0
+    meter = QualityMeter()
     for w in windows:
         lp = model.log_probs(w)
-        ref = np.asarray(ref_lp[start : start + len(lp)])
-        nll -= float(lp[np.arange(len(lp)), w[1:]].sum(dtype=np.float64))
-        kl += float((np.exp(ref) * (ref - lp)).sum(dtype=np.float64))
-        agree += int((ref.argmax(axis=1) == lp.argmax(axis=1)).sum())
-        start += len(lp)
-    return {"perplexity": math.exp(nll / start), "kl": kl / start, "top1_agreement": agree / start, "tokens": start}
+        meter.add(lp, ref_lp[meter.tokens : meter.tokens + len(lp)], w[1:])
+    return meter.result()
 
 
 def _compare(path: Path, windows: list[list[int]], ref_lp: Any, n_vocab: int, n_ctx: int) -> dict[str, Any]:
