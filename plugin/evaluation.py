@@ -148,7 +148,8 @@ class TeacherQuants:
         self.ctx, self.teacher_dir, self.outtype = ctx, teacher_dir, outtype
         self.quant_ctx = StageContext(stage="export", recipe=ctx.recipe.model_copy(update={"name": "teacher", "export": export}),
                                       run_dir=ctx.run_dir, out_dir=self.folder, options=ctx.options, console=ctx.console,
-                                      section="export", inputs={"model_dir": str(teacher_dir)})
+                                      section="export", inputs={"model_dir": str(teacher_dir),
+                                                                "teacher_dir": str(teacher_dir)})
         self.index_path = self.folder / "files.json"
         self.index = json.loads(self.index_path.read_text()) if self.index_path.is_file() else {}
         self._base: Path | None = None
@@ -217,13 +218,15 @@ class TeacherQuants:
                 added += self.make([max(lower, key=bits)], names)
         return added
 
-    def measure(self, rows: list[Candidate]) -> None:
-        """``quants.json`` over the teacher quants among ``rows``, unless it holds them all already."""
+    def measure(self, rows: list[Candidate], reference_key: str) -> None:
+        """``quants.json`` over the teacher quants among ``rows``, unless it holds them all already,
+        measured against the teacher reference ``reference_key``."""
         from ollama_compress.hooks.quantize import measure_heldout_quants, stored_quant_row
 
         quantized = {c.quant: c.path for c in rows if c.model == "teacher" and c.path.parent == self.folder
                      and c.path != self.base}
-        if quantized and any(stored_quant_row(p) is None for p in [self.base, *quantized.values()]):
+        if quantized and any((stored_quant_row(p) or {}).get("teacher_reference") != reference_key
+                             for p in [self.base, *quantized.values()]):
             measure_heldout_quants(self.quant_ctx, self.base, quantized, self.folder, speed=self.ctx.settings.speed)
         self.ctx.metrics["teacher_gguf"] = {"folder": str(self.folder), **self.quant_ctx.metrics}
 
@@ -332,8 +335,11 @@ def measure_model(ctx: StageContext, model_path: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"size_bytes": model_size(model_path)}
     try:
         teacher_lp = np.load(reference["teacher_logprobs"], mmap_mode="r")
+        stored = stored_quant_row(model_path) if is_gguf else None
         if not is_gguf and model_path.resolve() == teacher_dir.resolve():
             row.update(perplexity=reference["teacher_perplexity"], kl=0.0, top1_agreement=1.0)
+        elif stored and stored.get("teacher_reference") == reference["key"]:  # the quant table's figures
+            row.update(perplexity=stored["perplexity"], kl=stored["mean_kl"], top1_agreement=stored["top1_agreement"])
         else:
             row.update(heldout_quality(backend, windows, teacher_lp))
         if sequences:
@@ -343,12 +349,8 @@ def measure_model(ctx: StageContext, model_path: Path) -> dict[str, Any]:
                                            skip_special_tokens=True).strip() for p in prompts]
     finally:
         backend.close()
-    if is_gguf:
-        stored = stored_quant_row(model_path) or {}
-        if "mean_kl" in stored:  # the export stage's figure for this very file, not measured again
-            row["kl_to_unquantized"] = stored["mean_kl"]
-        if settings.speed:
-            row.update((reference.get("speeds") or {}).get(str(model_path)) or {})
+    if is_gguf and settings.speed:
+        row.update((reference.get("speeds") or {}).get(str(model_path)) or {})
     return row
 
 
@@ -429,6 +431,7 @@ def evaluate_run(ctx: StageContext, models: dict[str, Path] | None = None,
     teacher_dir = Path(ctx.inputs["teacher_dir"])
     tokenizer = modelio.load_tokenizer(teacher_dir, ctx.options)
     windows = unseen_heldout_windows(ctx.recipe.data, tokenizer, ctx, teacher_dir, heal=ctx.recipe.heal is not None)
+    reference = teacher_reference(teacher_dir, windows, options=ctx.options, run_dir=ctx.run_dir, log=ctx.log)
     if models is None:
         candidates = stage_candidates(ctx.inputs)
     else:
@@ -439,15 +442,14 @@ def evaluate_run(ctx: StageContext, models: dict[str, Path] | None = None,
         candidates += teacher_quants.make(wanted_teacher_quants(ctx, teacher_dir, candidates), {c.name for c in candidates})
         if "auto" in settings.teacher_quants:
             candidates += teacher_quants.match_below(candidates, imatrix=has_imatrix(ctx))
-        teacher_quants.measure(candidates)
-    reference = teacher_reference(teacher_dir, windows, options=ctx.options, run_dir=ctx.run_dir,
-                                  log=ctx.log).describe() | {"threads": threads}
+        teacher_quants.measure(candidates, reference.key)
+    described = reference.describe() | {"threads": threads}
     if settings.speed:
-        reference["speeds"] = gguf_speeds(candidates, windows, threads)
-    rows = [measure_row(ctx, c, reference) for c in candidates]
+        described["speeds"] = gguf_speeds(candidates, windows, threads)
+    rows = [measure_row(ctx, c, described) for c in candidates]
     add_quality_retained(rows)
     verdicts = equal_size_verdicts(rows, [t for w in windows for t in w] if settings.speed else None, threads)
-    evaluation = {"quality_retained": QUALITY_RETAINED, "heldout_tokens": reference["tokens"],
+    evaluation = {"quality_retained": QUALITY_RETAINED, "heldout_tokens": reference.tokens,
                   "heldout_windows": len(windows), "prompts": list(settings.prompts or DEFAULT_PROMPTS),
                   "knowledge_questions": len(knowledge_questions()) if settings.knowledge else 0, "rows": rows,
                   "verdicts": verdicts}

@@ -60,6 +60,11 @@ class TeacherReference:
     teacher_perplexity: float
 
     @property
+    def key(self) -> str:
+        """Names this reference: the teacher's hash, the windows' hash and the dtype."""
+        return self.folder.name
+
+    @property
     def logprobs_path(self) -> Path:
         return self.folder / LOGPROBS_FILE
 
@@ -79,7 +84,7 @@ class TeacherReference:
 
     def describe(self) -> dict[str, Any]:
         """The JSON-able form evaluate's hook finds in ``ctx.inputs["heldout_reference"]``."""
-        return {"teacher_dir": str(self.teacher_dir), "windows": str(self.folder / WINDOWS_FILE),
+        return {"key": self.key, "teacher_dir": str(self.teacher_dir), "windows": str(self.folder / WINDOWS_FILE),
                 "teacher_logprobs": str(self.logprobs_path), "tokens": self.tokens,
                 "teacher_perplexity": self.teacher_perplexity}
 
@@ -110,6 +115,17 @@ def teacher_reference(teacher_dir: Path, windows: list[list[int]], *, options: R
             _compute(teacher_dir, windows, tmp, options or RunOptions())
     summary = json.loads((folder / SUMMARY_FILE).read_text())
     return TeacherReference(folder, teacher_dir, windows, summary["tokens"], summary["teacher_perplexity"])
+
+
+def heldout_reference(ctx: Any) -> TeacherReference:
+    """The run's teacher reference: ``ctx.inputs["teacher_dir"]`` on ``data.heldout`` cut by
+    ``heldout_windows`` with the teacher's tokenizer (the windows heal and evaluate measure on)."""
+    from . import modelio
+    from .hooks.data import heldout_windows
+
+    teacher_dir = Path(ctx.inputs["teacher_dir"])
+    windows = heldout_windows(ctx.recipe.data.heldout, modelio.load_tokenizer(teacher_dir, ctx.options), ctx, teacher_dir)
+    return teacher_reference(teacher_dir, windows, options=ctx.options, run_dir=ctx.run_dir, log=ctx.log)
 
 
 def _compute(teacher_dir: Path, windows: list[list[int]], folder: Path, options: RunOptions) -> None:
