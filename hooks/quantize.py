@@ -410,7 +410,7 @@ def measure_quants(reference_gguf: Path, quant_ggufs: dict[str, Path], texts: li
             for w in windows:
                 lp = ref.log_probs(w)
                 ref_lp[meter.tokens : meter.tokens + len(lp)] = lp
-                meter.add(lp, lp, w[1:])
+                meter.add_nll(lp, w[1:])
             ref_seconds = time.perf_counter() - t0
         finally:
             ref.close()

@@ -38,9 +38,16 @@ class QualityMeter:
         import numpy as np
 
         lp, ref = np.asarray(model_lp, dtype=np.float32), np.asarray(reference_lp, dtype=np.float32)
-        self.nll -= float(lp[np.arange(len(lp)), np.asarray(targets)].sum(dtype=np.float64))
+        self.add_nll(lp, targets)
         self.kl += float((np.exp(ref) * (ref - lp)).sum(dtype=np.float64))
         self.agree += int((ref.argmax(axis=1) == lp.argmax(axis=1)).sum())
+
+    def add_nll(self, model_lp: Any, targets: Any) -> None:
+        """Only the perplexity part (the reference's own perplexity: its KL is 0, its agreement 1)."""
+        import numpy as np
+
+        lp = np.asarray(model_lp, dtype=np.float32)
+        self.nll -= float(lp[np.arange(len(lp)), np.asarray(targets)].sum(dtype=np.float64))
         self.tokens += len(lp)
 
     def result(self) -> dict[str, Any]:
@@ -140,7 +147,7 @@ def _compute(teacher_dir: Path, windows: list[list[int]], folder: Path, options:
         for w in windows:
             lp = teacher.log_probs(w)
             store[start:start + len(lp)] = lp
-            meter.add(lp, lp, w[1:])
+            meter.add_nll(lp, w[1:])
             start += len(lp)
         store.flush()
         del store

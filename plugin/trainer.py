@@ -306,7 +306,7 @@ def heldout_metrics(student, teacher, windows: torch.Tensor, device: str, vocab:
                 teacher_cache.append(reference)
         targets = row[1:].cpu().numpy()
         meter.add(_log_probs(student, ids, vocab), reference, targets)
-        teacher_meter.add(reference, reference, targets)
+        teacher_meter.add_nll(reference, targets)
     student.train(was_training)
     figures = meter.result()
     return {"kl": figures["kl"], "top1": figures["top1_agreement"], "ppl": figures["perplexity"],
