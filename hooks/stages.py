@@ -81,7 +81,8 @@ def _export(ctx: StageContext) -> dict[str, Any]:
 
 
 def _measure(ctx: StageContext, reference: Path, quants: dict[str, Path]) -> None:
-    """Per-quant size, bits per weight, perplexity and KL to the unquantized GGUF (llama.cpp logits)."""
+    """Per-quant size, bits per weight, and perplexity, KL and top-1 agreement against the run's
+    teacher reference (llama.cpp logits), for the unquantized GGUF and each quant."""
     from ollama_compress.hooks import quantize
 
     ctx.metrics["quants"] = quantize.measure_heldout_quants(ctx, reference, quants, ctx.out_dir)

@@ -232,7 +232,7 @@ TABLE_COLUMNS = (
 )
 BUILTIN_KEYS = {"name", "model", "quant", "kind", "path", "size_bytes", "perplexity", "kl", "top1_agreement",
                 "knowledge_accuracy", "quality_retained", "prompt_tokens_per_s", "gen_tokens_per_s", "threads",
-                "answers", "eval_seconds", "kl_to_unquantized", "prompt_tokens_per_cpu_s", "gen_tokens_per_cpu_s",
+                "answers", "eval_seconds", "prompt_tokens_per_cpu_s", "gen_tokens_per_cpu_s",
                 "speed_threads", "speed_rounds", "load_average", "decode_seconds"}
 
 

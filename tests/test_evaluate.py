@@ -108,8 +108,27 @@ def test_the_same_file_gets_the_same_speed_and_kl_in_quants_json_and_evaluation_
         stored = {r["file"]: r for r in json.loads((path.parent / "quants.json").read_text())["quants"]}[path.name]
         for key in ("prompt_tokens_per_s", "gen_tokens_per_s", "load_average", "decode_seconds"):
             assert rows[name][key] == stored[key], (name, key)
-        assert rows[name]["kl_to_unquantized"] == stored["mean_kl"], name
-    assert rows["healed Q8_0"]["kl_to_unquantized"] > 0 and rows["healed F32"]["kl_to_unquantized"] == 0.0
+        assert (rows[name]["kl"], rows[name]["perplexity"]) == (stored["mean_kl"], stored["perplexity"]), name
+    assert 0 < rows["teacher Q8_0"]["kl"] < rows["healed F32"]["kl"]  # against the teacher, not the F32 file
+
+
+def test_the_quant_table_measures_against_evaluates_teacher_reference(evaluated):
+    from ollama_compress.evaluation import LlamaModel, heldout_quality
+    from ollama_compress.reference import heldout_reference
+
+    ctx, _, rows = evaluated
+    reference = heldout_reference(ctx)
+    stored = {r["file"]: r for r in json.loads(Path(rows["healed Q8_0"]["path"]).with_name("quants.json")
+                                               .read_text())["quants"]}
+    assert {r["teacher_reference"] for r in stored.values()} == {reference.key}
+    for name in ("healed F32", "healed Q8_0"):  # measured again here, not read from quants.json
+        path = Path(rows[name]["path"])
+        backend = LlamaModel(path, n_ctx=max(map(len, reference.windows)))
+        try:
+            quality = heldout_quality(backend, reference.windows, reference.logprobs())
+        finally:
+            backend.close()
+        assert quality["kl"] == pytest.approx(stored[path.name]["mean_kl"], rel=1e-5, abs=1e-7), name
 
 
 def test_a_compressed_quant_gets_a_verdict_against_the_teacher_quant_at_its_size(evaluated):
