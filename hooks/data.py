@@ -277,7 +277,8 @@ def _exported_teacher(model_dir: Path, ctx, log) -> Path:
     import shutil
     import tempfile
 
-    from ollama_compress.context import RunOptions, StageContext
+    from ollama_compress.context import StageContext
+    from ollama_compress.options import RunOptions
     from ollama_compress.embedded import cache_dir
     from ollama_compress.fsutil import Fingerprints
     from ollama_compress.plugins import call_first

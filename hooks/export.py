@@ -9,7 +9,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import click
 
-from ollama_compress.context import RunOptions, StageContext
+from ollama_compress.context import StageContext
+from ollama_compress.options import RunOptions
 from ollama_compress.errors import NotAvailable, UserError
 from ollama_compress.fsutil import check_output_dir, claimed_output_dir
 from ollama_compress.gguf import OUTTYPES, check_outtype, layer_map_keys, write_gguf

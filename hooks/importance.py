@@ -404,7 +404,7 @@ def score_model_dir(model_dir: Path, metrics: list[str], spec, out_dir: Path, *,
     gives the angular block size, once the model's depth is known.
     """
     from ollama_compress import modelio
-    from ollama_compress.context import RunOptions
+    from ollama_compress.options import RunOptions
     from ollama_compress.hooks.data import batches_provider
 
     options = options or RunOptions()
@@ -475,7 +475,7 @@ def analyze(model: str, metrics: list[str], calibration: str | None = None, samp
             seq_len: int | None = None, block_size: int = 1, out: str | None = None, options=None,
             seed: int = 0, log: Callable[[str], None] = lambda m: None) -> tuple[Analysis, Path]:
     """The ``analyze`` command as a function: score ``model`` (any source form) and write the outputs."""
-    from ollama_compress.context import RunOptions
+    from ollama_compress.options import RunOptions
     from ollama_compress.hooks.data import text_source_from_options
     from ollama_compress.hooks.source import resolve_model_dir
 

@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from ollama_compress.context import RunOptions
+from ollama_compress.options import RunOptions
 from ollama_compress.errors import UserError
 from ollama_compress.hookspecs import hookimpl
 

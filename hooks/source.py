@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from ollama_compress.context import RunOptions, StageContext
+from ollama_compress.context import StageContext
+from ollama_compress.options import RunOptions
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import Fingerprints, atomic_path, check_free_space, check_output_dir, claim_output_dir
 from ollama_compress.gguf_verify import GGUFSummary, verify_gguf

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .context import RunOptions
+from .options import RunOptions
 from .errors import UserError
 from .fsutil import atomic_path
 from .gguf_verify import GGUFSummary, verify_gguf

@@ -7,7 +7,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from .context import RunOptions
+from .options import RunOptions
 from .errors import UserError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from .context import RunOptions, StageContext, launcher_world
+from .context import StageContext
+from .options import RunOptions, launcher_world
 from .embedded import cache_dir
 from .errors import CompressError, NotAvailable, StageFailed, UserError
 from .fsutil import (Fingerprints, atomic_path, check_output_dir, claim_output_dir, clean_journal, remove_made,

@@ -12,7 +12,7 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
-from ollama_compress.context import RunOptions
+from ollama_compress.options import RunOptions
 from ollama_compress.errors import UserError
 
 from .arch import gguf_py

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 
-from ollama_compress.context import RunOptions
+from ollama_compress.options import RunOptions
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import atomic_path, check_free_space
 from ollama_compress.modelio import check_finite, check_tokenizer_files
