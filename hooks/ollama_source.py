@@ -106,7 +106,8 @@ def check_blob(blob: Path) -> Path:
 def resolve_ollama_model(name: str, options: RunOptions, host: str | None = None,
                          models_dir: Path | None = None) -> Path:
     """The verified GGUF blob of the Ollama model ``name``."""
-    from ollama_compress.ollama_server import default_models_dir, normalize_host
+    from ollama_compress.hosts import normalize_host
+    from ollama_compress.ollama_server import default_models_dir
 
     blob = blob_from_server(name, normalize_host(host))
     if blob is None:

@@ -17,7 +17,8 @@ import click
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import file_sha256
 from ollama_compress.hookspecs import hookimpl
-from ollama_compress.ollama_server import DEFAULT_HOST, ensure_server, make_client, normalize_host, server_running
+from ollama_compress.hosts import DEFAULT_HOST, normalize_host
+from ollama_compress.ollama_server import ensure_server, make_client, server_running
 
 from .modelfile import (
     ModelfileSpec,

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from .errors import StageFailed, UserError
 from .fsutil import make_temp_dir, remove_made
+from .hosts import is_loopback, normalize_host
 
 # Ollama is built from source with `go install` (Go modules + cgo; no cmake, no prebuilt download).
 # v0.24.0 is the newest release the Go module proxy serves (`go list -m github.com/ollama/ollama@latest`
@@ -38,8 +39,6 @@ OLLAMA_LDFLAGS = (
 )
 SYSTEM_HEADERS = {"nlohmann/json_fwd.hpp": "nlohmann-json3-dev", "stb/stb_image.h": "libstb-dev"}
 MINIAUDIO_SDIST = "miniaudio==1.71"
-DEFAULT_PORT = 11434
-DEFAULT_HOST = f"http://127.0.0.1:{DEFAULT_PORT}"
 LOG_TAIL_LINES = 15
 # ggml's CPU code is compiled by cgo with -O3 but no -march, i.e. SSE2 only; building for the
 # machine's own CPU (AVX2/AVX-512) makes generation about 6x faster. The binary then runs only
@@ -216,50 +215,6 @@ def ollama_binary(build: bool = False, log: Callable[[str], None] | None = None)
         f"no ollama binary in {pinned_ollama_path().parent}, on PATH or in $(go env GOPATH)/bin; "
         "run 'bash .ci/install-ollama' or install Ollama from https://ollama.com/download"
     )
-
-
-# ---------------------------------------------------------------- hosts
-def normalize_host(host: str | None = None) -> str:
-    """``http://HOST:PORT`` for an OLLAMA_HOST-style value (``host``, ``host:port``, ``:port``, URL).
-
-    None means ``$OLLAMA_HOST`` or ``http://127.0.0.1:11434``. A wildcard bind address
-    (0.0.0.0, ::) is reached through 127.0.0.1.
-    """
-    raw = (host if host is not None else os.environ.get("OLLAMA_HOST", "")).strip()
-    if not raw:
-        return DEFAULT_HOST
-    if "://" not in raw:
-        raw = "http://" + raw
-    parts = urlsplit(raw)
-    scheme = parts.scheme or "http"
-    hostname = parts.hostname or "127.0.0.1"
-    if hostname in ("0.0.0.0", "::"):
-        hostname = "127.0.0.1"
-    try:
-        port = parts.port or DEFAULT_PORT
-    except ValueError:
-        raise UserError(f"'{host}' is not a valid Ollama host (expected HOST:PORT or http://HOST:PORT)") from None
-    if ":" in hostname:
-        hostname = f"[{hostname}]"
-    return f"{scheme}://{hostname}:{port}{parts.path.rstrip('/')}"
-
-
-def is_loopback(host: str | None) -> bool:
-    """Whether ``host`` (any OLLAMA_HOST spelling) names this machine: an IP literal in 127.0.0.0/8,
-    ``::1``, or exactly ``localhost``. Any other name is remote (``127.0.0.1.example.org`` is a
-    domain, resolved by DNS)."""
-    import ipaddress
-
-    name = urlsplit(normalize_host(host)).hostname or ""
-    if name == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv4Address):
-        return address in ipaddress.IPv4Network("127.0.0.0/8")
-    return address.is_loopback
 
 
 def make_client(host: str | None = None, **kwargs):

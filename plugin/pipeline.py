@@ -31,7 +31,7 @@ from .fsutil import (Fingerprints, atomic_path, check_output_dir, claim_output_d
                      settings_hash, write_json)
 from .hookspecs import LOCATE_SOURCE
 from .plugins import call_first, get_plugin_manager
-from .recipe import SUPPORTED_RECIPE_VERSIONS, Recipe, load_recipe
+from .recipe import SUPPORTED_RECIPE_VERSIONS, Recipe, load_recipe, parse_count
 
 STAGE_FILE = ".stage.json"
 PACKAGES = ("ollama-compress", "torch", "transformers", "safetensors", "gguf", "llama-cpp-python",
@@ -192,7 +192,7 @@ class Run:
         prune = self.recipe.prune
         if prune is None or prune.target is None:
             return
-        from .planner import layers_to_remove, model_shape, parse_count
+        from .planner import layers_to_remove, model_shape
 
         target = prune.target
         shape = model_shape(self.source_location())

@@ -260,17 +260,6 @@ def gguf_size(shape: ModelShape, quant: str, removed: int = 0) -> int:
     return data + shape.metadata_bytes
 
 
-def parse_count(text: str | int) -> int:
-    """``100M``, ``1.5B``, ``250k`` or a plain number -> an int; UserError otherwise."""
-    if isinstance(text, int):
-        return text
-    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*", str(text))
-    if not found:
-        raise UserError(f"'{text}' is not a parameter count; write e.g. 100M or 1.5B")
-    scale = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[found.group(2).lower()]
-    return int(float(found.group(1)) * scale)
-
-
 def layers_to_remove(shape: ModelShape, *, size_mb: float | None = None, params: int | None = None,
                      quant: str = "Q4_K_M", keep_at_least: int = 2) -> int:
     """The fewest layers to remove so the model fits the target; UserError when none fits."""

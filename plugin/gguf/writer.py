@@ -21,12 +21,13 @@ from ollama_compress.options import RunOptions
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import atomic_path, check_free_space
 from ollama_compress.modelio import check_finite, check_tokenizer_files
+from ollama_compress.quant_names import UNQUANTIZED
 
 from .arch import check_loadable, gguf_py, metadata_type_problem, read_model_config, write_hparams
 from .tensors import PlannedTensor, expected_size, plan_tensors, width_warnings_of
 from .vocab import build_vocab, load_tokenizer_or_none, write_vocab
 
-OUTTYPES = ("F32", "F16", "BF16")
+OUTTYPES = UNQUANTIZED  # the GGUF types written without llama-quantize
 META_PREFIX = "ollama_compress."
 
 log = logging.getLogger(__name__)
