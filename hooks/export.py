@@ -9,11 +9,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 import click
 
+from ollama_compress.cli import echo_json, make_options, run_options
 from ollama_compress.context import StageContext
-from ollama_compress.options import RunOptions
 from ollama_compress.errors import NotAvailable, UserError
 from ollama_compress.fsutil import check_output_dir, claimed_output_dir
+from ollama_compress.hooks.data import read_text_file
+from ollama_compress.hooks.source import resolve_model_dir
 from ollama_compress.hookspecs import hookimpl
+from ollama_compress.options import RunOptions
 from ollama_compress.quant_names import QUANT_TYPES, UNQUANTIZED
 
 
@@ -144,8 +147,6 @@ def _print_rows(rows: list[dict]) -> None:
 
 @hookimpl
 def register_commands(cli: click.Group) -> None:
-    from ollama_compress.cli import echo_json, make_options, run_options
-
     @cli.command("export")
     @click.argument("model")
     @click.option("--quant", "-q", "quants", multiple=True, help="llama.cpp quant to make (repeatable), e.g. Q4_K_M.")
@@ -160,9 +161,6 @@ def register_commands(cli: click.Group) -> None:
     @run_options
     def export_command(model, quants, outtype, out_dir, imatrix, heldout, as_json, **opts):
         """Convert MODEL (an HF directory, a .gguf file or embedded:NAME) to GGUF, then quantize it with llama.cpp."""
-        from ollama_compress.hooks.data import read_text_file
-        from ollama_compress.hooks.source import resolve_model_dir
-
         options = make_options(**opts)
         texts = [read_text_file(heldout, "held-out text")] if heldout else None
         from ollama_compress.gguf.writer import check_outtype  # deferred: the writer loads numpy and gguf-py

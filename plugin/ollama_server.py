@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,8 +22,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
+from .embedded import cache_dir
 from .errors import StageFailed, UserError
-from .fsutil import make_temp_dir, remove_made
+from .fsutil import atomic_path, make_temp_dir, remove_made
 from .hosts import is_loopback, normalize_host
 
 # Ollama is built from source with `go install` (Go modules + cgo; no cmake, no prebuilt download).
@@ -51,8 +54,6 @@ NATIVE_CFLAGS = "-O3 -march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 # ---------------------------------------------------------------- the binary
 def pinned_ollama_path() -> Path:
     """Where ``install_ollama`` puts the pinned build: ``<cache>/ollama-VERSION/bin/ollama``."""
-    from .embedded import cache_dir
-
     return cache_dir() / f"ollama-{OLLAMA_VERSION.removeprefix('v')}" / "bin" / "ollama"
 
 
@@ -93,8 +94,6 @@ def find_ollama() -> Path | None:
 
 def binary_version(binary: Path) -> str | None:
     """The version an ollama binary reports (``ollama --version``, no server needed), or None."""
-    import re
-
     env = {**os.environ, "OLLAMA_HOST": "127.0.0.1:9"}  # unreachable: it prints "client version is X"
     try:
         done = subprocess.run([str(binary), "--version"], capture_output=True, text=True, env=env, timeout=30)
@@ -106,11 +105,6 @@ def binary_version(binary: Path) -> str | None:
 
 def _header_dir() -> Path:
     """A folder with ``miniaudio/miniaudio.h`` (from the miniaudio sdist), for ``CGO_CPPFLAGS=-I``."""
-    import tarfile
-
-    from .embedded import cache_dir
-    from .fsutil import atomic_path
-
     folder = cache_dir() / f"ollama-headers-{MINIAUDIO_SDIST.split('==')[1]}"
     header = folder / "miniaudio" / "miniaudio.h"
     if header.is_file():
@@ -446,8 +440,6 @@ def ensure_server(
 
 
 def _log_dir() -> Path:
-    from .embedded import cache_dir
-
     path = cache_dir() / "logs"
     path.mkdir(parents=True, exist_ok=True)
     return path

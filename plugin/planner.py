@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import UserError
+from .gguf_verify import ggml_type_size, verify_gguf
+from .modelio import read_config
 from .quant_names import QUANTS
 
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|blk)\.(\d+)\.")
@@ -147,8 +149,6 @@ GGUF_OTHER_METADATA = 8192  # architecture keys, chat template, general.*
 
 def shape_of_hf_dir(model_dir: Path) -> ModelShape:
     """The shape of an HF directory from config.json and the safetensors headers only."""
-    from .modelio import read_config
-
     config = read_config(model_dir)
     tensors = []
     for file in sorted(Path(model_dir).glob("*.safetensors")):
@@ -163,8 +163,6 @@ def shape_of_hf_dir(model_dir: Path) -> ModelShape:
 
 def shape_of_gguf(path: Path) -> ModelShape:
     """The shape of a GGUF file from its header and tensor table (the tensor data is not read)."""
-    from .gguf_verify import verify_gguf
-
     summary = verify_gguf(path)
     meta, arch = summary.metadata, summary.architecture
     embed = next((t for t in summary.tensors if t.name == "token_embd.weight"), None)
@@ -188,8 +186,6 @@ def tensor_type(quant: str, tensor: Tensor, layers: int, tied: bool) -> str:
     ``llama_tensor_get_type`` for dense models without an imatrix: the output matrix and tied
     embeddings at Q6_K, more bits on some attn_v / ffn_down / attn_output layers, then the
     fallback for rows that don't fit the type's blocks)."""
-    from .gguf_verify import ggml_type_size
-
     if tensor.role == "vector":
         return "F32"
     chosen = QUANTS[quant].main_type
@@ -235,8 +231,6 @@ FALLBACK = {"IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS":
 def _fallback(chosen: str, row: int) -> str:
     """llama.cpp's ``tensor_type_fallback``: a type of 32-element blocks when the row does not
     divide into 256, F16 when it does not divide into 32 either."""
-    from .gguf_verify import ggml_type_size
-
     if row % ggml_type_size(chosen)[0] == 0:
         return chosen
     chosen = FALLBACK.get(chosen, chosen)
@@ -244,8 +238,6 @@ def _fallback(chosen: str, row: int) -> str:
 
 
 def tensor_bytes(type_name: str, tensor: Tensor) -> int:
-    from .gguf_verify import ggml_type_size
-
     block, size = ggml_type_size(type_name)
     return tensor.count // block * size
 

@@ -5,7 +5,9 @@ installed plugins registered; they can't name code, and can't turn on ``trust_re
 """
 from __future__ import annotations
 
+import math
 import re
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Literal, Union
@@ -449,8 +451,6 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
 
 def non_finite_numbers(data: Any) -> list[str]:
     """Where ``data`` (parsed YAML) holds NaN or an infinity, as dotted key paths (iterative walk)."""
-    import math
-
     found: list[str] = []
     stack: list[tuple[str, Any]] = [("", data)]
     seen: set[int] = set()  # a container reached twice (YAML aliases) is walked once
@@ -541,8 +541,6 @@ def _field_model(model: type[BaseModel], key: str) -> tuple[str, Any] | None:
 
 
 def _submodel(annotation: Any) -> type[BaseModel] | None:
-    import typing
-
     candidates = [annotation, *typing.get_args(annotation)]
     for c in candidates:
         if isinstance(c, type) and issubclass(c, BaseModel):
@@ -551,8 +549,6 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
 
 
 def _is_mapping(annotation: Any) -> bool:
-    import typing
-
     return typing.get_origin(annotation) is dict
 
 

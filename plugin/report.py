@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from rich.table import Table
+
 from .errors import UserError
+from .evaluation import QUALITY_RETAINED
 from .fsutil import atomic_path, file_in
 from .recipe import MODEL_NAME_RE
 
@@ -246,8 +249,6 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def rich_table(rows: list[dict[str, Any]]):
     """The evaluation table for the terminal."""
-    from rich.table import Table
-
     table = Table(title="Against the teacher on the same held-out tokens")
     for header, _ in TABLE_COLUMNS:
         table.add_column(header, justify="left" if header == "model" else "right")
@@ -354,8 +355,6 @@ def ollama_lines(inputs: dict[str, Any]) -> list[str]:
 def write_report(out_dir: Path, title: str, evaluation: dict[str, Any] | None,
                  inputs: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """Write ``report.md`` and its PNGs into ``out_dir``; return (path, the numbers behind the plots)."""
-    from .evaluation import QUALITY_RETAINED
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Any] = {}
