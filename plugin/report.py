@@ -17,7 +17,6 @@ from urllib.parse import quote
 from rich.table import Table
 
 from .errors import UserError
-from .evaluation import QUALITY_RETAINED
 from .fsutil import atomic_path, file_in
 from .recipe import MODEL_NAME_RE
 
@@ -365,8 +364,10 @@ def write_report(out_dir: Path, title: str, evaluation: dict[str, Any] | None,
                   f"Every row against the teacher on the same {md(evaluation.get('heldout_tokens', '?'))} held-out "
                   f"tokens ({md(evaluation.get('heldout_windows', '?'))} windows); knowledge: "
                   f"{md(evaluation.get('knowledge_questions', 0))} multiple-choice questions scored by log-likelihood; "
-                  "tokens/s: llama.cpp, GGUF rows only.", "", f"*{QUALITY_RETAINED}.*", "",
-                  *table_lines(rows), ""]
+                  "tokens/s: llama.cpp, GGUF rows only.", ""]
+        if evaluation.get("quality_retained"):  # the definition, as evaluation.json states it
+            lines += [f"*{evaluation['quality_retained']}.*", ""]
+        lines += [*table_lines(rows), ""]
         extra = extra_metric_lines(rows)
         if extra:
             lines += ["Other metrics (plugins):", "", *extra, ""]
