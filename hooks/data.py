@@ -68,7 +68,6 @@ def read_text_file(path: str | os.PathLike, what: str) -> str:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} file {path} does not exist; give a path to a text file")
-
     text = read_text(path, "data", f"{what} file {path}")  # a regular file of sane size, UTF-8
     if not text.strip():
         raise UserError(f"{what} file {path} is empty; give a file with text in it")
@@ -132,7 +131,6 @@ def jsonl_texts(spec: TextSource, tokenizer=None, ctx=None) -> list[str]:
         if not line.strip():
             continue
         where = f"{path} line {number}"
-
         record = parse_json(line, where)
         texts.append(_record_text(record, tokenizer, where))
     return _nonempty(texts, str(path))

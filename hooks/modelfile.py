@@ -144,7 +144,6 @@ def read_hf_chat_template(model_dir: Path) -> str | None:
     tokenizer_config.json), or None when it has none."""
     model_dir = Path(model_dir)
     jinja = model_dir / "chat_template.jinja"
-
     if os.path.lexists(jinja):
         return read_text(jinja, "template")
     for name in ("chat_template.json", "tokenizer_config.json"):

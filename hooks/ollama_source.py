@@ -66,7 +66,6 @@ def blob_from_manifest(name: str, models_dir: Path) -> Path:
     if not manifest.is_file():
         raise UserError(f"ollama:{name} is not installed in {models_dir} (no manifest {manifest}); "
                         f"see 'ollama list', or 'ollama pull {name}'")
-
     try:
         layers = read_json(manifest, "manifest", expect=dict)["layers"]
         digest = next(layer["digest"] for layer in layers

@@ -74,7 +74,6 @@ def _check_remote_code(path: Path, options: RunOptions) -> None:
     for name in ("config.json", "tokenizer_config.json"):
         if not (path / name).is_file():
             continue
-
         config = read_json(path / name, "config", expect=dict)
         if config.get("auto_map") and not options.trust_remote_code:
             raise UserError(f"{path} needs its own Python code ({name} auto_map) to load; read that code and "

@@ -194,7 +194,6 @@ class Run:
         prune = self.recipe.prune
         if prune is None or prune.target is None:
             return
-
         target = prune.target
         shape = model_shape(self.source_location())
         protected = len({p if isinstance(p, int) else (0 if p == "first" else shape.num_layers - 1)

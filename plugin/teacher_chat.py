@@ -220,7 +220,6 @@ def _llama_cpp():
     except ImportError:
         raise UserError("teacher-written chat needs llama-cpp-python: pip install llama-cpp-python "
                         "(or bash .ci/setup)") from None
-
     import llama_cpp._logger  # noqa: F401  (routes llama.cpp's messages through this logger)
 
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load chatter

@@ -40,7 +40,6 @@ def _environment():
         def parse(self, parser):
             lineno = next(parser.stream).lineno
             body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
             return nodes.Scope(body, lineno=lineno)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
@@ -69,7 +68,6 @@ def check_chat_template(text: str | None) -> None:
         raise _refuse(f"{len(text)} characters (at most {MAX_TEMPLATE_CHARS})")
     if "\0" in text:
         raise _refuse("it holds a NUL byte")
-
     try:
         tree = _environment().parse(text)
     except TemplateSyntaxError as exc:

@@ -40,7 +40,6 @@ def _layer_map(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "layer_map.json"
     if not path.is_file():
         return {}
-
     return read_json(path, "layer map", expect=dict)
 
 
