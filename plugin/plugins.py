@@ -206,16 +206,12 @@ def describe_plugins() -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": name,
-                "version": dist.version if dist else _own_version(),
+                "version": dist.version if dist else __version__,
                 "builtin": _is_builtin(getattr(plugin, "__name__", "")),
                 "hooks": hooks,
             }
         )
     return rows
-
-
-def _own_version() -> str:
-    return __version__
 
 
 def call_first(hook_name: str, **kwargs: Any) -> Any:
