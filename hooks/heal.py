@@ -18,7 +18,8 @@ from typing import Any, Callable
 import click
 
 from ollama_compress import modelio
-from ollama_compress.context import RunOptions, StageContext
+from ollama_compress.context import StageContext
+from ollama_compress.options import RunOptions
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import (atomic_path, check_output_dir, claim_output_dir, clean_journal, remove_made,
                                    remove_made_children, settings_hash, write_json)
@@ -655,7 +656,7 @@ def register_commands(cli: click.Group) -> None:
                             checkpoint_dir=checkpoints, resume=resume,
                             max_memory_gib=max_memory, console=console,
                             log=lambda message: click.echo(message, err=True))
-        from ollama_compress.context import launcher_world
+        from ollama_compress.options import launcher_world
 
         if launcher_world()[0] != 0:  # under a launcher, rank 0 reports
             return

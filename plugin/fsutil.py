@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import __version__
 from .errors import UserError
 
 
@@ -59,8 +60,6 @@ def is_owned_dir(path: str | os.PathLike) -> bool:
 
 
 def _mark(path: Path, created: bool) -> None:
-    from . import __version__
-
     (path / MARKER).write_text(json.dumps({"made_by": MADE_BY, "version": __version__, "created": created}) + "\n")
 
 

@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+from .embedded import cache_dir
 from .errors import StageFailed, UserError
 from .fsutil import atomic_path
 
@@ -41,8 +42,6 @@ def bindings_version() -> str:
 
 def tools_dir() -> Path:
     """``<cache>/llama.cpp-VERSION/bin``, VERSION being the bindings' version."""
-    from .embedded import cache_dir
-
     return cache_dir() / f"llama.cpp-{bindings_version()}" / "bin"
 
 

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .errors import UserError
+from .gguf.arch import ARCHS
 from .modelio import decoder_stack
 from .planner import index_runs
 
@@ -178,8 +179,6 @@ def fit_spans(model, stats: dict[tuple[int, int], Stats], removed: Sequence[int]
 
 def _norm_shift(model) -> float:
     """1.0 when the RMSNorm scales by ``1 + weight`` (Gemma), 0.0 when by ``weight``."""
-    from .gguf.arch import ARCHS
-
     spec = ARCHS.get(getattr(model.config, "model_type", ""))
     return float(getattr(spec, "norm_shift", 0.0) or 0.0)
 

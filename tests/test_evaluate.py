@@ -44,7 +44,7 @@ def healed_stand_in(tiny_model_dir, pruned: Path, root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, tiny_model_dir):
-    from ollama_compress.hooks.export import export_gguf
+    from ollama_compress.gguf import export_gguf
     from ollama_compress.hooks.prune import prune_dir
     from ollama_compress.hooks.quantize import measure_heldout_quants, quantize_file
 

@@ -84,7 +84,7 @@ def structural_fields(data: bytes) -> list[tuple[int, int]]:
             for _ in range(count):
                 at = value(at, itype)
             return at
-        return at + struct.calcsize(gv._SCALARS[GGUFValueType(vtype)])
+        return at + struct.calcsize(gv._SCALARS[GGUFValueType(vtype).name])
 
     for _ in range(n_kv):
         pos = string(pos)

@@ -17,7 +17,7 @@ from ollama_compress.errors import UserError
 from ollama_compress.hooks import heal as heal_hooks
 from ollama_compress.hooks.prune import prune_dir
 from ollama_compress.hookspecs import hookimpl
-from ollama_compress.recipe import Data, Heal, validate
+from ollama_compress.recipe import Data, Heal, RecipeError, validate
 
 
 
@@ -333,13 +333,14 @@ class MeanSquareLogitPlugin:
 
 
 def test_a_plugin_registers_a_loss_by_function_and_a_recipe_uses_it(student_dir, teacher_dir, tmp_path):
-    with pytest.raises(Exception, match="unknown loss 'final_state_mse'; known: ce, hidden_mse, kl, lens"):
-        Heal(loss={"final_state_mse": 1.0})
+    settings = {"recipe_version": 1, "name": "x", "source": {"model": "/m"},
+                "heal": {"steps": 3, "lr": 1e-3, "batch_size": 1, "seq_len": 16, "dtype": "float32",
+                         "loss": {"final_state_mse": 1.0}}}
+    with pytest.raises(RecipeError, match="heal.loss: unknown loss 'final_state_mse'; known: ce, hidden_mse, kl, lens"):
+        validate(settings)
     plugins.register_plugin(MeanSquareLogitPlugin(), name="test-final-mse")
     try:
-        recipe = validate({"recipe_version": 1, "name": "x", "source": {"model": "/m"},
-                           "heal": {"steps": 3, "lr": 1e-3, "batch_size": 1, "seq_len": 16, "dtype": "float32",
-                                    "loss": {"final_state_mse": 1.0}}})
+        recipe = validate(settings)
         heal_hooks.heal_model(student_dir, teacher_dir, tmp_path / "h", recipe.heal, SMALL_DATA)
     finally:
         plugins.get_plugin_manager().unregister(name="test-final-mse")

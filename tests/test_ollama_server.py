@@ -12,6 +12,7 @@ from chat_templates import BY_FAMILY, render
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.hooks import modelfile as mf
 from ollama_compress.hooks import registration as reg
+from ollama_compress.hosts import normalize_host
 from ollama_compress.ollama_server import (
     OLLAMA_VERSION,
     OllamaServer,
@@ -20,7 +21,6 @@ from ollama_compress.ollama_server import (
     find_ollama,
     free_port,
     install_ollama,
-    normalize_host,
     pinned_ollama_path,
     port_in_use,
     server_running,

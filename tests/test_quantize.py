@@ -214,10 +214,10 @@ def test_quant_file_name():
 @pytest.mark.slow
 def test_smollm2_export_quants_load_and_generate(smollm2_hf, tmp_path):
     """The real path: SmolLM2 HF dir -> F16 GGUF (exporter) -> Q8_0 and Q4_K_M -> llama.cpp generates."""
-    from ollama_compress.hooks import export
+    from ollama_compress.gguf import export_gguf
 
     f16 = tmp_path / "smollm2-F16.gguf"
-    export.export_gguf(smollm2_hf, f16, "F16")
+    export_gguf(smollm2_hf, f16, "F16")
     for quant in ("Q8_0", "Q4_K_M"):
         path = quantize_file(f16, quant, tmp_path / quant_file_name(f16, quant))
         assert verify_gguf(path).file_type == quant

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from helpers import assert_clean_error, cli
+from ollama_compress.evaluation import QUALITY_RETAINED
 from ollama_compress.report import write_report
 
 
@@ -35,7 +36,7 @@ def test_report_has_every_section_and_marks_the_removed_layers(tmp_path):
                                                        "num_layers_before": 4, "num_layers_after": 2,
                                                        "metric": "block_influence"}))
     evaluation = {"rows": rows(), "prompts": ["Capital of France?", "Sleep tips?"], "heldout_tokens": 4080,
-                  "heldout_windows": 16, "knowledge_questions": 40}
+                  "heldout_windows": 16, "knowledge_questions": 40, "quality_retained": QUALITY_RETAINED}
     inputs = {"scores_file": str(scores), "pruned_dir": str(pruned),
               "ollama_models": {"Q4_K_M": "demo:Q4_K_M"}, "modelfiles": {"Q4_K_M": "/x/Modelfile.Q4_K_M"}}
     path, figures = write_report(tmp_path / "out", "demo", evaluation, inputs)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ollama_compress.context import RunOptions
+from ollama_compress.options import RunOptions
 from ollama_compress.errors import UserError
 from ollama_compress.modelio import check_model_dir
 

@@ -14,7 +14,8 @@ from gguf_samples import write_small_gguf
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.hooks import registration
 from ollama_compress.hooks.modelfile import ModelfileSpec, chat_family
-from ollama_compress.ollama_server import is_loopback, make_client, normalize_host
+from ollama_compress.hosts import is_loopback, normalize_host
+from ollama_compress.ollama_server import make_client
 
 SECRET = "sk-do-not-send-0123456789"
 
