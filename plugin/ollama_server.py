@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
-from .errors import StageFailed, UserError
+from .errors import StageFailed, UserError, run_as_script
 from .fsutil import make_temp_dir, remove_made
 
 # Ollama is built from source with `go install` (Go modules + cgo; no cmake, no prebuilt download).
@@ -499,8 +499,4 @@ def _log_dir() -> Path:
 
 
 if __name__ == "__main__":  # .ci/install-ollama
-    try:
-        print(install_ollama())
-    except (StageFailed, UserError) as exc:
-        print(f"install-ollama: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+    run_as_script("install-ollama", install_ollama)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ollama_compress.errors import StageFailed, run_as_script
 from ollama_compress.fsutil import JOURNAL, MARKER
 
 from gguf_samples import write_small_gguf
@@ -352,3 +353,16 @@ def _sweep_case(case, argv, inputs, tmp_path, capfd, monkeypatch, cache_allowed=
     assert _files(inputs["dir"].parent) == before_inputs
     cached = [p.name for p in _files(tmp_path / "cache") if p.is_file()] if (tmp_path / "cache").exists() else []
     assert set(cached) <= {*cache_allowed, MARKER, JOURNAL}, cached  # the cache is the tool's own folder
+
+
+def test_a_setup_script_failure_is_one_line_and_exit_1(capsys):
+    """What ``python -m ollama_compress.llama_tools`` / ``.ollama_server`` (.ci/setup) do on failure."""
+    def build() -> str:
+        raise StageFailed("go is not installed; install Go 1.24")
+
+    with pytest.raises(SystemExit) as info:
+        run_as_script("install-ollama", build)
+    assert info.value.code == 1
+    assert capsys.readouterr() == ("", "install-ollama: go is not installed; install Go 1.24\n")
+    run_as_script("llama-tools", lambda: "/cache/llama-quantize")
+    assert capsys.readouterr().out == "/cache/llama-quantize\n"

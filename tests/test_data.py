@@ -169,6 +169,21 @@ def test_bad_jsonl_lines_are_user_errors_naming_the_line(smollm2_tokenizer, tmp_
         data.load_texts(spec, smollm2_tokenizer)
 
 
+@pytest.mark.parametrize("line, message", [
+    ("{not json", r"p\.jsonl line 3: not valid JSON"),
+    (json.dumps({"prompt": [1, 2, 3]}), r"p\.jsonl line 3: expected a JSON object with a 'prompt' string"),
+    ("[" * 500 + "]" * 500, r"p\.jsonl line 3 nests deeper"),
+])
+def test_bad_teacher_prompt_lines_are_user_errors_naming_the_line(tmp_path, line, message):
+    content = json.dumps({"prompt": "fine", "category": "c"}) + "\n\n" + line + "\n"
+    spec = _spec(**{"from": "teacher", "path": _write(tmp_path / "p.jsonl", content)})
+    with pytest.raises(UserError, match=message):
+        data.teacher_prompts(spec)
+    spec = _spec(**{"from": "teacher", "path": _write(tmp_path / "p.jsonl", content.replace(line, ""))})
+    assert data.teacher_prompts(spec) == [("c", "fine")]
+
+
+
 # ---------------------------------------------------------------- HF datasets
 def test_hf_dataset_unavailable_is_a_user_error():
     import importlib.util

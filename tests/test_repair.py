@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import assert_clean_error, cli
-from ollama_compress import repair, trainer
+from ollama_compress import modelio, repair, trainer
 from ollama_compress.errors import UserError
 from ollama_compress.hooks import prune
 from tiny_models import tiny_model
@@ -29,7 +29,7 @@ def _batches(n: int, seed: int, length: int = 32) -> list[torch.Tensor]:
 def _mlp_output(model, layer: int, batch: torch.Tensor) -> torch.Tensor:
     """What the anchor adds to the residual stream: its MLP output (or, for Gemma, the post-MLP norm's)."""
     module, _ = repair._anchor_module(model.model.layers[layer])
-    with repair._capture_outputs({"x": module}) as out, torch.no_grad():
+    with modelio.capture_outputs({"x": module}) as out, torch.no_grad():
         model(input_ids=batch, use_cache=False)
     return out["x"].reshape(-1, out["x"].shape[-1]).double()
 
