@@ -173,14 +173,6 @@ def _quote(kind: str, text: str) -> str:
     return f'"""{text}"""'
 
 
-def _one_line(what: str, text: str, quoted: bool = False) -> str:
-    """``text`` if it stays on its Modelfile line: no line break or NUL, nor a quote when ``quoted``."""
-    if any(c in text for c in "\n\r\0" + ('"' if quoted else "")):
-        raise UserError(f"{what} {text!r} may not contain line breaks{', quotes' if quoted else ''} or NUL "
-                        "(they would end its Modelfile line); change it")
-    return text
-
-
 def _from_line(gguf_path: Path) -> str:
     return f"FROM {_one_line('the GGUF path', str(gguf_path))}"
 
@@ -191,6 +183,14 @@ def _parameter_value(name: str, value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return f'"{_one_line(f"Modelfile parameter {name}: value", str(value), quoted=True)}"'
+
+
+def _one_line(what: str, text: str, quoted: bool = False) -> str:
+    """``text`` if it stays on its Modelfile line: no line break or NUL, nor a quote when ``quoted``."""
+    if any(c in text for c in "\n\r\0" + ('"' if quoted else "")):
+        raise UserError(f"{what} {text!r} may not contain line breaks{', quotes' if quoted else ''} or NUL "
+                        "(they would end its Modelfile line); change it")
+    return text
 
 
 def merged_parameters(stops: list[str], parameters: dict[str, Any] | None) -> list[tuple[str, Any]]:
