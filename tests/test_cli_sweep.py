@@ -16,7 +16,7 @@ import pytest
 from ollama_compress.errors import StageFailed, run_as_script
 from ollama_compress.fsutil import JOURNAL, MARKER
 
-from gguf_samples import write_small_gguf
+from gguf_samples import write_llama_gguf, write_small_gguf
 from helpers import make_deep_tree, remove_deep_tree
 
 GOOD = """\
@@ -107,25 +107,10 @@ def _poisoned(path: Path) -> Path:
 
 
 def _gguf_with(path: Path, skip: tuple = (), nested: bool = False, **keys) -> Path:
-    import numpy as np
-    from gguf import GGUFWriter
-
-    from gguf_samples import add_llama_block_tensors
-
-    w = GGUFWriter(str(path), "llama")
-    w.add_block_count(1)
-    for key, value in keys.items():
-        w.add_uint32(f"llama.{key.replace('__', '.')}", value)
-    if nested:
+    def nested_array(w) -> None:
         w.add_array("general.tags", [["a", "b"], ["c"]])
-    w.add_tensor("token_embd.weight", np.ones((4, 32), np.float32))
-    add_llama_block_tensors(w, 0, skip=skip)
-    w.add_tensor("output_norm.weight", np.ones(32, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+
+    return write_llama_gguf(path, skip=skip, metadata=nested_array if nested else None, **keys)
 
 
 @pytest.fixture(scope="module")

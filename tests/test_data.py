@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from helpers import recipe_dict
 from ollama_compress.context import StageContext
 from ollama_compress.errors import UserError
 from ollama_compress.hooks import data
@@ -221,7 +222,7 @@ def test_teacher_takes_the_model_from_the_stage_and_caches_in_the_user_cache(tin
                                                                             tmp_path, monkeypatch):
     monkeypatch.setenv("OLLAMA_COMPRESS_CACHE", str(tmp_path / "user-cache"))
     model_dir = tiny_model_dir("qwen2")
-    recipe = validate({"recipe_version": 1, "name": "t", "source": {"model": str(model_dir)}})
+    recipe = validate(recipe_dict(model_dir, "t"))
     ctx = StageContext(stage="importance", recipe=recipe, run_dir=tmp_path, out_dir=tmp_path / "out",
                        inputs={"model_dir": str(model_dir)})
     spec = _spec(**{"from": "teacher", "prompts": ["Count to three."], "max_new_tokens": 8}, samples=1, seq_len=16)
