@@ -4,7 +4,8 @@ and tiny third-party plugins installed through the entry-point group.
 * ``cli("run", recipe, "--out", out)`` -> the finished process; ``assert_clean_error(proc, ...)``.
 * ``recipe_dict(model, prune={...})`` / ``write_recipe(path, model, ...)``: a minimal valid recipe
   with the sections given (``None`` drops a section); the ``recipe_file`` fixture writes one into
-  the test's tmp_path.
+  the test's tmp_path; ``TINY_DATA`` is a data section for quick runs.
+* ``dead_pid()``: the PID of a process that has exited.
 * ``install_plugin(root, module, source)``: a distribution with one ``ollama_compress`` entry
   point under ``root``; pass ``plugins=root`` to ``cli`` to load it. The ``plugin_dir`` fixture
   is a fresh root.
