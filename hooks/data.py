@@ -39,7 +39,7 @@ import tempfile
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pydantic import ValidationError
 
@@ -126,14 +126,16 @@ def jsonl_texts(spec: TextSource, tokenizer=None, ctx=None) -> list[str]:
     """One text per JSON line: its ``text``, or its ``messages`` through the chat template."""
     path = _require_path(spec)
     content = read_text_file(path, "JSONL")
-    texts = []
-    for number, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        record = parse_json(line, where)
-        texts.append(_record_text(record, tokenizer, where))
+    texts = [_record_text(record, tokenizer, where) for where, record in _json_lines(content, path)]
     return _nonempty(texts, str(path))
+
+
+def _json_lines(content: str, source: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """(where, record) for each non-blank line of the JSON-lines text ``content`` read from ``source``."""
+    for number, line in enumerate(content.splitlines(), 1):
+        if line.strip():
+            where = f"{source} line {number}"
+            yield where, parse_json(line, where)
 
 
 def hf_texts(spec: TextSource, tokenizer=None, ctx=None) -> list[str]:
@@ -208,15 +210,9 @@ def teacher_prompts(spec: TextSource) -> list[tuple[str, str]]:
     else:
         content, where = resources.files("ollama_compress.data").joinpath(PROMPTS_FILE).read_text("utf-8"), PROMPTS_FILE
     prompts = []
-    for number, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{where} line {number}: not valid JSON ({exc.msg})") from None
+    for line_where, record in _json_lines(content, where):
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-            raise UserError(f"{where} line {number}: expected a JSON object with a 'prompt' string")
+            raise UserError(f"{line_where}: expected a JSON object with a 'prompt' string")
         prompts.append((str(record.get("category", "")), record["prompt"]))
     return _nonempty_prompts(prompts, where)
 

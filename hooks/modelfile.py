@@ -172,10 +172,7 @@ def _quote(kind: str, text: str) -> str:
 
 
 def _from_line(gguf_path: Path) -> str:
-    text = str(gguf_path)
-    if any(c in text for c in "\n\r\0"):
-        raise UserError(f"{text!r}: a GGUF path with a line break cannot go in a Modelfile FROM line; rename it")
-    return f"FROM {text}"
+    return f"FROM {_one_line('the GGUF path', str(gguf_path))}"
 
 
 def _parameter_value(name: str, value: Any) -> str:
@@ -183,10 +180,15 @@ def _parameter_value(name: str, value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    text = str(value)
-    if any(c in text for c in '"\n\r\0'):
-        raise UserError(f"Modelfile parameter {name}: value {text!r} may not contain quotes, line breaks or NUL")
-    return f'"{text}"'
+    return f'"{_one_line(f"Modelfile parameter {name}: value", str(value), quoted=True)}"'
+
+
+def _one_line(what: str, text: str, quoted: bool = False) -> str:
+    """``text`` if it stays on its Modelfile line: no line break or NUL, nor a quote when ``quoted``."""
+    if any(c in text for c in "\n\r\0" + ('"' if quoted else "")):
+        raise UserError(f"{what} {text!r} may not contain line breaks{', quotes' if quoted else ''} or NUL "
+                        "(they would end its Modelfile line); change it")
+    return text
 
 
 def merged_parameters(stops: list[str], parameters: dict[str, Any] | None) -> list[tuple[str, Any]]:

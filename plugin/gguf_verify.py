@@ -142,10 +142,13 @@ class _Reader:
     def remaining(self) -> int:
         return self.size - self.pos
 
-    def take(self, n: int, what: str) -> bytes:
+    def _need(self, n: int, what: str) -> None:
         if n > self.remaining:
             raise _Invalid(f"truncated: {what} needs {n} bytes at offset {self.pos}, "
                            f"only {self.remaining} left (file size {self.size})")
+
+    def take(self, n: int, what: str) -> bytes:
+        self._need(n, what)
         data = self.f.read(n)
         if len(data) != n:
             raise _Invalid(f"truncated: short read of {what} at offset {self.pos}")
@@ -153,9 +156,7 @@ class _Reader:
         return data
 
     def skip(self, n: int, what: str) -> None:
-        if n > self.remaining:
-            raise _Invalid(f"truncated: {what} needs {n} bytes at offset {self.pos}, "
-                           f"only {self.remaining} left (file size {self.size})")
+        self._need(n, what)
         self.f.seek(n, 1)
         self.pos += n
 

@@ -6,8 +6,9 @@ import os
 import pickle
 import shutil
 import struct
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import UserError
 from .fsutil import check_free_space, resolve_inside
@@ -267,6 +268,28 @@ def decoder_stack(model) -> tuple[Any, Any]:
         raise UserError(f"{type(model).__name__}: the decoder layers aren't where the architecture says (model.model.layers "
                         "with config.num_hidden_layers entries); this architecture is not supported yet")
     return base, layers
+
+
+@contextmanager
+def capture_outputs(modules: dict[Any, Any]) -> Iterator[dict[Any, Any]]:
+    """Collect each module's output (the first element of a tuple output) under its key, during
+    forward passes in the block.
+
+    The first output per key is kept until the caller clears ``captured``, so that recomputations
+    during a checkpointed backward are ignored; clear it between forward passes.
+    """
+    captured: dict[Any, Any] = {}
+    handles = []
+    for key, module in modules.items():
+        def hook(mod, args, output, _key=key):
+            if _key not in captured:
+                captured[_key] = output[0] if isinstance(output, tuple) else output
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # ---------------------------------------------------------------- weights that match their config

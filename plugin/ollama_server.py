@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 from .embedded import cache_dir
-from .errors import StageFailed, UserError
+from .errors import StageFailed, UserError, run_as_script
 from .fsutil import atomic_path, make_temp_dir, remove_made
 from .hosts import is_loopback, normalize_host
 
@@ -446,8 +446,4 @@ def _log_dir() -> Path:
 
 
 if __name__ == "__main__":  # .ci/install-ollama
-    try:
-        print(install_ollama())
-    except (StageFailed, UserError) as exc:
-        print(f"install-ollama: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+    run_as_script("install-ollama", install_ollama)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_clean_error, cli
+from helpers import assert_clean_error, cli, recipe_dict
 from ollama_compress import distill, modelio, plugins, trainer
 from ollama_compress.errors import UserError
 from ollama_compress.hooks import heal as heal_hooks
@@ -436,9 +436,8 @@ def test_lora_trains_adapters_only_or_says_how_to_install_peft(student_dir):
 def test_the_heal_stage_writes_the_model_and_its_figures(student_dir, teacher_dir, tmp_path):
     from ollama_compress.context import StageContext
 
-    recipe = validate({"recipe_version": 1, "name": "x", "source": {"model": str(teacher_dir)},
-                       "data": SMALL_DATA.model_dump(by_alias=True),
-                       "heal": {"steps": 2, "batch_size": 1, "seq_len": 16, "dtype": "float32"}})
+    recipe = validate(recipe_dict(teacher_dir, "x", data=SMALL_DATA.model_dump(by_alias=True),
+                                  heal={"steps": 2, "batch_size": 1, "seq_len": 16, "dtype": "float32"}))
     out_dir = tmp_path / "stage"
     out_dir.mkdir()
     ctx = StageContext(stage="heal", recipe=recipe, run_dir=tmp_path, out_dir=out_dir)

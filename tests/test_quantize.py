@@ -16,6 +16,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from helpers import recipe_dict
 from ollama_compress.fsutil import JOURNAL, MARKER
 
 from gguf_samples import write_small_gguf, write_tiny_llama_gguf
@@ -195,8 +196,7 @@ def test_stage_hook_names_and_metrics(tiny_f16, tmp_path):
     from ollama_compress.context import StageContext
     from ollama_compress.recipe import validate
 
-    recipe = validate({"recipe_version": 1, "name": "tiny", "source": {"model": "x"},
-                       "export": {"quants": ["Q8_0"]}})
+    recipe = validate(recipe_dict("x", "tiny", export={"quants": ["Q8_0"]}))
     ctx = StageContext(stage="export", recipe=recipe, run_dir=tmp_path, out_dir=tmp_path / "out")
     ctx.out_dir.mkdir()
     path = quantize_gguf(ctx, gguf_path=tiny_f16, quant="Q8_0")
