@@ -25,7 +25,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 from rich.console import Console
@@ -41,6 +41,9 @@ from ollama_compress.hookspecs import hookimpl
 from ollama_compress.modelio import decoder_stack
 from ollama_compress.options import RunOptions
 from ollama_compress.plugins import capabilities, capability
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 HIDDEN_STATE_METRICS = ("block_influence", "angular")
 
