@@ -20,7 +20,8 @@ import click
 from ollama_compress import modelio
 from ollama_compress.cli import (add_command, echo_json, json_option, make_options, option_values, run_options,
                                  section_from_options, section_options)
-from ollama_compress.context import RunOptions, StageContext
+from ollama_compress.context import StageContext
+from ollama_compress.options import RunOptions
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import (atomic_path, check_output_dir, claim_output_dir, clean_journal, remove_made,
                                    remove_made_children, settings_hash, write_json)
@@ -642,7 +643,7 @@ def heal_command(student, teacher, out, data, overrides, resume, checkpoints, ma
     result = heal_model(student_dir, teacher_dir, out, settings, data_spec, options=options,
                         checkpoint_dir=checkpoints, resume=resume, max_memory_gib=max_memory,
                         console=Console(stderr=True), log=lambda message: click.echo(message, err=True))
-    from ollama_compress.context import launcher_world
+    from ollama_compress.options import launcher_world
 
     if launcher_world()[0] != 0:  # under a launcher, rank 0 reports
         return

@@ -54,7 +54,8 @@ import click
 
 from ollama_compress.cli import (add_command, calibration_from_options, calibration_options, echo_json, json_option,
                                  make_options, option_values, run_options, section_from_options, section_options)
-from ollama_compress.context import RunOptions, StageContext
+from ollama_compress.context import StageContext
+from ollama_compress.options import RunOptions
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import atomic_path, check_free_space, check_output_dir, claim_output_dir, write_json
 from ollama_compress.gguf.arch import ARCHS

@@ -16,8 +16,8 @@ from typing import Any, Sequence, TypeVar
 import click
 from pydantic import BaseModel
 
-from .context import RunOptions, launcher_world
 from .errors import CompressError
+from .options import RunOptions, launcher_world
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .context import RunOptions
+from .options import RunOptions
 from .fsutil import Fingerprints, atomic_path, write_json
 
 REFERENCE_DTYPE = "float32"

@@ -28,7 +28,7 @@ import math
 import re
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -40,6 +40,7 @@ from .distill import Batch, ForwardOut, Head, LossTerm, combined_loss
 from .errors import StageFailed, UserError
 from .fsutil import atomic_path, make_dir, move_made, remove_made, write_json
 from .machine import MatmulShape, choose_dtype, heal_shapes
+from .modelio import capture_outputs
 from .recipe import Heal
 from .reference import QualityMeter
 
@@ -82,26 +83,11 @@ def head_of(model) -> Head:
     return Head(linear.weight, linear.bias, getattr(model.config, "final_logit_softcapping", None) or None)
 
 
-@contextmanager
-def capture_layers(model, indices: list[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Collect the outputs of decoder layers ``indices`` during forward passes in the block.
-
-    Recomputations during a checkpointed backward are ignored (``captured`` is filled only once
-    per key until cleared).
-    """
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
+def capture_layers(model, indices: list[int]) -> AbstractContextManager[dict[int, torch.Tensor]]:
+    """Collect the outputs of decoder layers ``indices`` during forward passes in the block
+    (``modelio.capture_outputs``: recomputations during a checkpointed backward are ignored)."""
     layers = decoder(model).layers
-    for index in indices:
-        def hook(module, args, output, _i=index):
-            if _i not in captured:
-                captured[_i] = output[0] if isinstance(output, tuple) else output
-        handles.append(layers[index].register_forward_hook(hook))
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
+    return capture_outputs({index: layers[index] for index in indices})
 
 
 def forward(model, input_ids: torch.Tensor, mask: torch.Tensor, layers: list[int]) -> ForwardOut:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from helpers import assert_clean_error, cli
+from helpers import assert_clean_error, cli, recipe_dict
 from ollama_compress.context import StageContext
 from ollama_compress.errors import UserError
 from ollama_compress.evaluation import evaluate_run, knowledge_questions
@@ -20,11 +20,9 @@ ROWS = ["teacher", "pruned", "healed", "healed F32", "healed Q8_0", "teacher Q8_
 
 
 def make_ctx(root: Path, teacher: Path, inputs: dict, evaluate: dict, data: dict | None = None) -> StageContext:
-    recipe = validate({
-        "recipe_version": 1, "name": "tiny-eval", "source": {"model": str(teacher)},
-        "data": data or {"calibration": {"samples": 2, "seq_len": 32},
-                         "heldout": {"split": "heldout", "samples": 2, "seq_len": 48}},
-        "evaluate": evaluate})
+    recipe = validate(recipe_dict(teacher, "tiny-eval", evaluate=evaluate,
+                                  data=data or {"calibration": {"samples": 2, "seq_len": 32},
+                                                "heldout": {"split": "heldout", "samples": 2, "seq_len": 48}}))
     out = root / "60-evaluate"
     out.mkdir(parents=True, exist_ok=True)
     return StageContext(stage="evaluate", recipe=recipe, run_dir=root, out_dir=out, section="evaluate",
@@ -44,7 +42,7 @@ def healed_stand_in(tiny_model_dir, pruned: Path, root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, tiny_model_dir):
-    from ollama_compress.hooks.export import export_gguf
+    from ollama_compress.gguf import export_gguf
     from ollama_compress.hooks.prune import prune_dir
     from ollama_compress.hooks.quantize import measure_heldout_quants, quantize_file
 
