@@ -210,14 +210,18 @@ def llama_threads(threads: int | None) -> dict[str, int]:
 
 
 class LlamaScorer:
-    """One GGUF loaded in llama.cpp, giving log-probabilities for token windows."""
+    """One GGUF loaded in llama.cpp, giving log-probabilities for token windows; ``threads``
+    defaults to every core unless the machine is oversubscribed (``default_threads``): unlike
+    the speed meter's, these figures do not depend on the thread count."""
 
     def __init__(self, path: Path, n_ctx: int, threads: int | None = None):
+        from ollama_compress.teacher_chat import default_threads
+
         llama_cpp = _import_llama_cpp()
         with llama_log_capture() as log:
             try:
                 self.llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx,
-                                           **llama_threads(threads), verbose=False)
+                                           **llama_threads(threads or default_threads()), verbose=False)
             except (ValueError, RuntimeError) as exc:
                 raise StageFailed(f"llama.cpp could not load {path}: {_failure_reason(log) or exc}") from None
 

@@ -33,7 +33,7 @@ from .context import StageContext
 from .errors import UserError
 from .fsutil import write_json
 from .hooks.data import bos_prefix, unseen_heldout_windows
-from .hooks.quantize import LlamaScorer, stored_quant_row
+from .hooks.quantize import LlamaScorer, _log_softmax, stored_quant_row
 
 QUALITY_RETAINED = (
     "quality retained = teacher perplexity / model perplexity on the same held-out tokens, in percent "
@@ -258,6 +258,11 @@ class HFModel:
             lp = torch.log_softmax(self.model(input_ids=ids).logits[:, :-1].float(), dim=-1).cpu().numpy()
         return [lp[i, :len(s) - 1] for i, s in enumerate(sequences)]
 
+    def choice_log_likelihoods(self, context: list[int], choices: list[list[int]]) -> list[float]:
+        """Log-likelihood of each choice's tokens after ``context`` (one batch)."""
+        return [_choice_sum(lp, len(context) - 1, choice)
+                for lp, choice in zip(self.log_probs_many([context + c for c in choices]), choices)]
+
     def greedy(self, tokens: list[int], max_new: int, stop: set[int]) -> list[int]:
         import torch
 
@@ -276,8 +281,20 @@ class HFModel:
 class LlamaModel(LlamaScorer):
     """A GGUF file in llama.cpp: log-probabilities for every position, and greedy answers."""
 
-    def log_probs_many(self, sequences: list[list[int]]) -> list:
-        return [self.log_probs(s) for s in sequences]
+    def choice_log_likelihoods(self, context: list[int], choices: list[list[int]]) -> list[float]:
+        """Log-likelihood of each choice's tokens after ``context``: the context is evaluated once
+        and each choice continues from its cache (llama.cpp drops the cache past ``n_tokens``)."""
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(context)
+        out = []
+        for choice in choices:
+            self.llm.n_tokens = len(context)
+            self.llm.eval(choice)
+            logits = np.array(self.llm.scores[len(context) - 1 : len(context) + len(choice) - 1], dtype=np.float32)
+            out.append(_choice_sum(_log_softmax(logits), 0, choice))
+        return out
 
     def greedy(self, tokens: list[int], max_new: int, stop: set[int]) -> list[int]:
         self.llm.reset()
@@ -290,6 +307,11 @@ class LlamaModel(LlamaScorer):
             new.append(token)
             self.llm.eval([token])
         return new
+
+
+def _choice_sum(lp, first: int, choice: list[int]) -> float:
+    """The log-probabilities of ``choice``'s tokens, the first read at row ``first`` of ``lp``."""
+    return sum(float(lp[first + i, t]) for i, t in enumerate(choice))
 
 
 def _until_stop(tokens: list[int], stop: set[int]) -> list[int]:
@@ -361,8 +383,7 @@ def knowledge_accuracy(backend, sequences) -> float:
     """Share of questions whose right choice has the highest log-likelihood after the question."""
     right = 0
     for context, choices, answer in sequences:
-        scores = [sum(float(lp[len(context) - 1 + i, t]) for i, t in enumerate(choice))
-                  for lp, choice in zip(backend.log_probs_many([context + c for c in choices]), choices)]
+        scores = backend.choice_log_likelihoods(context, choices)
         right += int(max(range(len(scores)), key=scores.__getitem__) == answer)
     return right / len(sequences)
 
