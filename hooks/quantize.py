@@ -209,6 +209,26 @@ def llama_threads(threads: int | None) -> dict[str, int]:
     return {"n_threads": n, "n_threads_batch": n}
 
 
+_KEPT_LOG_PROBS: dict[str, Path] = {}  # file fingerprint -> folder, while ``kept_log_probs`` runs
+
+
+@contextlib.contextmanager
+def kept_log_probs(paths: list[Path], folder: Path) -> Iterator[None]:
+    """While the block runs, ``LlamaScorer.log_probs`` of the GGUF files ``paths`` keeps each
+    window's log-probabilities in ``folder`` and reads them back the next time, so a file measured
+    twice (evaluate's teacher quants: their quant table, then their row) runs once in llama.cpp.
+    The same file (fingerprint) and window give the same array, read or computed."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fingerprints = {file_fingerprint(p) for p in paths}
+    _KEPT_LOG_PROBS.update(dict.fromkeys(fingerprints, folder))
+    try:
+        yield
+    finally:
+        for fingerprint in fingerprints:
+            _KEPT_LOG_PROBS.pop(fingerprint, None)
+
+
 class LlamaScorer:
     """One GGUF loaded in llama.cpp, giving log-probabilities for token windows; ``threads``
     defaults to every core unless the machine is oversubscribed (``default_threads``): unlike
@@ -224,6 +244,11 @@ class LlamaScorer:
                                            **llama_threads(threads or default_threads()), verbose=False)
             except (ValueError, RuntimeError) as exc:
                 raise StageFailed(f"llama.cpp could not load {path}: {_failure_reason(log) or exc}") from None
+        self._kept = None
+        if _KEPT_LOG_PROBS:
+            fingerprint = file_fingerprint(path)
+            if fingerprint in _KEPT_LOG_PROBS:
+                self._kept = (_KEPT_LOG_PROBS[fingerprint], fingerprint)
 
     @property
     def n_vocab(self) -> int:
@@ -235,12 +260,24 @@ class LlamaScorer:
 
     def log_probs(self, window: list[int]) -> Any:
         """Log-softmax of the logits at each position but the last: row i predicts window[i+1]."""
+        import hashlib
+
         import numpy as np
 
+        kept = None
+        if self._kept is not None:
+            folder, fingerprint = self._kept
+            window_key = hashlib.blake2b(np.asarray(window, dtype=np.int64).tobytes(), digest_size=12).hexdigest()
+            kept = folder / f"{fingerprint}-{window_key}.npy"
+            if kept.is_file():
+                return np.load(kept)
         self.llm.reset()
         self.llm.eval(window)
         logits = np.array(self.llm.scores[: len(window) - 1], dtype=np.float32)
-        return _log_softmax(logits)
+        lp = _log_softmax(logits)
+        if kept is not None:
+            np.save(kept, lp)
+        return lp
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -33,7 +33,7 @@ from .context import StageContext
 from .errors import UserError
 from .fsutil import write_json
 from .hooks.data import bos_prefix, unseen_heldout_windows
-from .hooks.quantize import LlamaScorer, _log_softmax, stored_quant_row
+from .hooks.quantize import LlamaScorer, _log_softmax, kept_log_probs, stored_quant_row
 
 QUALITY_RETAINED = (
     "quality retained = teacher perplexity / model perplexity on the same held-out tokens, in percent "
@@ -473,6 +473,20 @@ def gguf_speeds(candidates: list[Candidate], windows: list[list[int]], threads: 
     return speeds
 
 
+KEPT_LOG_PROBS_SHARE = 0.5  # of the free disk space, at most, for log-probabilities kept between two passes
+
+
+def measured_twice(candidates: list[Candidate], windows: list[list[int]], tokenizer, folder: Path) -> list[Path]:
+    """The teacher quants whose held-out log-probabilities ``TeacherQuants.measure`` computes
+    for their quant table and the row computes again: kept between the two (``kept_log_probs``)
+    when they fit in ``KEPT_LOG_PROBS_SHARE`` of the free disk space."""
+    import shutil
+
+    paths = [c.path for c in candidates if c.kind == "gguf" and c.model == "teacher" and stored_quant_row(c.path) is None]
+    need = len(paths) * sum(len(w) - 1 for w in windows) * len(tokenizer) * 4
+    return paths if need <= KEPT_LOG_PROBS_SHARE * shutil.disk_usage(folder).free else []
+
+
 def model_size(path: Path) -> int:
     """Bytes of a GGUF file, or of an HF directory's weight files."""
     if path.is_file():
@@ -540,8 +554,10 @@ def evaluate_run(ctx: StageContext, models: dict[str, Path] | None = None,
         candidates += teacher_quants.make(wanted_teacher_quants(ctx, teacher_dir, candidates), {c.name for c in candidates})
         if "auto" in settings.teacher_quants:
             candidates += teacher_quants.match_below(candidates, imatrix=has_imatrix(ctx))
-        teacher_quants.measure(candidates)
-    with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp, \
+            kept_log_probs(measured_twice(candidates, windows, tokenizer, Path(tmp)), Path(tmp) / "kept"):
+        if settings.teacher_quants:
+            teacher_quants.measure(candidates)
         ctx.log(f"teacher log-probabilities on {len(windows)} held-out windows")
         reference = build_reference(ctx, teacher_dir, windows, Path(tmp)) | {"threads": threads}
         if settings.speed:

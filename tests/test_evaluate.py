@@ -386,3 +386,25 @@ def test_llama_cpp_log_probabilities_do_not_depend_on_the_thread_count(tmp_path,
             assert np.array_equal(one.log_probs(window), two.log_probs(window))
         finally:
             one.close(), two.close()
+
+
+def test_a_teacher_quant_measured_twice_runs_once_and_reads_the_same_figures(tmp_path, tiny_model_dir):
+    """``kept_log_probs``: the second pass over a file (evaluate's row after the teacher quant
+    table) reads the first pass's log-probabilities instead of running llama.cpp, and they equal a
+    fresh measurement."""
+    import numpy as np
+
+    from ollama_compress.hooks.export import export_gguf
+    from ollama_compress.hooks.quantize import LlamaScorer, kept_log_probs, quality_against
+
+    gguf = export_gguf(tiny_model_dir("llama", 6), tmp_path / "tiny-F32.gguf", "F32")
+    windows = [list(range(1000 + 7 * i, 1064 + 7 * i)) for i in range(3)]
+    reference = np.concatenate([LlamaScorer(gguf, 64).log_probs(w) * 1.01 for w in windows])  # any reference
+    fresh = quality_against(LlamaScorer(gguf, 64), windows, reference)
+    with kept_log_probs([gguf], tmp_path / "kept"):
+        first = quality_against(LlamaScorer(gguf, 64), windows, reference)
+        second_scorer = LlamaScorer(gguf, 96)
+        second = quality_against(second_scorer, windows, reference)
+        assert second_scorer.llm.n_tokens == 0  # nothing was evaluated: every window was read back
+    assert first == second == fresh
+    assert LlamaScorer(gguf, 64)._kept is None  # outside the block nothing is kept
