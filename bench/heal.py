@@ -44,11 +44,22 @@ def teacher_and_pruned() -> tuple[Path, Path]:
     return teacher, pruned
 
 
-def heal_once(name: str, overrides: list[str]) -> dict:
+def heal_once(name: str, overrides: list[str], recipe: str | None = None, student: Path | None = None,
+              teacher: Path | None = None) -> dict:
+    """One heal; ``recipe`` takes its heal and data sections from a recipe (then ``--set``), and
+    ``student``/``teacher`` replace the default pair (e.g. a finished run's 20-pruned and 00-source)."""
     from ollama_compress.hooks.heal import command_settings, default_checkpoint_dir, heal_model
+    from ollama_compress.recipe import load_recipe
 
-    teacher, pruned = teacher_and_pruned()
-    settings, data = command_settings(str(pruned), overrides)
+    if student is None or teacher is None:
+        teacher, pruned = teacher_and_pruned()
+    else:
+        pruned = student
+    if recipe:
+        loaded = load_recipe(recipe, overrides)
+        settings, data = loaded.heal, loaded.data
+    else:
+        settings, data = command_settings(str(pruned), overrides)
     out = WORK / name
     if out.exists():
         import shutil
@@ -92,10 +103,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True, help="output directory name under runs/bench-heal")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--recipe", help="take heal and data from this recipe (name or file), then --set")
+    parser.add_argument("--student", type=Path, help="pruned HF model dir (with --teacher), e.g. a run's 20-pruned/model")
+    parser.add_argument("--teacher", type=Path, help="unpruned HF model dir, e.g. a run's 00-source")
     parser.add_argument("--answers", action="store_true", help="also compare Q4_K_M chat answers")
     parser.add_argument("--results", type=Path, default=WORK / "results.jsonl")
     args = parser.parse_args()
-    result = heal_once(args.name, args.overrides)
+    result = heal_once(args.name, args.overrides, args.recipe, args.student, args.teacher)
     if args.answers:
         teacher, pruned = teacher_and_pruned()
         result["answers"] = {label: answers(q4(path, label)) for label, path in

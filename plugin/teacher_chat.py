@@ -52,11 +52,25 @@ def sample_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generato
     scaled = logits.astype(np.float64) / sampling.temperature
     probs = np.exp(scaled - scaled.max())
     probs /= probs.sum()
-    order = np.argsort(-probs, kind="stable")
+    order = _most_likely_first(probs, sampling.top_p)
     cumulative = np.cumsum(probs[order])
     keep = order[: int(np.searchsorted(cumulative, sampling.top_p)) + 1]
     kept = probs[keep] / probs[keep].sum()
     return int(keep[rng.choice(len(keep), p=kept)])
+
+
+def _most_likely_first(probs: np.ndarray, top_p: float, shortlist: int = 512) -> np.ndarray:
+    """Token ids by falling probability (ties by id), far enough to cover ``top_p``: the shortlist of
+    the most likely ids when it does (the common case; a full sort of the vocabulary per token cost
+    as much as the decoding), else the whole vocabulary. The nucleus is the same either way."""
+    if len(probs) > shortlist:
+        candidates = np.sort(np.argpartition(-probs, shortlist)[:shortlist])
+        order = candidates[np.argsort(-probs[candidates], kind="stable")]
+        cumulative = np.cumsum(probs[order])
+        last = int(np.searchsorted(cumulative, top_p))  # the nucleus ends here
+        if last < shortlist and probs[order[last]] > probs[order[-1]]:  # so no id outside ties with it
+            return order
+    return np.argsort(-probs, kind="stable")
 
 
 @dataclass

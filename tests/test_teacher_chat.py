@@ -75,6 +75,25 @@ def test_sampling_is_top_p_of_the_tempered_distribution():
     assert teacher_chat.sample_token(logits[::-1].copy(), teacher_chat.Sampling(0), rng) == 3
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_the_shortlisted_nucleus_is_the_full_sorts_nucleus(ties):
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    for spread in (0.1, 1.0, 4.0, 12.0):
+        logits = rng.normal(size=49152) * spread
+        if ties:
+            logits = np.round(logits, 1)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        for top_p in (0.3, 0.9, 0.999, 1.0):
+            full = np.argsort(-probs, kind="stable")
+            fast = teacher_chat._most_likely_first(probs, top_p)
+            end = int(np.searchsorted(np.cumsum(probs[full]), top_p)) + 1
+            assert list(fast[:end]) == list(full[:end])
+            assert int(np.searchsorted(np.cumsum(probs[fast]), top_p)) + 1 == end
+
+
 def test_the_cache_is_reused_without_decoding(tiny_gguf, smollm2_tokenizer, tmp_path, monkeypatch):
     calls = []
     decode = llama_cpp.llama_decode
