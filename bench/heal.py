@@ -76,7 +76,7 @@ def heal_once(name: str, overrides: list[str], recipe: str | None = None, studen
 
 def q4(model_dir: Path, name: str) -> Path:
     """The Q4_K_M GGUF of ``model_dir`` (the export stage's converter and quantizer; no quality table)."""
-    from ollama_compress.hooks.export import export_gguf
+    from ollama_compress.gguf import export_gguf
     from ollama_compress.hooks.quantize import quantize_file
 
     target = WORK / "gguf" / name

@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
     args = parser.parse_args()
 
-    from ollama_compress.context import RunOptions
+    from ollama_compress.options import RunOptions
     from ollama_compress.hooks.data import (generate_teacher_chat, heal_chat_tokens, load_texts, teacher_gguf,
                                             token_stream, window_views)
     from ollama_compress.hooks.heal import heal_tokens_needed

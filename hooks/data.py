@@ -34,14 +34,26 @@ import hashlib
 import inspect
 import json
 import os
+import shutil
+import tempfile
+import time
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from ollama_compress.errors import UserError
-from ollama_compress.fsutil import atomic_path, settings_hash
+from pydantic import ValidationError
+
+from ollama_compress.context import StageContext
+from ollama_compress.embedded import cache_dir as user_cache
+from ollama_compress.errors import NotAvailable, UserError
+from ollama_compress.fsutil import Fingerprints, atomic_path, settings_hash
+from ollama_compress.hooks.heal import heal_tokens_needed
+from ollama_compress.hooks.source import source_path
 from ollama_compress.hookspecs import hookimpl
-from ollama_compress.recipe import TextSource
+from ollama_compress.options import RunOptions
+from ollama_compress.plugins import call_first, capability
+from ollama_compress.recipe import TextSource, validate
+from ollama_compress.safe_read import parse_json, read_text
 
 DEFAULT_FILES = {"calibration": "calibration.txt", "heldout": "heldout.txt"}
 
@@ -56,8 +68,6 @@ def read_text_file(path: str | os.PathLike, what: str) -> str:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} file {path} does not exist; give a path to a text file")
-    from ollama_compress.safe_read import read_text
-
     text = read_text(path, "data", f"{what} file {path}")  # a regular file of sane size, UTF-8
     if not text.strip():
         raise UserError(f"{what} file {path} is empty; give a file with text in it")
@@ -116,16 +126,16 @@ def jsonl_texts(spec: TextSource, tokenizer=None, ctx=None) -> list[str]:
     """One text per JSON line: its ``text``, or its ``messages`` through the chat template."""
     path = _require_path(spec)
     content = read_text_file(path, "JSONL")
-    texts = []
-    for number, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        from ollama_compress.safe_read import parse_json
-
-        record = parse_json(line, where)
-        texts.append(_record_text(record, tokenizer, where))
+    texts = [_record_text(record, tokenizer, where) for where, record in _json_lines(content, path)]
     return _nonempty(texts, str(path))
+
+
+def _json_lines(content: str, source: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """(where, record) for each non-blank line of the JSON-lines text ``content`` read from ``source``."""
+    for number, line in enumerate(content.splitlines(), 1):
+        if line.strip():
+            where = f"{source} line {number}"
+            yield where, parse_json(line, where)
 
 
 def hf_texts(spec: TextSource, tokenizer=None, ctx=None) -> list[str]:
@@ -165,8 +175,6 @@ def heal_chat_tokens(spec: TextSource, data, heal, tokenizer, ctx=None) -> int:
     each window is seen at most ``MAX_WINDOW_VIEWS`` times, split evenly over the `teacher` entries
     (0 when the other sources suffice). A minutes budget is sized as ``heal.steps`` steps.
     """
-    from ollama_compress.hooks.heal import heal_tokens_needed
-
     if spec.tokens is not None:
         return spec.tokens
     needed = heal_tokens_needed(heal)
@@ -202,15 +210,9 @@ def teacher_prompts(spec: TextSource) -> list[tuple[str, str]]:
     else:
         content, where = resources.files("ollama_compress.data").joinpath(PROMPTS_FILE).read_text("utf-8"), PROMPTS_FILE
     prompts = []
-    for number, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{where} line {number}: not valid JSON ({exc.msg})") from None
+    for line_where, record in _json_lines(content, where):
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-            raise UserError(f"{where} line {number}: expected a JSON object with a 'prompt' string")
+            raise UserError(f"{line_where}: expected a JSON object with a 'prompt' string")
         prompts.append((str(record.get("category", "")), record["prompt"]))
     return _nonempty_prompts(prompts, where)
 
@@ -250,8 +252,6 @@ def teacher_gguf(model, ctx=None, log=lambda message: None) -> Path:
         return Path(model)
     recipe = getattr(ctx, "recipe", None)
     if recipe is not None and (recipe.heal is None or recipe.heal.teacher is None):
-        from ollama_compress.hooks.source import source_path
-
         path = source_path(recipe.source, ctx.options)
         if path.is_file():
             return path
@@ -274,17 +274,8 @@ def _model_dir_from_ctx(ctx) -> Any:
 
 
 def _exported_teacher(model_dir: Path, ctx, log) -> Path:
-    import shutil
-    import tempfile
-
-    from ollama_compress.context import RunOptions, StageContext
-    from ollama_compress.embedded import cache_dir
-    from ollama_compress.fsutil import Fingerprints
-    from ollama_compress.plugins import call_first
-    from ollama_compress.recipe import validate
-
-    digest = Fingerprints(cache_dir() / "fingerprints.json").sha256(model_dir)
-    final = cache_dir() / "teacher-gguf" / f"{digest[:16]}-Q8_0.gguf"
+    digest = Fingerprints(user_cache() / "fingerprints.json").sha256(model_dir)
+    final = user_cache() / "teacher-gguf" / f"{digest[:16]}-Q8_0.gguf"
     if final.is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -311,9 +302,6 @@ def _sampling(spec: TextSource):
 def teacher_chat_file(spec: TextSource, gguf: Path, tokenizer, tokens: int, cache_dir=None) -> Path:
     """Where the chat of these settings is cached: the user cache, named by a hash of everything
     the text depends on (the teacher GGUF's sha256, prompts, chat template, sampling, size)."""
-    from ollama_compress.embedded import cache_dir as user_cache
-    from ollama_compress.fsutil import Fingerprints
-
     sha = Fingerprints(user_cache() / "fingerprints.json").sha256(gguf)
     key = settings_hash(TEACHER_CHAT_VERSION, sha, teacher_prompts(spec), tokenizer.chat_template,
                         vars(_sampling(spec)), tokens)
@@ -328,8 +316,6 @@ def generate_teacher_chat(spec: TextSource, gguf: Path, tokenizer, tokens: int, 
     prompt used again gets another reply); each is ``{category, prompt, reply, tokens}``, where
     ``tokens`` counts the whole rendered conversation as the heal tokenizes it.
     """
-    import time
-
     from ollama_compress import teacher_chat
 
     prompts = teacher_prompts(spec)
@@ -422,9 +408,6 @@ def load_texts(spec: TextSource, tokenizer=None, ctx=None, model=None, cache_dir
     ``log`` are passed to sources that accept them (``teacher``). A `teacher` source that has
     nothing to write (the heal's other sources suffice) gives no texts.
     """
-    from ollama_compress.errors import NotAvailable
-    from ollama_compress.plugins import capability
-
     try:
         fn = capability("data_sources", spec.from_).fn
     except NotAvailable as exc:
@@ -568,8 +551,6 @@ def text_source_from_options(path: str | os.PathLike | None = None, samples: int
                              seq_len: int | None = None, seed: int = 0) -> TextSource:
     """The ``TextSource`` of a command's ``--calibration/--samples/--seq-len/--seed`` options
     (a ``.jsonl`` file is read as JSON lines, anything else as plain text)."""
-    from pydantic import ValidationError
-
     fields: dict[str, Any] = {"seed": seed}
     if path is not None:
         if not Path(path).is_file():

@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from ollama_compress.context import RunOptions, StageContext
+from ollama_compress.context import StageContext
+from ollama_compress.options import RunOptions
 from ollama_compress.errors import UserError
 from ollama_compress.evaluation import evaluate_run, measure_model
 from ollama_compress.fsutil import atomic_path, claim_output_dir

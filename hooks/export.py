@@ -9,12 +9,15 @@ from typing import Any, Callable, Iterable, Sequence
 
 import click
 
-from ollama_compress.context import RunOptions, StageContext
+from ollama_compress.cli import echo_json, make_options, run_options
+from ollama_compress.context import StageContext
 from ollama_compress.errors import NotAvailable, UserError
 from ollama_compress.fsutil import check_output_dir, claimed_output_dir
-from ollama_compress.gguf import OUTTYPES, check_outtype, layer_map_keys, write_gguf
-from ollama_compress.gguf import export_gguf, width_warnings  # noqa: F401  (the writer's API, long imported from here)
+from ollama_compress.hooks.data import read_text_file
+from ollama_compress.hooks.source import resolve_model_dir
 from ollama_compress.hookspecs import hookimpl
+from ollama_compress.options import RunOptions
+from ollama_compress.quant_names import QUANT_TYPES, UNQUANTIZED
 
 
 def export_model(model_dir: Path, out_dir: Path, name: str, outtype: str = "F16", quants: Sequence[str] = (), *,
@@ -28,6 +31,8 @@ def export_model(model_dir: Path, out_dir: Path, name: str, outtype: str = "F16"
     and ``quants.json``. Everything is checked before anything is written. Returns the GGUF's path,
     outtype, size, seconds and width warnings, plus ``quants``, ``rows`` and ``report`` with quants.
     """
+    from ollama_compress.gguf.writer import check_outtype  # deferred: the writer loads numpy and gguf-py
+
     outtype = check_outtype(outtype)
     wanted = [q for q in _parse_quants(quants) if q != outtype]
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -43,6 +48,8 @@ def export_model(model_dir: Path, out_dir: Path, name: str, outtype: str = "F16"
 def _write_and_quantize(model_dir: Path, out_dir: Path, name: str, outtype: str, wanted: list[str], quantize,
                         metadata: dict[str, Any] | None, imatrix: Path | str | None, texts: list[str] | None,
                         options: RunOptions | None, log: Callable[[str], None] | None) -> dict[str, Any]:
+    from ollama_compress.gguf.writer import write_gguf  # deferred: the writer loads numpy and gguf-py
+
     written = write_gguf(model_dir, out_dir / f"{name}-{outtype}.gguf", outtype, {"name": name, **(metadata or {})},
                          options)
     for line in written.width_warnings:
@@ -64,8 +71,6 @@ def _warn(line: str) -> None:
 
 
 def _parse_quants(quants: Iterable[str]) -> list[str]:
-    from ollama_compress.recipe import QUANT_TYPES
-
     out: list[str] = []
     for q in quants:
         name = q.strip().upper()
@@ -94,6 +99,8 @@ def _stage_metadata(ctx: StageContext) -> dict[str, Any]:
             meta["base_model"] = source.model
     pruned = ctx.inputs.get("pruned_dir")
     if pruned and Path(pruned).is_dir():  # a healed directory may not carry the prune stage's layer map
+        from ollama_compress.gguf.writer import layer_map_keys  # deferred: the writer loads numpy and gguf-py
+
         meta.update(layer_map_keys(Path(pruned)))
     return meta
 
@@ -140,13 +147,11 @@ def _print_rows(rows: list[dict]) -> None:
 
 @hookimpl
 def register_commands(cli: click.Group) -> None:
-    from ollama_compress.cli import echo_json, make_options, run_options
-
     @cli.command("export")
     @click.argument("model")
     @click.option("--quant", "-q", "quants", multiple=True, help="llama.cpp quant to make (repeatable), e.g. Q4_K_M.")
     @click.option("--outtype", default="F16", show_default=True,
-                  type=click.Choice(OUTTYPES, case_sensitive=False), help="Type of the unquantized GGUF.")
+                  type=click.Choice(UNQUANTIZED, case_sensitive=False), help="Type of the unquantized GGUF.")
     @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
     @click.option("--imatrix", help="Importance matrix for low-bit quants: a file, or 'auto' to compute one "
                   "over the shipped calibration text (as the recipe's export.imatrix).")
@@ -156,11 +161,10 @@ def register_commands(cli: click.Group) -> None:
     @run_options
     def export_command(model, quants, outtype, out_dir, imatrix, heldout, as_json, **opts):
         """Convert MODEL (an HF directory, a .gguf file or embedded:NAME) to GGUF, then quantize it with llama.cpp."""
-        from ollama_compress.hooks.data import read_text_file
-        from ollama_compress.hooks.source import resolve_model_dir
-
         options = make_options(**opts)
         texts = [read_text_file(heldout, "held-out text")] if heldout else None
+        from ollama_compress.gguf.writer import check_outtype  # deferred: the writer loads numpy and gguf-py
+
         outtype = check_outtype(outtype)
         _parse_quants(quants)  # bad arguments are errors before a GGUF is imported
         check_output_dir(out_dir, "--out", inputs=(Path(model),))

@@ -18,12 +18,14 @@ from typing import Any, Callable
 import click
 
 from ollama_compress import modelio
-from ollama_compress.context import RunOptions, StageContext
+from ollama_compress.context import StageContext
+from ollama_compress.options import RunOptions
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import (atomic_path, check_output_dir, claim_output_dir, clean_journal, remove_made,
                                    remove_made_children, settings_hash, write_json)
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.recipe import Data, Heal
+from ollama_compress.reference import teacher_reference
 
 LAYER_MAP = "layer_map.json"
 Log = Callable[[str], None]
@@ -296,7 +298,8 @@ def heal_model(
 
     if resume is True:  # --resume without a checkpoint is refused before any slow work
         _checkpoint_to_resume(checkpoint_dir, True, "")
-    held = torch.tensor(unseen_heldout_windows(data, s_tok, ctx, teacher_dir), dtype=torch.long)
+    held_windows = unseen_heldout_windows(data, s_tok, ctx, teacher_dir)
+    held = torch.tensor(held_windows, dtype=torch.long)
     texts = heal_texts(data, s_tok, teacher_dir, ctx, settings, log)
     stream = token_stream(texts, s_tok)
     planned = heal_tokens_needed(settings)
@@ -318,6 +321,12 @@ def heal_model(
         else:
             check_output_dir(checkpoint_dir, "the checkpoint folder", inputs=(student_dir, teacher_dir))
     start_from = _checkpoint_to_resume(checkpoint_dir, resume, fingerprint)
+
+    run_dir = ctx.run_dir if ctx is not None else None
+    if main:  # the teacher's held-out log-probabilities, computed once per run and read by evaluate too
+        teacher_reference(teacher_dir, held_windows, options=options, run_dir=run_dir, log=log)
+    accelerator.wait_for_everyone()
+    reference = teacher_reference(teacher_dir, held_windows, options=options, run_dir=run_dir)
 
     torch.manual_seed(settings.seed)
     teacher = _load(teacher_dir, options, teacher_dtype, load_device, needed, "teacher")
@@ -349,11 +358,11 @@ def heal_model(
                           student_to_teacher=mapping or list(range(num_layers)), matched_layers=matched,
                           vocab=vocab, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, log_file=log_file,
                           accelerator=accelerator)
-    teacher_cache: list = []
+    teacher_rows = reference.window_rows()
     eval_student, eval_teacher = run.eval_models()
 
     def measure() -> dict[str, float]:
-        return trainer.heldout_metrics(eval_student, eval_teacher, held, device, vocab, teacher_cache)
+        return trainer.heldout_metrics(eval_student, eval_teacher, held, device, vocab, teacher_rows)
 
     eval_started = time.perf_counter()
     before = measure()
@@ -647,7 +656,7 @@ def register_commands(cli: click.Group) -> None:
                             checkpoint_dir=checkpoints, resume=resume,
                             max_memory_gib=max_memory, console=console,
                             log=lambda message: click.echo(message, err=True))
-        from ollama_compress.context import launcher_world
+        from ollama_compress.options import launcher_world
 
         if launcher_world()[0] != 0:  # under a launcher, rank 0 reports
             return

@@ -25,14 +25,25 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
+from rich.console import Console
+from rich.table import Table
 
-from ollama_compress.errors import NotAvailable, UserError
+from ollama_compress import modelio
+from ollama_compress.cli import make_options, run_options
+from ollama_compress.errors import NotAvailable, StageFailed, UserError
 from ollama_compress.fsutil import atomic_path, check_output_dir, claim_output_dir, file_in, write_json
+from ollama_compress.hooks.data import batches_provider, text_source_from_options
+from ollama_compress.hooks.source import resolve_model_dir
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.modelio import decoder_stack
+from ollama_compress.options import RunOptions
+from ollama_compress.plugins import capabilities, capability
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 HIDDEN_STATE_METRICS = ("block_influence", "angular")
 
@@ -258,8 +269,6 @@ def register_importance_metrics(register) -> None:
 
 # ---------------------------------------------------------------- scoring several metrics
 def _metric_fn(name: str) -> Callable:
-    from ollama_compress.plugins import capability
-
     try:
         return capability("importance_metrics", name).fn
     except NotAvailable as exc:
@@ -267,15 +276,11 @@ def _metric_fn(name: str) -> Callable:
 
 
 def known_metrics() -> list[str]:
-    from ollama_compress.plugins import capabilities
-
     return sorted(capabilities("importance_metrics"))
 
 
 def _shared_pass_names(metrics: list[str]) -> list[str]:
     """Requested built-in hidden-state metrics that one hooked pass can serve together."""
-    from ollama_compress.plugins import capabilities
-
     caps = capabilities("importance_metrics")
     builtin = {"block_influence": block_influence, "angular": angular}
     return [m for m in metrics if m in builtin and caps.get(m) and caps[m].fn is builtin[m]]
@@ -315,8 +320,6 @@ def score_model(model, batches: list, metrics: list[str], **options: Any) -> dic
 
 
 def _check_scores(scores: dict[str, list[float]], num_layers: int) -> None:
-    from ollama_compress.errors import StageFailed
-
     for name, values in scores.items():
         if len(values) != num_layers or not all(math.isfinite(v) for v in values):
             raise StageFailed(f"metric '{name}' did not give {num_layers} finite scores (got {values!r:.200})")
@@ -403,10 +406,6 @@ def score_model_dir(model_dir: Path, metrics: list[str], spec, out_dir: Path, *,
     The ``analyze`` command and the importance stage both run this. ``block_size(num_layers)``
     gives the angular block size, once the model's depth is known.
     """
-    from ollama_compress import modelio
-    from ollama_compress.context import RunOptions
-    from ollama_compress.hooks.data import batches_provider
-
     options = options or RunOptions()
     for m in metrics:
         _metric_fn(m)  # unknown names fail before any work
@@ -454,8 +453,6 @@ def default_out_dir(model: str) -> Path:
 
 
 def print_table(scores: dict[str, list[float]], console, title: str) -> None:
-    from rich.table import Table
-
     table = Table(title=title, caption="rank 1 = least important (removed first)")
     table.add_column("layer", justify="right")
     ranks = {m: rank_least_important(v) for m, v in scores.items()}
@@ -475,10 +472,6 @@ def analyze(model: str, metrics: list[str], calibration: str | None = None, samp
             seq_len: int | None = None, block_size: int = 1, out: str | None = None, options=None,
             seed: int = 0, log: Callable[[str], None] = lambda m: None) -> tuple[Analysis, Path]:
     """The ``analyze`` command as a function: score ``model`` (any source form) and write the outputs."""
-    from ollama_compress.context import RunOptions
-    from ollama_compress.hooks.data import text_source_from_options
-    from ollama_compress.hooks.source import resolve_model_dir
-
     options = options or RunOptions()
     for m in metrics:
         _metric_fn(m)
@@ -493,8 +486,6 @@ def analyze(model: str, metrics: list[str], calibration: str | None = None, samp
 
 @hookimpl
 def register_commands(cli) -> None:
-    from ollama_compress.cli import make_options, run_options
-
     @cli.command("analyze")
     @click.argument("model")
     @click.option("--metric", "metrics", multiple=True, help="Importance metric (repeatable); default block_influence.")
@@ -508,8 +499,6 @@ def register_commands(cli) -> None:
     @run_options
     def analyze_command(model, metrics, calibration, samples, seq_len, block_size, seed, out, as_json, **run_opts):
         """Score each layer of MODEL (HF directory or .gguf file): higher = more important."""
-        from rich.console import Console
-
         stderr = Console(stderr=True)
         result, out_dir = analyze(model, list(metrics) or ["block_influence"], calibration, samples, seq_len,
                                   block_size, out, make_options(**run_opts), seed,

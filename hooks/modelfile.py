@@ -16,7 +16,11 @@ from typing import Any, Callable
 
 from ollama_compress.errors import UserError
 from ollama_compress.fsutil import atomic_path
+from ollama_compress.gguf_verify import verify_gguf
 from ollama_compress.hookspecs import hookimpl
+from ollama_compress.plugins import capabilities
+from ollama_compress.recipe import Ollama
+from ollama_compress.safe_read import read_json, read_text
 from ollama_compress.templates import check_chat_template
 
 GGUF_CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
@@ -85,8 +89,6 @@ class ChatFamily:
 
 
 def _families() -> dict[str, Any]:
-    from ollama_compress.plugins import capabilities
-
     return capabilities("chat_templates")
 
 
@@ -142,8 +144,6 @@ def read_hf_chat_template(model_dir: Path) -> str | None:
     tokenizer_config.json), or None when it has none."""
     model_dir = Path(model_dir)
     jinja = model_dir / "chat_template.jinja"
-    from ollama_compress.safe_read import read_json, read_text
-
     if os.path.lexists(jinja):
         return read_text(jinja, "template")
     for name in ("chat_template.json", "tokenizer_config.json"):
@@ -157,8 +157,6 @@ def read_hf_chat_template(model_dir: Path) -> str | None:
 
 def read_gguf_chat_template(gguf_path: Path) -> str | None:
     """``tokenizer.chat_template`` from a GGUF file's metadata (checked first), or None."""
-    from ollama_compress.gguf_verify import verify_gguf
-
     value = verify_gguf(gguf_path).metadata.get(GGUF_CHAT_TEMPLATE_KEY)
     return value if isinstance(value, str) and value else None
 
@@ -174,10 +172,7 @@ def _quote(kind: str, text: str) -> str:
 
 
 def _from_line(gguf_path: Path) -> str:
-    text = str(gguf_path)
-    if any(c in text for c in "\n\r\0"):
-        raise UserError(f"{text!r}: a GGUF path with a line break cannot go in a Modelfile FROM line; rename it")
-    return f"FROM {text}"
+    return f"FROM {_one_line('the GGUF path', str(gguf_path))}"
 
 
 def _parameter_value(name: str, value: Any) -> str:
@@ -185,10 +180,15 @@ def _parameter_value(name: str, value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    text = str(value)
-    if any(c in text for c in '"\n\r\0'):
-        raise UserError(f"Modelfile parameter {name}: value {text!r} may not contain quotes, line breaks or NUL")
-    return f'"{text}"'
+    return f'"{_one_line(f"Modelfile parameter {name}: value", str(value), quoted=True)}"'
+
+
+def _one_line(what: str, text: str, quoted: bool = False) -> str:
+    """``text`` if it stays on its Modelfile line: no line break or NUL, nor a quote when ``quoted``."""
+    if any(c in text for c in "\n\r\0" + ('"' if quoted else "")):
+        raise UserError(f"{what} {text!r} may not contain line breaks{', quotes' if quoted else ''} or NUL "
+                        "(they would end its Modelfile line); change it")
+    return text
 
 
 def merged_parameters(stops: list[str], parameters: dict[str, Any] | None) -> list[tuple[str, Any]]:
@@ -344,8 +344,6 @@ def parse_modelfile(path: Path) -> ModelfileSpec:
 # ---------------------------------------------------------------- stage
 @hookimpl(specname="write_modelfile", trylast=True)
 def write_modelfile_stage(ctx, gguf_path, quant, model_dir):
-    from ollama_compress.recipe import Ollama
-
     settings = ctx.recipe.ollama or Ollama()
     hf_template = read_hf_chat_template(model_dir) if model_dir else None
     if hf_template is None and not settings.template:

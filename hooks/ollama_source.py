@@ -12,9 +12,14 @@ import re
 import sys
 from pathlib import Path
 
-from ollama_compress.context import RunOptions
 from ollama_compress.errors import UserError
+from ollama_compress.fsutil import file_sha256
+from ollama_compress.hooks.registration import check_model_name, verify_gguf_file
 from ollama_compress.hookspecs import hookimpl
+from ollama_compress.hosts import normalize_host
+from ollama_compress.ollama_server import default_models_dir, server_running
+from ollama_compress.options import RunOptions
+from ollama_compress.safe_read import read_json
 
 MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
 REGISTRY = "registry.ollama.ai"
@@ -25,8 +30,6 @@ BLOB_NAME = re.compile(r"sha256-[0-9a-f]{64}")
 
 def split_name(name: str) -> tuple[str, str, str]:
     """``[host/][namespace/]model[:tag]`` -> (host, namespace/model, tag) with Ollama's defaults."""
-    from ollama_compress.hooks.registration import check_model_name
-
     check_model_name(name)
     last = name.rsplit("/", 1)[-1]
     tag = last.split(":", 1)[1] if ":" in last else "latest"
@@ -40,8 +43,6 @@ def split_name(name: str) -> tuple[str, str, str]:
 def blob_from_server(name: str, host: str) -> Path | None:
     """The blob path in the Modelfile of ``name`` on the server at ``host``; None if none answers."""
     import ollama
-
-    from ollama_compress.ollama_server import server_running
 
     if not server_running(host):
         return None
@@ -65,8 +66,6 @@ def blob_from_manifest(name: str, models_dir: Path) -> Path:
     if not manifest.is_file():
         raise UserError(f"ollama:{name} is not installed in {models_dir} (no manifest {manifest}); "
                         f"see 'ollama list', or 'ollama pull {name}'")
-    from ollama_compress.safe_read import read_json
-
     try:
         layers = read_json(manifest, "manifest", expect=dict)["layers"]
         digest = next(layer["digest"] for layer in layers
@@ -84,9 +83,6 @@ def blob_from_manifest(name: str, models_dir: Path) -> Path:
 def check_blob(blob: Path) -> Path:
     """The blob if its sha256 (hashed on every read, never from a cache) equals the digest in its
     name and it is a complete GGUF."""
-    from ollama_compress.fsutil import file_sha256
-    from ollama_compress.hooks.registration import verify_gguf_file
-
     if not BLOB_NAME.fullmatch(blob.name):
         raise UserError(f"{blob}: not an Ollama blob (sha256-<64 hex digits>); re-pull or re-create the model in Ollama")
     if not blob.is_file():
@@ -106,8 +102,6 @@ def check_blob(blob: Path) -> Path:
 def resolve_ollama_model(name: str, options: RunOptions, host: str | None = None,
                          models_dir: Path | None = None) -> Path:
     """The verified GGUF blob of the Ollama model ``name``."""
-    from ollama_compress.ollama_server import default_models_dir, normalize_host
-
     blob = blob_from_server(name, normalize_host(host))
     if blob is None:
         blob = blob_from_manifest(name, Path(models_dir) if models_dir else default_models_dir())

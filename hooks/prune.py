@@ -52,7 +52,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import click
 
-from ollama_compress.context import RunOptions, StageContext
+from ollama_compress.context import StageContext
+from ollama_compress.options import RunOptions
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import atomic_path, check_free_space, check_output_dir, claim_output_dir, write_json
 from ollama_compress.gguf.arch import ARCHS

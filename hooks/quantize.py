@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
-import math
 import os
 import re
 import subprocess
@@ -25,7 +24,8 @@ from typing import Any, Iterator
 
 import click
 
-from ollama_compress.context import RunOptions, StageContext
+from ollama_compress.context import StageContext
+from ollama_compress.options import RunOptions
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import atomic_path, check_free_space, claimed_output_dir, write_json
 from ollama_compress.gguf_verify import GGUFSummary, verify_gguf
@@ -34,6 +34,7 @@ from ollama_compress.hooks.data import bos_prefix, text_windows, token_stream
 from ollama_compress.imatrix import check_imatrix
 from ollama_compress.llama_tools import llama_tool
 from ollama_compress.quant_names import IMATRIX_HELPS, NEEDS_IMATRIX, UNQUANTIZED, quant_name_problem
+from ollama_compress.reference import QualityMeter, TeacherReference, heldout_reference
 
 IMATRIX_FILE = "imatrix.gguf"  # the matrix the stage computes, in the stage's directory
 SPEED_PROMPT_TOKENS = 128
@@ -209,26 +210,6 @@ def llama_threads(threads: int | None) -> dict[str, int]:
     return {"n_threads": n, "n_threads_batch": n}
 
 
-_KEPT_LOG_PROBS: dict[str, Path] = {}  # file fingerprint -> folder, while ``kept_log_probs`` runs
-
-
-@contextlib.contextmanager
-def kept_log_probs(paths: list[Path], folder: Path) -> Iterator[None]:
-    """While the block runs, ``LlamaScorer.log_probs`` of the GGUF files ``paths`` keeps each
-    window's log-probabilities in ``folder`` and reads them back the next time, so a file measured
-    twice (evaluate's teacher quants: their quant table, then their row) runs once in llama.cpp.
-    The same file (fingerprint) and window give the same array, read or computed."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fingerprints = {file_fingerprint(p) for p in paths}
-    _KEPT_LOG_PROBS.update(dict.fromkeys(fingerprints, folder))
-    try:
-        yield
-    finally:
-        for fingerprint in fingerprints:
-            _KEPT_LOG_PROBS.pop(fingerprint, None)
-
-
 class LlamaScorer:
     """One GGUF loaded in llama.cpp, giving log-probabilities for token windows; ``threads``
     defaults to every core unless the machine is oversubscribed (``default_threads``): unlike
@@ -244,11 +225,6 @@ class LlamaScorer:
                                            **llama_threads(threads or default_threads()), verbose=False)
             except (ValueError, RuntimeError) as exc:
                 raise StageFailed(f"llama.cpp could not load {path}: {_failure_reason(log) or exc}") from None
-        self._kept = None
-        if _KEPT_LOG_PROBS:
-            fingerprint = file_fingerprint(path)
-            if fingerprint in _KEPT_LOG_PROBS:
-                self._kept = (_KEPT_LOG_PROBS[fingerprint], fingerprint)
 
     @property
     def n_vocab(self) -> int:
@@ -260,24 +236,12 @@ class LlamaScorer:
 
     def log_probs(self, window: list[int]) -> Any:
         """Log-softmax of the logits at each position but the last: row i predicts window[i+1]."""
-        import hashlib
-
         import numpy as np
 
-        kept = None
-        if self._kept is not None:
-            folder, fingerprint = self._kept
-            window_key = hashlib.blake2b(np.asarray(window, dtype=np.int64).tobytes(), digest_size=12).hexdigest()
-            kept = folder / f"{fingerprint}-{window_key}.npy"
-            if kept.is_file():
-                return np.load(kept)
         self.llm.reset()
         self.llm.eval(window)
         logits = np.array(self.llm.scores[: len(window) - 1], dtype=np.float32)
-        lp = _log_softmax(logits)
-        if kept is not None:
-            np.save(kept, lp)
-        return lp
+        return _log_softmax(logits)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -447,17 +411,16 @@ def measure_quants(reference_gguf: Path, quant_ggufs: dict[str, Path], texts: li
             n_scored = sum(len(w) - 1 for w in windows)
             n_vocab = ref.n_vocab
             ref_lp = np.lib.format.open_memmap(Path(tmp) / "ref.npy", mode="w+", dtype=np.float32, shape=(n_scored, n_vocab))
-            start, nll, t0 = 0, 0.0, time.perf_counter()
+            meter, t0 = QualityMeter(), time.perf_counter()
             for w in windows:
                 lp = ref.log_probs(w)
-                ref_lp[start : start + len(lp)] = lp
-                nll -= float(lp[np.arange(len(lp)), w[1:]].sum(dtype=np.float64))
-                start += len(lp)
+                ref_lp[meter.tokens : meter.tokens + len(lp)] = lp
+                meter.add_nll(lp, w[1:])
             ref_seconds = time.perf_counter() - t0
         finally:
             ref.close()
         rows = [_file_row(ref_name, reference_gguf, summaries["reference"]) | {
-            "reference": True, "perplexity": math.exp(nll / n_scored), "mean_kl": 0.0, "top1_agreement": 1.0,
+            "reference": True, "perplexity": meter.result()["perplexity"], "mean_kl": 0.0, "top1_agreement": 1.0,
             "tokens": n_scored, "n_ctx": n_ctx, "eval_seconds": round(ref_seconds, 2)}]
         for name, path in quant_ggufs.items():
             rows.append(_file_row(name, Path(path), summaries[name]) | {"reference": False}
@@ -472,17 +435,11 @@ def measure_quants(reference_gguf: Path, quant_ggufs: dict[str, Path], texts: li
 def quality_against(model: Any, windows: list[list[int]], ref_lp: Any) -> dict[str, Any]:
     """Perplexity, KL(reference || model) per token and top-1 agreement with the reference over
     ``windows``: ``model.log_probs(window)`` gives the model's rows, ``ref_lp`` the reference's, in order."""
-    import numpy as np
-
-    start, nll, kl, agree = 0, 0.0, 0.0, 0
+    meter = QualityMeter()
     for w in windows:
         lp = model.log_probs(w)
-        ref = np.asarray(ref_lp[start : start + len(lp)])
-        nll -= float(lp[np.arange(len(lp)), w[1:]].sum(dtype=np.float64))
-        kl += float((np.exp(ref) * (ref - lp)).sum(dtype=np.float64))
-        agree += int((ref.argmax(axis=1) == lp.argmax(axis=1)).sum())
-        start += len(lp)
-    return {"perplexity": math.exp(nll / start), "kl": kl / start, "top1_agreement": agree / start, "tokens": start}
+        meter.add(lp, ref_lp[meter.tokens : meter.tokens + len(lp)], w[1:])
+    return meter.result()
 
 
 def _compare(path: Path, windows: list[list[int]], ref_lp: Any, n_vocab: int, n_ctx: int) -> dict[str, Any]:
@@ -499,17 +456,30 @@ def _compare(path: Path, windows: list[list[int]], ref_lp: Any, n_vocab: int, n_
             "tokens": quality["tokens"], "n_ctx": n_ctx, "eval_seconds": round(seconds, 2)}
 
 
-def measure_heldout_quants(ctx, reference: Path, quants: dict[str, Path], out_dir: Path,
-                           speed: bool = True) -> list[dict]:
-    """``measure_quants`` on the recipe's ``data.heldout``, written to ``out_dir/quants.json``: the
-    export stage's quant table and evaluate's teacher quants, measured the same way."""
-    from ollama_compress.hooks.data import load_texts
+def measure_against_teacher(reference: TeacherReference, files: dict[str, Path], speed: bool = True) -> list[dict]:
+    """``measure_quants``' row for each of ``files`` (name -> GGUF), with perplexity, KL(teacher || file)
+    and top-1 agreement against the run's cached teacher reference: the figures evaluate shows for
+    the same files. Each row names the reference (``teacher_reference``), so evaluate reuses them
+    only while it measures against the same one."""
+    summaries = {name: verify_gguf(path) for name, path in files.items()}
+    ref_lp = reference.logprobs()
+    n_ctx = max(map(len, reference.windows))
+    rows = [_file_row(name, Path(path), summaries[name]) | {"reference": False, "teacher_reference": reference.key}
+            | _compare(Path(path), reference.windows, ref_lp, ref_lp.shape[1], n_ctx) for name, path in files.items()]
+    if speed:
+        tokens = [t for w in reference.windows for t in w]
+        for row, figures in zip(rows, measure_speeds([Path(p) for p in files.values()], tokens)):
+            row.update(figures)
+    return rows
 
-    heldout = ctx.recipe.data.heldout
-    texts = load_texts(heldout, ctx=ctx)
-    n_ctx = max(8, min(heldout.seq_len, 2048))
-    rows = measure_quants(reference, quants, texts, n_ctx=n_ctx, max_tokens=heldout.samples * heldout.seq_len,
-                          speed=speed)
+
+def measure_heldout_quants(ctx, unquantized: Path, quants: dict[str, Path], out_dir: Path,
+                           speed: bool = True) -> list[dict]:
+    """``measure_against_teacher`` of ``unquantized`` and ``quants`` on the run's teacher reference
+    (``data.heldout``, the teacher ``ctx.inputs["teacher_dir"]``), written to ``out_dir/quants.json``:
+    the export stage's quant table and evaluate's teacher quants, measured the same way."""
+    files = {verify_gguf(unquantized).file_type or Path(unquantized).stem: Path(unquantized), **quants}
+    rows = measure_against_teacher(heldout_reference(ctx), files, speed=speed)
     write_quants_report(rows, out_dir)
     return rows
 

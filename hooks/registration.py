@@ -12,12 +12,16 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+
 import click
 
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import file_sha256
+from ollama_compress.gguf_verify import verify_gguf
 from ollama_compress.hookspecs import hookimpl
-from ollama_compress.ollama_server import DEFAULT_HOST, ensure_server, make_client, normalize_host, server_running
+from ollama_compress.hosts import DEFAULT_HOST, normalize_host
+from ollama_compress.ollama_server import ensure_server, make_client, server_running
+from ollama_compress.recipe import QUANT_TYPES, check_ollama_name
 
 from .modelfile import (
     ModelfileSpec,
@@ -41,15 +45,11 @@ def model_tag(name: str, quant: str | None) -> str:
 
 def check_model_name(name: str) -> str:
     """``name`` if Ollama accepts it (the one rule in ``recipe.check_ollama_name``), else UserError."""
-    from ollama_compress.recipe import check_ollama_name
-
     return check_ollama_name(name)
 
 
 def verify_gguf_file(path: Path) -> str | None:
     """Check that ``path`` is a complete GGUF (UserError otherwise); return its quant type if known."""
-    from ollama_compress.gguf_verify import verify_gguf
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such GGUF file")
@@ -57,8 +57,6 @@ def verify_gguf_file(path: Path) -> str | None:
 
 
 def quant_from_filename(path: Path) -> str | None:
-    from ollama_compress.recipe import QUANT_TYPES
-
     stem = Path(path).stem.upper()
     for quant in sorted(QUANT_TYPES, key=len, reverse=True):
         if re.search(rf"(^|[-_.]){re.escape(quant)}\Z", stem):

@@ -12,12 +12,16 @@ from pathlib import Path
 
 import click
 
-from ollama_compress.context import RunOptions, StageContext
+from ollama_compress.context import StageContext
+from ollama_compress.embedded import EMBEDDED_MODELS, cache_dir, smollm2_gguf
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import Fingerprints, atomic_path, check_free_space, check_output_dir, claim_output_dir
 from ollama_compress.gguf_verify import GGUFSummary, verify_gguf
+from ollama_compress.hooks.modelfile import read_hf_chat_template
 from ollama_compress.hookspecs import LOCATE_SOURCE, hookimpl
 from ollama_compress.modelio import check_causal_lm, check_finite, check_model_dir, file_in_model_dir
+from ollama_compress.options import RunOptions
+from ollama_compress.plugins import capabilities
 from ollama_compress.templates import check_chat_template
 
 GGUF_MAGIC = b"GGUF"
@@ -90,8 +94,6 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
 
 def imported_gguf_dir(gguf_path: str | os.PathLike) -> Path:
     """The HF import of a GGUF, made once and cached by the GGUF's content hash."""
-    from ollama_compress.embedded import cache_dir
-
     gguf_path = check_gguf(gguf_path)
     digest = Fingerprints(cache_dir() / "fingerprints.json").sha256(gguf_path)
     target = cache_dir() / "imported" / f"{gguf_path.stem}-{digest[:12]}"
@@ -104,8 +106,6 @@ def imported_gguf_dir(gguf_path: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------- resolving a source
 def resolve_source(spec: str, options: RunOptions | None = None, revision: str | None = None) -> Path:
     """A local HF directory or GGUF file for a source spec (path, ``scheme:name`` or hub id)."""
-    from ollama_compress.plugins import capabilities
-
     options = options or RunOptions()
     scheme, sep, rest = spec.partition(":")
     schemes = capabilities("sources")
@@ -168,8 +168,6 @@ def resolve_model_dir(spec: str, options: RunOptions | None = None, revision: st
 
 # ---------------------------------------------------------------- hooks
 def _embedded(name: str, options: RunOptions) -> Path:
-    from ollama_compress.embedded import EMBEDDED_MODELS, smollm2_gguf
-
     if name not in EMBEDDED_MODELS:
         raise UserError(f"no embedded model '{name}'; known: {', '.join(EMBEDDED_MODELS)}")
     return smollm2_gguf()
@@ -194,8 +192,6 @@ def load_source(ctx: StageContext) -> Path:
 
 def check_hf_chat_template(model_dir: Path) -> None:
     """The chat template an HF directory ships passes ``check_chat_template`` (UserError otherwise)."""
-    from ollama_compress.hooks.modelfile import read_hf_chat_template
-
     check_chat_template(read_hf_chat_template(model_dir))
 
 

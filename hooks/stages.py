@@ -13,9 +13,14 @@ from typing import Any
 
 from ollama_compress.context import StageContext
 from ollama_compress.errors import StageFailed
+from ollama_compress.evaluation import evaluate_run
+from ollama_compress.hooks import quantize
+from ollama_compress.hooks.source import resolve_model_dir
 from ollama_compress.hookspecs import hookimpl
+from ollama_compress.ollama_server import ensure_server
 from ollama_compress.pipeline import STAGE_NAMES
 from ollama_compress.plugins import call_first
+from ollama_compress.safe_read import read_json
 
 STEPS: dict[str, Any] = {}
 
@@ -50,8 +55,6 @@ def _importance(ctx: StageContext) -> dict[str, Any]:
 def _prune(ctx: StageContext) -> dict[str, Any]:
     scores = {}
     if "scores_file" in ctx.inputs:
-        from ollama_compress.safe_read import read_json
-
         raw = read_json(ctx.inputs["scores_file"], "scores", expect=dict)
         scores = {k: v for k, v in raw.items() if isinstance(v, list)}
     model_dir = call_first("prune_layers", ctx=ctx, model_dir=Path(ctx.inputs["model_dir"]), scores=scores)
@@ -60,8 +63,6 @@ def _prune(ctx: StageContext) -> dict[str, Any]:
 
 @step("heal")
 def _heal(ctx: StageContext) -> dict[str, Any]:
-    from ollama_compress.hooks.source import resolve_model_dir
-
     teacher = ctx.settings.teacher
     teacher_dir = resolve_model_dir(teacher, ctx.options) if teacher else Path(ctx.inputs["teacher_dir"])
     model_dir = call_first("heal", ctx=ctx, student_dir=Path(ctx.inputs["model_dir"]), teacher_dir=teacher_dir)
@@ -81,9 +82,8 @@ def _export(ctx: StageContext) -> dict[str, Any]:
 
 
 def _measure(ctx: StageContext, reference: Path, quants: dict[str, Path]) -> None:
-    """Per-quant size, bits per weight, perplexity and KL to the unquantized GGUF (llama.cpp logits)."""
-    from ollama_compress.hooks import quantize
-
+    """Per-quant size, bits per weight, and perplexity, KL and top-1 agreement against the run's
+    teacher reference (llama.cpp logits), for the unquantized GGUF and each quant."""
     ctx.metrics["quants"] = quantize.measure_heldout_quants(ctx, reference, quants, ctx.out_dir)
 
 
@@ -106,8 +106,6 @@ def _ollama(ctx: StageContext) -> dict[str, Any]:
 
 
 def _register_all(ctx: StageContext, name: str, modelfiles: dict[str, str]) -> dict[str, str]:
-    from ollama_compress.ollama_server import ensure_server
-
     with ensure_server(ctx.settings.host, log=ctx.log) as server:
         return {
             quant: call_first("create_ollama_model", ctx=ctx, modelfile=Path(path), name=name, host=server.host)
@@ -117,8 +115,6 @@ def _register_all(ctx: StageContext, name: str, modelfiles: dict[str, str]) -> d
 
 @step("evaluate")
 def _evaluate(ctx: StageContext) -> dict[str, Any]:
-    from ollama_compress.evaluation import evaluate_run
-
     return evaluate_run(ctx)
 
 

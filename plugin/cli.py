@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from .context import RunOptions, launcher_world
+from .options import RunOptions, launcher_world
 from .errors import CompressError
 
 

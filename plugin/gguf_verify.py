@@ -24,12 +24,13 @@ import re
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
-
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .errors import UserError
-from .gguf.arch import loadability_problems, metadata_type_problem
+from .gguf.arch import gguf_py, loadability_problems, metadata_type_problem
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gguf import GGUFValueType
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -41,12 +42,8 @@ MIN_KV_SIZE = 8 + 4 + 1  # empty key, value type, smallest value
 MIN_TENSOR_INFO_SIZE = 8 + 4 + 4 + 8  # empty name, n_dims (0), type, offset
 SMALL_ARRAY = 64  # numeric arrays up to this many items are kept in ``metadata``
 
-_SCALARS = {
-    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
-    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
-    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
-}
+_SCALARS = {"UINT8": "<B", "INT8": "<b", "UINT16": "<H", "INT16": "<h", "UINT32": "<I", "INT32": "<i",
+            "FLOAT32": "<f", "BOOL": "<?", "UINT64": "<Q", "INT64": "<q", "FLOAT64": "<d"}  # by GGUFValueType name
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -145,10 +142,13 @@ class _Reader:
     def remaining(self) -> int:
         return self.size - self.pos
 
-    def take(self, n: int, what: str) -> bytes:
+    def _need(self, n: int, what: str) -> None:
         if n > self.remaining:
             raise _Invalid(f"truncated: {what} needs {n} bytes at offset {self.pos}, "
                            f"only {self.remaining} left (file size {self.size})")
+
+    def take(self, n: int, what: str) -> bytes:
+        self._need(n, what)
         data = self.f.read(n)
         if len(data) != n:
             raise _Invalid(f"truncated: short read of {what} at offset {self.pos}")
@@ -156,9 +156,7 @@ class _Reader:
         return data
 
     def skip(self, n: int, what: str) -> None:
-        if n > self.remaining:
-            raise _Invalid(f"truncated: {what} needs {n} bytes at offset {self.pos}, "
-                           f"only {self.remaining} left (file size {self.size})")
+        self._need(n, what)
         self.f.seek(n, 1)
         self.pos += n
 
@@ -209,7 +207,7 @@ def _printable(text: str, limit: int = 400) -> str:
 def ftype_name(value: int) -> str | None:
     """llama.cpp's name for a ``general.file_type`` value (``15`` -> ``Q4_K_M``)."""
     try:
-        name = LlamaFileType(value).name
+        name = gguf_py().LlamaFileType(value).name
     except ValueError:
         return None
     return name.removeprefix("MOSTLY_").removeprefix("ALL_")
@@ -217,7 +215,8 @@ def ftype_name(value: int) -> str | None:
 
 def ggml_type_size(type_name: str) -> tuple[int, int]:
     """(elements per block, bytes per block) of a ggml tensor type name (``Q4_K``...)."""
-    return GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    gguf = gguf_py()
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
 
 
 # ---------------------------------------------------------------- parsing
@@ -271,7 +270,7 @@ def _value_type(r: _Reader, what: str) -> GGUFValueType:
     start = r.pos
     raw = r.u32(f"value type of {what}")
     try:
-        return GGUFValueType(raw)
+        return gguf_py().GGUFValueType(raw)
     except ValueError:
         raise _Invalid(f"{what} has unknown value type {raw} (at offset {start})") from None
 
@@ -290,12 +289,12 @@ def _metadata(r: _Reader, kv_count: int) -> dict[str, Any]:
 
 
 def _value(r: _Reader, vtype: GGUFValueType, key: str) -> Any:
-    if vtype == GGUFValueType.STRING:
+    if vtype.name == "STRING":
         return r.string(f"string value of '{key}'")
-    if vtype == GGUFValueType.ARRAY:
+    if vtype.name == "ARRAY":
         return _array(r, key)
-    value = r.scalar(_SCALARS[vtype], f"value of '{key}'")
-    if vtype == GGUFValueType.BOOL:
+    value = r.scalar(_SCALARS[vtype.name], f"value of '{key}'")
+    if vtype.name == "BOOL":
         return bool(value)
     return value
 
@@ -306,15 +305,15 @@ def _array(r: _Reader, key: str) -> Any:
     if problem:
         raise _Invalid(problem)
     count = r.u64(f"length of array '{key}'")
-    item_size = 8 if itype == GGUFValueType.STRING else struct.calcsize(_SCALARS[itype])
+    item_size = 8 if itype.name == "STRING" else struct.calcsize(_SCALARS[itype.name])
     if count * item_size > r.remaining:
         raise _Invalid(f"array '{key}' claims {count} items, more than the {r.remaining} bytes left in the file")
-    if itype == GGUFValueType.STRING:
+    if itype.name == "STRING":
         for j in range(count):
             r.string(f"item {j} of '{key}'")
         return GGUFArray(itype.name, count)
     if count <= SMALL_ARRAY:
-        fmt = "<" + _SCALARS[itype][1] * count
+        fmt = "<" + _SCALARS[itype.name][1] * count
         return list(struct.unpack(fmt, r.take(count * item_size, f"array '{key}'")))
     r.skip(count * item_size, f"array '{key}'")
     return GGUFArray(itype.name, count)
@@ -352,8 +351,9 @@ def _tensor_info(r: _Reader, name: str) -> TensorInfo:
         raise _Invalid(f"tensor '{name}' has a negative dimension")
     raw_type = r.u32(f"type of '{name}'")
     try:
-        qtype = GGMLQuantizationType(raw_type)
-        block, type_size = GGML_QUANT_SIZES[qtype]
+        gguf = gguf_py()
+        qtype = gguf.GGMLQuantizationType(raw_type)
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     except (ValueError, KeyError):
         raise _Invalid(f"tensor '{name}' has unknown ggml type {raw_type}") from None
     offset = r.u64(f"offset of '{name}'")

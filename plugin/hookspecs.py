@@ -194,13 +194,15 @@ def evaluate(ctx: StageContext, model_path: Path) -> dict[str, Any] | None:
     ``candidate`` (``{name, model, quant, kind}`` of this row) and ``heldout_reference``: the
     held-out token windows (``windows``, a JSON file of token-id lists, BOS included) and the
     teacher's log-probabilities on them (``teacher_logprobs``, a ``.npy`` of shape
-    ``[tokens, vocab]``, row i of a window predicting its token i+1), with ``teacher_perplexity``.
+    ``[tokens, vocab]``, row i of a window predicting its token i+1), with ``teacher_perplexity``
+    and ``key`` (the cached reference's name: teacher hash, windows hash, dtype).
 
     Returns ``{column: JSON-able value}`` for this row, or None to add nothing. Not first-result:
     every plugin's dict is merged, and on a shared key a third-party plugin wins over the built-in
     one (which is ``trylast``). The built-in columns are ``perplexity``, ``kl``,
     ``top1_agreement``, ``knowledge_accuracy``, ``answers``, ``size_bytes`` and, for GGUF files,
-    ``prompt_tokens_per_s`` / ``gen_tokens_per_s`` (with the speed meter's rounds and load average)
-    and ``kl_to_unquantized``: for a file the export stage measured, its figures from the
-    ``quants.json`` beside it, reused rather than measured again.
+    ``prompt_tokens_per_s`` / ``gen_tokens_per_s`` (with the speed meter's rounds and load average).
+    For a GGUF the export stage (or evaluate's teacher quants) measured against the same teacher
+    reference (``key``), the quality and speed figures are those of the ``quants.json`` beside it,
+    reused rather than measured again.
     """

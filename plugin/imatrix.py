@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .context import RunOptions
+from . import modelio
 from .errors import UserError
 from .fsutil import atomic_path
 from .gguf_verify import GGUFSummary, verify_gguf
+from .options import RunOptions
 
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
@@ -104,8 +105,6 @@ def compute_imatrix(model_dir: Path, gguf_path: Path, batches: list[Any], out: P
                     device: str = "cpu", options: RunOptions | None = None) -> Path:
     """The importance matrix of the HF model in ``model_dir`` over ``batches``, named for the GGUF
     ``gguf_path`` exported from it, checked against that file and written to ``out`` (atomically)."""
-    from . import modelio
-
     summary = verify_gguf(gguf_path)
     model = modelio.load_model(model_dir, options, dtype="float32", device=device)
     names = gguf_names(summary.architecture or "", summary.block_count or 0, (n for n, _ in model.named_modules()))

@@ -18,7 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from .errors import StageFailed, UserError
+from .embedded import cache_dir
+from .errors import StageFailed, UserError, run_as_script
 from .fsutil import atomic_path
 
 TOOLS = ("llama-quantize", "llama-imatrix")
@@ -41,8 +42,6 @@ def bindings_version() -> str:
 
 def tools_dir() -> Path:
     """``<cache>/llama.cpp-VERSION/bin``, VERSION being the bindings' version."""
-    from .embedded import cache_dir
-
     return cache_dir() / f"llama.cpp-{bindings_version()}" / "bin"
 
 
@@ -113,8 +112,4 @@ def _last_lines(text: str, n: int = 3) -> str:
 
 
 if __name__ == "__main__":  # .ci/setup
-    try:
-        print(build_llama_tools())
-    except (StageFailed, UserError) as exc:
-        print(f"llama-tools: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+    run_as_script("llama-tools", build_llama_tools)

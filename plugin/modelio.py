@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
+import struct
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from .context import RunOptions
 from .errors import UserError
+from .fsutil import check_free_space, resolve_inside
+from .options import RunOptions
+from .safe_read import check_json_depth, check_regular_file, parse_json, read_json, read_text, walk_files
+from .templates import check_template_renders
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -27,8 +33,6 @@ def _allowed_root(path: Path) -> Path:
 def file_in_model_dir(model_dir: str | os.PathLike, relative: str, what: str) -> Path:
     """``model_dir/relative`` if it stays inside the model directory (a hub snapshot's links into
     its ``blobs/`` count as inside); UserError for ``..``, absolute paths, NUL or symlinks out."""
-    from .fsutil import resolve_inside
-
     model_dir = Path(model_dir)
     root = _allowed_root(model_dir)
     resolve_inside(root, model_dir.relative_to(root) / relative, what)
@@ -38,8 +42,6 @@ def file_in_model_dir(model_dir: str | os.PathLike, relative: str, what: str) ->
 def _check_contained(path: Path) -> None:
     """UserError if a file of ``path`` is a symlink leading out of it, or a shard index names a
     file outside it (a shared model must not make us read, or hash, files elsewhere)."""
-    from .safe_read import walk_files
-
     root = _allowed_root(path).resolve()
     for entry in walk_files(path, f"model directory {path}"):
         if entry.is_symlink():
@@ -55,8 +57,6 @@ def _check_contained(path: Path) -> None:
 
 def _check_shard_index(path: Path, index: Path) -> None:
     """Every shard an index names is a plain file name beside it (symlinks are checked above)."""
-    from .safe_read import read_json
-
     weight_map = read_json(index, "index", expect=dict).get("weight_map")
     if not isinstance(weight_map, dict):
         raise UserError(f"{index} has no weight_map; re-save the model")
@@ -75,8 +75,6 @@ def _check_remote_code(path: Path, options: RunOptions) -> None:
     for name in ("config.json", "tokenizer_config.json"):
         if not (path / name).is_file():
             continue
-        from .safe_read import read_json
-
         config = read_json(path / name, "config", expect=dict)
         if config.get("auto_map") and not options.trust_remote_code:
             raise UserError(f"{path} needs its own Python code ({name} auto_map) to load; read that code and "
@@ -115,8 +113,6 @@ def check_model_dir(path: str | os.PathLike, options: RunOptions | None = None) 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """config.json of a model directory: a JSON object, read boundedly (``safe_read``)."""
-    from .safe_read import read_json
-
     return read_json(Path(path) / "config.json", "config", expect=dict)
 
 
@@ -175,8 +171,6 @@ TOKENIZER_TEXT_FILES = {"merges.txt": "tokenizer", "chat_template.jinja": "templ
 def check_tokenizer_files(path: str | os.PathLike) -> None:
     """The tokenizer files of ``path`` are plain files of sane size, JSON nested boundedly, text
     UTF-8: what the tokenizers library and transformers would otherwise choke on or hang reading."""
-    from .safe_read import check_json_depth, read_text
-
     path = Path(path)
     for name, kind in {**TOKENIZER_JSON_FILES, **TOKENIZER_TEXT_FILES}.items():
         if os.path.lexists(path / name):
@@ -184,8 +178,6 @@ def check_tokenizer_files(path: str | os.PathLike) -> None:
             if name in TOKENIZER_JSON_FILES:
                 check_json_depth(text, str(path / name))
     if os.path.lexists(path / "tokenizer.model"):
-        from .safe_read import check_regular_file
-
         check_regular_file(path / "tokenizer.model", "tokenizer")
 
 
@@ -195,8 +187,6 @@ def load_tokenizer(path: str | os.PathLike, options: RunOptions | None = None):
     it in this process."""
     options = options or RunOptions()
     from transformers import AutoTokenizer
-
-    from .templates import check_template_renders
 
     if Path(path).is_dir():
         check_tokenizer_files(path)
@@ -214,8 +204,6 @@ def load_tokenizer(path: str | os.PathLike, options: RunOptions | None = None):
 
 def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy tokenizer, chat template and generation config files that save_pretrained may skip."""
-    import shutil
-
     src, dst = Path(src), Path(dst)
     names = (
         "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -229,8 +217,6 @@ def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 def save_model(model, tokenizer, out_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None) -> Path:
     """Save weights as safetensors with tokenizer and side files into ``out_dir`` (which must exist)."""
-    from .fsutil import check_free_space
-
     out_dir = Path(out_dir)
     weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     check_free_space(out_dir, weights + (64 << 20), f"the model weights ({weights / 2**20:.0f} MiB)")
@@ -254,8 +240,6 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
     model_dir = Path(model_dir)
     index = model_dir / SAFETENSORS_INDEX
     if index.is_file():
-        from .safe_read import read_json
-
         weight_map = read_json(index, "index", expect=dict).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
             raise UserError(f"{index} is not a valid safetensors index (no weight_map of file names); re-save the model")
@@ -286,6 +270,28 @@ def decoder_stack(model) -> tuple[Any, Any]:
     return base, layers
 
 
+@contextmanager
+def capture_outputs(modules: dict[Any, Any]) -> Iterator[dict[Any, Any]]:
+    """Collect each module's output (the first element of a tuple output) under its key, during
+    forward passes in the block.
+
+    The first output per key is kept until the caller clears ``captured``, so that recomputations
+    during a checkpointed backward are ignored; clear it between forward passes.
+    """
+    captured: dict[Any, Any] = {}
+    handles = []
+    for key, module in modules.items():
+        def hook(mod, args, output, _key=key):
+            if _key not in captured:
+                captured[_key] = output[0] if isinstance(output, tuple) else output
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 # ---------------------------------------------------------------- weights that match their config
 SAFETENSORS_MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
 SAFETENSORS_DTYPES = frozenset({"BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16",
@@ -295,10 +301,6 @@ SAFETENSORS_DTYPES = frozenset({"BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8
 def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape from a safetensors file's header, every field type- and range-checked
     (the data offsets must lie inside the file); a UserError naming the file otherwise."""
-    import struct
-
-    from .safe_read import check_json_depth, parse_json
-
     path = Path(path)
     try:
         size = path.stat().st_size

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,8 +22,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
-from .errors import StageFailed, UserError
-from .fsutil import make_temp_dir, remove_made
+from .embedded import cache_dir
+from .errors import StageFailed, UserError, run_as_script
+from .fsutil import atomic_path, make_temp_dir, remove_made
+from .hosts import is_loopback, normalize_host
 
 # Ollama is built from source with `go install` (Go modules + cgo; no cmake, no prebuilt download).
 # v0.24.0 is the newest release the Go module proxy serves (`go list -m github.com/ollama/ollama@latest`
@@ -38,8 +42,6 @@ OLLAMA_LDFLAGS = (
 )
 SYSTEM_HEADERS = {"nlohmann/json_fwd.hpp": "nlohmann-json3-dev", "stb/stb_image.h": "libstb-dev"}
 MINIAUDIO_SDIST = "miniaudio==1.71"
-DEFAULT_PORT = 11434
-DEFAULT_HOST = f"http://127.0.0.1:{DEFAULT_PORT}"
 LOG_TAIL_LINES = 15
 # ggml's CPU code is compiled by cgo with -O3 but no -march, i.e. SSE2 only; building for the
 # machine's own CPU (AVX2/AVX-512) makes generation about 6x faster. The binary then runs only
@@ -52,8 +54,6 @@ NATIVE_CFLAGS = "-O3 -march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 # ---------------------------------------------------------------- the binary
 def pinned_ollama_path() -> Path:
     """Where ``install_ollama`` puts the pinned build: ``<cache>/ollama-VERSION/bin/ollama``."""
-    from .embedded import cache_dir
-
     return cache_dir() / f"ollama-{OLLAMA_VERSION.removeprefix('v')}" / "bin" / "ollama"
 
 
@@ -94,8 +94,6 @@ def find_ollama() -> Path | None:
 
 def binary_version(binary: Path) -> str | None:
     """The version an ollama binary reports (``ollama --version``, no server needed), or None."""
-    import re
-
     env = {**os.environ, "OLLAMA_HOST": "127.0.0.1:9"}  # unreachable: it prints "client version is X"
     try:
         done = subprocess.run([str(binary), "--version"], capture_output=True, text=True, env=env, timeout=30)
@@ -107,11 +105,6 @@ def binary_version(binary: Path) -> str | None:
 
 def _header_dir() -> Path:
     """A folder with ``miniaudio/miniaudio.h`` (from the miniaudio sdist), for ``CGO_CPPFLAGS=-I``."""
-    import tarfile
-
-    from .embedded import cache_dir
-    from .fsutil import atomic_path
-
     folder = cache_dir() / f"ollama-headers-{MINIAUDIO_SDIST.split('==')[1]}"
     header = folder / "miniaudio" / "miniaudio.h"
     if header.is_file():
@@ -216,50 +209,6 @@ def ollama_binary(build: bool = False, log: Callable[[str], None] | None = None)
         f"no ollama binary in {pinned_ollama_path().parent}, on PATH or in $(go env GOPATH)/bin; "
         "run 'bash .ci/install-ollama' or install Ollama from https://ollama.com/download"
     )
-
-
-# ---------------------------------------------------------------- hosts
-def normalize_host(host: str | None = None) -> str:
-    """``http://HOST:PORT`` for an OLLAMA_HOST-style value (``host``, ``host:port``, ``:port``, URL).
-
-    None means ``$OLLAMA_HOST`` or ``http://127.0.0.1:11434``. A wildcard bind address
-    (0.0.0.0, ::) is reached through 127.0.0.1.
-    """
-    raw = (host if host is not None else os.environ.get("OLLAMA_HOST", "")).strip()
-    if not raw:
-        return DEFAULT_HOST
-    if "://" not in raw:
-        raw = "http://" + raw
-    parts = urlsplit(raw)
-    scheme = parts.scheme or "http"
-    hostname = parts.hostname or "127.0.0.1"
-    if hostname in ("0.0.0.0", "::"):
-        hostname = "127.0.0.1"
-    try:
-        port = parts.port or DEFAULT_PORT
-    except ValueError:
-        raise UserError(f"'{host}' is not a valid Ollama host (expected HOST:PORT or http://HOST:PORT)") from None
-    if ":" in hostname:
-        hostname = f"[{hostname}]"
-    return f"{scheme}://{hostname}:{port}{parts.path.rstrip('/')}"
-
-
-def is_loopback(host: str | None) -> bool:
-    """Whether ``host`` (any OLLAMA_HOST spelling) names this machine: an IP literal in 127.0.0.0/8,
-    ``::1``, or exactly ``localhost``. Any other name is remote (``127.0.0.1.example.org`` is a
-    domain, resolved by DNS)."""
-    import ipaddress
-
-    name = urlsplit(normalize_host(host)).hostname or ""
-    if name == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv4Address):
-        return address in ipaddress.IPv4Network("127.0.0.0/8")
-    return address.is_loopback
 
 
 def make_client(host: str | None = None, **kwargs):
@@ -491,16 +440,10 @@ def ensure_server(
 
 
 def _log_dir() -> Path:
-    from .embedded import cache_dir
-
     path = cache_dir() / "logs"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 if __name__ == "__main__":  # .ci/install-ollama
-    try:
-        print(install_ollama())
-    except (StageFailed, UserError) as exc:
-        print(f"install-ollama: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+    run_as_script("install-ollama", install_ollama)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import platform
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,14 +24,16 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from .context import RunOptions, StageContext, launcher_world
+from .context import StageContext
 from .embedded import cache_dir
 from .errors import CompressError, NotAvailable, StageFailed, UserError
 from .fsutil import (Fingerprints, atomic_path, check_output_dir, claim_output_dir, clean_journal, remove_made,
                      settings_hash, write_json)
 from .hookspecs import LOCATE_SOURCE
+from .options import RunOptions, launcher_world
+from .planner import gguf_size, heal_memory_bytes, layers_to_remove, measured_select_cost, model_shape
 from .plugins import call_first, get_plugin_manager
-from .recipe import SUPPORTED_RECIPE_VERSIONS, Recipe, load_recipe
+from .recipe import SUPPORTED_RECIPE_VERSIONS, Recipe, apply_override, load_recipe, parse_count, validate
 
 STAGE_FILE = ".stage.json"
 PACKAGES = ("ollama-compress", "torch", "transformers", "safetensors", "gguf", "llama-cpp-python",
@@ -100,7 +103,8 @@ STAGES = (
           settings=lambda r: {"heal": _dump(r.heal), "heal_data": _dump(getattr(r.data, "heal", None)),
                               "heldout": _dump(r.data.heldout)},
           enabled=_has("heal")),
-    Stage("export", "40-gguf", "export", ("export_gguf", "quantize_gguf"), reads=("model_dir", "pruned_dir"),
+    Stage("export", "40-gguf", "export", ("export_gguf", "quantize_gguf"),
+          reads=("model_dir", "pruned_dir", "teacher_dir"),
           writes=("gguf",),
           settings=lambda r: {"export": _dump(r.export), "name": r.name, "heldout": _dump(r.data.heldout),
                               "calibration": _dump(r.data.calibration)},
@@ -191,8 +195,6 @@ class Run:
         prune = self.recipe.prune
         if prune is None or prune.target is None:
             return
-        from .planner import layers_to_remove, model_shape, parse_count
-
         target = prune.target
         shape = model_shape(self.source_location())
         protected = len({p if isinstance(p, int) else (0 if p == "first" else shape.num_layers - 1)
@@ -211,8 +213,6 @@ class Run:
 
     def estimate(self) -> dict[str, Any]:
         """Parameters, GGUF size per quant and heal memory, from the source's shape alone."""
-        from .planner import gguf_size, heal_memory_bytes, model_shape
-
         shape = model_shape(self.source_location())
         prune = self.recipe.prune
         removed = 0
@@ -223,8 +223,6 @@ class Run:
         result: dict[str, Any] = {"layers": [shape.num_layers, shape.num_layers - removed],
                                   "params": [shape.params(), params]}
         if prune is not None and prune.select != "metric" and prune.layers is None and not prune.iterative and removed:
-            from .planner import measured_select_cost
-
             protected = {p if isinstance(p, int) else (0 if p == "first" else shape.num_layers - 1) for p in prune.protect}
             calibration = self.recipe.data.calibration
             result["select_measured"] = measured_select_cost(shape, removed, protected, 1 + len(prune.report_metrics),
@@ -369,8 +367,6 @@ class Run:
     def _run_stage_helping(self, stage: Stage) -> None:
         """A rank > 0 of a launcher: run the stage's hook (the heal's collectives need every process)
         with a private scratch output, and write nothing in the run directory."""
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix=f"ollama-compress-rank-{stage.name}-") as scratch:
             ctx = StageContext(stage=stage.name, recipe=self.recipe, run_dir=self.run_dir, out_dir=Path(scratch),
                                work_dir=Path(scratch), options=self.options, console=self.console,
@@ -443,8 +439,6 @@ def lock_differences(lock: dict[str, Any], run: "Run") -> list[str]:
 
 
 def _recipe_from_lock(path: Path, overrides: list[str]) -> Recipe:
-    from .recipe import apply_override, validate
-
     lock = load_lock(path)
     locked_source_sha256(lock, path)  # even with --force: a lock that names no source can't be reproduced
     data = lock["recipe"]

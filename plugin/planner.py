@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import UserError
+from .gguf_verify import ggml_type_size, verify_gguf
+from .modelio import read_config
 from .quant_names import QUANTS
 
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|blk)\.(\d+)\.")
@@ -147,8 +149,6 @@ GGUF_OTHER_METADATA = 8192  # architecture keys, chat template, general.*
 
 def shape_of_hf_dir(model_dir: Path) -> ModelShape:
     """The shape of an HF directory from config.json and the safetensors headers only."""
-    from .modelio import read_config
-
     config = read_config(model_dir)
     tensors = []
     for file in sorted(Path(model_dir).glob("*.safetensors")):
@@ -163,8 +163,6 @@ def shape_of_hf_dir(model_dir: Path) -> ModelShape:
 
 def shape_of_gguf(path: Path) -> ModelShape:
     """The shape of a GGUF file from its header and tensor table (the tensor data is not read)."""
-    from .gguf_verify import verify_gguf
-
     summary = verify_gguf(path)
     meta, arch = summary.metadata, summary.architecture
     embed = next((t for t in summary.tensors if t.name == "token_embd.weight"), None)
@@ -188,8 +186,6 @@ def tensor_type(quant: str, tensor: Tensor, layers: int, tied: bool) -> str:
     ``llama_tensor_get_type`` for dense models without an imatrix: the output matrix and tied
     embeddings at Q6_K, more bits on some attn_v / ffn_down / attn_output layers, then the
     fallback for rows that don't fit the type's blocks)."""
-    from .gguf_verify import ggml_type_size
-
     if tensor.role == "vector":
         return "F32"
     chosen = QUANTS[quant].main_type
@@ -235,8 +231,6 @@ FALLBACK = {"IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS":
 def _fallback(chosen: str, row: int) -> str:
     """llama.cpp's ``tensor_type_fallback``: a type of 32-element blocks when the row does not
     divide into 256, F16 when it does not divide into 32 either."""
-    from .gguf_verify import ggml_type_size
-
     if row % ggml_type_size(chosen)[0] == 0:
         return chosen
     chosen = FALLBACK.get(chosen, chosen)
@@ -244,8 +238,6 @@ def _fallback(chosen: str, row: int) -> str:
 
 
 def tensor_bytes(type_name: str, tensor: Tensor) -> int:
-    from .gguf_verify import ggml_type_size
-
     block, size = ggml_type_size(type_name)
     return tensor.count // block * size
 
@@ -258,17 +250,6 @@ def gguf_size(shape: ModelShape, quant: str, removed: int = 0) -> int:
     tied = not any(t.role == "output" for t in tensors)
     data = sum(-(-tensor_bytes(tensor_type(quant, t, layers, tied), t) // 32) * 32 for t in tensors)
     return data + shape.metadata_bytes
-
-
-def parse_count(text: str | int) -> int:
-    """``100M``, ``1.5B``, ``250k`` or a plain number -> an int; UserError otherwise."""
-    if isinstance(text, int):
-        return text
-    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*", str(text))
-    if not found:
-        raise UserError(f"'{text}' is not a parameter count; write e.g. 100M or 1.5B")
-    scale = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[found.group(2).lower()]
-    return int(float(found.group(1)) * scale)
 
 
 def layers_to_remove(shape: ModelShape, *, size_mb: float | None = None, params: int | None = None,

@@ -10,8 +10,9 @@ from typing import Any, Callable
 
 import pluggy
 
-from . import hookspecs
+from . import __version__, hookspecs
 from .errors import NotAvailable, UserError
+from .recipe import Recipe, add_name_check
 
 GROUP = "ollama_compress"
 LOAD_ENV = "OLLAMA_COMPRESS_LOAD_PLUGINS"
@@ -163,9 +164,36 @@ def capability(kind: str, name: str) -> Capability:
     """The capability ``name`` of ``kind``, or NotAvailable listing the known names."""
     known = capabilities(kind)
     if name not in known:
-        label = kind.replace("_", " ").rstrip("s")
-        raise NotAvailable(f"unknown {label} '{name}'; known: {', '.join(sorted(known)) or 'none'}")
+        raise NotAvailable(_unknown(kind, name, known))
     return known[name]
+
+
+def _unknown(kind: str, name: str, known: dict[str, Capability]) -> str:
+    singular = kind.removesuffix("es") if kind.endswith("sses") else kind.removesuffix("s")
+    return f"unknown {singular.replace('_', ' ')} '{name}'; known: {', '.join(sorted(known)) or 'none'}"
+
+
+def unknown_capability_names(recipe: Recipe) -> list[str]:
+    """One located line per name in ``recipe`` that no loaded plugin registered (losses, metrics,
+    data sources); run by ``recipe.validate`` once this module is loaded."""
+    wanted: list[tuple[str, str, list[str]]] = [
+        ("data_sources", "data.calibration.from", [recipe.data.calibration.from_]),
+        ("data_sources", "data.heldout.from", [recipe.data.heldout.from_]),
+        ("data_sources", "data.heal", [spec.from_ for spec in recipe.data.heal_sources()]),
+    ]
+    if recipe.prune is not None:
+        wanted.append(("importance_metrics", "prune.metric", [recipe.prune.metric]))
+        wanted.append(("importance_metrics", "prune.report_metrics", recipe.prune.report_metrics))
+    if recipe.heal is not None:
+        wanted.append(("losses", "heal.loss", list(recipe.heal.loss)))
+    problems = []
+    for kind, where, names in wanted:
+        known = capabilities(kind)
+        problems += [f"{where}: {_unknown(kind, name, known)}" for name in dict.fromkeys(names) if name not in known]
+    return problems
+
+
+add_name_check(unknown_capability_names)
 
 
 def describe_plugins() -> list[dict[str, Any]]:
@@ -178,18 +206,12 @@ def describe_plugins() -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": name,
-                "version": dist.version if dist else _own_version(),
+                "version": dist.version if dist else __version__,
                 "builtin": _is_builtin(getattr(plugin, "__name__", "")),
                 "hooks": hooks,
             }
         )
     return rows
-
-
-def _own_version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def call_first(hook_name: str, **kwargs: Any) -> Any:

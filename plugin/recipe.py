@@ -5,15 +5,18 @@ installed plugins registered; they can't name code, and can't turn on ``trust_re
 """
 from __future__ import annotations
 
+import math
 import re
+import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .hosts import is_loopback
 from .quant_names import NEEDS_IMATRIX, QUANT_TYPES, quant_name_problem  # noqa: F401 (QUANT_TYPES: re-exported)
 
 SUPPORTED_RECIPE_VERSIONS = (1,)
@@ -37,6 +40,17 @@ MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; anything near this is 
 MAX_YAML_ALIASES = 100  # anchors/aliases expand; a few are handy, thousands are a bomb
 MAX_YAML_NODES = 100_000  # values with aliases expanded; a recipe has a few dozen
 MAX_YAML_DEPTH = 64
+
+
+def parse_count(text: str | int) -> int:
+    """``100M``, ``1.5B``, ``250k`` or a plain number -> an int; UserError otherwise."""
+    if isinstance(text, int):
+        return text
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*", str(text))
+    if not found:
+        raise UserError(f"'{text}' is not a parameter count; write e.g. 100M or 1.5B")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[found.group(2).lower()]
+    return int(float(found.group(1)) * scale)
 
 
 def ollama_name_problem(name: str) -> str | None:
@@ -125,8 +139,6 @@ class Target(Strict):
         if self.quant not in QUANT_TYPES:
             raise ValueError(f"unknown quant '{self.quant}'; known: {', '.join(QUANT_TYPES)}")
         if self.params is not None:
-            from .planner import parse_count
-
             try:
                 parse_count(self.params)
             except UserError as exc:
@@ -216,12 +228,6 @@ class Heal(Strict):
                 raise ValueError(f"loss weight of '{name}' is negative; use 0 to turn it off")
         if not any(w > 0 for w in value.values()):
             raise ValueError("every loss weight is 0; give at least one loss a positive weight")
-        from .plugins import capabilities
-
-        known = capabilities("losses")
-        unknown = sorted(set(value) - set(known))
-        if unknown:
-            raise ValueError(f"unknown loss '{unknown[0]}'; known: {', '.join(sorted(known)) or 'none'}")
         return value
 
 
@@ -259,8 +265,6 @@ class Ollama(Strict):
     @field_validator("host")
     @classmethod
     def _local_host(cls, value: str | None) -> str | None:
-        from .ollama_server import is_loopback
-
         try:
             local = value is None or is_loopback(value)
         except Exception:  # noqa: BLE001 - any unparsable host is refused below
@@ -447,8 +451,6 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
 
 def non_finite_numbers(data: Any) -> list[str]:
     """Where ``data`` (parsed YAML) holds NaN or an infinity, as dotted key paths (iterative walk)."""
-    import math
-
     found: list[str] = []
     stack: list[tuple[str, Any]] = [("", data)]
     seen: set[int] = set()  # a container reached twice (YAML aliases) is walked once
@@ -467,14 +469,30 @@ def non_finite_numbers(data: Any) -> list[str]:
     return sorted(found)
 
 
+NameCheck = Callable[[Recipe], list[str]]
+_name_checks: list[NameCheck] = []
+
+
+def add_name_check(check: NameCheck) -> None:
+    """Run ``check`` on every recipe that passes the schema; it returns located problems
+    (``heal.loss: unknown loss 'x'; known: ...``). The plugin manager adds the check of the names
+    plugins register (losses, metrics, data sources) when it loads, so the schema never imports it."""
+    if check not in _name_checks:
+        _name_checks.append(check)
+
+
 def validate(data: dict[str, Any], source: str = "recipe") -> Recipe:
     problems = non_finite_numbers(data)
     if problems:
         raise RecipeError(source, problems)
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(source, [_format_error(e) for e in exc.errors()]) from None
+    problems = [line for check in _name_checks for line in check(recipe)]
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -523,8 +541,6 @@ def _field_model(model: type[BaseModel], key: str) -> tuple[str, Any] | None:
 
 
 def _submodel(annotation: Any) -> type[BaseModel] | None:
-    import typing
-
     candidates = [annotation, *typing.get_args(annotation)]
     for c in candidates:
         if isinstance(c, type) and issubclass(c, BaseModel):
@@ -533,8 +549,6 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
 
 
 def _is_mapping(annotation: Any) -> bool:
-    import typing
-
     return typing.get_origin(annotation) is dict
 
 

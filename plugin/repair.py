@@ -25,14 +25,14 @@ plain cut and ``SpanFit.skipped`` says why.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from .errors import UserError
-from .modelio import decoder_stack
+from .gguf.arch import ARCHS
+from .modelio import capture_outputs, decoder_stack
 from .planner import index_runs
 
 RIDGE = 1e-3  # ridge weight, relative to the mean diagonal of X^T X
@@ -87,21 +87,6 @@ class SpanFit:
         return {**out, "skipped": self.skipped} if self.skipped else out
 
 
-@contextmanager
-def _capture_outputs(modules: dict[Any, Any]) -> Iterator[dict[Any, torch.Tensor]]:
-    captured: dict[Any, torch.Tensor] = {}
-    handles = []
-    for key, module in modules.items():
-        def hook(mod, args, output, _key=key):
-            captured[_key] = output[0] if isinstance(output, tuple) else output
-        handles.append(module.register_forward_hook(hook))
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @torch.no_grad()
 def collect(model, batches: list, spans: Sequence[tuple[int, int]]) -> dict[tuple[int, int], Stats]:
     """Sums for every span with an anchor, from forward passes of the unpruned ``model``."""
@@ -114,8 +99,9 @@ def collect(model, batches: list, spans: Sequence[tuple[int, int]]) -> dict[tupl
     shared: dict[int, torch.Tensor] = {}
     stats: dict[tuple[int, int], Stats] = {}
     device = next(model.parameters()).device
-    with _capture_outputs(watched) as out:
+    with capture_outputs(watched) as out:
         for batch in batches:
+            out.clear()
             model(input_ids=batch.to(device), use_cache=False)
             xs = {a: out[("x", a)].reshape(-1, out[("x", a)].shape[-1]).double() for a in anchors}
             for a in anchors:
@@ -178,8 +164,6 @@ def fit_spans(model, stats: dict[tuple[int, int], Stats], removed: Sequence[int]
 
 def _norm_shift(model) -> float:
     """1.0 when the RMSNorm scales by ``1 + weight`` (Gemma), 0.0 when by ``weight``."""
-    from .gguf.arch import ARCHS
-
     spec = ARCHS.get(getattr(model.config, "model_type", ""))
     return float(getattr(spec, "norm_shift", 0.0) or 0.0)
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from rich.table import Table
+
 from .errors import UserError
 from .fsutil import atomic_path, file_in
 from .recipe import MODEL_NAME_RE
@@ -232,7 +234,7 @@ TABLE_COLUMNS = (
 )
 BUILTIN_KEYS = {"name", "model", "quant", "kind", "path", "size_bytes", "perplexity", "kl", "top1_agreement",
                 "knowledge_accuracy", "quality_retained", "prompt_tokens_per_s", "gen_tokens_per_s", "threads",
-                "answers", "eval_seconds", "kl_to_unquantized", "prompt_tokens_per_cpu_s", "gen_tokens_per_cpu_s",
+                "answers", "eval_seconds", "prompt_tokens_per_cpu_s", "gen_tokens_per_cpu_s",
                 "speed_threads", "speed_rounds", "load_average", "decode_seconds"}
 
 
@@ -246,8 +248,6 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def rich_table(rows: list[dict[str, Any]]):
     """The evaluation table for the terminal."""
-    from rich.table import Table
-
     table = Table(title="Against the teacher on the same held-out tokens")
     for header, _ in TABLE_COLUMNS:
         table.add_column(header, justify="left" if header == "model" else "right")
@@ -354,8 +354,6 @@ def ollama_lines(inputs: dict[str, Any]) -> list[str]:
 def write_report(out_dir: Path, title: str, evaluation: dict[str, Any] | None,
                  inputs: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """Write ``report.md`` and its PNGs into ``out_dir``; return (path, the numbers behind the plots)."""
-    from .evaluation import QUALITY_RETAINED
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Any] = {}
@@ -366,8 +364,10 @@ def write_report(out_dir: Path, title: str, evaluation: dict[str, Any] | None,
                   f"Every row against the teacher on the same {md(evaluation.get('heldout_tokens', '?'))} held-out "
                   f"tokens ({md(evaluation.get('heldout_windows', '?'))} windows); knowledge: "
                   f"{md(evaluation.get('knowledge_questions', 0))} multiple-choice questions scored by log-likelihood; "
-                  "tokens/s: llama.cpp, GGUF rows only.", "", f"*{QUALITY_RETAINED}.*", "",
-                  *table_lines(rows), ""]
+                  "tokens/s: llama.cpp, GGUF rows only.", ""]
+        if evaluation.get("quality_retained"):  # the definition, as evaluation.json states it
+            lines += [f"*{evaluation['quality_retained']}.*", ""]
+        lines += [*table_lines(rows), ""]
         extra = extra_metric_lines(rows)
         if extra:
             lines += ["Other metrics (plugins):", "", *extra, ""]

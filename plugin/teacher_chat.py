@@ -9,6 +9,7 @@ a reply does not depend on the batch size or on which slot it ran in. ``temperat
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -219,8 +220,6 @@ def _llama_cpp():
     except ImportError:
         raise UserError("teacher-written chat needs llama-cpp-python: pip install llama-cpp-python "
                         "(or bash .ci/setup)") from None
-    import logging
-
     import llama_cpp._logger  # noqa: F401  (routes llama.cpp's messages through this logger)
 
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load chatter

@@ -10,7 +10,16 @@ and ``import``/``include``/``extends`` (templates that load other templates).
 from __future__ import annotations
 
 import functools
+import json
+import resource
+import subprocess
+import sys
 from typing import Any
+
+from jinja2 import nodes
+from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import UserError
 
@@ -23,9 +32,6 @@ FORBIDDEN_FILTERS = frozenset({"attr"})  # ``x|attr('__class__')`` hides a dunde
 
 
 def _environment():
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     class _Generation(Extension):
         """transformers' ``{% generation %}...{% endgeneration %}`` marks assistant text; renders it as is."""
 
@@ -34,16 +40,12 @@ def _environment():
         def parse(self, parser):
             lineno = next(parser.stream).lineno
             body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            from jinja2 import nodes
-
             return nodes.Scope(body, lineno=lineno)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[loopcontrols, _Generation])
 
     def raise_exception(message: str) -> None:
-        from jinja2.exceptions import TemplateError
-
         raise TemplateError(message)
 
     env.globals["raise_exception"] = raise_exception
@@ -66,9 +68,6 @@ def check_chat_template(text: str | None) -> None:
         raise _refuse(f"{len(text)} characters (at most {MAX_TEMPLATE_CHARS})")
     if "\0" in text:
         raise _refuse("it holds a NUL byte")
-    from jinja2 import nodes
-    from jinja2.exceptions import TemplateSyntaxError
-
     try:
         tree = _environment().parse(text)
     except TemplateSyntaxError as exc:
@@ -113,10 +112,6 @@ def render_chat_template(text: str, messages: list[dict[str, Any]], **variables:
     in a child process with a deadline (RENDER_SECONDS), an output cap (MAX_RENDER_CHARS) and a
     memory cap: nested loops, huge strings or powers stop there, not here. A UserError when the
     template is refused, fails, or breaks a limit."""
-    import json
-    import subprocess
-    import sys
-
     check_chat_template(text)
     request = json.dumps({"template": text, "messages": messages, "variables": variables}, default=str)
     try:
@@ -143,10 +138,6 @@ def render_chat_template(text: str, messages: list[dict[str, Any]], **variables:
 
 def _render_worker() -> None:
     """The child side of ``render_chat_template``: a JSON request on stdin, a JSON reply on stdout."""
-    import json
-    import resource
-    import sys
-
     resource.setrlimit(resource.RLIMIT_AS, (RENDER_MEMORY, RENDER_MEMORY))
     cpu = int(RENDER_SECONDS) + 1
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
@@ -157,8 +148,6 @@ def _render_worker() -> None:
 
 def _render_bounded(text: str, messages: Any, variables: dict[str, Any]) -> tuple[str, str]:
     """(kind, rendered text or reason): kind is ok, security, limit or error."""
-    from jinja2.exceptions import SecurityError, TemplateError
-
     pieces: list[str] = []
     size = 0
     try:

@@ -28,7 +28,7 @@ import math
 import re
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -36,10 +36,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .distill import Batch, ForwardOut, Head, LossTerm, combined_loss, plain_kl
+from .distill import Batch, ForwardOut, Head, LossTerm, combined_loss
 from .errors import StageFailed, UserError
 from .fsutil import atomic_path, make_dir, move_made, remove_made, write_json
 from .machine import MatmulShape, choose_dtype, heal_shapes
+from .modelio import capture_outputs
+from .reference import QualityMeter
 
 DEFAULT_SHAPES = tuple(heal_shapes(1024, 576, 1536, 49152))  # the demo's (SmolLM2-135M) when none given
 CHECKPOINT_RE = re.compile(r"step-(\d{7})")
@@ -80,26 +82,11 @@ def head_of(model) -> Head:
     return Head(linear.weight, linear.bias, getattr(model.config, "final_logit_softcapping", None) or None)
 
 
-@contextmanager
-def capture_layers(model, indices: list[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Collect the outputs of decoder layers ``indices`` during forward passes in the block.
-
-    Recomputations during a checkpointed backward are ignored (``captured`` is filled only once
-    per key until cleared).
-    """
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
+def capture_layers(model, indices: list[int]) -> AbstractContextManager[dict[int, torch.Tensor]]:
+    """Collect the outputs of decoder layers ``indices`` during forward passes in the block
+    (``modelio.capture_outputs``: recomputations during a checkpointed backward are ignored)."""
     layers = decoder(model).layers
-    for index in indices:
-        def hook(module, args, output, _i=index):
-            if _i not in captured:
-                captured[_i] = output[0] if isinstance(output, tuple) else output
-        handles.append(layers[index].register_forward_hook(hook))
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
+    return capture_outputs({index: layers[index] for index in indices})
 
 
 def forward(model, input_ids: torch.Tensor, mask: torch.Tensor, layers: list[int]) -> ForwardOut:
@@ -288,32 +275,46 @@ def stop_on_signals() -> Iterator[dict[str, int]]:
 @torch.no_grad()
 def heldout_metrics(student, teacher, windows: torch.Tensor, device: str, vocab: int,
                     teacher_cache: list | None = None) -> dict[str, float]:
-    """KL(teacher || student) at T=1, top-1 agreement, and perplexity, over held-out windows (fp32)."""
+    """KL(teacher || student) at T=1, top-1 agreement and perplexity over held-out windows (fp32),
+    summed by ``reference.QualityMeter`` like evaluate's. The teacher's log-probabilities of window
+    i are ``teacher_cache[i]`` when there (the cached teacher reference's rows, or this list filled
+    by an earlier call); otherwise ``teacher`` computes them."""
     was_training = student.training
     student.eval()
-    kl_sum = agree = nll = count = 0.0
-    teacher_nll = 0.0
+    meter, teacher_meter = QualityMeter(), QualityMeter()
     for i, row in enumerate(windows):
         ids = row[None].to(device)
-        mask = torch.ones_like(ids, dtype=torch.bool)
         if teacher_cache is not None and i < len(teacher_cache):
-            zt = teacher_cache[i]
+            reference = shared_vocab_rows(teacher_cache[i], vocab)
         else:
-            t = _run_forward(teacher, ids, mask, [])
-            zt = t.head.sliced(vocab).logits(t.final[0])
+            reference = _log_probs(teacher, ids, vocab)
             if teacher_cache is not None:
-                teacher_cache.append(zt)
-        s = _run_forward(student, ids, mask, [])
-        zs = s.head.sliced(vocab).logits(s.final[0])
-        kl_sum += float(plain_kl(zs, zt)) * zs.shape[0]
-        agree += float((zs.argmax(-1) == zt.argmax(-1)).sum())
-        nll += float(torch.nn.functional.cross_entropy(zs[:-1], ids[0, 1:], reduction="sum"))
-        teacher_nll += float(torch.nn.functional.cross_entropy(zt[:-1].float(), ids[0, 1:], reduction="sum"))
-        count += zs.shape[0]
+                teacher_cache.append(reference)
+        targets = row[1:].cpu().numpy()
+        meter.add(_log_probs(student, ids, vocab), reference, targets)
+        teacher_meter.add_nll(reference, targets)
     student.train(was_training)
-    pairs = count - len(windows)
-    return {"kl": kl_sum / count, "top1": agree / count, "ppl": math.exp(nll / pairs),
-            "teacher_ppl": math.exp(teacher_nll / pairs)}
+    figures = meter.result()
+    return {"kl": figures["kl"], "top1": figures["top1_agreement"], "ppl": figures["perplexity"],
+            "teacher_ppl": teacher_meter.result()["perplexity"]}
+
+
+def _log_probs(model, ids: torch.Tensor, vocab: int):
+    """Log-softmax over the first ``vocab`` logits at each position but the last, as numpy."""
+    out = _run_forward(model, ids, torch.ones_like(ids, dtype=torch.bool), [])
+    logits = out.head.sliced(vocab).logits(out.final[0])[:-1].float()
+    return torch.log_softmax(logits, dim=-1).cpu().numpy()
+
+
+def shared_vocab_rows(log_probs, vocab: int):
+    """``log_probs`` over the first ``vocab`` tokens, renormalised when the reference has more."""
+    import numpy as np
+
+    rows = np.asarray(log_probs[:, :vocab], dtype=np.float32)
+    if log_probs.shape[1] == vocab:
+        return rows
+    top = rows.max(axis=1, keepdims=True)
+    return rows - (top + np.log(np.exp(rows - top).sum(axis=1, keepdims=True)))
 
 
 # ---------------------------------------------------------------- the loop

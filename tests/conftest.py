@@ -59,6 +59,21 @@ def arch(request) -> str:
     return request.param
 
 
+CALIBRATION_TEXT = (
+    "The river runs past the mill and under the old stone bridge. Children count the boats that pass. "
+    "In winter the water freezes and the town skates from one bank to the other. Bakers open at dawn; "
+    "the smell of bread drifts over the square while the clock strikes six and carts roll in from farms. "
+) * 60
+
+
+@pytest.fixture
+def calibration_file(tmp_path) -> Path:
+    """A plain-text calibration file (a few thousand tokens) in tmp_path."""
+    path = tmp_path / "calibration.txt"
+    path.write_text(CALIBRATION_TEXT)
+    return path
+
+
 @pytest.fixture
 def recipe_file(tmp_path):
     """Factory: ``recipe_file(model, name="test", **sections)`` -> a recipe YAML in tmp_path

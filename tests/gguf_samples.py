@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
@@ -42,11 +43,33 @@ def write_small_gguf(path: Path, block_count: int = 2, alignment: int | None = N
     for i in range(block_count):
         add_llama_block_tensors(w, i)
     w.add_tensor("output_norm.weight", np.ones(32, np.float32))
-    _finish(w)
+    finish(w)
     return Path(path)
 
 
-def _finish(w: GGUFWriter) -> None:
+def write_llama_gguf(path: Path, block_count: int = 1, skip: tuple[str, ...] = (), width: int = 32,
+                     embd_rows: int = 4, metadata: Callable[[GGUFWriter], None] | None = None,
+                     **uint32_keys: int) -> Path:
+    """A llama-style GGUF llama.cpp's loader accepts (no tokenizer), all ones but the matrices:
+    ``metadata(w)`` adds the test's own keys (and tensors, written first), ``uint32_keys`` become
+    ``llama.<key>`` (``__`` for a dot: ``attention__head_count``); the names in ``skip`` are left out
+    of the last block."""
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(block_count)
+    for key, value in uint32_keys.items():
+        w.add_uint32(f"llama.{key.replace('__', '.')}", value)
+    if metadata is not None:
+        metadata(w)
+    w.add_tensor("token_embd.weight", np.ones((embd_rows, width), np.float32))
+    for i in range(block_count):
+        add_llama_block_tensors(w, i, width, skip=skip if i == block_count - 1 else ())
+    w.add_tensor("output_norm.weight", np.ones(width, np.float32))
+    finish(w)
+    return Path(path)
+
+
+def finish(w: GGUFWriter) -> None:
+    """Write the header, the key-values and the tensors of ``w`` to its file, and close it."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -109,5 +132,5 @@ def write_tiny_llama_gguf(path: Path, tokenizer_gguf: Path, hidden: int = 256, l
         w.add_tensor(f"blk.{i}.ffn_up.weight", matrix(ffn, hidden))
         w.add_tensor(f"blk.{i}.ffn_down.weight", matrix(hidden, ffn))
     w.add_tensor("output_norm.weight", norm(hidden))
-    _finish(w)
+    finish(w)
     return Path(path)

@@ -4,7 +4,8 @@ and tiny third-party plugins installed through the entry-point group.
 * ``cli("run", recipe, "--out", out)`` -> the finished process; ``assert_clean_error(proc, ...)``.
 * ``recipe_dict(model, prune={...})`` / ``write_recipe(path, model, ...)``: a minimal valid recipe
   with the sections given (``None`` drops a section); the ``recipe_file`` fixture writes one into
-  the test's tmp_path.
+  the test's tmp_path; ``TINY_DATA`` is a data section for quick runs.
+* ``dead_pid()``: the PID of a process that has exited.
 * ``install_plugin(root, module, source)``: a distribution with one ``ollama_compress`` entry
   point under ``root``; pass ``plugins=root`` to ``cli`` to load it. The ``plugin_dir`` fixture
   is a fresh root.
@@ -41,6 +42,10 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None
         assert needle in proc.stderr, (needle, proc.stderr)
 
 
+TINY_DATA = {"calibration": {"samples": 2, "seq_len": 32},
+             "heldout": {"split": "heldout", "samples": 2, "seq_len": 32}}  # a data section for quick runs
+
+
 def recipe_dict(model: Any = "/m", name: str = "test", **sections: Any) -> dict[str, Any]:
     """A recipe with ``source.model`` and the given sections; a section given as None is left out."""
     recipe: dict[str, Any] = {"recipe_version": 1, "name": name, "source": {"model": str(model)}}
@@ -53,6 +58,13 @@ def write_recipe(path: Path, model: Any = "/m", name: str = "test", **sections: 
     path = Path(path)
     path.write_text(yaml.safe_dump(recipe_dict(model, name, **sections), sort_keys=False))
     return path
+
+
+def dead_pid() -> int:
+    """The PID of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def install_plugin(root: Path, module: str, source: str, dist: str | None = None, version: str = "1.0",

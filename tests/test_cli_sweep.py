@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from ollama_compress.errors import StageFailed, run_as_script
 from ollama_compress.fsutil import JOURNAL, MARKER
 
-from gguf_samples import write_small_gguf
+from gguf_samples import write_llama_gguf, write_small_gguf
 from helpers import make_deep_tree, remove_deep_tree
 
 GOOD = """\
@@ -106,25 +107,10 @@ def _poisoned(path: Path) -> Path:
 
 
 def _gguf_with(path: Path, skip: tuple = (), nested: bool = False, **keys) -> Path:
-    import numpy as np
-    from gguf import GGUFWriter
-
-    from gguf_samples import add_llama_block_tensors
-
-    w = GGUFWriter(str(path), "llama")
-    w.add_block_count(1)
-    for key, value in keys.items():
-        w.add_uint32(f"llama.{key.replace('__', '.')}", value)
-    if nested:
+    def nested_array(w) -> None:
         w.add_array("general.tags", [["a", "b"], ["c"]])
-    w.add_tensor("token_embd.weight", np.ones((4, 32), np.float32))
-    add_llama_block_tensors(w, 0, skip=skip)
-    w.add_tensor("output_norm.weight", np.ones(32, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+
+    return write_llama_gguf(path, skip=skip, metadata=nested_array if nested else None, **keys)
 
 
 @pytest.fixture(scope="module")
@@ -352,3 +338,16 @@ def _sweep_case(case, argv, inputs, tmp_path, capfd, monkeypatch, cache_allowed=
     assert _files(inputs["dir"].parent) == before_inputs
     cached = [p.name for p in _files(tmp_path / "cache") if p.is_file()] if (tmp_path / "cache").exists() else []
     assert set(cached) <= {*cache_allowed, MARKER, JOURNAL}, cached  # the cache is the tool's own folder
+
+
+def test_a_setup_script_failure_is_one_line_and_exit_1(capsys):
+    """What ``python -m ollama_compress.llama_tools`` / ``.ollama_server`` (.ci/setup) do on failure."""
+    def build() -> str:
+        raise StageFailed("go is not installed; install Go 1.24")
+
+    with pytest.raises(SystemExit) as info:
+        run_as_script("install-ollama", build)
+    assert info.value.code == 1
+    assert capsys.readouterr() == ("", "install-ollama: go is not installed; install Go 1.24\n")
+    run_as_script("llama-tools", lambda: "/cache/llama-quantize")
+    assert capsys.readouterr().out == "/cache/llama-quantize\n"

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from helpers import recipe_dict
 from ollama_compress.context import StageContext
 from ollama_compress.errors import UserError
 from ollama_compress.hooks import data
@@ -169,6 +170,21 @@ def test_bad_jsonl_lines_are_user_errors_naming_the_line(smollm2_tokenizer, tmp_
         data.load_texts(spec, smollm2_tokenizer)
 
 
+@pytest.mark.parametrize("line, message", [
+    ("{not json", r"p\.jsonl line 3: not valid JSON"),
+    (json.dumps({"prompt": [1, 2, 3]}), r"p\.jsonl line 3: expected a JSON object with a 'prompt' string"),
+    ("[" * 500 + "]" * 500, r"p\.jsonl line 3 nests deeper"),
+])
+def test_bad_teacher_prompt_lines_are_user_errors_naming_the_line(tmp_path, line, message):
+    content = json.dumps({"prompt": "fine", "category": "c"}) + "\n\n" + line + "\n"
+    spec = _spec(**{"from": "teacher", "path": _write(tmp_path / "p.jsonl", content)})
+    with pytest.raises(UserError, match=message):
+        data.teacher_prompts(spec)
+    spec = _spec(**{"from": "teacher", "path": _write(tmp_path / "p.jsonl", content.replace(line, ""))})
+    assert data.teacher_prompts(spec) == [("c", "fine")]
+
+
+
 # ---------------------------------------------------------------- HF datasets
 def test_hf_dataset_unavailable_is_a_user_error():
     import importlib.util
@@ -206,7 +222,7 @@ def test_teacher_takes_the_model_from_the_stage_and_caches_in_the_user_cache(tin
                                                                             tmp_path, monkeypatch):
     monkeypatch.setenv("OLLAMA_COMPRESS_CACHE", str(tmp_path / "user-cache"))
     model_dir = tiny_model_dir("qwen2")
-    recipe = validate({"recipe_version": 1, "name": "t", "source": {"model": str(model_dir)}})
+    recipe = validate(recipe_dict(model_dir, "t"))
     ctx = StageContext(stage="importance", recipe=recipe, run_dir=tmp_path, out_dir=tmp_path / "out",
                        inputs={"model_dir": str(model_dir)})
     spec = _spec(**{"from": "teacher", "prompts": ["Count to three."], "max_new_tokens": 8}, samples=1, seq_len=16)

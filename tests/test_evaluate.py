@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from helpers import assert_clean_error, cli
+from helpers import assert_clean_error, cli, recipe_dict
 from ollama_compress.context import StageContext
 from ollama_compress.errors import UserError
 from ollama_compress.evaluation import evaluate_run, knowledge_questions
@@ -20,11 +20,9 @@ ROWS = ["teacher", "pruned", "healed", "healed F32", "healed Q8_0", "teacher Q8_
 
 
 def make_ctx(root: Path, teacher: Path, inputs: dict, evaluate: dict, data: dict | None = None) -> StageContext:
-    recipe = validate({
-        "recipe_version": 1, "name": "tiny-eval", "source": {"model": str(teacher)},
-        "data": data or {"calibration": {"samples": 2, "seq_len": 32},
-                         "heldout": {"split": "heldout", "samples": 2, "seq_len": 48}},
-        "evaluate": evaluate})
+    recipe = validate(recipe_dict(teacher, "tiny-eval", evaluate=evaluate,
+                                  data=data or {"calibration": {"samples": 2, "seq_len": 32},
+                                                "heldout": {"split": "heldout", "samples": 2, "seq_len": 48}}))
     out = root / "60-evaluate"
     out.mkdir(parents=True, exist_ok=True)
     return StageContext(stage="evaluate", recipe=recipe, run_dir=root, out_dir=out, section="evaluate",
@@ -44,7 +42,7 @@ def healed_stand_in(tiny_model_dir, pruned: Path, root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, tiny_model_dir):
-    from ollama_compress.hooks.export import export_gguf
+    from ollama_compress.gguf import export_gguf
     from ollama_compress.hooks.prune import prune_dir
     from ollama_compress.hooks.quantize import measure_heldout_quants, quantize_file
 
@@ -108,8 +106,27 @@ def test_the_same_file_gets_the_same_speed_and_kl_in_quants_json_and_evaluation_
         stored = {r["file"]: r for r in json.loads((path.parent / "quants.json").read_text())["quants"]}[path.name]
         for key in ("prompt_tokens_per_s", "gen_tokens_per_s", "load_average", "decode_seconds"):
             assert rows[name][key] == stored[key], (name, key)
-        assert rows[name]["kl_to_unquantized"] == stored["mean_kl"], name
-    assert rows["healed Q8_0"]["kl_to_unquantized"] > 0 and rows["healed F32"]["kl_to_unquantized"] == 0.0
+        assert (rows[name]["kl"], rows[name]["perplexity"]) == (stored["mean_kl"], stored["perplexity"]), name
+    assert 0 < rows["teacher Q8_0"]["kl"] < rows["healed F32"]["kl"]  # against the teacher, not the F32 file
+
+
+def test_the_quant_table_measures_against_evaluates_teacher_reference(evaluated):
+    from ollama_compress.evaluation import LlamaModel, heldout_quality
+    from ollama_compress.reference import heldout_reference
+
+    ctx, _, rows = evaluated
+    reference = heldout_reference(ctx)
+    stored = {r["file"]: r for r in json.loads(Path(rows["healed Q8_0"]["path"]).with_name("quants.json")
+                                               .read_text())["quants"]}
+    assert {r["teacher_reference"] for r in stored.values()} == {reference.key}
+    for name in ("healed F32", "healed Q8_0"):  # measured again here, not read from quants.json
+        path = Path(rows[name]["path"])
+        backend = LlamaModel(path, n_ctx=max(map(len, reference.windows)))
+        try:
+            quality = heldout_quality(backend, reference.windows, reference.logprobs())
+        finally:
+            backend.close()
+        assert quality["kl"] == pytest.approx(stored[path.name]["mean_kl"], rel=1e-5, abs=1e-7), name
 
 
 def test_a_compressed_quant_gets_a_verdict_against_the_teacher_quant_at_its_size(evaluated):
@@ -386,25 +403,3 @@ def test_llama_cpp_log_probabilities_do_not_depend_on_the_thread_count(tmp_path,
             assert np.array_equal(one.log_probs(window), two.log_probs(window))
         finally:
             one.close(), two.close()
-
-
-def test_a_teacher_quant_measured_twice_runs_once_and_reads_the_same_figures(tmp_path, tiny_model_dir):
-    """``kept_log_probs``: the second pass over a file (evaluate's row after the teacher quant
-    table) reads the first pass's log-probabilities instead of running llama.cpp, and they equal a
-    fresh measurement."""
-    import numpy as np
-
-    from ollama_compress.hooks.export import export_gguf
-    from ollama_compress.hooks.quantize import LlamaScorer, kept_log_probs, quality_against
-
-    gguf = export_gguf(tiny_model_dir("llama", 6), tmp_path / "tiny-F32.gguf", "F32")
-    windows = [list(range(1000 + 7 * i, 1064 + 7 * i)) for i in range(3)]
-    reference = np.concatenate([LlamaScorer(gguf, 64).log_probs(w) * 1.01 for w in windows])  # any reference
-    fresh = quality_against(LlamaScorer(gguf, 64), windows, reference)
-    with kept_log_probs([gguf], tmp_path / "kept"):
-        first = quality_against(LlamaScorer(gguf, 64), windows, reference)
-        second_scorer = LlamaScorer(gguf, 96)
-        second = quality_against(second_scorer, windows, reference)
-        assert second_scorer.llm.n_tokens == 0  # nothing was evaluated: every window was read back
-    assert first == second == fresh
-    assert LlamaScorer(gguf, 64)._kept is None  # outside the block nothing is kept

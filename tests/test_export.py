@@ -24,6 +24,7 @@ import pytest
 import torch
 from gguf import GGUFReader
 
+from helpers import recipe_dict
 from ollama_compress.errors import UserError
 from ollama_compress.fsutil import tree_sha256
 from ollama_compress.gguf import export_gguf, tensors, width_warnings
@@ -392,8 +393,7 @@ def test_stage_hook_writes_into_out_dir(tiny_model_dir, tmp_path):
     from ollama_compress.plugins import get_plugin_manager
     from ollama_compress.recipe import validate
 
-    recipe = validate({"recipe_version": 1, "name": "tiny-run", "source": {"model": "HuggingFaceTB/SmolLM2-135M"},
-                       "export": {"outtype": "F16", "quants": ["Q8_0"]}})
+    recipe = validate(recipe_dict("HuggingFaceTB/SmolLM2-135M", "tiny-run", export={"outtype": "F16", "quants": ["Q8_0"]}))
     ctx = StageContext(stage="export", recipe=recipe, run_dir=tmp_path, out_dir=tmp_path / "stage")
     ctx.out_dir.mkdir()
     path = get_plugin_manager().hook.export_gguf(ctx=ctx, model_dir=tiny_model_dir("llama"), outtype="F16")

@@ -15,18 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TINY_DATA, write_recipe
 from ollama_compress.gguf_verify import verify_gguf
 
-RECIPE = """\
-recipe_version: 1
-name: tiny-run
-source: {{model: {model}}}
-data:
-  calibration: {{samples: 2, seq_len: 32}}
-  heldout: {{split: heldout, samples: 2, seq_len: 32}}
-prune: {{layers: [1]}}
-export: {{outtype: F32, quants: [Q8_0]}}
-"""
+def _write_tiny_recipe(path: Path, model: Path, **sections) -> Path:
+    return write_recipe(path, model, "tiny-run", data=TINY_DATA, prune={"layers": [1]},
+                        export={"outtype": "F32", "quants": ["Q8_0"]}, **sections)
 
 
 def start(recipe: Path, out: Path, *overrides: str) -> subprocess.Popen:
@@ -75,8 +69,7 @@ def assert_consistent(out: Path) -> dict[str, list[str]]:
 
 
 def test_sigkill_at_each_stage_leaves_old_or_new_and_a_rerun_finishes(tmp_path, tiny_model_dir):
-    recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(RECIPE.format(model=tiny_model_dir("llama", 4)))
+    recipe = _write_tiny_recipe(tmp_path / "tiny.yaml", tiny_model_dir("llama", 4))
     out = tmp_path / "run"
 
     # 1. killed in the middle of writing the F32 GGUF: what finished before is intact
@@ -103,7 +96,6 @@ from ollama_fixtures import ollama_binary, ollama_server  # noqa: E402,F401
 from ollama_compress.fsutil import file_sha256  # noqa: E402
 from ollama_compress.ollama_server import OllamaServer  # noqa: E402
 
-REGISTER_RECIPE = RECIPE + "ollama: {{name: {name}, host: '{host}'}}\n"
 
 
 def registered(server_host: str, prefix: str) -> dict[str, str]:
@@ -155,8 +147,8 @@ def register_and_check(recipe: Path, out: Path, host: str, models_dir: Path, pre
 
 @pytest.mark.ollama
 def test_sigkill_during_registration_then_a_rerun_completes(tmp_path, tiny_model_dir, ollama_server):  # noqa: F811
-    recipe = tmp_path / "register.yaml"
-    recipe.write_text(REGISTER_RECIPE.format(model=tiny_model_dir("llama", 4), name="killed", host=ollama_server.host))
+    recipe = _write_tiny_recipe(tmp_path / "register.yaml", tiny_model_dir("llama", 4),
+                                ollama={"name": "killed", "host": ollama_server.host})
     out = tmp_path / "run"
     since = ollama_server.log_path.stat().st_size
     proc = start(recipe, out)
@@ -174,8 +166,8 @@ def test_a_server_that_dies_mid_registration_then_a_rerun_completes(tmp_path, ti
     server = OllamaServer(ollama_binary, models_dir=models_dir, log_path=tmp_path / "serve.log", startup_timeout=120)
     server.start()
     try:
-        recipe = tmp_path / "register.yaml"
-        recipe.write_text(REGISTER_RECIPE.format(model=tiny_model_dir("llama", 4), name="orphan", host=server.host))
+        recipe = _write_tiny_recipe(tmp_path / "register.yaml", tiny_model_dir("llama", 4),
+                                    ollama={"name": "orphan", "host": server.host})
         out = tmp_path / "run"
         proc = start(recipe, out)
         wait_for_request(proc, server.log_path, "/api/blobs/", 0)

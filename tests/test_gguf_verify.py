@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import quantize as gguf_quantize
 
-from gguf_samples import add_llama_block_tensors, write_small_gguf
+from gguf_samples import finish, write_llama_gguf, write_small_gguf
 from ollama_compress.errors import UserError
 from ollama_compress.gguf_verify import verify_gguf
 
@@ -133,19 +133,14 @@ def test_accepts_small(small):
 
 def test_accepts_custom_alignment_and_quantized_tensor(tmp_path):
     path = tmp_path / "q.gguf"
-    w = GGUFWriter(str(path), "llama")
-    w.add_block_count(1)
-    w.add_custom_alignment(64)
-    weights = np.random.default_rng(1).standard_normal((4, 64), dtype=np.float32)
-    w.add_tensor("blk.0.ffn_up.weight", gguf_quantize(weights, GGMLQuantizationType.Q8_0),
-                 raw_dtype=GGMLQuantizationType.Q8_0)
-    w.add_tensor("token_embd.weight", np.ones((4, 64), np.float32))
-    add_llama_block_tensors(w, 0, 64, skip=("ffn_up",))
-    w.add_tensor("output_norm.weight", np.ones(64, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+
+    def aligned_q8(w: GGUFWriter) -> None:
+        w.add_custom_alignment(64)
+        weights = np.random.default_rng(1).standard_normal((4, 64), dtype=np.float32)
+        w.add_tensor("blk.0.ffn_up.weight", gguf_quantize(weights, GGMLQuantizationType.Q8_0),
+                     raw_dtype=GGMLQuantizationType.Q8_0)
+
+    write_llama_gguf(path, skip=("ffn_up",), width=64, metadata=aligned_q8)
     summary = verify_gguf(path)
     assert summary.alignment == 64 and summary.data_offset % 64 == 0
     q8 = summary.tensors[0]
@@ -158,10 +153,7 @@ def test_rejects_bad_alignment(tmp_path):
     w = GGUFWriter(str(path), "llama")
     w.add_uint32("general.alignment", 48)
     w.add_tensor("x", np.ones(8, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     with pytest.raises(UserError, match="power of two"):
         verify_gguf(path)
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_clean_error, cli
+from helpers import assert_clean_error, cli, recipe_dict
 from ollama_compress import distill, modelio, plugins, trainer
 from ollama_compress.errors import UserError
 from ollama_compress.hooks import heal as heal_hooks
 from ollama_compress.hooks.prune import prune_dir
 from ollama_compress.hookspecs import hookimpl
-from ollama_compress.recipe import Data, Heal, validate
+from ollama_compress.recipe import Data, Heal, RecipeError, validate
 
 
 
@@ -333,13 +333,14 @@ class MeanSquareLogitPlugin:
 
 
 def test_a_plugin_registers_a_loss_by_function_and_a_recipe_uses_it(student_dir, teacher_dir, tmp_path):
-    with pytest.raises(Exception, match="unknown loss 'final_state_mse'; known: ce, hidden_mse, kl, lens"):
-        Heal(loss={"final_state_mse": 1.0})
+    settings = {"recipe_version": 1, "name": "x", "source": {"model": "/m"},
+                "heal": {"steps": 3, "lr": 1e-3, "batch_size": 1, "seq_len": 16, "dtype": "float32",
+                         "loss": {"final_state_mse": 1.0}}}
+    with pytest.raises(RecipeError, match="heal.loss: unknown loss 'final_state_mse'; known: ce, hidden_mse, kl, lens"):
+        validate(settings)
     plugins.register_plugin(MeanSquareLogitPlugin(), name="test-final-mse")
     try:
-        recipe = validate({"recipe_version": 1, "name": "x", "source": {"model": "/m"},
-                           "heal": {"steps": 3, "lr": 1e-3, "batch_size": 1, "seq_len": 16, "dtype": "float32",
-                                    "loss": {"final_state_mse": 1.0}}})
+        recipe = validate(settings)
         heal_hooks.heal_model(student_dir, teacher_dir, tmp_path / "h", recipe.heal, SMALL_DATA)
     finally:
         plugins.get_plugin_manager().unregister(name="test-final-mse")
@@ -435,9 +436,8 @@ def test_lora_trains_adapters_only_or_says_how_to_install_peft(student_dir):
 def test_the_heal_stage_writes_the_model_and_its_figures(student_dir, teacher_dir, tmp_path):
     from ollama_compress.context import StageContext
 
-    recipe = validate({"recipe_version": 1, "name": "x", "source": {"model": str(teacher_dir)},
-                       "data": SMALL_DATA.model_dump(by_alias=True),
-                       "heal": {"steps": 2, "batch_size": 1, "seq_len": 16, "dtype": "float32"}})
+    recipe = validate(recipe_dict(teacher_dir, "x", data=SMALL_DATA.model_dump(by_alias=True),
+                                  heal={"steps": 2, "batch_size": 1, "seq_len": 16, "dtype": "float32"}))
     out_dir = tmp_path / "stage"
     out_dir.mkdir()
     ctx = StageContext(stage="heal", recipe=recipe, run_dir=tmp_path, out_dir=out_dir)

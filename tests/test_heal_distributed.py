@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from helpers import cli
+from helpers import cli, write_recipe
 from ollama_compress import trainer
 from ollama_compress.hooks.prune import prune_dir
 
@@ -138,16 +138,10 @@ def test_a_rank_that_raises_ends_the_whole_run_with_its_message(models, tmp_path
 
 def test_run_under_the_launcher_heals_only_and_rank_0_writes_the_run(models, tmp_path):
     _, teacher = models
-    recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(f"""\
-recipe_version: 1
-name: tiny-run
-source: {{model: {teacher}}}
-data:
-  heldout: {{split: heldout, samples: 1, seq_len: 16}}
-prune: {{layers: [2, 3]}}
-heal: {{steps: 2, batch_size: 2, micro_batch: 1, seq_len: 16, dtype: float32, eval_every: 1}}
-""")
+    recipe = write_recipe(tmp_path / "tiny.yaml", teacher, "tiny-run", prune={"layers": [2, 3]},
+                          data={"heldout": {"split": "heldout", "samples": 1, "seq_len": 16}},
+                          heal={"steps": 2, "batch_size": 2, "micro_batch": 1, "seq_len": 16, "dtype": "float32",
+                                "eval_every": 1})
     out = tmp_path / "run"
     assert cli("run", recipe, "--out", out, "--until", "prune").returncode == 0
     refused = subprocess.run(_launch("-m", "ollama_compress", "run", str(recipe), "--out", str(out)),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gguf_samples import write_tiny_llama_gguf
-from helpers import assert_clean_error, cli
+from helpers import assert_clean_error, cli, recipe_dict
 from ollama_compress.errors import UserError
 from ollama_compress.gguf_verify import verify_gguf
 from ollama_compress.hooks.quantize import measure_quants, quantize_file, quantize_gguf
@@ -164,9 +164,8 @@ def test_stage_computes_one_imatrix_and_records_it(tiny_model_dir, tmp_path):
     done = cli("export", model, "--out", tmp_path / "gguf")
     assert done.returncode == 0, done.stderr
     (f16,) = (tmp_path / "gguf").glob("*-F16.gguf")
-    recipe = validate({"recipe_version": 1, "name": "tiny", "source": {"model": "x"},
-                       "data": {"calibration": {"samples": 4, "seq_len": 64}},
-                       "export": {"quants": ["Q4_K_M", "IQ2_XS", "Q8_0"]}})
+    recipe = validate(recipe_dict("x", "tiny", data={"calibration": {"samples": 4, "seq_len": 64}},
+                                  export={"quants": ["Q4_K_M", "IQ2_XS", "Q8_0"]}))
     assert recipe.export.imatrix == "auto"
     out = tmp_path / ".40-gguf.tmp-1234"
     out.mkdir()
@@ -242,7 +241,7 @@ def test_missing_tool(tiny_f16, tmp_path, monkeypatch):
 def test_recipe_refuses_a_needy_quant_without_imatrix():
     from ollama_compress.recipe import validate
 
-    base = {"recipe_version": 1, "name": "t", "source": {"model": "x"}}
+    base = recipe_dict("x", "t")
     with pytest.raises(UserError, match="IQ2_XS need an importance matrix"):
         validate(base | {"export": {"quants": ["IQ2_XS"], "imatrix": None}})
     assert validate(base | {"export": {"quants": ["Q4_K_M"], "imatrix": None}}).export.imatrix is None

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from helpers import recipe_dict
 from ollama_compress.context import StageContext
 from ollama_compress.errors import UserError
 from ollama_compress.hooks import importance
@@ -158,11 +159,9 @@ def test_block_size_out_of_range_is_a_user_error():
 # ---------------------------------------------------------------- stage hook
 def test_score_layers_stage_writes_scores_and_plots(tmp_path, tiny_model_dir):
     model_dir = tiny_model_dir("mistral")
-    recipe = validate({
-        "recipe_version": 1, "name": "t", "source": {"model": str(model_dir)},
-        "data": {"calibration": {"samples": 3, "seq_len": 32}},
-        "prune": {"metric": "drop_one", "report_metrics": ["block_influence", "angular"], "remove": 2},
-    })
+    recipe = validate(recipe_dict(
+        model_dir, "t", data={"calibration": {"samples": 3, "seq_len": 32}},
+        prune={"metric": "drop_one", "report_metrics": ["block_influence", "angular"], "remove": 2}))
     out = tmp_path / "10-importance"
     out.mkdir()
     ctx = StageContext(stage="importance", recipe=recipe, run_dir=tmp_path, out_dir=out,

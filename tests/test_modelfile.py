@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from chat_templates import ALPACA, BY_FAMILY, LLAMA2, LLAMA3, QWEN25
+from helpers import recipe_dict
 from ollama_compress.errors import UserError
 from ollama_compress.hooks import modelfile as mf
 
@@ -146,10 +147,7 @@ def test_stage_hook_writes_one_modelfile_per_quant(smollm2_gguf, tmp_path):
     from ollama_compress.plugins import get_plugin_manager
     from ollama_compress.recipe import validate
 
-    recipe = validate({
-        "recipe_version": 1, "name": "t", "source": {"model": str(smollm2_gguf)},
-        "ollama": {"system": "Be brief.", "parameters": {"num_ctx": 1024}},
-    })
+    recipe = validate(recipe_dict(smollm2_gguf, "t", ollama={"system": "Be brief.", "parameters": {"num_ctx": 1024}}))
     model_dir = tmp_path / "hf"
     model_dir.mkdir()
     (model_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA3}))

@@ -13,29 +13,13 @@ import contextlib
 import io
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
+from helpers import dead_pid, write_recipe
 from ollama_compress.fsutil import MARKER
-
-RECIPE = """\
-recipe_version: 1
-name: never-destroy
-source: {{model: {model}}}
-data:
-  calibration: {{samples: 2, seq_len: 16}}
-prune: {{layers: [1]}}
-"""
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 def invoke(*args, cwd: Path | None = None) -> tuple[int, str]:
@@ -144,9 +128,8 @@ def small_gguf(tmp_path_factory, model) -> Path:
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory, model) -> Path:
-    path = tmp_path_factory.mktemp("recipe") / "never.yaml"
-    path.write_text(RECIPE.format(model=model))
-    return path
+    return write_recipe(tmp_path_factory.mktemp("recipe") / "never.yaml", model, "never-destroy",
+                        data={"calibration": {"samples": 2, "seq_len": 16}}, prune={"layers": [1]})
 
 
 @pytest.fixture(scope="module")
@@ -158,14 +141,25 @@ def finished_run(tmp_path_factory, recipe) -> Path:
 
 
 # ---------------------------------------------------------------- every writing command, every form
-def test_run_out(tmp_path, recipe):
-    user, forms = user_area(tmp_path)
-    assert_refused_and_intact(user, forms, lambda out: ["run", recipe, "--out", out])
+WRITING_COMMANDS = {  # command: (the fixture it reads, its argv with --out OUT)
+    "run": ("recipe", lambda recipe, out: ["run", recipe, "--out", out]),
+    "prune": ("model", lambda model, out: ["prune", model, "--layers", "1", "--out", out]),
+    "export": ("model", lambda model, out: ["export", model, "--outtype", "F32", "--out", out]),
+    "quantize": ("small_gguf", lambda gguf, out: ["quantize", gguf, "-q", "Q8_0", "--out", out]),
+    "import-gguf": ("small_gguf", lambda gguf, out: ["import-gguf", gguf, "--out", out]),
+    "analyze": ("model", lambda model, out: ["analyze", model, "--samples", "2", "--seq-len", "16", "--out", out]),
+    "evaluate": ("model", lambda model, out: ["evaluate", model, "--teacher", model, "--no-speed", "--no-knowledge",
+                                              "--out", out]),
+    "report": ("finished_run", lambda run, out: ["report", run, "--out", out]),
+}
 
 
-def test_prune_out(tmp_path, model):
+@pytest.mark.parametrize("command", list(WRITING_COMMANDS))
+def test_out_refuses_what_the_tool_did_not_write(command, tmp_path, request):
+    fixture, argv = WRITING_COMMANDS[command]
+    given = request.getfixturevalue(fixture)
     user, forms = user_area(tmp_path)
-    assert_refused_and_intact(user, forms, lambda out: ["prune", model, "--layers", "1", "--out", out])
+    assert_refused_and_intact(user, forms, lambda out: argv(given, out))
 
 
 def test_heal_out_and_checkpoints(tmp_path, model):
@@ -178,38 +172,6 @@ def test_heal_out_and_checkpoints(tmp_path, model):
     assert_refused_and_intact(user, forms, lambda out: [*heal, "--out", out])
     assert_refused_and_intact(user, forms, lambda out: [*heal, "--out", tmp_path / "healed", "--checkpoints", out])
     assert not (tmp_path / "healed").exists()
-
-
-def test_export_out(tmp_path, model):
-    user, forms = user_area(tmp_path)
-    assert_refused_and_intact(user, forms, lambda out: ["export", model, "--outtype", "F32", "--out", out])
-
-
-def test_quantize_out(tmp_path, small_gguf):
-    user, forms = user_area(tmp_path)
-    assert_refused_and_intact(user, forms, lambda out: ["quantize", small_gguf, "-q", "Q8_0", "--out", out])
-
-
-def test_import_gguf_out(tmp_path, small_gguf):
-    user, forms = user_area(tmp_path)
-    assert_refused_and_intact(user, forms, lambda out: ["import-gguf", small_gguf, "--out", out])
-
-
-def test_analyze_out(tmp_path, model):
-    user, forms = user_area(tmp_path)
-    assert_refused_and_intact(user, forms, lambda out: ["analyze", model, "--samples", "2", "--seq-len", "16",
-                                                        "--out", out])
-
-
-def test_evaluate_out(tmp_path, model):
-    user, forms = user_area(tmp_path)
-    assert_refused_and_intact(user, forms, lambda out: ["evaluate", model, "--teacher", model, "--no-speed",
-                                                        "--no-knowledge", "--out", out])
-
-
-def test_report_out(tmp_path, finished_run):
-    user, forms = user_area(tmp_path)
-    assert_refused_and_intact(user, forms, lambda out: ["report", finished_run, "--out", out])
 
 
 # ---------------------------------------------------------------- the input's own folder

@@ -9,9 +9,11 @@ import sys
 import pytest
 
 from chat_templates import BY_FAMILY, render
+from helpers import recipe_dict
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.hooks import modelfile as mf
 from ollama_compress.hooks import registration as reg
+from ollama_compress.hosts import normalize_host
 from ollama_compress.ollama_server import (
     OLLAMA_VERSION,
     OllamaServer,
@@ -20,7 +22,6 @@ from ollama_compress.ollama_server import (
     find_ollama,
     free_port,
     install_ollama,
-    normalize_host,
     pinned_ollama_path,
     port_in_use,
     server_running,
@@ -221,8 +222,7 @@ def test_register_stage_hook_names_the_quant(client, ollama_server, smollm2_gguf
     from ollama_compress.plugins import get_plugin_manager
     from ollama_compress.recipe import validate
 
-    recipe = validate({"recipe_version": 1, "name": "t", "source": {"model": str(smollm2_gguf)},
-                       "ollama": {"host": ollama_server.host}})
+    recipe = validate(recipe_dict(smollm2_gguf, "t", ollama={"host": ollama_server.host}))
     ctx = StageContext(stage="ollama", recipe=recipe, run_dir=tmp_path, out_dir=tmp_path)
     path = mf.write_modelfile(smollm2_gguf, tmp_path / "Modelfile.Q4_1", None)
     name = get_plugin_manager().hook.create_ollama_model(ctx=ctx, modelfile=path, name="stage-test",

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from helpers import assert_clean_error, cli
-from ollama_compress.context import RunOptions
+from ollama_compress.options import RunOptions
 from ollama_compress.errors import UserError
 from ollama_compress.hooks import modelfile as mf
 from ollama_compress.hooks import registration as reg

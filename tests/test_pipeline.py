@@ -5,28 +5,14 @@ import json
 
 import pytest
 
-from helpers import cli
-
-
-def recipe_text(model_dir, extra=""):
-    return f"""\
-recipe_version: 1
-name: tiny-run
-source: {{model: {model_dir}}}
-data:
-  calibration: {{samples: 2, seq_len: 32}}
-  heldout: {{split: heldout, samples: 2, seq_len: 32}}
-prune: {{layers: [2, 3]}}
-heal: {{steps: 1}}
-export: {{outtype: F32, quants: [Q8_0]}}
-{extra}"""
+from helpers import TINY_DATA, cli, write_recipe
 
 
 @pytest.fixture(scope="module")
 def tiny_recipe(tmp_path_factory, tiny_model_dir):
-    path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
-    path.write_text(recipe_text(tiny_model_dir("llama", 6)))
-    return path
+    return write_recipe(tmp_path_factory.mktemp("recipe") / "tiny.yaml", tiny_model_dir("llama", 6), "tiny-run",
+                        data=TINY_DATA, prune={"layers": [2, 3]}, heal={"steps": 1},
+                        export={"outtype": "F32", "quants": ["Q8_0"]})
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tiny_recipe):

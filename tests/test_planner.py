@@ -5,7 +5,8 @@ import pytest
 
 from helpers import assert_clean_error, cli
 from ollama_compress.errors import UserError
-from ollama_compress.planner import gguf_size, layers_to_remove, model_shape, parse_count
+from ollama_compress.planner import gguf_size, layers_to_remove, model_shape
+from ollama_compress.recipe import parse_count
 
 
 def test_hf_shape_counts_every_parameter_from_the_headers(tiny_model_dir):

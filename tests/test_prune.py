@@ -15,16 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import recipe_dict
 from ollama_compress.context import StageContext
 from ollama_compress.errors import UserError
 from ollama_compress.hooks import prune
 from tiny_models import tiny_config, tiny_model
 
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-CALIBRATION_TEXT = (
-    "The river runs past the mill and under the old stone bridge. Children count the boats that pass. "
-    "In winter the water freezes and the town skates from one bank to the other. "
-) * 40
 
 
 # ---------------------------------------------------------------- helpers
@@ -91,13 +88,6 @@ def _run_cli(args: list[str], capsys) -> tuple[int, str, str]:
         cli.main([str(a) for a in args])
     out = capsys.readouterr()
     return exit_info.value.code, out.out, out.err
-
-
-@pytest.fixture()
-def calibration_file(tmp_path) -> Path:
-    path = tmp_path / "calibration.txt"
-    path.write_text(CALIBRATION_TEXT)
-    return path
 
 
 # ---------------------------------------------------------------- selection
@@ -349,8 +339,8 @@ def test_stage_hook_prunes_with_the_recipe_settings(tiny_model_dir, tmp_path):
     from ollama_compress.recipe import validate
 
     source = tiny_model_dir("phi3")
-    recipe = validate({"recipe_version": 1, "name": "t", "source": {"model": str(source)},
-                       "prune": {"metric": "block_influence", "keep": 4, "protect": ["first"], "select": "metric"}})
+    recipe = validate(recipe_dict(source, "t", prune={"metric": "block_influence", "keep": 4, "protect": ["first"],
+                                                      "select": "metric"}))
     ctx = StageContext(stage="prune", recipe=recipe, run_dir=tmp_path, out_dir=tmp_path / "20-prune")
     ctx.out_dir.mkdir()
     scores = {"block_influence": [0.9, 0.3, 0.8, 0.7, 0.2, 0.1]}
@@ -470,11 +460,10 @@ def test_iterative_prune_heals_through_the_heal_hook_so_a_plugin_takes_over(tiny
             return modelio.save_model(model, None, out, student_dir)
 
     source = tiny_model_dir("llama")
-    recipe = validate({"recipe_version": 1, "name": "t", "source": {"model": str(source)},
-                       "data": {"calibration": {"from": "text", "path": str(calibration_file), "samples": 2,
-                                                "seq_len": 16}},
-                       "prune": {"remove": 2, "iterative": True, "select": "metric"},
-                       "heal": {"iterative_steps": 2}})
+    recipe = validate(recipe_dict(source, "t", heal={"iterative_steps": 2},
+                                  data={"calibration": {"from": "text", "path": str(calibration_file), "samples": 2,
+                                                        "seq_len": 16}},
+                                  prune={"remove": 2, "iterative": True, "select": "metric"}))
     ctx = StageContext(stage="prune", recipe=recipe, run_dir=tmp_path, out_dir=tmp_path / "20-prune")
     ctx.out_dir.mkdir()
     try:

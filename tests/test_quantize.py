@@ -16,6 +16,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from helpers import recipe_dict
 from ollama_compress.fsutil import JOURNAL, MARKER
 
 from gguf_samples import write_small_gguf, write_tiny_llama_gguf
@@ -195,8 +196,7 @@ def test_stage_hook_names_and_metrics(tiny_f16, tmp_path):
     from ollama_compress.context import StageContext
     from ollama_compress.recipe import validate
 
-    recipe = validate({"recipe_version": 1, "name": "tiny", "source": {"model": "x"},
-                       "export": {"quants": ["Q8_0"]}})
+    recipe = validate(recipe_dict("x", "tiny", export={"quants": ["Q8_0"]}))
     ctx = StageContext(stage="export", recipe=recipe, run_dir=tmp_path, out_dir=tmp_path / "out")
     ctx.out_dir.mkdir()
     path = quantize_gguf(ctx, gguf_path=tiny_f16, quant="Q8_0")
@@ -214,10 +214,10 @@ def test_quant_file_name():
 @pytest.mark.slow
 def test_smollm2_export_quants_load_and_generate(smollm2_hf, tmp_path):
     """The real path: SmolLM2 HF dir -> F16 GGUF (exporter) -> Q8_0 and Q4_K_M -> llama.cpp generates."""
-    from ollama_compress.hooks import export
+    from ollama_compress.gguf import export_gguf
 
     f16 = tmp_path / "smollm2-F16.gguf"
-    export.export_gguf(smollm2_hf, f16, "F16")
+    export_gguf(smollm2_hf, f16, "F16")
     for quant in ("Q8_0", "Q4_K_M"):
         path = quantize_file(f16, quant, tmp_path / quant_file_name(f16, quant))
         assert verify_gguf(path).file_type == quant

@@ -8,18 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_clean_error, cli
-from ollama_compress import repair, trainer
+from helpers import assert_clean_error, cli, recipe_dict, write_recipe
+from ollama_compress import modelio, repair, trainer
 from ollama_compress.errors import UserError
 from ollama_compress.hooks import prune
 from tiny_models import tiny_model
-
-CALIBRATION_TEXT = (
-    "The river runs past the mill and under the old stone bridge. Children count the boats that pass. "
-    "In winter the water freezes and the town skates from one bank to the other. Bakers open at dawn; "
-    "the smell of bread drifts over the square while the clock strikes six and carts roll in from farms. "
-) * 60
-
 
 def _batches(n: int, seed: int, length: int = 32) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
@@ -29,7 +22,7 @@ def _batches(n: int, seed: int, length: int = 32) -> list[torch.Tensor]:
 def _mlp_output(model, layer: int, batch: torch.Tensor) -> torch.Tensor:
     """What the anchor adds to the residual stream: its MLP output (or, for Gemma, the post-MLP norm's)."""
     module, _ = repair._anchor_module(model.model.layers[layer])
-    with repair._capture_outputs({"x": module}) as out, torch.no_grad():
+    with modelio.capture_outputs({"x": module}) as out, torch.no_grad():
         model(input_ids=batch, use_cache=False)
     return out["x"].reshape(-1, out["x"].shape[-1]).double()
 
@@ -54,13 +47,6 @@ def _loud_span(model, layers: list[int], scale: float = 4.0):
             model.model.layers[i].self_attn.o_proj.weight.mul_(scale)
             model.model.layers[i].mlp.down_proj.weight.mul_(scale)
     return model
-
-
-@pytest.fixture
-def calibration_file(tmp_path) -> Path:
-    path = tmp_path / "calibration.txt"
-    path.write_text(CALIBRATION_TEXT)
-    return path
 
 
 # ---------------------------------------------------------------- the math
@@ -217,9 +203,7 @@ def test_bad_repair_and_select_settings_are_one_line_exit_2(tiny_model_dir, tmp_
     assert len(proc.stderr.strip().splitlines()) == 1
     proc = cli("prune", source, "--layers", "2,3", "--select", "measured", "--out", tmp_path / "b")
     assert_clean_error(proc, "select: measured chooses the layers itself")
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"recipe_version: 1\nname: t\nsource: {{model: {source}}}\nprune: {{remove: 2, repair: cubic}}\n")
-    proc = cli("validate", recipe)
+    proc = cli("validate", write_recipe(tmp_path / "r.yaml", source, "t", prune={"remove": 2, "repair": "cubic"}))
     assert proc.returncode == 2 and "prune.repair" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -231,16 +215,14 @@ def test_dry_run_estimates_the_measured_select_cost(tiny_model_dir):
     from ollama_compress.recipe import validate
 
     source = tiny_model_dir("llama", 6)
-    recipe = validate({"recipe_version": 1, "name": "t", "source": {"model": str(source)},
-                       "data": {"calibration": {"samples": 16, "seq_len": 64}},
-                       "prune": {"remove": 2, "report_metrics": ["angular"]}})
+    recipe = validate(recipe_dict(source, "t", data={"calibration": {"samples": 16, "seq_len": 64}},
+                                  prune={"remove": 2, "report_metrics": ["angular"]}))
     cost = pipeline.run(recipe, dry_run=True)["estimate"]["select_measured"]
     assert cost["candidates"] == 3 + 2  # spans starting at 1, 2, 3 plus block_influence's and angular's picks
     assert cost["forward_passes"] == 16 + MEASURE_WINDOWS + 5 * MEASURE_WINDOWS
     shape = model_shape(source)
     assert cost["flops"] == 2 * shape.params() * 16 * 64 + 2 * (shape.params() + 5 * shape.params(2)) * 8 * 64
-    layers_given = validate({"recipe_version": 1, "name": "t", "source": {"model": str(source)},
-                             "prune": {"layers": [2, 3]}})
+    layers_given = validate(recipe_dict(source, "t", prune={"layers": [2, 3]}))
     assert "select_measured" not in pipeline.run(layers_given, dry_run=True)["estimate"]
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_clean_error, cli
+from helpers import TINY_DATA, assert_clean_error, cli, write_recipe
+from ollama_compress.evaluation import QUALITY_RETAINED
 from ollama_compress.report import write_report
 
 
@@ -35,7 +36,7 @@ def test_report_has_every_section_and_marks_the_removed_layers(tmp_path):
                                                        "num_layers_before": 4, "num_layers_after": 2,
                                                        "metric": "block_influence"}))
     evaluation = {"rows": rows(), "prompts": ["Capital of France?", "Sleep tips?"], "heldout_tokens": 4080,
-                  "heldout_windows": 16, "knowledge_questions": 40}
+                  "heldout_windows": 16, "knowledge_questions": 40, "quality_retained": QUALITY_RETAINED}
     inputs = {"scores_file": str(scores), "pruned_dir": str(pruned),
               "ollama_models": {"Q4_K_M": "demo:Q4_K_M"}, "modelfiles": {"Q4_K_M": "/x/Modelfile.Q4_K_M"}}
     path, figures = write_report(tmp_path / "out", "demo", evaluation, inputs)
@@ -63,24 +64,13 @@ def test_a_run_without_evaluation_still_gets_a_report_that_says_how_to_add_one(t
     assert figures == {}
 
 
-RECIPE = """\
-recipe_version: 1
-name: tiny-report
-source: {{model: {model}}}
-data:
-  calibration: {{samples: 2, seq_len: 32}}
-  heldout: {{split: heldout, samples: 2, seq_len: 32}}
-prune: {{remove: 2, report_metrics: [angular]}}
-export: {{outtype: F32, quants: [Q8_0]}}
-evaluate: {{knowledge: false, max_new_tokens: 2, prompts: [Hi.]}}
-"""
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("report-run")
-    recipe = root / "tiny.yaml"
-    recipe.write_text(RECIPE.format(model=tiny_model_dir("llama", 6)))
+    recipe = write_recipe(root / "tiny.yaml", tiny_model_dir("llama", 6), "tiny-report", data=TINY_DATA,
+                          prune={"remove": 2, "report_metrics": ["angular"]},
+                          export={"outtype": "F32", "quants": ["Q8_0"]},
+                          evaluate={"knowledge": False, "max_new_tokens": 2, "prompts": ["Hi."]})
     proc = cli("run", recipe, "--out", root / "run")
     assert proc.returncode == 0, proc.stderr
     return root / "run", recipe

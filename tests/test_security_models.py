@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ollama_compress.context import RunOptions
+from ollama_compress.options import RunOptions
 from ollama_compress.errors import UserError
 from ollama_compress.modelio import check_model_dir
 
@@ -339,24 +339,9 @@ def test_heal_refuses_to_save_weights_that_diverged(tmp_path):
 
 # ---------------------------------------------------------------- GGUFs llama.cpp can load
 def _gguf(path: Path, block_count: int = 2, skip: tuple = (), **keys) -> Path:
-    import numpy as np
-    from gguf import GGUFWriter
+    from gguf_samples import write_llama_gguf
 
-    from gguf_samples import add_llama_block_tensors
-
-    w = GGUFWriter(str(path), "llama")
-    w.add_block_count(block_count)
-    for key, value in keys.items():
-        w.add_uint32(f"llama.{key.replace('__', '.')}", value)
-    w.add_tensor("token_embd.weight", np.ones((4, 32), np.float32))
-    for i in range(block_count):
-        add_llama_block_tensors(w, i, skip=skip if i == block_count - 1 else ())
-    w.add_tensor("output_norm.weight", np.ones(32, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write_llama_gguf(path, block_count, skip, **keys)
 
 
 @pytest.mark.parametrize("skip, keys, words", [

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from gguf_samples import write_small_gguf
+from helpers import recipe_dict
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.hooks import registration
 from ollama_compress.hooks.modelfile import ModelfileSpec, chat_family
-from ollama_compress.ollama_server import is_loopback, make_client, normalize_host
+from ollama_compress.hosts import is_loopback, normalize_host
+from ollama_compress.ollama_server import make_client
 
 SECRET = "sk-do-not-send-0123456789"
 
@@ -144,7 +146,7 @@ def test_a_name_that_only_looks_local_is_remote(host):
 
     assert not is_loopback(host)
     with pytest.raises(RecipeError):
-        validate({"recipe_version": 1, "name": "demo", "source": {"model": "x"}, "ollama": {"host": host}}, "test")
+        validate(recipe_dict("x", "demo", ollama={"host": host}), "test")
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.9.8.7:8080", "http://localhost:11434", "[::1]:11434", "LOCALHOST"])
@@ -156,7 +158,7 @@ def test_loopback_ip_literals_and_localhost_are_local(host):
 def test_a_trailing_line_break_is_not_part_of_a_valid_name(field, value):
     from ollama_compress.recipe import RecipeError, validate
 
-    data = {"recipe_version": 1, "name": "demo", "source": {"model": "x"}, "ollama": {}}
+    data = recipe_dict("x", "demo", ollama={})
     section, _, key = field.rpartition(".")
     (data[section] if section else data)[key] = value
     with pytest.raises(RecipeError):

@@ -11,16 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import dead_pid, recipe_dict
 from ollama_compress.errors import UserError
 from ollama_compress.fsutil import (JOURNAL, MARKER, atomic_path, claim_output_dir, clean_journal, remove_made,
                                    resolve_inside)
-
-
-def dead_pid() -> int:
-    """The PID of a process that has exited (and been reaped)."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 # ---------------------------------------------------------------- resolve_inside
@@ -281,8 +275,7 @@ def test_a_lock_without_the_source_sha256_is_refused(tmp_path, tiny_model_dir, i
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    lock = {"recipe": {"recipe_version": 1, "name": "locked", "source": {"model": str(tiny_model_dir("llama", 2))}},
-            "versions": {}, "stages": {}}
+    lock = {"recipe": recipe_dict(tiny_model_dir("llama", 2), "locked"), "versions": {}, "stages": {}}
     if inputs is not None:
         lock["inputs"] = inputs
     (run_dir / "run.json").write_text(json.dumps(lock))

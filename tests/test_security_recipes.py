@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from helpers import assert_clean_error, cli
 from ollama_compress.errors import UserError
 from ollama_compress.fsutil import resolve_inside
-from ollama_compress.ollama_server import is_loopback
+from ollama_compress.hosts import is_loopback
 from ollama_compress.recipe import MODEL_NAME_RE, Recipe, check_ollama_name, load_recipe, parse_yaml
 
 EXAMPLES = int(os.environ.get("OLLAMA_COMPRESS_FUZZ_EXAMPLES", "150"))

@@ -6,14 +6,12 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from gguf import GGUFWriter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chat_templates import ALPACA, BY_FAMILY, LLAMA2
-from gguf_samples import add_llama_block_tensors
+from gguf_samples import write_llama_gguf
 from helpers import assert_clean_error, cli, make_deep_tree, remove_deep_tree
 from ollama_compress.errors import UserError
 from ollama_compress.hooks import modelfile as mf
@@ -90,17 +88,7 @@ def test_smollm2_template_passes(smollm2_gguf):
 
 # ---------------------------------------------------------------- where templates enter
 def write_gguf_with_template(path: Path, template: str) -> Path:
-    w = GGUFWriter(str(path), "llama")
-    w.add_block_count(1)
-    w.add_chat_template(template)
-    w.add_tensor("token_embd.weight", np.ones((4, 32), np.float32))
-    add_llama_block_tensors(w, 0)
-    w.add_tensor("output_norm.weight", np.ones(32, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write_llama_gguf(path, metadata=lambda w: w.add_chat_template(template))
 
 
 def test_gguf_import_refuses_a_hostile_template_before_anything_is_written(tmp_path):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from helpers import assert_clean_error, cli
+from helpers import assert_clean_error, cli, write_recipe
 
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -97,8 +97,7 @@ def test_analyze_refuses_a_model_that_is_not_a_causal_lm(tmp_path):
 
 def test_run_on_a_pickle_only_source_exits_2_and_writes_nothing(tmp_path):
     model_dir = pickle_only_model_dir(tmp_path)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"recipe_version: 1\nname: p\nsource: {{model: {model_dir}}}\nexport: {{quants: [Q8_0]}}\n")
+    recipe = write_recipe(tmp_path / "r.yaml", model_dir, "p", export={"quants": ["Q8_0"]})
     proc = cli("run", recipe, "--out", tmp_path / "run")
     assert_clean_error(proc, "pickle")
     assert not (tmp_path / "run").exists()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ollama_compress.errors import UserError
+from ollama_compress.modelio import read_config
 
 
 def gguf_py():
@@ -43,8 +44,6 @@ _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
 
 def read_model_config(model_dir: Path):
     """(model_type, ArchSpec, transformers config) of ``model_dir``; UserError when unsupported."""
-    from ollama_compress.modelio import read_config
-
     raw = read_config(model_dir)
     model_type = raw.get("model_type")
     spec = ARCHS.get(model_type or "")

@@ -10,8 +10,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import tarfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from ollama_compress.embedded import cache_dir
 from ollama_compress.errors import StageFailed
 from ollama_compress.fsutil import atomic_path
 
@@ -21,8 +23,6 @@ _PARTS = (SCRIPT, "conversion/", "gguf-py/")  # what the converter needs from ve
 
 def bindings_version() -> str:
     """The installed llama-cpp-python's version."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("llama-cpp-python")
     except PackageNotFoundError:
@@ -31,8 +31,6 @@ def bindings_version() -> str:
 
 def converter_script() -> Path:
     """``convert_hf_to_gguf.py`` of the installed llama-cpp-python's llama.cpp, unpacked once."""
-    from ollama_compress.embedded import cache_dir
-
     version = bindings_version()
     target = cache_dir() / f"llama.cpp-converter-{version}"
     if not (target / SCRIPT).is_file():

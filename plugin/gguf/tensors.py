@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from ollama_compress.errors import UserError
+from ollama_compress.gguf_verify import verify_gguf
+from ollama_compress.modelio import weight_files
 
 from .arch import ArchSpec, gemma_query_scale, gguf_py, head_dim, phi3_rope_dims, read_model_config, rope_params
 
@@ -26,8 +28,6 @@ _SKIP_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.
 def _tensor_index(model_dir: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
     """HF tensor name -> (file, shape), read from the safetensors headers (no data)."""
     from safetensors import safe_open
-
-    from ollama_compress.modelio import weight_files
 
     files = weight_files(model_dir)
     if not files:
@@ -249,8 +249,6 @@ def width_warnings(source: Path) -> list[str]:
     source = Path(source)
     if source.is_file() and source.suffix == ".gguf":
         from gguf import GGUFReader
-
-        from ollama_compress.gguf_verify import verify_gguf
 
         verify_gguf(source)
         try:

@@ -12,8 +12,10 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
-from ollama_compress.context import RunOptions
 from ollama_compress.errors import UserError
+from ollama_compress.modelio import load_tokenizer
+from ollama_compress.options import RunOptions
+from ollama_compress.templates import check_chat_template
 
 from .arch import gguf_py
 
@@ -228,8 +230,6 @@ def build_vocab(model_dir: Path, model_type: str, n_vocab: int, tokenizer=None) 
 
 
 def load_tokenizer_or_none(model_dir: Path, options: RunOptions):
-    from ollama_compress.modelio import load_tokenizer
-
     try:
         return load_tokenizer(model_dir, options)
     except Exception as exc:  # transformers raises many types for a broken tokenizer
@@ -277,7 +277,5 @@ def _fill_special_from_tokenizer(special, tokenizer, n_vocab: int) -> None:
     if special.chat_template is None and isinstance(getattr(tokenizer, "chat_template", None), str):
         special.chat_template = tokenizer.chat_template
     if isinstance(special.chat_template, str):
-        from ollama_compress.templates import check_chat_template
-
         check_chat_template(special.chat_template)  # never written into a GGUF unchecked
 

@@ -16,17 +16,21 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO, Sequence
 
 import numpy as np
+import yaml
 
-from ollama_compress.context import RunOptions
+from ollama_compress.embedded import cache_dir
 from ollama_compress.errors import StageFailed, UserError
-from ollama_compress.fsutil import atomic_path, check_free_space
-from ollama_compress.modelio import check_finite, check_tokenizer_files
+from ollama_compress.fsutil import Fingerprints, atomic_path, check_free_space
+from ollama_compress.modelio import check_causal_lm, check_finite, check_model_dir, check_tokenizer_files
+from ollama_compress.options import RunOptions
+from ollama_compress.quant_names import UNQUANTIZED
+from ollama_compress.safe_read import read_json
 
 from .arch import check_loadable, gguf_py, metadata_type_problem, read_model_config, write_hparams
 from .tensors import PlannedTensor, expected_size, plan_tensors, width_warnings_of
 from .vocab import build_vocab, load_tokenizer_or_none, write_vocab
 
-OUTTYPES = ("F32", "F16", "BF16")
+OUTTYPES = UNQUANTIZED  # the GGUF types written without llama-quantize
 META_PREFIX = "ollama_compress."
 
 log = logging.getLogger(__name__)
@@ -36,8 +40,6 @@ def _layer_map(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "layer_map.json"
     if not path.is_file():
         return {}
-    from ollama_compress.safe_read import read_json
-
     return read_json(path, "layer map", expect=dict)
 
 
@@ -58,9 +60,6 @@ def layer_map_keys(model_dir: Path) -> dict[str, Any]:
 
 def _sha256(model_dir: Path) -> str:
     """The model directory's sha256, hashed once per file version (``fsutil.Fingerprints``)."""
-    from ollama_compress.embedded import cache_dir
-    from ollama_compress.fsutil import Fingerprints
-
     return Fingerprints(cache_dir() / "fingerprints.json").sha256(model_dir)
 
 
@@ -133,8 +132,6 @@ def _write_general(w, model_dir: Path, metadata: dict[str, Any], total_params: i
 def _model_card_metadata(model_dir: Path, metadata: dict[str, Any], total_params: int):
     """gguf-py's Metadata from the model card (README.md front matter) and config; one line when
     the card's YAML is malformed or holds values of the wrong kinds."""
-    import yaml
-
     gguf = gguf_py()
     try:
         return gguf.Metadata.load(None, model_dir, metadata.get("name") or metadata.get("general.name"), total_params)
@@ -247,8 +244,6 @@ def check_outtype(outtype: str) -> str:
 
 def check_exportable(model_dir: Path, options: RunOptions | None = None) -> None:
     """A UserError unless ``model_dir`` is an HF causal LM of an architecture the writer knows."""
-    from ollama_compress.modelio import check_causal_lm, check_model_dir
-
     check_model_dir(model_dir, options or RunOptions())
     read_model_config(model_dir)  # names an unsupported architecture before anything else
     check_causal_lm(model_dir)

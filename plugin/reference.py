@@ -1,0 +1,200 @@
+"""The teacher reference and the one quality measure against it.
+
+``teacher_reference``: the teacher's log-probabilities (PyTorch, float32) on the held-out windows
+(``hooks.data.heldout_windows``), computed once and cached by content: the teacher's sha256, the
+windows' tokens and the dtype name the folder. Heal's before/after and periodic checks and evaluate
+read it, so the teacher runs on the held-out text once per run.
+
+``QualityMeter``: perplexity, KL(reference || model) at T=1 and top-1 agreement from a model's
+log-probabilities and the reference's, window by window. Every held-out figure is summed by it:
+heal's checks (``trainer.heldout_metrics``), the quant table and evaluate (``quantize.quality_against``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .options import RunOptions
+from .fsutil import Fingerprints, atomic_path, write_json
+
+REFERENCE_DTYPE = "float32"
+REFERENCE_DIR = "teacher-reference"  # under the run's cache/ (or the user cache without a run)
+LOGPROBS_FILE = "teacher_logprobs.npy"
+WINDOWS_FILE = "windows.json"
+SUMMARY_FILE = "reference.json"  # written last: a folder without it is incomplete
+
+
+class QualityMeter:
+    """Sums over windows of next-token log-probabilities ``[n, vocab]`` (row i predicts ``targets[i]``)."""
+
+    def __init__(self) -> None:
+        self.nll, self.kl, self.agree, self.tokens = 0.0, 0.0, 0, 0
+
+    def add(self, model_lp: Any, reference_lp: Any, targets: Any) -> None:
+        import numpy as np
+
+        lp, ref = np.asarray(model_lp, dtype=np.float32), np.asarray(reference_lp, dtype=np.float32)
+        self.add_nll(lp, targets)
+        self.kl += float((np.exp(ref) * (ref - lp)).sum(dtype=np.float64))
+        self.agree += int((ref.argmax(axis=1) == lp.argmax(axis=1)).sum())
+
+    def add_nll(self, model_lp: Any, targets: Any) -> None:
+        """Only the perplexity part (the reference's own perplexity: its KL is 0, its agreement 1)."""
+        import numpy as np
+
+        lp = np.asarray(model_lp, dtype=np.float32)
+        self.nll -= float(lp[np.arange(len(lp)), np.asarray(targets)].sum(dtype=np.float64))
+        self.tokens += len(lp)
+
+    def result(self) -> dict[str, Any]:
+        """``perplexity`` of the model, ``kl`` (mean per token), ``top1_agreement`` and ``tokens``."""
+        n = self.tokens
+        return {"perplexity": math.exp(self.nll / n), "kl": self.kl / n, "top1_agreement": self.agree / n, "tokens": n}
+
+
+@dataclass(frozen=True)
+class TeacherReference:
+    """A cached reference folder: log-probabilities of every window's positions but the last, in order."""
+
+    folder: Path
+    teacher_dir: Path
+    windows: list[list[int]]
+    tokens: int
+    teacher_perplexity: float
+
+    @property
+    def key(self) -> str:
+        """Names this reference: the teacher's hash, the windows' hash and the dtype."""
+        return self.folder.name
+
+    @property
+    def logprobs_path(self) -> Path:
+        return self.folder / LOGPROBS_FILE
+
+    def logprobs(self):
+        """The ``[tokens, vocab]`` array, memory-mapped read-only."""
+        import numpy as np
+
+        return np.load(self.logprobs_path, mmap_mode="r")
+
+    def window_rows(self) -> list:
+        """One ``[len(window) - 1, vocab]`` view of ``logprobs()`` per window."""
+        lp, rows, start = self.logprobs(), [], 0
+        for w in self.windows:
+            rows.append(lp[start:start + len(w) - 1])
+            start += len(w) - 1
+        return rows
+
+    def describe(self) -> dict[str, Any]:
+        """The JSON-able form evaluate's hook finds in ``ctx.inputs["heldout_reference"]``."""
+        return {"key": self.key, "teacher_dir": str(self.teacher_dir), "windows": str(self.folder / WINDOWS_FILE),
+                "teacher_logprobs": str(self.logprobs_path), "tokens": self.tokens,
+                "teacher_perplexity": self.teacher_perplexity}
+
+
+def windows_hash(windows: list[list[int]]) -> str:
+    return hashlib.sha256(json.dumps(windows, separators=(",", ":")).encode()).hexdigest()
+
+
+def reference_folder(teacher_dir: Path, windows: list[list[int]], run_dir: Path | None) -> Path:
+    """Where the reference of ``teacher_dir`` on ``windows`` is kept: ``run_dir/cache/teacher-reference``
+    (the user cache without a run), named by the teacher's sha256, the windows' hash and the dtype."""
+    from .embedded import cache_dir
+
+    digest = Fingerprints(cache_dir() / "fingerprints.json").sha256(teacher_dir)
+    root = Path(run_dir) / "cache" if run_dir is not None else cache_dir()
+    return root / REFERENCE_DIR / f"{digest[:16]}-{windows_hash(windows)[:16]}-{REFERENCE_DTYPE}"
+
+
+def teacher_reference(teacher_dir: Path, windows: list[list[int]], *, options: RunOptions | None = None,
+                      run_dir: Path | None = None, log: Callable[[str], None] = lambda message: None
+                      ) -> TeacherReference:
+    """The teacher's reference on ``windows``: read from its cache folder, or computed there first."""
+    teacher_dir = Path(teacher_dir)
+    folder = reference_folder(teacher_dir, windows, run_dir)
+    if not (folder / SUMMARY_FILE).is_file():
+        log(f"teacher log-probabilities on {len(windows)} held-out windows (cached in {folder})")
+        with atomic_path(folder, is_dir=True) as tmp:
+            _compute(teacher_dir, windows, tmp, options or RunOptions())
+    summary = json.loads((folder / SUMMARY_FILE).read_text())
+    return TeacherReference(folder, teacher_dir, windows, summary["tokens"], summary["teacher_perplexity"])
+
+
+def heldout_reference(ctx: Any) -> TeacherReference:
+    """The run's teacher reference: ``ctx.inputs["teacher_dir"]`` on ``data.heldout`` cut by
+    ``heldout_windows`` with the teacher's tokenizer (the windows heal and evaluate measure on)."""
+    from . import modelio
+    from .hooks.data import heldout_windows
+
+    teacher_dir = Path(ctx.inputs["teacher_dir"])
+    windows = heldout_windows(ctx.recipe.data.heldout, modelio.load_tokenizer(teacher_dir, ctx.options), ctx, teacher_dir)
+    return teacher_reference(teacher_dir, windows, options=ctx.options, run_dir=ctx.run_dir, log=ctx.log)
+
+
+def _compute(teacher_dir: Path, windows: list[list[int]], folder: Path, options: RunOptions) -> None:
+    import numpy as np
+
+    teacher = HFModel(teacher_dir, options)
+    try:
+        n_scored = sum(len(w) - 1 for w in windows)
+        store = np.lib.format.open_memmap(folder / LOGPROBS_FILE, mode="w+", dtype=np.float32,
+                                          shape=(n_scored, teacher.n_vocab))
+        meter, start = QualityMeter(), 0
+        for w in windows:
+            lp = teacher.log_probs(w)
+            store[start:start + len(lp)] = lp
+            meter.add_nll(lp, w[1:])
+            start += len(lp)
+        store.flush()
+        del store
+    finally:
+        teacher.close()
+    (folder / WINDOWS_FILE).write_text(json.dumps(windows))
+    write_json(folder / SUMMARY_FILE, {"teacher_dir": str(teacher_dir), "dtype": REFERENCE_DTYPE,
+                                       "tokens": n_scored, "teacher_perplexity": meter.result()["perplexity"]})
+
+
+class HFModel:
+    """An HF directory in PyTorch (float32) on the run's device."""
+
+    def __init__(self, path: Path, options: RunOptions):
+        from . import modelio
+
+        self.model = modelio.load_model(path, options, dtype=REFERENCE_DTYPE, device=options.resolved_device())
+        self.n_vocab = int(self.model.get_output_embeddings().weight.shape[0])
+
+    def log_probs(self, tokens: list[int]):
+        """Log-softmax over the vocabulary at each position but the last (row i predicts tokens[i+1])."""
+        return self.log_probs_many([tokens])[0]
+
+    def log_probs_many(self, sequences: list[list[int]]) -> list:
+        """``log_probs`` of several sequences in one batch (right-padded: causal attention never
+        sees the padding, and its positions are dropped)."""
+        import torch
+
+        width = max(map(len, sequences))
+        ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences], device=self.model.device)
+        with torch.no_grad():
+            lp = torch.log_softmax(self.model(input_ids=ids).logits[:, :-1].float(), dim=-1).cpu().numpy()
+        return [lp[i, :len(s) - 1] for i, s in enumerate(sequences)]
+
+    def greedy(self, tokens: list[int], max_new: int, stop: set[int]) -> list[int]:
+        import torch
+
+        ids = torch.tensor([tokens], device=self.model.device)
+        with torch.no_grad():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                                      do_sample=False, eos_token_id=sorted(stop) or None,
+                                      pad_token_id=next(iter(stop), 0))
+        new = out[0, len(tokens):].tolist()
+        for i, token in enumerate(new):
+            if token in stop:
+                return new[:i]
+        return new
+
+    def close(self) -> None:
+        del self.model
