@@ -374,7 +374,7 @@ def test_llama_cpp_scores_each_knowledge_choice_as_a_fresh_evaluation_does(tmp_p
     """The context is evaluated once and each choice continues from its cache: the same
     log-likelihoods as evaluating context + choice from scratch."""
     from ollama_compress.evaluation import LlamaModel, _choice_sum, knowledge_sequences
-    from ollama_compress.hooks.export import export_gguf
+    from ollama_compress.gguf import export_gguf
     from ollama_compress.modelio import load_tokenizer
 
     teacher = tiny_model_dir("llama", 6)
@@ -392,7 +392,7 @@ def test_llama_cpp_log_probabilities_do_not_depend_on_the_thread_count(tmp_path,
     """Quality passes use every free core (``LlamaScorer``'s default); the figures stay the same."""
     import numpy as np
 
-    from ollama_compress.hooks.export import export_gguf
+    from ollama_compress.gguf import export_gguf
     from ollama_compress.hooks.quantize import LlamaScorer, quantize_file
 
     f32 = export_gguf(tiny_model_dir("llama", 6), tmp_path / "tiny-F32.gguf", "F32")
