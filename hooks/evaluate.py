@@ -9,8 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import ValidationError
+from rich.console import Console
 
+from ollama_compress.cli import echo_json, make_options, run_options
 from ollama_compress.context import StageContext
+from ollama_compress.embedded import cache_dir
+from ollama_compress.hooks.source import resolve_model_dir
 from ollama_compress.options import RunOptions
 from ollama_compress.errors import UserError
 from ollama_compress.evaluation import evaluate_run, measure_model
@@ -39,14 +44,11 @@ def _run_context(run_dir: Path, out_dir: Path, options: RunOptions, console) -> 
 
 def _models_context(teacher: str, heldout: Path | None, settings: Evaluate, out_dir: Path,
                     options: RunOptions, console) -> StageContext:
-    from ollama_compress.hooks.source import resolve_model_dir
-
     held = TextSource.model_validate({"from": "text", "path": str(heldout), "split": "heldout", "samples": 16}
                                      if heldout else {"split": "heldout", "samples": 16})
     recipe = Recipe(recipe_version=1, name="evaluate", source=Source(model=teacher),
                     data=Data(heldout=held), evaluate=settings)
     teacher_dir = resolve_model_dir(teacher, options)
-    from ollama_compress.embedded import cache_dir
 
     return StageContext(stage="evaluate", recipe=recipe, run_dir=cache_dir() / "evaluate", out_dir=out_dir, options=options,
                         console=console, section="evaluate", inputs={"teacher_dir": str(teacher_dir)})
@@ -54,8 +56,6 @@ def _models_context(teacher: str, heldout: Path | None, settings: Evaluate, out_
 
 def _model_paths(models: tuple[str, ...], options: RunOptions) -> dict[str, Path]:
     """Row name -> GGUF file or HF directory for each MODEL argument."""
-    from ollama_compress.hooks.source import resolve_model_dir
-
     out: dict[str, Path] = {}
     for spec in models:
         path = Path(spec).expanduser()
@@ -73,8 +73,6 @@ def _model_paths(models: tuple[str, ...], options: RunOptions) -> dict[str, Path
 
 
 def _command_settings(base: Evaluate, no_knowledge: bool, no_speed: bool, teacher_quants: tuple[str, ...]) -> Evaluate:
-    from pydantic import ValidationError
-
     fields = {**base.model_dump(by_alias=True), "knowledge": base.knowledge and not no_knowledge,
               "speed": base.speed and not no_speed,
               "teacher_quants": list(dict.fromkeys([*base.teacher_quants, *teacher_quants]))}
@@ -86,8 +84,6 @@ def _command_settings(base: Evaluate, no_knowledge: bool, no_speed: bool, teache
 
 @hookimpl
 def register_commands(cli: click.Group) -> None:
-    from ollama_compress.cli import echo_json, make_options, run_options
-
     @cli.command("evaluate")
     @click.argument("targets", nargs=-1, required=True)
     @click.option("--teacher", help="The original model to measure against (needed unless TARGET is a run directory).")
@@ -104,8 +100,6 @@ def register_commands(cli: click.Group) -> None:
                          as_json, **flags):
         """Measure RUN_DIR's stages and quants, or MODELs, against the teacher: perplexity, KL,
         top-1 agreement, knowledge check, greedy answers, size and llama.cpp tokens/s."""
-        from rich.console import Console
-
         options = make_options(**flags)
         console = Console(stderr=True)
         run_dir = Path(targets[0])

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
 import re
+import statistics
 import subprocess
 import tempfile
 import time
@@ -23,17 +25,22 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import click
+from rich.table import Table
 
 from ollama_compress.context import StageContext
+from ollama_compress.modelio import load_tokenizer
 from ollama_compress.options import RunOptions
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import atomic_path, check_free_space, claimed_output_dir, write_json
 from ollama_compress.gguf_verify import GGUFSummary, verify_gguf
 from ollama_compress.hookspecs import hookimpl
-from ollama_compress.hooks.data import bos_prefix, text_windows, token_stream
-from ollama_compress.imatrix import check_imatrix
+from ollama_compress.hooks.data import bos_prefix, calibration_batches, load_texts, text_windows, token_stream
+from ollama_compress.imatrix import check_imatrix, compute_imatrix
 from ollama_compress.llama_tools import llama_tool
+from ollama_compress.planner import gguf_size, shape_of_gguf
+from ollama_compress.plugins import call_first
 from ollama_compress.quant_names import IMATRIX_HELPS, NEEDS_IMATRIX, UNQUANTIZED, quant_name_problem
+from ollama_compress.recipe import Export, Recipe, Source, TextSource
 from ollama_compress.reference import QualityMeter, TeacherReference, heldout_reference
 
 IMATRIX_FILE = "imatrix.gguf"  # the matrix the stage computes, in the stage's directory
@@ -104,8 +111,6 @@ def _check_source(summary: GGUFSummary, allow_requantize: bool) -> None:
 
 
 def _estimated_size(summary: GGUFSummary, quant: str) -> int:
-    from ollama_compress.planner import gguf_size, shape_of_gguf
-
     return gguf_size(shape_of_gguf(summary.path), quant)
 
 
@@ -197,9 +202,6 @@ def _quantize_with_tool(src: Path, quant: str, dst: Path, imatrix: Path, nthread
 
 # ---------------------------------------------------------------- quality
 def shipped_heldout_text() -> list[str]:
-    from ollama_compress.hooks.data import load_texts
-    from ollama_compress.recipe import TextSource
-
     return load_texts(TextSource(split="heldout"))
 
 
@@ -211,14 +213,18 @@ def llama_threads(threads: int | None) -> dict[str, int]:
 
 
 class LlamaScorer:
-    """One GGUF loaded in llama.cpp, giving log-probabilities for token windows."""
+    """One GGUF loaded in llama.cpp, giving log-probabilities for token windows; ``threads``
+    defaults to every core unless the machine is oversubscribed (``default_threads``): unlike
+    the speed meter's, these figures do not depend on the thread count."""
 
     def __init__(self, path: Path, n_ctx: int, threads: int | None = None):
+        from ollama_compress.teacher_chat import default_threads
+
         llama_cpp = _import_llama_cpp()
         with llama_log_capture() as log:
             try:
                 self.llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx,
-                                           **llama_threads(threads), verbose=False)
+                                           **llama_threads(threads or default_threads()), verbose=False)
             except (ValueError, RuntimeError) as exc:
                 raise StageFailed(f"llama.cpp could not load {path}: {_failure_reason(log) or exc}") from None
 
@@ -286,8 +292,6 @@ def imatrix_used(summary: GGUFSummary) -> dict[str, Any] | None:
 def file_fingerprint(path: Path) -> str:
     """Size and a hash of the first and last MiB of a file: which GGUF a stored figure belongs to,
     cheap enough for multi-GB files (an edited or requantized file changes it)."""
-    import hashlib
-
     path = Path(path)
     size = path.stat().st_size
     digest = hashlib.blake2b(digest_size=12)
@@ -311,8 +315,6 @@ def measure_speeds(paths: list[Path], tokens: list[int], *, threads: int | None 
     call round by round, a ratio that stays stable on a busy machine. Also per CPU second of this
     process (``*_per_cpu_s``). Same threads for every file (``llama_threads``).
     """
-    import statistics
-
     llama_cpp = _import_llama_cpp()
     if not tokens:
         raise UserError("measuring speed needs some held-out text; give more text")
@@ -349,8 +351,6 @@ def measure_speeds(paths: list[Path], tokens: list[int], *, threads: int | None 
 def speed_ratio(faster: dict[str, Any], slower: dict[str, Any]) -> float:
     """How many times ``faster`` decodes as fast as ``slower``: the median over rounds of the
     ratio of their decode times in the same round, both from one ``measure_speeds`` call."""
-    import statistics
-
     pairs = list(zip(faster["decode_seconds"], slower["decode_seconds"]))
     return statistics.median(b / a for a, b in pairs)
 
@@ -503,8 +503,6 @@ def write_quants_report(rows: list[dict], out_dir: Path) -> Path:
 
 def format_quants_table(rows: list[dict]):
     """A rich Table of the rows of ``measure_quants``."""
-    from rich.table import Table
-
     table = Table(title="Quants: size, quality against the reference (llama.cpp logits) and speed")
     for header in ("quant", "MiB", "bits/weight", "perplexity", "KL vs ref", "top-1 agree", "imatrix",
                    "prompt tok/s", "gen tok/s"):
@@ -553,8 +551,6 @@ def quant_context(out_dir: Path, imatrix: str | Path | None, *, model_dir: Path 
     """The context the commands (and evaluate's teacher quants) give the ``quantize_gguf`` hook:
     quants go into ``out_dir``, with ``imatrix`` (a file, ``auto`` with ``model_dir``, or None)
     as the recipe's ``export.imatrix``; ``recipe`` supplies the calibration text for ``auto``."""
-    from ollama_compress.recipe import Export, Recipe, Source
-
     export = Export(quants=[], imatrix=None if imatrix is None else str(imatrix))
     if recipe is None:
         recipe = Recipe(recipe_version=1, name="quantize", source=Source(model=str(model_dir or out_dir)))
@@ -568,8 +564,6 @@ def quant_context(out_dir: Path, imatrix: str | Path | None, *, model_dir: Path 
 
 def quantize_through_hook(ctx: StageContext, gguf_path: Path, quant: str) -> Path:
     """``quantize_gguf`` of the first plugin that handles it (a built-in is the last one)."""
-    from ollama_compress.plugins import call_first
-
     return Path(call_first("quantize_gguf", ctx=ctx, gguf_path=Path(gguf_path), quant=quant))
 
 
@@ -603,10 +597,6 @@ def _has_llama_quantize() -> bool:
 
 def compute_stage_imatrix(ctx, gguf_path: Path, out: Path) -> Path:
     """``compute_imatrix`` of the stage's HF model (after heal) over ``data.calibration``."""
-    from ollama_compress.hooks.data import calibration_batches
-    from ollama_compress.imatrix import compute_imatrix
-    from ollama_compress.modelio import load_tokenizer
-
     model_dir = Path(ctx.inputs["model_dir"])
     spec = ctx.recipe.data.calibration
     tokenizer = load_tokenizer(model_dir, ctx.options)

@@ -21,19 +21,27 @@ It calls the ``evaluate`` hook once per row and merges every plugin's result int
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
+from . import modelio
 from .context import StageContext
+from .embedded import cache_dir
 from .errors import UserError
-from .fsutil import write_json
+from .fsutil import Fingerprints, settings_hash, write_json
+from .gguf_verify import verify_gguf
 from .hooks.data import bos_prefix, unseen_heldout_windows
-from .hooks.quantize import LlamaScorer, stored_quant_row
+from .hooks.quantize import (LlamaScorer, _log_softmax, llama_threads, measure_heldout_quants, measure_speeds,
+                             quality_against, quantize_through_hook, speed_ratio, stored_quant_row)
+from .planner import gguf_size, model_shape
+from .plugins import call_first, get_plugin_manager
+from .quant_names import NEEDS_IMATRIX, QUANT_TYPES, QUANTS, UNQUANTIZED
+from .recipe import Evaluate, Export
 from .reference import HFModel, teacher_reference
+from .report import rich_table, write_report
 
 QUALITY_RETAINED = (
     "quality retained = teacher perplexity / model perplexity on the same held-out tokens, in percent "
@@ -93,9 +101,6 @@ def auto_teacher_quants(teacher: Any, compressed: dict[str, tuple[str, int]], im
     the teacher's shape ``teacher``, the one size estimate) are nearest its real size; the files
     are then made and measured. Quants that need an importance matrix count only when ``imatrix``
     (``export.imatrix`` is set)."""
-    from ollama_compress.planner import gguf_size
-    from ollama_compress.quant_names import NEEDS_IMATRIX, QUANT_TYPES, UNQUANTIZED
-
     usable = [q for q in QUANT_TYPES if q not in UNQUANTIZED and (imatrix or q not in NEEDS_IMATRIX)]
     estimate = {q: gguf_size(teacher, q) for q in usable}
     picks = {}
@@ -113,9 +118,6 @@ def has_imatrix(ctx: StageContext) -> bool:
 def wanted_teacher_quants(ctx: StageContext, teacher_dir: Path, candidates: list[Candidate]) -> list[str]:
     """``evaluate.teacher_quants`` with ``auto`` expanded by ``auto_teacher_quants`` over the
     compressed GGUF rows among ``candidates``."""
-    from ollama_compress.planner import model_shape
-    from ollama_compress.quant_names import QUANTS, UNQUANTIZED
-
     settings = ctx.settings
     named = [q for q in settings.teacher_quants if q != "auto"]
     if "auto" not in settings.teacher_quants:
@@ -135,10 +137,6 @@ class TeacherQuants:
     settings."""
 
     def __init__(self, ctx: StageContext, teacher_dir: Path, outtype: str):
-        from ollama_compress.embedded import cache_dir
-        from ollama_compress.fsutil import Fingerprints, settings_hash
-        from ollama_compress.recipe import Export
-
         export = (ctx.recipe.export or Export()).model_copy(update={"outtype": outtype, "quants": []})
         digest = Fingerprints(cache_dir() / "fingerprints.json").sha256(teacher_dir)
         reads = {"outtype": outtype, "imatrix": export.imatrix,
@@ -166,8 +164,6 @@ class TeacherQuants:
     @property
     def base(self) -> Path:
         """The teacher's unquantized GGUF (``export_gguf``)."""
-        from ollama_compress.plugins import call_first
-
         if self._base is None:
             self._base = self._cached(self.outtype)
         if self._base is None:
@@ -178,8 +174,6 @@ class TeacherQuants:
 
     def make(self, quants: list[str], taken: set[str]) -> list[Candidate]:
         """A row for each of ``quants`` not in ``taken`` (row names), quantized unless cached."""
-        from ollama_compress.hooks.quantize import quantize_through_hook
-
         rows = []
         for quant in (q for q in dict.fromkeys(quants) if f"teacher {q}" not in taken):
             path = self.base if quant == self.outtype else self._cached(quant)
@@ -193,9 +187,6 @@ class TeacherQuants:
         """``auto``: where every teacher quant is larger than a compressed file, the next smaller
         types of the table (at most ``NEAREST_TEACHER_QUANTS`` more) until one is not, so each
         compressed quant has a teacher quant at its size or smaller to be judged against."""
-        from ollama_compress.planner import gguf_size, model_shape
-        from ollama_compress.quant_names import NEEDS_IMATRIX, QUANTS, UNQUANTIZED
-
         shape = model_shape(self.teacher_dir)
 
         def bits(quant: str) -> int:
@@ -221,8 +212,6 @@ class TeacherQuants:
     def measure(self, rows: list[Candidate], reference_key: str) -> None:
         """``quants.json`` over the teacher quants among ``rows``, unless it holds them all already,
         measured against the teacher reference ``reference_key``."""
-        from ollama_compress.hooks.quantize import measure_heldout_quants, stored_quant_row
-
         quantized = {c.quant: c.path for c in rows if c.model == "teacher" and c.path.parent == self.folder
                      and c.path != self.base}
         if quantized and any((stored_quant_row(p) or {}).get("teacher_reference") != reference_key
@@ -235,8 +224,20 @@ class TeacherQuants:
 class LlamaModel(LlamaScorer):
     """A GGUF file in llama.cpp: log-probabilities for every position, and greedy answers."""
 
-    def log_probs_many(self, sequences: list[list[int]]) -> list:
-        return [self.log_probs(s) for s in sequences]
+    def choice_log_likelihoods(self, context: list[int], choices: list[list[int]]) -> list[float]:
+        """Log-likelihood of each choice's tokens after ``context``: the context is evaluated once
+        and each choice continues from its cache (llama.cpp drops the cache past ``n_tokens``)."""
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(context)
+        out = []
+        for choice in choices:
+            self.llm.n_tokens = len(context)
+            self.llm.eval(choice)
+            logits = np.array(self.llm.scores[len(context) - 1 : len(context) + len(choice) - 1], dtype=np.float32)
+            out.append(_choice_sum(_log_softmax(logits), 0, choice))
+        return out
 
     def greedy(self, tokens: list[int], max_new: int, stop: set[int]) -> list[int]:
         self.llm.reset()
@@ -253,8 +254,6 @@ class LlamaModel(LlamaScorer):
 
 def heldout_quality(backend, windows: list[list[int]], teacher_lp) -> dict[str, Any]:
     """Perplexity, KL(teacher || model) and top-1 agreement over the held-out windows."""
-    from ollama_compress.hooks.quantize import quality_against
-
     if backend.n_vocab != teacher_lp.shape[1]:
         raise UserError(f"the model's vocabulary of {backend.n_vocab} tokens differs from the teacher's "
                         f"{teacher_lp.shape[1]}; evaluate models that share the teacher's tokenizer")
@@ -280,12 +279,20 @@ def knowledge_sequences(tokenizer) -> list[tuple[list[int], list[list[int]], int
     return out
 
 
+def _choice_sum(lp, first: int, choice: list[int]) -> float:
+    """The log-probabilities of ``choice``'s tokens, the first read at row ``first`` of ``lp``."""
+    return sum(float(lp[first + i, t]) for i, t in enumerate(choice))
+
+
 def knowledge_accuracy(backend, sequences) -> float:
     """Share of questions whose right choice has the highest log-likelihood after the question."""
     right = 0
     for context, choices, answer in sequences:
-        scores = [sum(float(lp[len(context) - 1 + i, t]) for i, t in enumerate(choice))
-                  for lp, choice in zip(backend.log_probs_many([context + c for c in choices]), choices)]
+        if isinstance(backend, LlamaModel):
+            scores = backend.choice_log_likelihoods(context, choices)
+        else:  # PyTorch: the choices in one batch
+            scores = [_choice_sum(lp, len(context) - 1, choice)
+                      for lp, choice in zip(backend.log_probs_many([context + c for c in choices]), choices)]
         right += int(max(range(len(scores)), key=scores.__getitem__) == answer)
     return right / len(sequences)
 
@@ -314,9 +321,6 @@ def measure_model(ctx: StageContext, model_path: Path) -> dict[str, Any]:
     """Every built-in column for one model (HF directory or GGUF file) against the teacher reference
     in ``ctx.inputs[REFERENCE_KEY]``."""
     import numpy as np
-
-    from ollama_compress import modelio
-    from ollama_compress.recipe import Evaluate
 
     reference = ctx.inputs[REFERENCE_KEY]
     settings = ctx.settings or Evaluate()
@@ -358,8 +362,6 @@ def gguf_speeds(candidates: list[Candidate], windows: list[list[int]], threads: 
     """Speed figures of every GGUF row, by path: the export stage's (``quants.json`` beside the
     file, same fingerprint and threads) where there is one, the others measured together by
     ``measure_speeds``, so a file gets one figure per run."""
-    from ollama_compress.hooks.quantize import llama_threads, measure_speeds
-
     speeds: dict[str, dict[str, Any]] = {}
     fresh = []
     for path in dict.fromkeys(c.path for c in candidates if c.kind == "gguf"):
@@ -393,8 +395,6 @@ def merge_results(results: Iterable[dict[str, Any] | None]) -> dict[str, Any]:
 
 def measure_row(ctx: StageContext, candidate: Candidate, reference: dict[str, Any]) -> dict[str, Any]:
     """Call the ``evaluate`` hook of every plugin for one model and merge the results into a row."""
-    from ollama_compress.plugins import get_plugin_manager
-
     row_ctx = StageContext(stage=ctx.stage, recipe=ctx.recipe, run_dir=ctx.run_dir, out_dir=ctx.out_dir,
                            options=ctx.options, console=ctx.console, section=ctx.section,
                            inputs={**ctx.inputs, REFERENCE_KEY: reference,
@@ -423,10 +423,6 @@ def evaluate_run(ctx: StageContext, models: dict[str, Path] | None = None,
     """Measure the teacher and every stage and quant in ``ctx.inputs`` (or the teacher and
     ``models``), write ``evaluation.json`` and ``report.md`` with its PNGs into ``ctx.out_dir``,
     put the numbers into ``ctx.metrics``, and return ``{"evaluation": path, "report": path}``."""
-    from ollama_compress import modelio
-    from ollama_compress.recipe import Evaluate
-    from ollama_compress.report import rich_table, write_report
-
     settings = ctx.settings or Evaluate()
     teacher_dir = Path(ctx.inputs["teacher_dir"])
     tokenizer = modelio.load_tokenizer(teacher_dir, ctx.options)
@@ -492,8 +488,6 @@ def equal_size_verdicts(rows: list[dict[str, Any]], tokens: list[int] | None,
     """For each compressed GGUF row, ``size_match`` among the teacher's GGUF rows: KL to the teacher
     of both, and (``tokens``) the decode-speed ratio of the two files run in turn by
     ``measure_speeds`` (``speed_ratio``), with its ``verdict_sentence``."""
-    from ollama_compress.hooks.quantize import measure_speeds, speed_ratio
-
     ggufs = [r for r in rows if r.get("kind") == "gguf" and r.get("size_bytes") and isinstance(r.get("kl"), (int, float))]
     teacher = [r for r in ggufs if r["model"] == "teacher"]
     verdicts = []
@@ -516,6 +510,5 @@ def equal_size_verdicts(rows: list[dict[str, Any]], tokens: list[int] | None,
 def _quant_of(path: Path) -> str | None:
     if path.suffix != ".gguf":
         return None
-    from ollama_compress.gguf_verify import verify_gguf
 
     return verify_gguf(path).file_type

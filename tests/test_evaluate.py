@@ -368,3 +368,38 @@ def test_the_speed_ratio_compares_two_files_round_by_round():
     teacher = {"decode_seconds": [1.0, 2.0, 1.0]}
     assert speed_ratio(pruned, teacher) == pytest.approx(1.25)
     assert speed_ratio(teacher, pruned) == pytest.approx(0.8)
+
+
+def test_llama_cpp_scores_each_knowledge_choice_as_a_fresh_evaluation_does(tmp_path, tiny_model_dir):
+    """The context is evaluated once and each choice continues from its cache: the same
+    log-likelihoods as evaluating context + choice from scratch."""
+    from ollama_compress.evaluation import LlamaModel, _choice_sum, knowledge_sequences
+    from ollama_compress.gguf import export_gguf
+    from ollama_compress.modelio import load_tokenizer
+
+    teacher = tiny_model_dir("llama", 6)
+    gguf = export_gguf(teacher, tmp_path / "tiny-F32.gguf", "F32")
+    model = LlamaModel(gguf, n_ctx=128)
+    try:
+        for context, choices, _ in knowledge_sequences(load_tokenizer(teacher))[:6]:
+            fresh = [_choice_sum(model.log_probs(context + c), len(context) - 1, c) for c in choices]
+            assert model.choice_log_likelihoods(context, choices) == pytest.approx(fresh, rel=1e-4, abs=1e-4)
+    finally:
+        model.close()
+
+
+def test_llama_cpp_log_probabilities_do_not_depend_on_the_thread_count(tmp_path, tiny_model_dir):
+    """Quality passes use every free core (``LlamaScorer``'s default); the figures stay the same."""
+    import numpy as np
+
+    from ollama_compress.gguf import export_gguf
+    from ollama_compress.hooks.quantize import LlamaScorer, quantize_file
+
+    f32 = export_gguf(tiny_model_dir("llama", 6), tmp_path / "tiny-F32.gguf", "F32")
+    window = list(range(1000, 1096))
+    for path in (f32, quantize_file(f32, "Q4_K_M", tmp_path / "tiny-Q4_K_M.gguf")):
+        one, two = (LlamaScorer(path, 96, threads=n) for n in (1, 2))
+        try:
+            assert np.array_equal(one.log_probs(window), two.log_probs(window))
+        finally:
+            one.close(), two.close()
