@@ -43,6 +43,7 @@ teacher types) and the prune command prints a warning when it is false.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -55,13 +56,19 @@ import click
 from ollama_compress.cli import (add_command, calibration_from_options, calibration_options, echo_json, json_option,
                                  make_options, option_values, run_options, section_from_options, section_options)
 from ollama_compress.context import StageContext
+from ollama_compress.hooks import importance
+from ollama_compress.hooks.data import batches_provider
+from ollama_compress.hooks.heal import resolve_model
+from ollama_compress.hooks.source import resolve_model_dir
 from ollama_compress.options import RunOptions
 from ollama_compress.errors import StageFailed, UserError
 from ollama_compress.fsutil import atomic_path, check_free_space, check_output_dir, claim_output_dir, write_json
 from ollama_compress.gguf.arch import ARCHS
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress import modelio
-from ollama_compress.planner import contiguous_starts, index_runs
+from ollama_compress.planner import (MEASURED_AUTO_FLOPS, MEASURE_WINDOWS, contiguous_starts, index_runs,
+    measured_select_cost, model_shape)
+from ollama_compress.plugins import capability, get_plugin_manager
 from ollama_compress.recipe import Prune, TextSource, exactly_one
 from ollama_compress.safe_read import read_json
 
@@ -514,8 +521,6 @@ def save_pruned_model(model, model_dir: Path, out_dir: Path, mapping: dict[str, 
 # ---------------------------------------------------------------- scoring
 def check_metric(metric: str) -> None:
     """NotAvailable (exit 2) listing the known metrics when ``metric`` is not registered."""
-    from ollama_compress.plugins import capability
-
     capability("importance_metrics", metric)
 
 
@@ -524,9 +529,6 @@ BatchesFn = Callable[[Any], list]
 
 def _batches_fn(model_dir: Path, calibration, options: RunOptions, ctx: StageContext | None) -> BatchesFn:
     """Calibration batches for ``calibration`` (None: the shipped corpus), tokenized like ``model_dir``."""
-    from ollama_compress.hooks.data import batches_provider
-    from ollama_compress.recipe import TextSource
-
     spec = calibration if calibration is not None else TextSource()
     return batches_provider(spec, modelio.load_tokenizer(model_dir, options), ctx)
 
@@ -535,8 +537,6 @@ def score(model, batches, metric: str, *, block_size: int | None = None
           ) -> tuple[list[float], list[float] | None]:
     """Scores of ``metric`` per layer; with ``block_size`` and the angular metric, also the
     angular distance across a block of that size for every start (Gromov et al.)."""
-    from ollama_compress.hooks import importance
-
     scores = importance.score_model(model, batches, [metric])[metric]
     distances = None
     if block_size and metric == "angular":
@@ -552,9 +552,6 @@ def resolve_select(select: str, model_dir: Path, num_layers: int, n: int, protec
                    calibration, *, explicit: bool, iterative: bool) -> str:
     """"metric" or "measured" for ``prune.select``; auto measures when ``measured_select_cost`` is
     at most ``planner.MEASURED_AUTO_FLOPS``."""
-    from ollama_compress.planner import MEASURED_AUTO_FLOPS, measured_select_cost, model_shape
-    from ollama_compress.recipe import TextSource
-
     if select not in SELECT_MODES:
         raise UserError(f"select '{select}' is not one of {', '.join(SELECT_MODES)}")
     if select == "metric" or n == 0:
@@ -585,12 +582,9 @@ def measure_cuts(model, batches: list, cuts: dict[tuple, str], stats: dict | Non
                  log: Callable[[str], None]) -> list[dict[str, Any]]:
     """KL to the unpruned ``model`` of each cut (after its linear repair when ``stats`` is given), on the
     first ``planner.MEASURE_WINDOWS`` calibration windows; the teacher's logits are computed once."""
-    import copy
-
     import torch
 
     from ollama_compress import repair, trainer
-    from ollama_compress.planner import MEASURE_WINDOWS
 
     windows = torch.cat(batches)[:MEASURE_WINDOWS]
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -805,8 +799,6 @@ def prune_layers(ctx: StageContext, model_dir: Path, scores: dict[str, list[floa
     heal_settings = ctx.recipe.heal
     between_steps = None
     if settings.iterative and heal_settings is not None and heal_settings.iterative_steps > 0:
-        from ollama_compress.hooks.heal import resolve_model
-
         teacher = resolve_model(heal_settings.teacher, ctx.options) if heal_settings.teacher else Path(model_dir)
         between_steps = heal_through_hook(ctx, teacher, Path(model_dir))
     result = plan_and_prune(Path(model_dir), out, settings, calibration=ctx.recipe.data.calibration,
@@ -834,8 +826,6 @@ def heal_through_hook(ctx: StageContext, teacher_dir: Path, source_dir: Path) ->
     hook heals it with ``ctx.inputs["iterative_step"]`` set (the built-in runs ``heal.iterative_steps``
     short steps), and the healed weights are loaded back into the model."""
     from safetensors.torch import load_file
-
-    from ollama_compress.plugins import get_plugin_manager
 
     def between_steps(model, step: int, student_to_teacher: list[int]) -> None:
         work = Path(ctx.out_dir) / f"iterative-heal-{step + 1}"
@@ -878,8 +868,6 @@ def prune_command(model, out, as_json, **given):
 
     MODEL is an HF directory, a .gguf file (imported once), embedded:NAME or a cached hub id.
     """
-    from ollama_compress.hooks.source import resolve_model_dir
-
     options = make_options(**given)
     settings = section_from_options(Prune, option_values(Prune, given, COMMAND_SKIPS))
     spec = calibration_from_options(given)

@@ -27,6 +27,7 @@ import json
 import math
 import re
 import signal
+import threading
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -253,7 +254,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
 def stop_on_signals() -> Iterator[dict[str, int]]:
     """While inside, SIGINT/SIGTERM only set ``flag["signal"]``; the loop saves and stops."""
     flag: dict[str, int] = {}
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield flag
