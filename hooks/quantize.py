@@ -41,7 +41,7 @@ from ollama_compress.planner import gguf_size, shape_of_gguf
 from ollama_compress.plugins import call_first
 from ollama_compress.quant_names import IMATRIX_HELPS, NEEDS_IMATRIX, UNQUANTIZED, quant_name_problem
 from ollama_compress.recipe import Export, Recipe, Source, TextSource
-from ollama_compress.reference import QualityMeter, TeacherReference, heldout_reference
+from ollama_compress.reference import QualityMeter, TeacherReference, heldout_reference, log_softmax
 
 IMATRIX_FILE = "imatrix.gguf"  # the matrix the stage computes, in the stage's directory
 SPEED_PROMPT_TOKENS = 128
@@ -243,18 +243,11 @@ class LlamaScorer:
         self.llm.reset()
         self.llm.eval(window)
         logits = np.array(self.llm.scores[: len(window) - 1], dtype=np.float32)
-        return _log_softmax(logits)
+        return log_softmax(logits)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.llm.close()
-
-
-def _log_softmax(x: Any) -> Any:
-    import numpy as np
-
-    z = x - x.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)
 
 
 class LlamaTokenizer:

@@ -34,13 +34,13 @@ from .errors import UserError
 from .fsutil import Fingerprints, settings_hash, write_json
 from .gguf_verify import verify_gguf
 from .hooks.data import bos_prefix, unseen_heldout_windows
-from .hooks.quantize import (LlamaScorer, _log_softmax, llama_threads, measure_heldout_quants, measure_speeds,
+from .hooks.quantize import (LlamaScorer, llama_threads, measure_heldout_quants, measure_speeds,
                              quality_against, quantize_through_hook, speed_ratio, stored_quant_row)
 from .planner import gguf_size, model_shape
 from .plugins import call_first, get_plugin_manager
 from .quant_names import NEEDS_IMATRIX, QUANT_TYPES, QUANTS, UNQUANTIZED
 from .recipe import Evaluate, Export
-from .reference import HFModel, teacher_reference
+from .reference import HFModel, log_softmax, teacher_reference
 from .report import rich_table, write_report
 
 QUALITY_RETAINED = (
@@ -236,7 +236,7 @@ class LlamaModel(LlamaScorer):
             self.llm.n_tokens = len(context)
             self.llm.eval(choice)
             logits = np.array(self.llm.scores[len(context) - 1 : len(context) + len(choice) - 1], dtype=np.float32)
-            out.append(_choice_sum(_log_softmax(logits), 0, choice))
+            out.append(_choice_sum(log_softmax(logits), 0, choice))
         return out
 
     def greedy(self, tokens: list[int], max_new: int, stop: set[int]) -> list[int]:

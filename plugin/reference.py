@@ -28,6 +28,14 @@ WINDOWS_FILE = "windows.json"
 SUMMARY_FILE = "reference.json"  # written last: a folder without it is incomplete
 
 
+def log_softmax(logits: Any) -> Any:
+    """Log-softmax over the last axis of a ``[n, vocab]`` numpy array (float32; sums in float64)."""
+    import numpy as np
+
+    z = logits - logits.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)
+
+
 class QualityMeter:
     """Sums over windows of next-token log-probabilities ``[n, vocab]`` (row i predicts ``targets[i]``)."""
 

@@ -43,7 +43,7 @@ from .fsutil import atomic_path, make_dir, move_made, remove_made, write_json
 from .machine import MatmulShape, choose_dtype, heal_shapes
 from .modelio import capture_outputs
 from .recipe import Heal
-from .reference import QualityMeter
+from .reference import QualityMeter, log_softmax
 
 DEFAULT_SHAPES = tuple(heal_shapes(1024, 576, 1536, 49152))  # the demo's (SmolLM2-135M) when none given
 CHECKPOINT_RE = re.compile(r"step-(\d{7})")
@@ -312,10 +312,7 @@ def shared_vocab_rows(log_probs, vocab: int):
     import numpy as np
 
     rows = np.asarray(log_probs[:, :vocab], dtype=np.float32)
-    if log_probs.shape[1] == vocab:
-        return rows
-    top = rows.max(axis=1, keepdims=True)
-    return rows - (top + np.log(np.exp(rows - top).sum(axis=1, keepdims=True)))
+    return rows if log_probs.shape[1] == vocab else log_softmax(rows)
 
 
 # ---------------------------------------------------------------- the loop
