@@ -373,8 +373,10 @@ def heal_model(
     if start_from is not None:
         step = run.resume(start_from)
         log(f"resuming from {start_from} (step {step} of {cfg.steps})")
-    elif checkpoint_dir is not None and main:
-        remove_made_children(checkpoint_dir)  # an earlier heal's checkpoints, of other settings
+    else:
+        run.count_start(before["kl"])
+        if checkpoint_dir is not None and main:
+            remove_made_children(checkpoint_dir)  # an earlier heal's checkpoints, of other settings
     if log_file is not None and main:
         trainer.rewrite_log(log_file, run.state.log)
     accelerator.wait_for_everyone()
@@ -412,8 +414,9 @@ def heal_model(
     result["window_views"] = round(window_views(result["trained_tokens"], len(stream)), 2)  # times each window was seen
     if stopped:
         log(f"heal stopped at step {run.state.step}: {stopped}")
+    kept = f"step {best_step}" if best_step else "no check beat the start: the unhealed weights are kept"
     log(f"held-out KL to the teacher {before['kl']:.4f} -> {after['kl']:.4f} "
-        f"({100 * result['kl_reduction']:.0f}% lower; best of {len(curve) - 1} checks, step {best_step}), "
+        f"({100 * result['kl_reduction']:.0f}% lower; best of {len(curve) - 1} checks, {kept}), "
         f"perplexity {before['ppl']:.2f} -> {after['ppl']:.2f} (teacher {before['teacher_ppl']:.2f})")
     full = run.full_student_state() if run.sharded else None  # every process takes part in the gather
     if main:

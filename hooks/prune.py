@@ -869,7 +869,10 @@ def prune_command(model, out, as_json, **given):
     MODEL is an HF directory, a .gguf file (imported once), embedded:NAME or a cached hub id.
     """
     options = make_options(**given)
-    settings = section_from_options(Prune, option_values(Prune, given, COMMAND_SKIPS))
+    values = option_values(Prune, given, COMMAND_SKIPS)
+    if not {"remove", "keep", "layers"} & values.keys():
+        raise UserError("prune: give --remove N, --keep N or --layers I,J,... (how many or which layers to remove)")
+    settings = section_from_options(Prune, values)
     spec = calibration_from_options(given)
     model_dir = Path(model) if Path(model).is_dir() else resolve_model_dir(model, options)
     check_out_dir(out, model_dir)

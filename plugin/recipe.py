@@ -202,7 +202,7 @@ class Heal(Strict):
     batch_size: int = Field(4, gt=0)  # sequences per optimizer step
     micro_batch: int | None = Field(None, gt=0)  # sequences per forward pass (default: batch_size)
     seq_len: int = Field(256, gt=0)  # tokens per sequence
-    temperature: float = Field(2.0, gt=0)  # softens logits for the KL term
+    temperature: float = Field(1.0, gt=0)  # softens logits for the KL term (1: the KL evaluate reports)
     loss: dict[str, float] = {"kl": 1.0, "hidden_mse": 1.0}  # registered loss name -> weight
     hidden_layers: Union[Literal["all"], list[int]] = "all"  # student layers matched by hidden_mse
     train: Literal["all", "neighbours", "lora"] = "all"  # all decoder layers; layers next to a cut; LoRA (peft)

@@ -582,22 +582,32 @@ class Trainer:
                     self.on_step({"message": f"out of memory: micro_batch halved to {self.state.micro_batch}"})
 
     # -------------------------------------------------------- held-out evaluation and the best weights
+    def count_start(self, kl: float) -> None:
+        """Make the untrained weights (held-out KL ``kl``) a candidate for the best, so a heal that only
+        hurts gives the start back. Call before ``run`` on a fresh start, not after ``resume``."""
+        checked = self.evaluate is not None and bool(self.config.eval_every)
+        if checked and self.state.step == 0 and self.state.best_kl is None:
+            self._keep_best(kl)
+
+    def _keep_best(self, kl: float) -> None:
+        self.state.best_kl, self.state.best_step = kl, self.state.step
+        self.best = {k: v.detach().to("cpu", copy=True) for k, v in trainable_parameters(self.student).items()}
+
     def _evaluate(self) -> dict[str, Any]:
         """Held-out KL now; keep the weights when it is the best so far. Same result in every process."""
         kl = float(self.evaluate())
         record: dict[str, Any] = {"heldout_kl": round(kl, 6)}
         best = self.state.best_kl
         if best is None or kl < best:
-            self.state.best_kl, self.state.best_step = kl, self.state.step
-            self.best = {k: v.detach().to("cpu", copy=True) for k, v in trainable_parameters(self.student).items()}
+            self._keep_best(kl)
             record["best"] = True
         progress = best is None or kl < best * (1 - MIN_IMPROVEMENT)
         self.state.stale = 0 if progress else self.state.stale + 1
         return record
 
     def restore_best(self) -> int:
-        """Put the best evaluated weights back into the student; return their step (the last step when
-        there was no evaluation)."""
+        """Put the best evaluated weights back into the student (the start's, counted by ``count_start``,
+        when no check beat them); return their step (the last step when there was no evaluation)."""
         if self.best is None:
             return self.state.step
         params = trainable_parameters(self.student)

@@ -289,6 +289,28 @@ def test_a_tiny_improvement_is_a_plateau_but_still_the_best(student_dir, teacher
     assert run.state.best_step == 3
 
 
+def test_a_heal_that_only_hurts_gives_the_start_back(student_dir, teacher_dir):
+    kls = iter([0.6, 0.7, 0.65])
+    run = _trainer(student_dir, teacher_dir, None, steps=3, eval_every=1, patience=0)
+    run.evaluate = lambda: next(kls)
+    start = _snapshot(run.student)
+    run.count_start(0.5)
+    assert [r["heldout_kl"] for r in run.run()] == [0.6, 0.7, 0.65]
+    assert not all(torch.equal(start[k], v) for k, v in _snapshot(run.student).items())
+    assert run.restore_best() == 0
+    assert all(torch.equal(start[k], v) for k, v in _snapshot(run.student).items())
+
+
+def test_the_start_is_not_kept_when_nothing_is_checked(student_dir, teacher_dir):
+    run = _trainer(student_dir, teacher_dir, None, steps=2, eval_every=0)
+    run.evaluate = lambda: 0.1
+    start = _snapshot(run.student)
+    run.count_start(0.5)
+    run.run()
+    assert run.restore_best() == 2
+    assert not all(torch.equal(start[k], v) for k, v in _snapshot(run.student).items())
+
+
 def test_the_held_out_curve_lands_in_the_figures_and_the_report(student_dir, teacher_dir, tmp_path):
     from ollama_compress.report import heal_curve
 
@@ -297,7 +319,7 @@ def test_the_held_out_curve_lands_in_the_figures_and_the_report(student_dir, tea
                                    SMALL_DATA)
     assert [p[0] for p in result["heldout_curve"]] == [0, 2, 4]
     assert result["heldout_curve"][0][1] == result["kl_before"]
-    best = min(result["heldout_curve"][1:], key=lambda p: p[1])
+    best = min(result["heldout_curve"], key=lambda p: p[1])  # the start counts: a heal never makes it worse
     assert result["best_step"] == best[0]
     assert result["kl_after"] == pytest.approx(best[1], rel=1e-4)  # the output is the best weights
     curve = heal_curve({"healed_dir": str(out)})

@@ -385,6 +385,12 @@ def test_cli_bad_input_exits_2_and_writes_nothing(args, tiny_model_dir, tmp_path
     assert not out.exists()
 
 
+def test_no_count_names_the_flags_the_command_has(tiny_model_dir, tmp_path, capsys):
+    code, _, stderr = _run_cli(["prune", tiny_model_dir("llama"), "--out", tmp_path / "out"], capsys)
+    assert code == 2
+    assert "--remove N, --keep N or --layers" in stderr and "target" not in stderr
+
+
 def test_unsupported_architecture_exits_2(tmp_path, capsys):
     from transformers import AutoConfig, AutoModelForCausalLM
 
