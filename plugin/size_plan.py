@@ -2,10 +2,10 @@
 
 ``planner.size_candidates`` lists the candidates from the source's shape. Here each is made as a
 real GGUF at its quant: the teacher's quants through ``evaluation.TeacherQuants`` (cached in
-``RUN_DIR/cache/teacher-gguf``, where evaluate finds them later), a cut as the prune stage would
-choose it (``hooks.prune.plan_and_prune``: the recipe's metric, ``select`` and ``repair``), exported
-and quantized through the ``export_gguf`` / ``quantize_gguf`` hooks. A file over ``size_mb`` is
-dropped. Each one's KL(teacher || file) is measured on ``planner.PLAN_WINDOWS`` calibration windows
+``RUN_DIR/cache/teacher-gguf``, where evaluate finds them later); a cut as the prune stage would
+choose it (``hooks.prune.plan_and_prune``: the recipe's metric, ``select`` and ``repair``; an
+iterative prune without heals between removals), exported and quantized through the
+``export_gguf`` / ``quantize_gguf`` hooks. A file over ``size_mb`` is dropped. Each one's KL(teacher || file) is measured on ``planner.PLAN_WINDOWS`` calibration windows
 (never the held-out text) against the teacher reference (``reference.teacher_reference``, summed by
 ``QualityMeter`` in ``quantize.measure_against_teacher``). A cut is measured before any heal, so its
 KL is an upper bound. The lowest KL wins; ``plan.json`` in the run directory keeps every figure
@@ -89,7 +89,7 @@ def measure_size_plan(ctx: StageContext, teacher_dir: Path, candidates: list[Siz
     contents without its key."""
     teacher_dir = Path(teacher_dir)
     reference = teacher_reference(teacher_dir, calibration_windows(ctx, teacher_dir), options=ctx.options,
-                                  run_dir=ctx.run_dir, log=ctx.log)
+                                  run_dir=ctx.run_dir, log=ctx.log, text="calibration")
     outtype = (ctx.recipe.export or Export()).outtype
     teacher = TeacherQuants(ctx, teacher_dir, outtype)
     remove_made(Path(ctx.run_dir) / WORK_DIR)  # what an interrupted plan left

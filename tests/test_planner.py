@@ -58,6 +58,16 @@ def test_dry_run_prints_sizes_and_resolves_a_target(tmp_path, smollm2_gguf, reci
     assert f"layers 30 -> {30 - removed}" in proc.stdout
     assert f"Q4_K_M {gguf_size(shape, 'Q4_K_M', removed) / 2**20:.1f} MiB" in proc.stdout
     assert "heal memory (estimated peak):" in proc.stdout
+    from ollama_compress.planner import size_candidates, size_plan_cost
+
+    candidates = size_candidates(shape, 70, "Q4_K_M", imatrix=True)
+    assert candidates[0].removed == removed  # the stages assume the cut at target.quant until measured
+    for c in candidates:
+        assert f"{c.kind}: {c.label} {c.estimated_bytes / 2**20:.1f} MiB" in proc.stdout
+    cost = size_plan_cost(candidates, 32, 256)
+    assert (f"size plan cost: {cost['gguf_exports']} GGUF exports, {cost['quantizations']} quantizations, "
+            f"{cost['forward_passes']} forward passes") in proc.stdout
+    assert "will measure 2 candidates" in proc.stdout
     assert not (tmp_path / "run").exists()
 
     recipe.write_text(recipe.read_text().replace("size_mb: 70", "size_mb: 5"))
@@ -270,3 +280,24 @@ def test_a_candidate_whose_real_file_is_over_the_size_is_dropped(tiny_model_dir,
     assert "dropped" not in fits and fits["real_bytes"] == real["Q8_0"]
     assert over["dropped"].startswith(f"the real file is {real['Q8_0'] / 2**20:.1f} MiB, over the")
     assert 0 < over["kl"] == fits["kl"] < 0.1  # Q8_0 of the teacher against the teacher
+
+
+def test_the_choice_rewrites_the_recipe_as_the_run_needs_it(tmp_path, smollm2_gguf, recipe_file):
+    from rich.console import Console
+
+    from ollama_compress.options import RunOptions
+    from ollama_compress.pipeline import Run
+    from ollama_compress.recipe import load_recipe
+
+    recipe = recipe_file(smollm2_gguf, "planned", prune={"target": {"size_mb": 90, "quant": "Q4_K_M"}},
+                         heal={"steps": 10}, export={"quants": ["Q4_K_M", "Q8_0"]})
+    run = Run(load_recipe(str(recipe)), tmp_path / "run", RunOptions(), Console(quiet=True))
+    run.resolve_target()
+    assert run.recipe.prune.remove == 5 and run.recipe.prune.target is None  # until measured: the cut at Q4_K_M
+    run.apply_size_choice("quantize only", "Q3_K_M", 0)
+    assert run.recipe.prune is None and run.recipe.heal is None
+    assert run.recipe.export.quants == ["Q3_K_M", "Q8_0"]  # in place of target.quant
+    assert run.lock["recipe"]["export"]["quants"] == ["Q3_K_M", "Q8_0"] and "prune" not in run.lock["recipe"]
+    run.apply_size_choice("cut + quant", "Q5_K_S", 6)
+    assert run.recipe.prune.remove == 6 and run.recipe.heal.steps == 10
+    assert run.recipe.export.quants == ["Q5_K_S", "Q8_0"] and run.lock["target"]["remove"] == 6
