@@ -259,7 +259,12 @@ class Run:
                                options=self.options, console=self.console, section="prune",
                                inputs={"teacher_dir": teacher_dir, "model_dir": teacher_dir})
             self.console.print(f"size plan: measuring {len(self.size_plan)} candidates on calibration text ...")
-            plan = measure_size_plan(ctx, Path(teacher_dir), self.size_plan, self.size_base.prune.target.size_mb)
+            try:
+                plan = measure_size_plan(ctx, Path(teacher_dir), self.size_plan, self.size_base.prune.target.size_mb)
+            except CompressError as exc:
+                self.lock["plan"] = {"status": "failed", "error": str(exc)}
+                self._write_lock()
+                raise
             write_plan(self.run_dir, key, plan)
         choice = plan["choice"]
         self.apply_size_choice(choice["kind"], choice["quant"], choice["layers_removed"])
@@ -355,7 +360,7 @@ class Run:
                 status = "will run"
             rows.append({"stage": stage.name, "dir": str(self.run_dir / stage.dirname), "status": status})
         if self.size_plan:  # measured after the source stage
-            assumed = "no cut" if self.recipe.prune is None else f"{self.recipe.prune.remove} layers cut"
+            assumed = "no cut" if self.recipe.prune is None else f"a cut of {self.recipe.prune.remove}"
             rows.insert(1, {"stage": "size plan", "dir": str(self.run_dir / PLAN_FILE),
                             "status": f"cached: {plan['choice']['label']}" if plan else
                             f"will measure {len(self.size_plan)} candidates (the stages below assume {assumed} "

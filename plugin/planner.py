@@ -417,12 +417,12 @@ def size_candidates(shape: ModelShape, size_mb: float, quant: str, *, imatrix: b
 
 
 def size_plan_cost(candidates: list[SizeCandidate], samples: int, seq_len: int) -> dict[str, Any]:
-    """The work of measuring ``candidates``: an unquantized GGUF of the teacher and of each cut, one
+    """The work of measuring ``candidates``: an unquantized GGUF of the teacher and of each cut size, one
     quantization per candidate, the teacher's PyTorch pass over ``PLAN_WINDOWS`` calibration windows
     and each candidate's llama.cpp pass over them (each cut's own choice of layers comes on top:
     ``measured_select_cost``)."""
     windows = min(PLAN_WINDOWS, samples)
-    cuts = sum(c.kind == CUT_AND_QUANT for c in candidates)
+    cuts = len({c.removed for c in candidates if c.kind == CUT_AND_QUANT})  # quants of one cut share its export
     forwards = windows * (1 + len(candidates))
     return {"candidates": len(candidates), "gguf_exports": 1 + cuts, "quantizations": len(candidates),
             "windows": windows, "forward_passes": forwards, "tokens": forwards * seq_len}

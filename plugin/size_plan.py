@@ -67,7 +67,8 @@ def calibration_windows(ctx: StageContext, teacher_dir: Path) -> list[list[int]]
 def cut_export(ctx: StageContext, teacher_dir: Path, removed: int, work: Path, outtype: str) -> StageContext:
     """``removed`` layers cut as the prune stage would choose them (``plan_and_prune``: the recipe's
     metric, select and repair), exported to an unquantized GGUF through ``export_gguf``; returns the
-    export context its quants are made in, with the GGUF's path in ``inputs["gguf"]``."""
+    export context its quants are made in, with the GGUF's path in ``inputs["gguf"]`` and the layers
+    removed (teacher indices) in ``inputs["removed"]``."""
     prune = ctx.recipe.prune.model_copy(update={"remove": removed, "target": None})
     folder = make_dir(work / f"cut-{removed}")
     ctx.log(f"size plan: choosing {removed} layers to cut as the prune stage would")
@@ -78,7 +79,7 @@ def cut_export(ctx: StageContext, teacher_dir: Path, removed: int, work: Path, o
     cut_ctx = StageContext(stage="export", recipe=ctx.recipe.model_copy(update={"export": export}), run_dir=ctx.run_dir,
                            out_dir=make_dir(folder / "gguf"), options=ctx.options, console=ctx.console,
                            section="export", inputs={"model_dir": pruned["out"], "pruned_dir": pruned["out"],
-                                                     "teacher_dir": str(teacher_dir)})
+                                                     "teacher_dir": str(teacher_dir), "removed": pruned["removed"]})
     cut_ctx.inputs["gguf"] = str(call_first("export_gguf", ctx=cut_ctx, model_dir=Path(pruned["out"]), outtype=outtype))
     return cut_ctx
 
@@ -105,6 +106,8 @@ def measure_size_plan(ctx: StageContext, teacher_dir: Path, candidates: list[Siz
             cut_ctx = cuts[candidate.removed]
             path = quantize_through_hook(cut_ctx, Path(cut_ctx.inputs["gguf"]), candidate.quant)
         records.append(candidate_record(candidate, path, reference, size_mb))
+        if candidate.kind == CUT_AND_QUANT:
+            records[-1]["removed"] = cut_ctx.inputs["removed"]
         ctx.log(f"size plan: {candidate.label}: {records[-1]['real_mib']} MiB, KL {records[-1]['kl']:.4g}")
     remove_made(work)
     choice = choose_plan(records)

@@ -87,7 +87,7 @@ def test_quantize_only_wins_skips_prune_and_heal_and_exports_the_chosen_quant(tm
     assert [c["label"] for c in plan["candidates"]] == ["teacher Q5_K_S", "teacher Q4_K_M", "1 layer cut + Q5_K_M"]
     assert plan["choice"]["label"] == "teacher Q5_K_S" and plan["choice"]["kind"] == "quantize only"
     cut = plan["candidates"][2]
-    assert cut["before_heal"] and cut["kl"] > plan["choice"]["kl"] > 0
+    assert cut["before_heal"] and cut["kl"] > plan["choice"]["kl"] > 0 and len(cut["removed"]) == 1
     assert plan["calibration_windows"] == 2  # data.calibration's samples, never the held-out text
     assert " ".join(plan["sentence"].split()) in " ".join(first.stderr.split())
     assert plan["sentence"].startswith("quantize only: teacher Q5_K_S")
