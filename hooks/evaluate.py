@@ -22,7 +22,7 @@ from ollama_compress.evaluation import evaluate_run, measure_model
 from ollama_compress.fsutil import atomic_path, claim_output_dir
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.recipe import Data, Evaluate, Recipe, Source, TextSource, validate
-from ollama_compress.report import read_json, read_run, write_report
+from ollama_compress.report import read_json, read_run, run_plan, write_report
 
 EVALUATE_DIR = "60-evaluate"
 
@@ -142,5 +142,5 @@ def register_commands(cli: click.Group) -> None:
         target = claim_output_dir(out_dir or run_dir / EVALUATE_DIR, "--out")
         evaluation = read_json(target / "evaluation.json") or read_json(run_dir / EVALUATE_DIR / "evaluation.json") \
             or ((lock["stages"].get("evaluate") or {}).get("metrics") or {}).get("evaluation")
-        path, _ = write_report(target, lock["recipe"].get("name", run_dir.name), evaluation, inputs)
+        path, _ = write_report(target, lock["recipe"].get("name", run_dir.name), evaluation, inputs, run_plan(run_dir))
         click.echo(f"report: {path}")

@@ -268,6 +268,14 @@ def _print_estimate(console, estimate: dict) -> None:
         console.print(f"prune.select measured (auto: if <= {MEASURED_AUTO_FLOPS:.0e} FLOPs): {cost['candidates']} candidate cuts, "
                       f"{cost['forward_passes']} forward passes of {cost['tokens'] // cost['forward_passes']} tokens, "
                       f"~{cost['flops']:.1e} FLOPs (estimated)")
+    if "size_plan" in estimate:
+        plan, cost = estimate["size_plan"], estimate["size_plan"]["cost"]
+        console.print("size plan (prune.target.size_mb), candidates (estimated): " + "; ".join(
+            f"{c['kind']}: {c['label']} {c['estimated_mib']:.1f} MiB" for c in plan["candidates"]))
+        console.print(f"size plan cost: {cost['gguf_exports']} GGUF exports, {cost['quantizations']} quantizations, "
+                      f"{cost['forward_passes']} forward passes ({cost['windows']} calibration windows each for the "
+                      f"teacher and every candidate, {cost['tokens']} tokens), plus each cut's choice of layers"
+                      + (f" (select measured: ~{plan['cut_select_flops']:.1e} FLOPs)" if plan.get("cut_select_flops") else ""))
     if "heal_memory_gib" in estimate:
         console.print(f"heal memory (estimated peak): {estimate['heal_memory_gib']:g} GiB")
 

@@ -38,10 +38,10 @@ from .hooks.quantize import (LlamaScorer, llama_threads, measure_heldout_quants,
                              quality_against, quantize_through_hook, speed_ratio, stored_quant_row)
 from .planner import gguf_size, model_shape
 from .plugins import call_first, get_plugin_manager
-from .quant_names import NEEDS_IMATRIX, QUANT_TYPES, QUANTS, UNQUANTIZED
+from .quant_names import NEEDS_IMATRIX, QUANTS, UNQUANTIZED, quantizable
 from .recipe import Evaluate, Export
 from .reference import HFModel, log_softmax, teacher_reference
-from .report import rich_table, write_report
+from .report import rich_table, run_plan, write_report
 
 QUALITY_RETAINED = (
     "quality retained = teacher perplexity / model perplexity on the same held-out tokens, in percent "
@@ -101,7 +101,7 @@ def auto_teacher_quants(teacher: Any, compressed: dict[str, tuple[str, int]], im
     the teacher's shape ``teacher``, the one size estimate) are nearest its real size; the files
     are then made and measured. Quants that need an importance matrix count only when ``imatrix``
     (``export.imatrix`` is set)."""
-    usable = [q for q in QUANT_TYPES if q not in UNQUANTIZED and (imatrix or q not in NEEDS_IMATRIX)]
+    usable = quantizable(imatrix)
     estimate = {q: gguf_size(teacher, q) for q in usable}
     picks = {}
     for name, (quant, size) in compressed.items():
@@ -451,7 +451,8 @@ def evaluate_run(ctx: StageContext, models: dict[str, Path] | None = None,
                   "verdicts": verdicts}
     evaluation_path = write_json(Path(ctx.out_dir) / "evaluation.json", evaluation)
     ctx.metrics["evaluation"] = evaluation
-    report_path, figures = write_report(Path(ctx.out_dir), ctx.recipe.name, evaluation, ctx.inputs)
+    report_path, figures = write_report(Path(ctx.out_dir), ctx.recipe.name, evaluation, ctx.inputs,
+                                        run_plan(ctx.run_dir) if models is None else None)
     ctx.metrics["figures"] = figures
     if ctx.console is not None:
         ctx.console.print(rich_table(rows))

@@ -31,9 +31,11 @@ from .fsutil import (Fingerprints, atomic_path, check_output_dir, claim_output_d
                      settings_hash, write_json)
 from .hookspecs import LOCATE_SOURCE
 from .options import RunOptions, launcher_world
-from .planner import gguf_size, heal_memory_bytes, layers_to_remove, measured_select_cost, model_shape
+from .planner import (CUT_AND_QUANT, QUANTIZE_ONLY, SizeCandidate, gguf_size, heal_memory_bytes, layers_to_remove,
+                      measured_select_cost, model_shape, size_candidates, size_plan_cost)
 from .plugins import call_first, get_plugin_manager
-from .recipe import SUPPORTED_RECIPE_VERSIONS, Recipe, apply_override, load_recipe, parse_count, validate
+from .recipe import SUPPORTED_RECIPE_VERSIONS, Export, Recipe, apply_override, load_recipe, parse_count, validate
+from .size_plan import PLAN_FILE, cached_plan, measure_size_plan, plan_key, write_plan
 
 STAGE_FILE = ".stage.json"
 PACKAGES = ("ollama-compress", "torch", "transformers", "safetensors", "gguf", "llama-cpp-python",
@@ -163,6 +165,8 @@ class Run:
         self.inputs: dict[str, Any] = {}
         self._source_location: Path | None = None
         self.producers: dict[str, str] = {}  # input key -> cache key of the stage that wrote it
+        self.size_plan: list[SizeCandidate] = []  # prune.target.size_mb: what the plan compares
+        self.size_base: Recipe | None = None  # the recipe as given, before the plan's choice
         self.lock: dict[str, Any] = {
             "recipe": recipe.model_dump(mode="json", by_alias=True, exclude_none=True),
             "versions": package_versions(),
@@ -190,18 +194,30 @@ class Run:
             self.lock["inputs"]["source"] = {"path": str(path), "sha256": digest}
         return digest
 
+    def _protected(self, num_layers: int) -> set[int]:
+        prune = (self.size_base or self.recipe).prune  # the size plan may have dropped the prune section
+        return {p if isinstance(p, int) else (0 if p == "first" else num_layers - 1) for p in prune.protect}
+
     def resolve_target(self) -> None:
-        """Turn ``prune.target`` into ``prune.remove`` from the source's shape (no weights read)."""
+        """Turn ``prune.target`` into ``prune.remove`` from the source's shape (no weights read). A
+        ``size_mb`` target lists what the size plan compares (``planner.size_candidates``) and takes,
+        until it is measured, its cut at ``target.quant`` (the first candidate without one)."""
         prune = self.recipe.prune
         if prune is None or prune.target is None:
             return
         target = prune.target
         shape = model_shape(self.source_location())
-        protected = len({p if isinstance(p, int) else (0 if p == "first" else shape.num_layers - 1)
-                         for p in prune.protect})
-        removed = layers_to_remove(shape, size_mb=target.size_mb, quant=target.quant,
-                                   params=parse_count(target.params) if target.params is not None else None,
-                                   keep_at_least=max(1, protected))
+        keep_at_least = max(1, len(self._protected(shape.num_layers)))
+        if target.size_mb is not None:
+            imatrix = (self.recipe.export or Export()).imatrix is not None
+            self.size_base = self.recipe
+            self.size_plan = size_candidates(shape, target.size_mb, target.quant, imatrix=imatrix,
+                                             keep_at_least=keep_at_least)
+            first = next((c for c in self.size_plan if c.kind == CUT_AND_QUANT), self.size_plan[0])
+            self.apply_size_choice(first.kind, first.quant, first.removed)
+            self.console.print("prune.target: the size plan compares " + "; ".join(c.label for c in self.size_plan))
+            return
+        removed = layers_to_remove(shape, params=parse_count(target.params), keep_at_least=keep_at_least)
         if removed == 0:
             raise UserError(f"prune.target: the source ({shape.params():,} parameters) already fits; "
                             "remove the prune section or choose a smaller target")
@@ -210,6 +226,50 @@ class Run:
         self.recipe = self.recipe.model_copy(update={"prune": resolved})
         self.lock["recipe"] = self.recipe.model_dump(mode="json", by_alias=True, exclude_none=True)
         self.console.print(f"prune.target: removing {removed} of {shape.num_layers} layers")
+
+    def apply_size_choice(self, kind: str, quant: str, removed: int) -> None:
+        """The recipe as given, with the size plan's choice: quantize only drops prune and heal, a cut
+        removes ``removed`` layers; either way the export makes ``quant`` in place of ``target.quant``."""
+        base = self.size_base
+        target = base.prune.target
+        update: dict[str, Any] = {"prune": None, "heal": None} if kind == QUANTIZE_ONLY else {
+            "prune": base.prune.model_copy(update={"remove": removed, "target": None})}
+        if base.export is not None:
+            quants = [quant if q == target.quant else q for q in base.export.quants]
+            quants = list(dict.fromkeys(quants if quant in quants else [quant, *quants]))
+            update["export"] = base.export.model_copy(update={"quants": quants})
+        self.recipe = base.model_copy(update=update)
+        self.lock["target"] = {**target.model_dump(exclude_none=True), "remove": removed, "plan": kind,
+                               "plan_quant": quant}
+        self.lock["recipe"] = self.recipe.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def settle_size_plan(self, source_key: str | None) -> None:
+        """The size plan's choice: ``plan.json`` when it was measured for this recipe and source, else
+        every candidate made and measured now (``size_plan.measure_size_plan``); applied to the recipe."""
+        key = plan_key(self.size_base, source_key)
+        plan = cached_plan(self.run_dir, key)
+        if plan is not None:
+            self.console.print(f"size plan: cached ({self.run_dir / PLAN_FILE})")
+        elif not self.main:
+            raise UserError("prune.target: the size plan was not measured yet; run the stages before heal "
+                            "without the launcher first")
+        else:
+            teacher_dir = self.inputs["teacher_dir"]
+            ctx = StageContext(stage="plan", recipe=self.size_base, run_dir=self.run_dir, out_dir=self.run_dir,
+                               options=self.options, console=self.console, section="prune",
+                               inputs={"teacher_dir": teacher_dir, "model_dir": teacher_dir})
+            self.console.print(f"size plan: measuring {len(self.size_plan)} candidates on calibration text ...")
+            try:
+                plan = measure_size_plan(ctx, Path(teacher_dir), self.size_plan, self.size_base.prune.target.size_mb)
+            except CompressError as exc:
+                self.lock["plan"] = {"status": "failed", "error": str(exc)}
+                self._write_lock()
+                raise
+            write_plan(self.run_dir, key, plan)
+        choice = plan["choice"]
+        self.apply_size_choice(choice["kind"], choice["quant"], choice["layers_removed"])
+        self.lock["plan"] = {"file": PLAN_FILE, "choice": choice, "sentence": plan["sentence"]}
+        self.console.print(f"size plan: {plan['sentence']}")
 
     def estimate(self) -> dict[str, Any]:
         """Parameters, GGUF size per quant and heal memory, from the source's shape alone."""
@@ -222,11 +282,22 @@ class Run:
         params = shape.params(removed)
         result: dict[str, Any] = {"layers": [shape.num_layers, shape.num_layers - removed],
                                   "params": [shape.params(), params]}
+        calibration = self.recipe.data.calibration
         if prune is not None and prune.select != "metric" and prune.layers is None and not prune.iterative and removed:
-            protected = {p if isinstance(p, int) else (0 if p == "first" else shape.num_layers - 1) for p in prune.protect}
-            calibration = self.recipe.data.calibration
-            result["select_measured"] = measured_select_cost(shape, removed, protected, 1 + len(prune.report_metrics),
+            result["select_measured"] = measured_select_cost(shape, removed, self._protected(shape.num_layers),
+                                                             1 + len(prune.report_metrics),
                                                              calibration.samples, calibration.seq_len)
+        if self.size_plan:
+            result["size_plan"] = {
+                "candidates": [{"kind": c.kind, "quant": c.quant, "layers_removed": c.removed, "label": c.label,
+                                "estimated_mib": round(c.estimated_bytes / 2**20, 1)} for c in self.size_plan],
+                "cost": size_plan_cost(self.size_plan, calibration.samples, calibration.seq_len)}
+            base = self.size_base.prune
+            if base.select != "metric" and not base.iterative:  # each cut's own measured choice of layers
+                result["size_plan"]["cut_select_flops"] = sum(
+                    measured_select_cost(shape, c.removed, self._protected(shape.num_layers),
+                                         1 + len(base.report_metrics), calibration.samples, calibration.seq_len)["flops"]
+                    for c in self.size_plan if c.kind == CUT_AND_QUANT)
         if self.recipe.export is not None:
             quants = dict.fromkeys([self.recipe.export.outtype, *self.recipe.export.quants])
             result["gguf_mib"] = {q: round(gguf_size(shape, q, removed) / 2**20, 1) for q in quants}
@@ -269,6 +340,9 @@ class Run:
     def plan(self) -> list[dict[str, str]]:
         """What each stage would do, reading no weights (the source is hashed only if it changed)."""
         rows, source_key = [], self.source_hash(read=False)
+        plan = cached_plan(self.run_dir, plan_key(self.size_base, source_key)) if self.size_plan else None
+        if plan is not None:
+            self.apply_size_choice(plan["choice"]["kind"], plan["choice"]["quant"], plan["choice"]["layers_removed"])
         for stage in STAGES:
             if not stage.enabled(self.recipe):
                 rows.append({"stage": stage.name, "status": "skipped (no recipe section)"})
@@ -285,6 +359,12 @@ class Run:
             else:
                 status = "will run"
             rows.append({"stage": stage.name, "dir": str(self.run_dir / stage.dirname), "status": status})
+        if self.size_plan:  # measured after the source stage
+            assumed = "no cut" if self.recipe.prune is None else f"a cut of {self.recipe.prune.remove}"
+            rows.insert(1, {"stage": "size plan", "dir": str(self.run_dir / PLAN_FILE),
+                            "status": f"cached: {plan['choice']['label']}" if plan else
+                            f"will measure {len(self.size_plan)} candidates (the stages below assume {assumed} "
+                            "until then)"})
         return rows
 
     def execute(self) -> dict[str, Any]:
@@ -294,8 +374,8 @@ class Run:
             clean_journal(self.run_dir)  # what killed runs left behind (only what their journal records)
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        enabled = [s for s in STAGES if s.enabled(self.recipe)]
         for stage in STAGES:
+            enabled = [s for s in STAGES if s.enabled(self.recipe)]  # the size plan may drop prune and heal
             if stage not in enabled:
                 self.lock["stages"][stage.name] = {"status": "skipped", "reason": "no recipe section"}
                 continue
@@ -309,6 +389,8 @@ class Run:
                 continue
             else:
                 self._run_stage(stage, key, label, rerun=stage.name == self.first)
+            if stage.name == "source" and self.size_plan and self.last != "source":
+                self.settle_size_plan(source_key)
             self._write_lock()
         self.lock["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self._write_lock()

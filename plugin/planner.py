@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from .errors import UserError
 from .gguf_verify import ggml_type_size, verify_gguf
 from .modelio import read_config
-from .quant_names import QUANTS
+from .quant_names import QUANTS, quantizable
 
 if TYPE_CHECKING:  # pragma: no cover - the recipe schema imports this module
     from .recipe import Heal
@@ -255,15 +255,24 @@ def gguf_size(shape: ModelShape, quant: str, removed: int = 0) -> int:
     return data + shape.metadata_bytes
 
 
-def layers_to_remove(shape: ModelShape, *, size_mb: float | None = None, params: int | None = None,
-                     quant: str = "Q4_K_M", keep_at_least: int = 2) -> int:
-    """The fewest layers to remove so the model fits the target; UserError when none fits."""
-    for removed in range(0, shape.num_layers - keep_at_least + 1):
+def fewest_layers_removed(shape: ModelShape, *, size_mb: float | None = None, params: int | None = None,
+                          quant: str = "Q4_K_M", most: int) -> int | None:
+    """The fewest layers, at most ``most``, to remove so the model fits the target; None when none fits."""
+    for removed in range(0, max(-1, most) + 1):
         fits = (params is None or shape.params(removed) <= params) and (
             size_mb is None or gguf_size(shape, quant, removed) <= size_mb * 2**20)
         if fits:
             return removed
+    return None
+
+
+def layers_to_remove(shape: ModelShape, *, size_mb: float | None = None, params: int | None = None,
+                     quant: str = "Q4_K_M", keep_at_least: int = 2) -> int:
+    """The fewest layers to remove so the model fits the target; UserError when none fits."""
     most = shape.num_layers - keep_at_least
+    removed = fewest_layers_removed(shape, size_mb=size_mb, params=params, quant=quant, most=most)
+    if removed is not None:
+        return removed
     what = f"{size_mb:g} MB at {quant}" if size_mb is not None else f"{params:,} parameters"
     raise UserError(f"no model of this source fits {what}: keeping {keep_at_least} of {shape.num_layers} layers "
                     f"still leaves {shape.params(most):,} parameters (~{gguf_size(shape, quant, most) / 2**20:.0f} MB "
@@ -358,3 +367,62 @@ def measured_select_cost(shape: ModelShape, n: int, protected: set[int], metrics
     tokens = forwards * seq_len
     flops = 2 * shape.params() * samples * seq_len + 2 * (shape.params() + candidates * shape.params(n)) * windows * seq_len
     return {"candidates": candidates, "forward_passes": forwards, "tokens": tokens, "flops": float(flops)}
+
+
+# ---------------------------------------------------------------- prune.target.size_mb: cut + quant or quantize only
+QUANTIZE_ONLY = "quantize only"  # the unpruned teacher at fewer bits
+CUT_AND_QUANT = "cut + quant"  # layers removed, then quantized
+QUANTIZE_ONLY_CANDIDATES = 2  # the teacher quants that fit, largest first
+PLAN_WINDOWS = MEASURE_WINDOWS  # calibration windows each candidate's KL to the teacher is measured on
+
+
+@dataclass(frozen=True)
+class SizeCandidate:
+    """One way to fit ``prune.target.size_mb``: ``removed`` layers cut (0 for quantize only), then ``quant``."""
+
+    kind: str  # QUANTIZE_ONLY or CUT_AND_QUANT
+    quant: str
+    removed: int
+    estimated_bytes: int
+
+    @property
+    def label(self) -> str:
+        if self.kind == QUANTIZE_ONLY:
+            return f"teacher {self.quant}"
+        return f"{self.removed} layer{'s' if self.removed > 1 else ''} cut + {self.quant}"
+
+
+def size_candidates(shape: ModelShape, size_mb: float, quant: str, *, imatrix: bool,
+                    keep_at_least: int = 2) -> list[SizeCandidate]:
+    """What ``prune.target: {size_mb, quant}`` compares, from the shape alone (``gguf_size``): the
+    ``QUANTIZE_ONLY_CANDIDATES`` largest teacher quants of ``quantizable(imatrix)`` that fit, then
+    ``quant`` with the fewest layers cut that fit, and the next quant with more bits than ``quant``
+    with its own fewest cut while at least half the layers stay. A cut of 0 layers is a quantize-only
+    candidate already. UserError when nothing fits."""
+    limit = size_mb * 2**20
+    quants = quantizable(imatrix)
+    whole = {q: gguf_size(shape, q) for q in quants}
+    fitting = sorted((q for q in quants if whole[q] <= limit), key=lambda q: -whole[q])
+    candidates = [SizeCandidate(QUANTIZE_ONLY, q, 0, whole[q]) for q in fitting[:QUANTIZE_ONLY_CANDIDATES]]
+    own = gguf_size(shape, quant)
+    larger = sorted((q for q in quants if whole[q] > own), key=lambda q: whole[q])[:1]
+    most = shape.num_layers - keep_at_least
+    for cut_quant, most_removed in ((quant, most), *((q, min(most, shape.num_layers // 2)) for q in larger)):
+        removed = fewest_layers_removed(shape, size_mb=size_mb, quant=cut_quant, most=most_removed)
+        if removed:
+            candidates.append(SizeCandidate(CUT_AND_QUANT, cut_quant, removed, gguf_size(shape, cut_quant, removed)))
+    if not candidates:
+        layers_to_remove(shape, size_mb=size_mb, quant=quant, keep_at_least=keep_at_least)  # says what fits
+    return candidates
+
+
+def size_plan_cost(candidates: list[SizeCandidate], samples: int, seq_len: int) -> dict[str, Any]:
+    """The work of measuring ``candidates``: an unquantized GGUF of the teacher and of each cut size, one
+    quantization per candidate, the teacher's PyTorch pass over ``PLAN_WINDOWS`` calibration windows
+    and each candidate's llama.cpp pass over them (each cut's own choice of layers comes on top:
+    ``measured_select_cost``)."""
+    windows = min(PLAN_WINDOWS, samples)
+    cuts = len({c.removed for c in candidates if c.kind == CUT_AND_QUANT})  # quants of one cut share its export
+    forwards = windows * (1 + len(candidates))
+    return {"candidates": len(candidates), "gguf_exports": 1 + cuts, "quantizations": len(candidates),
+            "windows": windows, "forward_passes": forwards, "tokens": forwards * seq_len}

@@ -35,6 +35,12 @@ NEEDS_IMATRIX = tuple(q for q, info in QUANTS.items() if info.imatrix == "requir
 IMATRIX_HELPS = tuple(q for q, info in QUANTS.items() if info.imatrix != "no")
 
 
+def quantizable(imatrix: bool) -> list[str]:
+    """The quants a GGUF can be made at, in table order: every quantized type, those that need an
+    importance matrix only when there is one (``export.imatrix`` set)."""
+    return [q for q in QUANT_TYPES if q not in UNQUANTIZED and (imatrix or q not in NEEDS_IMATRIX)]
+
+
 def quant_name_problem(quant: str, also: tuple[str, ...] = ()) -> str | None:
     """Why ``quant`` is not a quant name this tool knows (with a did-you-mean), or None; ``also``:
     further names the caller accepts (``auto``)."""

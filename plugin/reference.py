@@ -119,13 +119,14 @@ def reference_folder(teacher_dir: Path, windows: list[list[int]], run_dir: Path 
 
 
 def teacher_reference(teacher_dir: Path, windows: list[list[int]], *, options: RunOptions | None = None,
-                      run_dir: Path | None = None, log: Callable[[str], None] = lambda message: None
-                      ) -> TeacherReference:
-    """The teacher's reference on ``windows``: read from its cache folder, or computed there first."""
+                      run_dir: Path | None = None, log: Callable[[str], None] = lambda message: None,
+                      text: str = "held-out") -> TeacherReference:
+    """The teacher's reference on ``windows`` (of ``text``, for the log): read from its cache folder,
+    or computed there first."""
     teacher_dir = Path(teacher_dir)
     folder = reference_folder(teacher_dir, windows, run_dir)
     if not (folder / SUMMARY_FILE).is_file():
-        log(f"teacher log-probabilities on {len(windows)} held-out windows (cached in {folder})")
+        log(f"teacher log-probabilities on {len(windows)} {text} windows (cached in {folder})")
         with atomic_path(folder, is_dir=True) as tmp:
             _compute(teacher_dir, windows, tmp, options or RunOptions())
     summary = json.loads((folder / SUMMARY_FILE).read_text())

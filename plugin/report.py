@@ -48,6 +48,16 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return lock, run_inputs(lock)
 
 
+def run_plan(run_dir: Path | None) -> dict[str, Any] | None:
+    """The size plan of a run (``plan.json``, written for ``prune.target.size_mb``) when its lock
+    (``run.json``) says this run used it, or None."""
+    lock = read_json(Path(run_dir) / "run.json") if run_dir is not None else None
+    if not isinstance(lock, dict) or not isinstance(lock.get("plan"), dict):
+        return None
+    plan = read_json(Path(run_dir) / "plan.json")
+    return plan if isinstance(plan, dict) and isinstance(plan.get("candidates"), list) else None
+
+
 def importance(inputs: dict[str, Any]) -> dict[str, Any] | None:
     """``{"scores": {metric: [per layer]}, "removed": [...]}`` from scores.json and layer_map.json."""
     scores_file = inputs.get("scores_file")
@@ -334,6 +344,21 @@ def candidate_lines(layer_map: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def plan_lines(plan: dict[str, Any]) -> list[str]:
+    """The size plan: its sentence, then every candidate with its sizes and KL on calibration text."""
+    lines = [md(plan.get("sentence", "")), "",
+             "| candidate | kind | quant | layers removed | estimated MiB | real MiB | KL (calibration) | note |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    chosen = (plan.get("choice") or {}).get("label")
+    for c in plan["candidates"]:
+        mark = "**" if c.get("label") == chosen else ""
+        note = c.get("dropped") or ("before the heal" if c.get("before_heal") else "")
+        lines.append(f"| {mark}{md(c.get('label'))}{mark} | {md(c.get('kind'))} | {md(c.get('quant'))} | "
+                     f"{md(c.get('layers_removed'))} | {_fmt(c.get('estimated_mib'), '.1f')} | "
+                     f"{_fmt(c.get('real_mib'), '.1f')} | {_fmt(c.get('kl'), '.4f')} | {md(note)} |")
+    return lines + [""]
+
+
 def ollama_lines(inputs: dict[str, Any]) -> list[str]:
     models = inputs.get("ollama_models") or {}
     modelfiles = inputs.get("modelfiles") or {}
@@ -352,12 +377,15 @@ def ollama_lines(inputs: dict[str, Any]) -> list[str]:
 
 # ---------------------------------------------------------------- the report
 def write_report(out_dir: Path, title: str, evaluation: dict[str, Any] | None,
-                 inputs: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
-    """Write ``report.md`` and its PNGs into ``out_dir``; return (path, the numbers behind the plots)."""
+                 inputs: dict[str, Any], plan: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Write ``report.md`` and its PNGs into ``out_dir``; return (path, the numbers behind the plots).
+    ``plan``: the run's size plan (``run_plan``), shown first when there is one."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Any] = {}
     lines = [f"# {md(title)}: what was lost and gained", ""]
+    if plan:
+        lines += ["## Size plan: cut + quant or quantize only", "", *plan_lines(plan)]
     rows = (evaluation or {}).get("rows") or []
     if rows:
         lines += ["## Evaluation", "",

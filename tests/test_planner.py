@@ -58,6 +58,16 @@ def test_dry_run_prints_sizes_and_resolves_a_target(tmp_path, smollm2_gguf, reci
     assert f"layers 30 -> {30 - removed}" in proc.stdout
     assert f"Q4_K_M {gguf_size(shape, 'Q4_K_M', removed) / 2**20:.1f} MiB" in proc.stdout
     assert "heal memory (estimated peak):" in proc.stdout
+    from ollama_compress.planner import size_candidates, size_plan_cost
+
+    candidates = size_candidates(shape, 70, "Q4_K_M", imatrix=True)
+    assert candidates[0].removed == removed  # the stages assume the cut at target.quant until measured
+    for c in candidates:
+        assert f"{c.kind}: {c.label} {c.estimated_bytes / 2**20:.1f} MiB" in proc.stdout
+    cost = size_plan_cost(candidates, 32, 256)
+    assert (f"size plan cost: {cost['gguf_exports']} GGUF exports, {cost['quantizations']} quantizations, "
+            f"{cost['forward_passes']} forward passes") in proc.stdout
+    assert "will measure 2 candidates" in proc.stdout
     assert not (tmp_path / "run").exists()
 
     recipe.write_text(recipe.read_text().replace("size_mb: 70", "size_mb: 5"))
@@ -166,3 +176,128 @@ def test_the_heal_memory_estimate_is_within_20_percent_of_the_peak(smollm2_hf, t
     assert code == 0
     estimate = json.loads(out)["memory_estimate_bytes"]
     assert abs(estimate / peak - 1) <= 0.20, (estimate / 2**30, peak / 2**30)
+
+
+# ---------------------------------------------------------------- prune.target.size_mb: cut + quant or quantize only
+def labels(candidates) -> list[str]:
+    return [c.label for c in candidates]
+
+
+def test_size_candidates_of_smollm2_from_its_shape(smollm2_gguf):
+    from ollama_compress.planner import size_candidates
+
+    shape = model_shape(smollm2_gguf)
+    assert labels(size_candidates(shape, 90, "Q4_K_M", imatrix=True)) == [
+        "teacher Q3_K_M", "teacher Q4_1", "5 layers cut + Q4_K_M", "6 layers cut + Q5_K_S"]
+    assert labels(size_candidates(shape, 100, "Q4_K_M", imatrix=True)) == [
+        "teacher Q5_1", "teacher Q4_K_S", "1 layer cut + Q4_K_M", "2 layers cut + Q5_K_S"]
+    # Q5_K_S would have to cut more than half the layers, and no teacher quant fits
+    assert labels(size_candidates(shape, 60, "Q4_K_M", imatrix=True)) == ["18 layers cut + Q4_K_M"]
+    # the target quant fits uncut: it is a quantize-only candidate, and the next quant fits uncut too
+    assert labels(size_candidates(shape, 200, "Q8_0", imatrix=True)) == ["teacher Q8_0", "teacher Q6_K"]
+
+
+def test_size_candidates_follow_the_rule_on_a_tiny_shape(tiny_model_dir):
+    from ollama_compress.planner import CUT_AND_QUANT, QUANTIZE_ONLY, size_candidates
+    from ollama_compress.quant_names import NEEDS_IMATRIX, quantizable
+
+    shape = model_shape(tiny_model_dir("llama", 6))
+    limit = gguf_size(shape, "Q5_K_M", 1)  # Q5_K_M fits with one layer cut
+    candidates = size_candidates(shape, limit / 2**20, "Q5_K_M", imatrix=False)
+    assert len(candidates) <= 4
+    whole = {q: gguf_size(shape, q) for q in quantizable(False)}
+    fitting = sorted((q for q in whole if whole[q] <= limit), key=lambda q: -whole[q])
+    only = [c for c in candidates if c.kind == QUANTIZE_ONLY]
+    assert [c.quant for c in only] == fitting[:2] and not set(fitting[:2]) & set(NEEDS_IMATRIX)
+    assert all(c.removed == 0 and c.estimated_bytes == whole[c.quant] for c in only)
+    cuts = [c for c in candidates if c.kind == CUT_AND_QUANT]
+    assert cuts[0].quant == "Q5_K_M" and cuts[0].removed == 1 and gguf_size(shape, "Q5_K_M") > limit
+    assert len(cuts) == 2  # the next quant with more bits, with its own fewest cut, keeping half the layers
+    nxt = cuts[1]
+    assert whole[nxt.quant] == min(w for w in whole.values() if w > whole["Q5_K_M"])
+    assert gguf_size(shape, nxt.quant, nxt.removed) <= limit < gguf_size(shape, nxt.quant, nxt.removed - 1)
+    assert nxt.removed <= shape.num_layers // 2
+
+
+def record(label: str, kind: str, quant: str, removed: int, mib: float, kl: float, dropped: str | None = None):
+    row = {"label": label, "kind": kind, "quant": quant, "layers_removed": removed, "estimated_mib": mib,
+           "real_mib": mib, "kl": kl}
+    if kind == "cut + quant":
+        row["before_heal"] = True
+    if dropped:
+        row["dropped"] = dropped
+    return row
+
+
+def test_the_lowest_kl_wins_and_the_sentence_says_why():
+    from ollama_compress.size_plan import choose_plan, plan_sentence
+
+    only = record("teacher IQ4_XS", "quantize only", "IQ4_XS", 0, 86.7, 0.122)
+    cut = record("6 layers cut + Q4_K_M", "cut + quant", "Q4_K_M", 6, 86.7, 0.54)
+    choice = choose_plan([cut, only])
+    assert choice["kind"] == "quantize only" and choice["quant"] == "IQ4_XS" and choice["layers_removed"] == 0
+    assert plan_sentence(choice, [cut, only]) == (
+        "quantize only: teacher IQ4_XS (86.7 MiB) has KL 0.122 on calibration text, against 0.54 for "
+        "6 layers cut + Q4_K_M (86.7 MiB, before the heal)")
+
+    better_cut = {**cut, "kl": 0.1}
+    choice = choose_plan([only, better_cut])
+    assert choice["kind"] == "cut + quant" and choice["layers_removed"] == 6
+    assert plan_sentence(choice, [only, better_cut]).startswith(
+        "cut + quant: 6 layers cut + Q4_K_M (86.7 MiB, before the heal) has KL 0.1 on calibration text, "
+        "against 0.122 for teacher IQ4_XS")
+
+
+def test_a_dropped_candidate_never_wins_and_none_left_is_an_error():
+    from ollama_compress.size_plan import choose_plan, plan_sentence
+
+    over = record("teacher Q5_K_S", "quantize only", "Q5_K_S", 0, 91.0, 0.01, dropped="the real file is 91.0 MiB")
+    cut = record("6 layers cut + Q4_K_M", "cut + quant", "Q4_K_M", 6, 86.7, 0.54)
+    choice = choose_plan([over, cut])
+    assert choice["label"] == "6 layers cut + Q4_K_M"
+    assert "dropped: teacher Q5_K_S (the real file is 91.0 MiB)" in plan_sentence(choice, [over, cut])
+    with pytest.raises(UserError, match="no candidate fits when made"):
+        choose_plan([over])
+
+
+def test_a_candidate_whose_real_file_is_over_the_size_is_dropped(tiny_model_dir, tmp_path):
+    from ollama_compress.hooks.data import text_windows
+    from ollama_compress.hooks.quantize import shipped_heldout_text
+    from ollama_compress.modelio import load_tokenizer
+    from ollama_compress.planner import QUANTIZE_ONLY, SizeCandidate
+    from ollama_compress.reference import teacher_reference
+    from ollama_compress.size_plan import candidate_record
+
+    model_dir = tiny_model_dir("llama", 6)
+    real = real_sizes(model_dir, tmp_path)  # F16 and the shipped quants, made by llama.cpp
+    tokenizer = load_tokenizer(model_dir)
+    windows = text_windows(shipped_heldout_text(), tokenizer, 2, 32, 0)
+    reference = teacher_reference(model_dir, windows, run_dir=tmp_path)
+    candidate = SizeCandidate(QUANTIZE_ONLY, "Q8_0", 0, gguf_size(model_shape(model_dir), "Q8_0"))
+    path = tmp_path / "model-Q8_0.gguf"
+    fits = candidate_record(candidate, path, reference, size_mb=(real["Q8_0"] + 1) / 2**20)
+    over = candidate_record(candidate, path, reference, size_mb=(real["Q8_0"] - 1) / 2**20)
+    assert "dropped" not in fits and fits["real_bytes"] == real["Q8_0"]
+    assert over["dropped"].startswith(f"the real file is {real['Q8_0'] / 2**20:.1f} MiB, over the")
+    assert 0 < over["kl"] == fits["kl"] < 0.1  # Q8_0 of the teacher against the teacher
+
+
+def test_the_choice_rewrites_the_recipe_as_the_run_needs_it(tmp_path, smollm2_gguf, recipe_file):
+    from rich.console import Console
+
+    from ollama_compress.options import RunOptions
+    from ollama_compress.pipeline import Run
+    from ollama_compress.recipe import load_recipe
+
+    recipe = recipe_file(smollm2_gguf, "planned", prune={"target": {"size_mb": 90, "quant": "Q4_K_M"}},
+                         heal={"steps": 10}, export={"quants": ["Q4_K_M", "Q8_0"]})
+    run = Run(load_recipe(str(recipe)), tmp_path / "run", RunOptions(), Console(quiet=True))
+    run.resolve_target()
+    assert run.recipe.prune.remove == 5 and run.recipe.prune.target is None  # until measured: the cut at Q4_K_M
+    run.apply_size_choice("quantize only", "Q3_K_M", 0)
+    assert run.recipe.prune is None and run.recipe.heal is None
+    assert run.recipe.export.quants == ["Q3_K_M", "Q8_0"]  # in place of target.quant
+    assert run.lock["recipe"]["export"]["quants"] == ["Q3_K_M", "Q8_0"] and "prune" not in run.lock["recipe"]
+    run.apply_size_choice("cut + quant", "Q5_K_S", 6)
+    assert run.recipe.prune.remove == 6 and run.recipe.heal.steps == 10
+    assert run.recipe.export.quants == ["Q5_K_S", "Q8_0"] and run.lock["target"]["remove"] == 6

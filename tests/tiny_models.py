@@ -64,3 +64,20 @@ def save_tiny_model(arch: str, out_dir: Path, tokenizer=None, num_layers: int = 
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def save_scaled_tiny_model(arch: str, out_dir: Path, tokenizer, embed_scale: float, matrix_scale: float,
+                           num_layers: int = 6, seed: int = 0) -> Path:
+    """A tiny model whose embeddings and layer matrices are scaled, so its outputs are far from
+    uniform and a quantization or a cut costs it a measurable KL."""
+    model = tiny_model(arch, num_layers, seed)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(embed_scale)
+        for layer in model.model.layers:
+            for p in layer.parameters():
+                if p.dim() == 2:
+                    p.mul_(matrix_scale)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
