@@ -200,7 +200,7 @@ def tensor_type(quant: str, tensor: Tensor, layers: int, tied: bool) -> str:
             return "Q8_0"
         if quant in ("IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"):
             return "Q5_K"
-        return chosen if chosen == "Q8_0" else "Q6_K"
+        return _fallback(chosen if chosen == "Q8_0" else "Q6_K", tensor.dims[0])
     if role == "token_embd":
         chosen = {"IQ2_XXS": "Q2_K", "IQ2_XS": "Q2_K", "IQ1_S": "Q2_K", "IQ1_M": "Q2_K", "IQ2_S": "IQ3_S",
                   "IQ2_M": "IQ3_S", "IQ3_XXS": "IQ3_S"}.get(quant, chosen)

@@ -131,7 +131,7 @@ def test_the_size_estimate_follows_llama_cpp_type_choices(tmp_path, smollm2_gguf
 
     f16 = write_tiny_llama_gguf(tmp_path / "tiny-F16.gguf", smollm2_gguf, layers=8)
     shape = model_shape(f16)
-    for quant in ("Q4_K_M", "Q8_0", "Q6_K", "Q3_K_M", "Q5_K_M"):
+    for quant in ("Q4_K_M", "Q8_0", "Q6_K", "Q3_K_M", "Q5_K_M", "Q4_1", "Q5_0"):  # legacy types: output at Q8_0
         real = verify_gguf(quantize_file(f16, quant, tmp_path / f"tiny-{quant}.gguf"))
         tied = not any(t.name == "output.weight" for t in real.tensors)
         guessed = {t.name: tensor_type(quant, t, shape.num_layers, tied) for t in shape.tensors}
@@ -188,9 +188,9 @@ def test_size_candidates_of_smollm2_from_its_shape(smollm2_gguf):
 
     shape = model_shape(smollm2_gguf)
     assert labels(size_candidates(shape, 90, "Q4_K_M", imatrix=True)) == [
-        "teacher Q3_K_M", "teacher Q4_1", "5 layers cut + Q4_K_M", "6 layers cut + Q5_K_S"]
+        "teacher Q3_K_M", "teacher Q4_0", "5 layers cut + Q4_K_M", "6 layers cut + Q5_K_S"]
     assert labels(size_candidates(shape, 100, "Q4_K_M", imatrix=True)) == [
-        "teacher Q5_1", "teacher Q4_K_S", "1 layer cut + Q4_K_M", "2 layers cut + Q5_K_S"]
+        "teacher Q4_K_S", "teacher Q4_1", "1 layer cut + Q4_K_M", "2 layers cut + Q5_K_S"]
     # Q5_K_S would have to cut more than half the layers, and no teacher quant fits
     assert labels(size_candidates(shape, 60, "Q4_K_M", imatrix=True)) == ["18 layers cut + Q4_K_M"]
     # the target quant fits uncut: it is a quantize-only candidate, and the next quant fits uncut too
