@@ -84,7 +84,7 @@ def test_quantize_only_wins_skips_prune_and_heal_and_exports_the_chosen_quant(tm
     first = cli("run", recipe, "--out", out)
     assert first.returncode == 0, first.stderr
     plan = json.loads((out / "plan.json").read_text())
-    assert [c["label"] for c in plan["candidates"]] == ["teacher Q5_K_S", "teacher Q4_K_M", "1 layer cut + Q5_K_M"]
+    assert [c["label"] for c in plan["candidates"]] == ["teacher Q5_K_S", "teacher Q5_1", "1 layer cut + Q5_K_M"]
     assert plan["choice"]["label"] == "teacher Q5_K_S" and plan["choice"]["kind"] == "quantize only"
     cut = plan["candidates"][2]
     assert cut["before_heal"] and cut["kl"] > plan["choice"]["kl"] > 0 and len(cut["removed"]) == 1
@@ -100,7 +100,7 @@ def test_quantize_only_wins_skips_prune_and_heal_and_exports_the_chosen_quant(tm
     ggufs = lock["stages"]["export"]["outputs"]["gguf"]
     assert set(ggufs) == {"F32", "Q5_K_S", "Q8_0"}
     teacher_files = json.loads(next((out / "cache" / "teacher-gguf").glob("*/files.json")).read_text())
-    assert {"F32", "Q5_K_S", "Q4_K_M"} <= set(teacher_files)  # evaluate's cache, reused there
+    assert {"F32", "Q5_K_S", "Q5_1"} <= set(teacher_files)  # evaluate's cache, reused there
     assert not (out / ".plan.work").exists()
 
     again = cli("run", recipe, "--out", out)
