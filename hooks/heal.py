@@ -130,6 +130,9 @@ def check_memory(student_dir: Path, teacher_dir: Path, settings: Heal, device: s
 
 
 # ---------------------------------------------------------------- how long
+CHECK_FIGURES = ("kl", "ppl", "top1")  # what each held-out check during the heal records
+
+
 def heal_steps(settings: Heal) -> int | None:
     """Optimizer steps of this heal: ``steps``, or from a token budget; None for a minutes budget
     (set on the machine, after the first steps are timed)."""
@@ -206,11 +209,15 @@ class ProgressReport:
             return
         terms = " ".join(f"{k} {v:.4f}" for k, v in record.items()
                          if k not in ("step", "lr", "seconds", "tokens_per_s", "eta_s", "total", "loss", "grad_norm",
-                                      "heldout_kl", "best", "stopped"))
+                                      "best", "stopped", "elapsed_s") and not k.startswith("heldout_"))
         text = f"loss {record['loss']:.4f} ({terms}) {record['tokens_per_s']:.0f} tok/s"
+        if "heldout_kl" in record:
+            text += f"; held-out KL {record['heldout_kl']:.4f}"
+            if "heldout_ppl" in record:
+                text += f", perplexity {record['heldout_ppl']:.2f}"
         if self.progress is not None:
             self.progress.update(self.task, completed=record["step"], total=record["total"], description=text)
-        elif time.monotonic() - self.last_line > 30 or record["step"] == record["total"]:
+        elif "heldout_kl" in record or time.monotonic() - self.last_line > 30 or record["step"] == record["total"]:
             self.last_line = time.monotonic()
             self.log(f"heal step {record['step']}/{record['total']}: {text}, ETA {record['eta_s'] / 60:.1f} min")
 
@@ -327,15 +334,17 @@ def heal_model(
             check_output_dir(checkpoint_dir, "the checkpoint folder", inputs=(student_dir, teacher_dir))
     start_from = _checkpoint_to_resume(checkpoint_dir, resume, fingerprint)
 
-    run_dir = ctx.run_dir if ctx is not None else None
-    if main:  # the teacher's held-out log-probabilities, computed once per run and read by evaluate too
-        teacher_reference(teacher_dir, held_windows, options=options, run_dir=run_dir, log=log)
-    accelerator.wait_for_everyone()
-    reference = teacher_reference(teacher_dir, held_windows, options=options, run_dir=run_dir)
-
     torch.manual_seed(settings.seed)
     teacher = _load(teacher_dir, options, teacher_dtype, load_device, needed, "teacher")
     teacher.requires_grad_(False)
+    run_dir = ctx.run_dir if ctx is not None else None
+    if main:  # the teacher's held-out log-probabilities, computed once per run and read by evaluate too
+        as_reference = teacher_dtype == "float32" and load_device == options.resolved_device()
+        teacher_reference(teacher_dir, held_windows, options=options, run_dir=run_dir, log=log,
+                          loaded=teacher if as_reference else None)
+    accelerator.wait_for_everyone()
+    reference = teacher_reference(teacher_dir, held_windows, options=options, run_dir=run_dir)
+
     student = _load(student_dir, options, "float32", load_device, needed, "student")
     student = trainer.select_trainable(student, settings.train, mapping, settings.lora_rank)
     checkpointing = settings.gradient_checkpointing
@@ -366,7 +375,7 @@ def heal_model(
     eval_started = time.perf_counter()
     before = measure()
     eval_seconds = time.perf_counter() - eval_started
-    run.evaluate = lambda: measure()["kl"]
+    run.evaluate = lambda: {key: value for key, value in measure().items() if key in CHECK_FIGURES}
     if before["kl"] == 0:
         raise UserError(f"the student {student_dir} predicts exactly what the teacher does (held-out KL "
                         f"{before['kl']}); there is nothing to heal")
@@ -398,6 +407,9 @@ def heal_model(
     after = measure()
     trained = [r for r in records if "tokens_per_s" in r]
     curve = [[0, before["kl"]]] + [[r["step"], r["heldout_kl"]] for r in records if "heldout_kl" in r]
+    checks = [{"step": 0, "seconds": 0.0, **{key: before[key] for key in CHECK_FIGURES}}] + [
+        {"step": r["step"], "seconds": r.get("elapsed_s"), **{key: r.get(f"heldout_{key}") for key in CHECK_FIGURES}}
+        for r in records if "heldout_kl" in r]  # seconds of training and checks (since the resume, if any)
     stopped = next((r["stopped"] for r in records if "stopped" in r), None)
     result = {
         "steps": run.state.step, "device": device, "precision": precision, "train": settings.train,
@@ -408,7 +420,7 @@ def heal_model(
         "tokens_per_s": (sum(r["tokens_per_s"] for r in trained) / len(trained)) if trained else None,
         "train_seconds": round(seconds, 1), "heal_tokens": len(stream), "memory_estimate_bytes": needed,
         "trained_tokens": run.state.step * settings.batch_size * settings.seq_len,
-        "heldout_curve": curve, "best_step": best_step, "stopped_early": stopped,
+        "heldout_curve": curve, "heldout_checks": checks, "best_step": best_step, "stopped_early": stopped,
         "dtype": choice.record(), "threads": threads,
     }
     result["window_views"] = round(window_views(result["trained_tokens"], len(stream)), 2)  # times each window was seen

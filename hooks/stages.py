@@ -20,6 +20,7 @@ from ollama_compress.hookspecs import hookimpl
 from ollama_compress.ollama_server import ensure_server
 from ollama_compress.pipeline import STAGE_NAMES
 from ollama_compress.plugins import call_first
+from ollama_compress.recipe import Export, Heal, Ollama
 from ollama_compress.safe_read import read_json
 
 STEPS: dict[str, Any] = {}
@@ -63,7 +64,7 @@ def _prune(ctx: StageContext) -> dict[str, Any]:
 
 @step("heal")
 def _heal(ctx: StageContext) -> dict[str, Any]:
-    teacher = ctx.settings.teacher
+    teacher = ctx.section_as(Heal).teacher
     teacher_dir = resolve_model_dir(teacher, ctx.options) if teacher else Path(ctx.inputs["teacher_dir"])
     model_dir = call_first("heal", ctx=ctx, student_dir=Path(ctx.inputs["model_dir"]), teacher_dir=teacher_dir)
     return {"model_dir": str(model_dir), "healed_dir": str(model_dir)}
@@ -71,7 +72,7 @@ def _heal(ctx: StageContext) -> dict[str, Any]:
 
 @step("export")
 def _export(ctx: StageContext) -> dict[str, Any]:
-    settings = ctx.settings
+    settings = ctx.section_as(Export)
     base = call_first("export_gguf", ctx=ctx, model_dir=Path(ctx.inputs["model_dir"]), outtype=settings.outtype)
     ggufs = {settings.outtype: str(base)}
     for quant in settings.quants:
@@ -89,7 +90,7 @@ def _measure(ctx: StageContext, reference: Path, quants: dict[str, Path]) -> Non
 
 @step("ollama")
 def _ollama(ctx: StageContext) -> dict[str, Any]:
-    settings = ctx.settings
+    settings = ctx.section_as(Ollama)
     name = settings.name or ctx.recipe.name
     ggufs = ctx.inputs.get("gguf")
     if not ggufs:
@@ -101,12 +102,12 @@ def _ollama(ctx: StageContext) -> dict[str, Any]:
     }
     registered = {}
     if settings.register_:
-        registered = _register_all(ctx, name, modelfiles)
+        registered = _register_all(ctx, settings.host, name, modelfiles)
     return {"modelfiles": modelfiles, "ollama_models": registered}
 
 
-def _register_all(ctx: StageContext, name: str, modelfiles: dict[str, str]) -> dict[str, str]:
-    with ensure_server(ctx.settings.host, log=ctx.log) as server:
+def _register_all(ctx: StageContext, host: str | None, name: str, modelfiles: dict[str, str]) -> dict[str, str]:
+    with ensure_server(host, log=ctx.log) as server:
         return {
             quant: call_first("create_ollama_model", ctx=ctx, modelfile=Path(path), name=name, host=server.host)
             for quant, path in modelfiles.items()

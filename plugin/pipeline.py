@@ -227,13 +227,18 @@ class Run:
         self.lock["recipe"] = self.recipe.model_dump(mode="json", by_alias=True, exclude_none=True)
         self.console.print(f"prune.target: removing {removed} of {shape.num_layers} layers")
 
-    def apply_size_choice(self, kind: str, quant: str, removed: int) -> None:
+    def apply_size_choice(self, kind: str, quant: str, removed: int, layers: list[int] | None = None) -> None:
         """The recipe as given, with the size plan's choice: quantize only drops prune and heal, a cut
-        removes ``removed`` layers; either way the export makes ``quant`` in place of ``target.quant``."""
+        removes ``removed`` layers (exactly ``layers``, the plan's measured cut, unless the prune is
+        iterative and heals between removals); either way the export makes ``quant`` in place of
+        ``target.quant``."""
         base = self.size_base
         target = base.prune.target
+        cut = {"remove": removed, "target": None}
+        if layers is not None and not base.prune.iterative:
+            cut = {"remove": None, "target": None, "layers": list(layers), "block": False}
         update: dict[str, Any] = {"prune": None, "heal": None} if kind == QUANTIZE_ONLY else {
-            "prune": base.prune.model_copy(update={"remove": removed, "target": None})}
+            "prune": base.prune.model_copy(update=cut)}
         if base.export is not None:
             quants = [quant if q == target.quant else q for q in base.export.quants]
             quants = list(dict.fromkeys(quants if quant in quants else [quant, *quants]))
@@ -267,7 +272,7 @@ class Run:
                 raise
             write_plan(self.run_dir, key, plan)
         choice = plan["choice"]
-        self.apply_size_choice(choice["kind"], choice["quant"], choice["layers_removed"])
+        self.apply_size_choice(choice["kind"], choice["quant"], choice["layers_removed"], choice.get("removed"))
         self.lock["plan"] = {"file": PLAN_FILE, "choice": choice, "sentence": plan["sentence"]}
         self.console.print(f"size plan: {plan['sentence']}")
 

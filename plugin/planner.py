@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from .errors import UserError
 from .gguf_verify import ggml_type_size, verify_gguf
 from .modelio import read_config
-from .quant_names import QUANTS, quantizable
+from .quant_names import LEGACY_QUANTS, QUANTS, quantizable
 
 if TYPE_CHECKING:  # pragma: no cover - the recipe schema imports this module
     from .recipe import Heal
@@ -397,10 +397,11 @@ def size_candidates(shape: ModelShape, size_mb: float, quant: str, *, imatrix: b
     """What ``prune.target: {size_mb, quant}`` compares, from the shape alone (``gguf_size``): the
     ``QUANTIZE_ONLY_CANDIDATES`` largest teacher quants of ``quantizable(imatrix)`` that fit, then
     ``quant`` with the fewest layers cut that fit, and the next quant with more bits than ``quant``
-    with its own fewest cut while at least half the layers stay. A cut of 0 layers is a quantize-only
-    candidate already. UserError when nothing fits."""
+    with its own fewest cut while at least half the layers stay; never ``LEGACY_QUANTS`` but
+    ``quant`` itself. A cut of 0 layers is a quantize-only candidate already. UserError when nothing
+    fits."""
     limit = size_mb * 2**20
-    quants = quantizable(imatrix)
+    quants = [q for q in quantizable(imatrix) if q not in LEGACY_QUANTS]
     whole = {q: gguf_size(shape, q) for q in quants}
     fitting = sorted((q for q in quants if whole[q] <= limit), key=lambda q: -whole[q])
     candidates = [SizeCandidate(QUANTIZE_ONLY, q, 0, whole[q]) for q in fitting[:QUANTIZE_ONLY_CANDIDATES]]

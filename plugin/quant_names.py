@@ -31,6 +31,10 @@ QUANTS: dict[str, QuantInfo] = {
 }
 QUANT_TYPES = tuple(QUANTS)
 UNQUANTIZED = ("F32", "F16", "BF16")
+# llama.cpp's older 4- and 5-bit types: its K- and i-quants of about the same size lose less (the
+# 90 MiB size plan of SmolLM2-135M: teacher Q4_0, 87.5 MiB, KL 0.33 to the teacher; Q3_K_M, 89.2 MiB,
+# 0.10), so the size plan does not offer them.
+LEGACY_QUANTS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
 NEEDS_IMATRIX = tuple(q for q, info in QUANTS.items() if info.imatrix == "required")
 IMATRIX_HELPS = tuple(q for q, info in QUANTS.items() if info.imatrix != "no")
 

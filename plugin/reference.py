@@ -120,15 +120,16 @@ def reference_folder(teacher_dir: Path, windows: list[list[int]], run_dir: Path 
 
 def teacher_reference(teacher_dir: Path, windows: list[list[int]], *, options: RunOptions | None = None,
                       run_dir: Path | None = None, log: Callable[[str], None] = lambda message: None,
-                      text: str = "held-out") -> TeacherReference:
+                      text: str = "held-out", loaded: Any = None) -> TeacherReference:
     """The teacher's reference on ``windows`` (of ``text``, for the log): read from its cache folder,
-    or computed there first."""
+    or computed there first, with ``loaded`` when given (the teacher already loaded in float32 on the
+    run's device, which stays loaded) instead of loading it again."""
     teacher_dir = Path(teacher_dir)
     folder = reference_folder(teacher_dir, windows, run_dir)
     if not (folder / SUMMARY_FILE).is_file():
         log(f"teacher log-probabilities on {len(windows)} {text} windows (cached in {folder})")
         with atomic_path(folder, is_dir=True) as tmp:
-            _compute(teacher_dir, windows, tmp, options or RunOptions())
+            _compute(teacher_dir, windows, tmp, options or RunOptions(), loaded)
     summary = json.loads((folder / SUMMARY_FILE).read_text())
     return TeacherReference(folder, teacher_dir, windows, summary["tokens"], summary["teacher_perplexity"])
 
@@ -144,10 +145,10 @@ def heldout_reference(ctx: Any) -> TeacherReference:
     return teacher_reference(teacher_dir, windows, options=ctx.options, run_dir=ctx.run_dir, log=ctx.log)
 
 
-def _compute(teacher_dir: Path, windows: list[list[int]], folder: Path, options: RunOptions) -> None:
+def _compute(teacher_dir: Path, windows: list[list[int]], folder: Path, options: RunOptions, loaded: Any) -> None:
     import numpy as np
 
-    teacher = HFModel(teacher_dir, options)
+    teacher = HFModel(teacher_dir, options, loaded)
     try:
         n_scored = sum(len(w) - 1 for w in windows)
         store = np.lib.format.open_memmap(folder / LOGPROBS_FILE, mode="w+", dtype=np.float32,
@@ -168,12 +169,13 @@ def _compute(teacher_dir: Path, windows: list[list[int]], folder: Path, options:
 
 
 class HFModel:
-    """An HF directory in PyTorch (float32) on the run's device."""
+    """An HF directory in PyTorch (float32) on the run's device; ``loaded``: that model, loaded already."""
 
-    def __init__(self, path: Path, options: RunOptions):
+    def __init__(self, path: Path, options: RunOptions, loaded: Any = None):
         from . import modelio
 
-        self.model = modelio.load_model(path, options, dtype=REFERENCE_DTYPE, device=options.resolved_device())
+        self.model = loaded if loaded is not None else modelio.load_model(
+            path, options, dtype=REFERENCE_DTYPE, device=options.resolved_device())
         self.n_vocab = int(self.model.get_output_embeddings().weight.shape[0])
 
     def log_probs(self, tokens: list[int]):

@@ -134,14 +134,15 @@ def candidate_record(candidate: SizeCandidate, path: Path, reference, size_mb: f
 
 
 def choose_plan(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The candidate with the lowest KL among those not dropped (fewer layers cut on a tie);
-    UserError when every one was dropped."""
+    """The candidate with the lowest KL among those not dropped (fewer layers cut on a tie), with the
+    layers a cut removes (``removed``, applied by the prune stage as they are); UserError when every
+    one was dropped."""
     kept = [r for r in records if not r.get("dropped")]
     if not kept:
         raise UserError("prune.target: no candidate fits when made (" + "; ".join(
             f"{r['label']}: {r['dropped']}" for r in records) + "); choose a larger size_mb")
     best = min(kept, key=lambda r: (r["kl"], r["layers_removed"]))
-    return {k: best[k] for k in ("kind", "quant", "layers_removed", "label", "real_mib", "kl")}
+    return {k: best[k] for k in ("kind", "quant", "layers_removed", "removed", "label", "real_mib", "kl") if k in best}
 
 
 def _described(record: dict[str, Any]) -> str:

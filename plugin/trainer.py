@@ -435,12 +435,13 @@ def _is_oom(exc: BaseException) -> bool:
 class Trainer:
     """One heal run over a token stream; ``run()`` returns the per-step log.
 
-    ``evaluate`` (optional) returns the held-out KL of the student now; it runs every
-    ``config.eval_every`` steps and after the last one, in every process.
+    ``evaluate`` (optional) returns the held-out KL of the student now (a float, or a dict with
+    ``kl`` and other figures to log); it runs every ``config.eval_every`` steps and after the last
+    one, in every process.
     """
 
     def __init__(self, student, teacher, stream: list[int], config: TrainConfig, *, on_step: Progress | None = None,
-                 accelerator=None, evaluate: Callable[[], float] | None = None,
+                 accelerator=None, evaluate: Callable[[], float | dict[str, float]] | None = None,
                  clock: Callable[[], float] = time.perf_counter):
         self.student, self.teacher, self.stream, self.config = student, teacher, stream, config
         self.terms, self.device, self.vocab = config.terms, config.device, config.vocab
@@ -594,9 +595,13 @@ class Trainer:
         self.best = {k: v.detach().to("cpu", copy=True) for k, v in trainable_parameters(self.student).items()}
 
     def _evaluate(self) -> dict[str, Any]:
-        """Held-out KL now; keep the weights when it is the best so far. Same result in every process."""
-        kl = float(self.evaluate())
-        record: dict[str, Any] = {"heldout_kl": round(kl, 6)}
+        """Held-out KL now (and whatever other figures ``evaluate`` gives, as ``heldout_<name>``); keep
+        the weights when the KL is the best so far. Same result in every process."""
+        figures = self.evaluate()
+        figures = dict(figures) if isinstance(figures, dict) else {"kl": figures}
+        kl = float(figures.pop("kl"))
+        record: dict[str, Any] = {"heldout_kl": round(kl, 6),
+                                  **{f"heldout_{name}": round(float(v), 6) for name, v in figures.items()}}
         best = self.state.best_kl
         if best is None or kl < best:
             self._keep_best(kl)
@@ -664,6 +669,7 @@ class Trainer:
                 last = self.state.step >= cfg.steps
                 if self.evaluate is not None and cfg.eval_every and (self.state.step % cfg.eval_every == 0 or last):
                     record.update(self._evaluate())
+                    record["elapsed_s"] = round(self.clock() - started, 3)  # since this process's first step
                     if self._plateau() and not last:
                         stopped_early = True
                         record["stopped"] = f"plateau: no better held-out KL in {cfg.patience} evaluations"

@@ -169,6 +169,42 @@ def test_heal_lowers_the_loss(student_dir, teacher_dir, tmp_path):
     assert healed.config.num_hidden_layers == 4
 
 
+def test_the_heal_loads_its_teacher_once_and_the_reference_is_the_same(student_dir, teacher_dir, tmp_path,
+                                                                       monkeypatch):
+    import numpy as np
+
+    from ollama_compress.hooks.data import heldout_windows
+    from ollama_compress.reference import LOGPROBS_FILE, teacher_reference
+
+    loads, real_load = [], modelio.load_model
+    monkeypatch.setattr(modelio, "load_model", lambda path, *a, **k: loads.append(Path(path)) or real_load(path, *a, **k))
+    fresh = Data.model_validate({"heldout": {"from": "default", "split": "heldout", "samples": 2, "seq_len": 24,
+                                             "seed": 17}})  # windows no other test measured: the reference is computed here
+    heal_hooks.heal_model(student_dir, teacher_dir, tmp_path / "healed", quick(steps=1, eval_every=0), fresh)
+    assert loads.count(Path(teacher_dir)) == 1
+    windows = heldout_windows(fresh.heldout, modelio.load_tokenizer(teacher_dir), None, teacher_dir)
+    in_heal = teacher_reference(teacher_dir, windows)
+    alone = teacher_reference(teacher_dir, windows, run_dir=tmp_path / "alone")  # loads the teacher by itself
+    assert in_heal.folder != alone.folder
+    np.testing.assert_allclose(np.load(in_heal.folder / LOGPROBS_FILE), np.load(alone.folder / LOGPROBS_FILE),
+                               rtol=0, atol=1e-5)
+
+
+def test_the_progress_line_shows_the_loss_terms_and_each_held_out_check():
+    lines = []
+    report = heal_hooks.ProgressReport(None, 40, lines.append)
+    step = {"step": 19, "loss": 0.5, "kl": 0.49, "hidden_mse": 0.01, "lr": 2e-4, "seconds": 8.0, "tokens_per_s": 128.0,
+            "eta_s": 60.0, "total": 40}
+    report(step)
+    report({**step, "step": 20})  # within 30 s of the last line: not printed
+    report({**step, "step": 21, "heldout_kl": 0.4612, "heldout_ppl": 30.25, "heldout_top1": 0.63, "elapsed_s": 170.0,
+            "best": True})  # a check is always printed
+    assert lines == [
+        "heal step 19/40: loss 0.5000 (kl 0.4900 hidden_mse 0.0100) 128 tok/s, ETA 1.0 min",
+        "heal step 21/40: loss 0.5000 (kl 0.4900 hidden_mse 0.0100) 128 tok/s; held-out KL 0.4612, perplexity 30.25, "
+        "ETA 1.0 min"]
+
+
 def _trainer(student_dir, teacher_dir, checkpoint_dir, on_step=None, steps=6, **config):
     settings = quick(steps=steps)
     student = modelio.load_model(student_dir)
@@ -326,6 +362,14 @@ def test_the_held_out_curve_lands_in_the_figures_and_the_report(student_dir, tea
     assert curve["heldout_kl"] == [[0, result["kl_before"]], *[[s, pytest.approx(v, abs=1e-6)]
                                                                for s, v in result["heldout_curve"][1:]]]
     assert curve["best_step"] == result["best_step"]
+    checks = result["heldout_checks"]  # each check with its perplexity, top-1 and seconds into the heal
+    assert [c["step"] for c in checks] == [0, 2, 4]
+    assert [c["kl"] for c in checks] == [pytest.approx(kl, abs=1e-6) for _, kl in result["heldout_curve"]]
+    assert checks[0]["ppl"] == result["ppl_before"] and checks[0]["seconds"] == 0
+    best_check = next(c for c in checks if c["step"] == result["best_step"])
+    assert best_check["ppl"] == pytest.approx(result["ppl_after"], rel=1e-4)
+    assert best_check["top1"] == pytest.approx(result["top1_after"], abs=1e-4)
+    assert 0 < checks[1]["seconds"] < checks[2]["seconds"]
 
 
 def test_neighbours_trains_only_the_layers_next_to_a_cut_and_the_final_norm(student_dir):

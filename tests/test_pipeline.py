@@ -84,7 +84,7 @@ def test_quantize_only_wins_skips_prune_and_heal_and_exports_the_chosen_quant(tm
     first = cli("run", recipe, "--out", out)
     assert first.returncode == 0, first.stderr
     plan = json.loads((out / "plan.json").read_text())
-    assert [c["label"] for c in plan["candidates"]] == ["teacher Q5_K_S", "teacher Q5_1", "1 layer cut + Q5_K_M"]
+    assert [c["label"] for c in plan["candidates"]] == ["teacher Q5_K_S", "teacher Q4_K_M", "1 layer cut + Q5_K_M"]
     assert plan["choice"]["label"] == "teacher Q5_K_S" and plan["choice"]["kind"] == "quantize only"
     cut = plan["candidates"][2]
     assert cut["before_heal"] and cut["kl"] > plan["choice"]["kl"] > 0 and len(cut["removed"]) == 1
@@ -100,7 +100,7 @@ def test_quantize_only_wins_skips_prune_and_heal_and_exports_the_chosen_quant(tm
     ggufs = lock["stages"]["export"]["outputs"]["gguf"]
     assert set(ggufs) == {"F32", "Q5_K_S", "Q8_0"}
     teacher_files = json.loads(next((out / "cache" / "teacher-gguf").glob("*/files.json")).read_text())
-    assert {"F32", "Q5_K_S", "Q5_1"} <= set(teacher_files)  # evaluate's cache, reused there
+    assert {"F32", "Q5_K_S", "Q4_K_M"} <= set(teacher_files)  # evaluate's cache, reused there
     assert not (out / ".plan.work").exists()
 
     again = cli("run", recipe, "--out", out)
@@ -129,6 +129,10 @@ def test_a_cut_that_wins_is_pruned_healed_and_exported_at_its_quant(tmp_path, sc
     assert "size plan: cut + quant: 1 layer cut + Q5_K_S" in " ".join(proc.stderr.split())
     lock = json.loads((out / "run.json").read_text())
     assert [lock["stages"][s]["status"] for s in ("prune", "heal", "export")] == ["done"] * 3
-    assert lock["recipe"]["prune"]["remove"] == 1 and lock["recipe"]["export"]["quants"] == ["Q5_K_S", "Q8_0"]
-    assert len(json.loads((out / "20-pruned" / "model" / "layer_map.json").read_text())["removed"]) == 1
+    chosen = next(c for c in plan["candidates"] if c["label"] == plan["choice"]["label"])
+    assert lock["recipe"]["prune"]["layers"] == chosen["removed"] == plan["choice"]["removed"]
+    assert lock["recipe"]["export"]["quants"] == ["Q5_K_S", "Q8_0"]
+    # the prune stage cuts what the plan measured, without choosing again
+    assert json.loads((out / "20-pruned" / "model" / "layer_map.json").read_text())["removed"] == chosen["removed"]
+    assert proc.stderr.count("select: measured, scoring") == 1
     assert set(lock["stages"]["export"]["outputs"]["gguf"]) == {"F32", "Q5_K_S", "Q8_0"}

@@ -188,9 +188,9 @@ def test_size_candidates_of_smollm2_from_its_shape(smollm2_gguf):
 
     shape = model_shape(smollm2_gguf)
     assert labels(size_candidates(shape, 90, "Q4_K_M", imatrix=True)) == [
-        "teacher Q3_K_M", "teacher Q4_0", "5 layers cut + Q4_K_M", "6 layers cut + Q5_K_S"]
+        "teacher Q3_K_M", "teacher IQ4_NL", "5 layers cut + Q4_K_M", "6 layers cut + Q5_K_S"]  # not Q4_0: legacy
     assert labels(size_candidates(shape, 100, "Q4_K_M", imatrix=True)) == [
-        "teacher Q4_K_S", "teacher Q4_1", "1 layer cut + Q4_K_M", "2 layers cut + Q5_K_S"]
+        "teacher Q4_K_S", "teacher Q3_K_L", "1 layer cut + Q4_K_M", "2 layers cut + Q5_K_S"]  # not Q4_1
     # Q5_K_S would have to cut more than half the layers, and no teacher quant fits
     assert labels(size_candidates(shape, 60, "Q4_K_M", imatrix=True)) == ["18 layers cut + Q4_K_M"]
     # the target quant fits uncut: it is a quantize-only candidate, and the next quant fits uncut too
@@ -199,13 +199,13 @@ def test_size_candidates_of_smollm2_from_its_shape(smollm2_gguf):
 
 def test_size_candidates_follow_the_rule_on_a_tiny_shape(tiny_model_dir):
     from ollama_compress.planner import CUT_AND_QUANT, QUANTIZE_ONLY, size_candidates
-    from ollama_compress.quant_names import NEEDS_IMATRIX, quantizable
+    from ollama_compress.quant_names import LEGACY_QUANTS, NEEDS_IMATRIX, quantizable
 
     shape = model_shape(tiny_model_dir("llama", 6))
     limit = gguf_size(shape, "Q5_K_M", 1)  # Q5_K_M fits with one layer cut
     candidates = size_candidates(shape, limit / 2**20, "Q5_K_M", imatrix=False)
     assert len(candidates) <= 4
-    whole = {q: gguf_size(shape, q) for q in quantizable(False)}
+    whole = {q: gguf_size(shape, q) for q in quantizable(False) if q not in LEGACY_QUANTS}
     fitting = sorted((q for q in whole if whole[q] <= limit), key=lambda q: -whole[q])
     only = [c for c in candidates if c.kind == QUANTIZE_ONLY]
     assert [c.quant for c in only] == fitting[:2] and not set(fitting[:2]) & set(NEEDS_IMATRIX)
@@ -301,3 +301,6 @@ def test_the_choice_rewrites_the_recipe_as_the_run_needs_it(tmp_path, smollm2_gg
     run.apply_size_choice("cut + quant", "Q5_K_S", 6)
     assert run.recipe.prune.remove == 6 and run.recipe.heal.steps == 10
     assert run.recipe.export.quants == ["Q5_K_S", "Q8_0"] and run.lock["target"]["remove"] == 6
+    run.apply_size_choice("cut + quant", "Q5_K_S", 6, [12, 13, 14, 15, 16, 17])  # the plan's measured cut
+    assert run.recipe.prune.layers == [12, 13, 14, 15, 16, 17] and run.recipe.prune.remove is None
+    assert run.lock["recipe"]["prune"]["layers"] == [12, 13, 14, 15, 16, 17]
