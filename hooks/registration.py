@@ -21,7 +21,8 @@ from ollama_compress.gguf_verify import verify_gguf
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.hosts import DEFAULT_HOST, normalize_host
 from ollama_compress.ollama_server import ensure_server, make_client, server_running
-from ollama_compress.recipe import QUANT_TYPES, check_ollama_name
+from ollama_compress.quant_names import QUANT_TYPES
+from ollama_compress.recipe import check_ollama_name
 
 from .modelfile import (
     ModelfileSpec,

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import UserError
 from .hosts import is_loopback
-from .quant_names import NEEDS_IMATRIX, QUANT_TYPES, quant_name_problem  # noqa: F401 (QUANT_TYPES: re-exported)
+from .quant_names import NEEDS_IMATRIX, quant_name_problem
 
 SUPPORTED_RECIPE_VERSIONS = (1,)
 NAME_RE = re.compile(r"[a-z][a-z0-9_]*")  # capability names: no dots, so never an import path
