@@ -406,10 +406,10 @@ def heal_model(
     best_step = run.restore_best()
     after = measure()
     trained = [r for r in records if "tokens_per_s" in r]
-    curve = [[0, before["kl"]]] + [[r["step"], r["heldout_kl"]] for r in records if "heldout_kl" in r]
     checks = [{"step": 0, "seconds": 0.0, **{key: before[key] for key in CHECK_FIGURES}}] + [
         {"step": r["step"], "seconds": r.get("elapsed_s"), **{key: r.get(f"heldout_{key}") for key in CHECK_FIGURES}}
         for r in records if "heldout_kl" in r]  # seconds of training and checks (since the resume, if any)
+    curve = [[check["step"], check["kl"]] for check in checks]
     stopped = next((r["stopped"] for r in records if "stopped" in r), None)
     result = {
         "steps": run.state.step, "device": device, "precision": precision, "train": settings.train,
