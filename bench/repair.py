@@ -42,8 +42,7 @@ def main() -> None:
     from ollama_compress import modelio, trainer
     from ollama_compress.embedded import smollm2_gguf
     from ollama_compress.hooks import prune
-    from ollama_compress.hooks.data import calibration_batches
-    from ollama_compress.hooks.heal import heldout_windows
+    from ollama_compress.hooks.data import calibration_batches, heldout_windows
     from ollama_compress.hooks.source import imported_gguf_dir
     from ollama_compress.recipe import TextSource
 
@@ -52,7 +51,8 @@ def main() -> None:
     teacher = modelio.load_model(source)
     tokenizer = modelio.load_tokenizer(source)
     batches = calibration_batches(TextSource(samples=args.samples, seq_len=args.seq_len), tokenizer)
-    _, held = heldout_windows(TextSource(split="heldout", samples=args.heldout, seq_len=args.seq_len), tokenizer, None)
+    held = torch.tensor(heldout_windows(TextSource(split="heldout", samples=args.heldout, seq_len=args.seq_len),
+                                        tokenizer))
     vocab = teacher.get_output_embeddings().weight.shape[0]
     teacher_logits: list = []
 

@@ -578,10 +578,19 @@ def candidate_cuts(num_layers: int, n: int, protected: set[int], picks: dict[str
     return cuts
 
 
+def unchanged_prefix(removed: Sequence[int], repaired: bool) -> int:
+    """How many leading decoder layers a cut leaves as they were: those before its first removed
+    layer, less the one its linear repair changes (the anchor)."""
+    first = min(removed)
+    return max(0, first - 1) if repaired else first
+
+
 def measure_cuts(model, batches: list, cuts: dict[tuple, str], stats: dict | None,
                  log: Callable[[str], None]) -> list[dict[str, Any]]:
     """KL to the unpruned ``model`` of each cut (after its linear repair when ``stats`` is given), on the
-    first ``planner.MEASURE_WINDOWS`` calibration windows; the teacher's logits are computed once."""
+    first ``planner.MEASURE_WINDOWS`` calibration windows. The teacher's logits are computed once, and
+    so are the layers a cut leaves unchanged (``unchanged_prefix``): the first cut's pass records the
+    teacher's layer outputs, and each later cut starts from them (``modelio.replay_prefix``)."""
     import torch
 
     from ollama_compress import repair, trainer
@@ -589,14 +598,22 @@ def measure_cuts(model, batches: list, cuts: dict[tuple, str], stats: dict | Non
     windows = torch.cat(batches)[:MEASURE_WINDOWS]
     vocab = model.get_output_embeddings().weight.shape[0]
     device = str(next(model.parameters()).device)
+    _, layers = modelio.decoder_stack(model)
+    prefixes = {removed: unchanged_prefix(removed, stats is not None) for removed in cuts}
     teacher_logits: list = []
+    recorded: dict[int, list] = {}
     results = []
     for removed, label in cuts.items():
         student = copy.deepcopy(model)
         if stats is not None:
             repair.apply_tensors(student, repair.fused_tensors(model, repair.fit_spans(model, stats, removed)))
         prune_model(student, list(removed))
-        kl = trainer.heldout_metrics(student, model, windows, device, vocab, teacher_logits)["kl"]
+        if recorded and prefixes[removed]:
+            modelio.replay_prefix(student, prefixes[removed], recorded[prefixes[removed] - 1])
+        with modelio.recorded_outputs({} if recorded else {p - 1: layers[p - 1] for p in prefixes.values() if p}) \
+                as outputs:
+            kl = trainer.heldout_metrics(student, model, windows, device, vocab, teacher_logits)["kl"]
+        recorded = recorded or outputs
         del student
         results.append({"removed": list(removed), "by": label, "kl": kl})
         log(f"candidate {list(removed)} ({label}): KL {kl:.4f}")

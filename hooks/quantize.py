@@ -462,12 +462,14 @@ def measure_against_teacher(reference: TeacherReference, files: dict[str, Path],
     return rows
 
 
-def measure_heldout_quants(ctx, unquantized: Path, quants: dict[str, Path], out_dir: Path,
+def measure_heldout_quants(ctx, unquantized: Path | None, quants: dict[str, Path], out_dir: Path,
                            speed: bool = True) -> list[dict]:
-    """``measure_against_teacher`` of ``unquantized`` and ``quants`` on the run's teacher reference
-    (``data.heldout``, the teacher ``ctx.inputs["teacher_dir"]``), written to ``out_dir/quants.json``:
-    the export stage's quant table and evaluate's teacher quants, measured the same way."""
-    files = {verify_gguf(unquantized).file_type or Path(unquantized).stem: Path(unquantized), **quants}
+    """``measure_against_teacher`` of ``unquantized`` (None: not measured) and ``quants`` on the run's
+    teacher reference (``data.heldout``, the teacher ``ctx.inputs["teacher_dir"]``), written to
+    ``out_dir/quants.json``: the export stage's quant table and evaluate's teacher quants, measured
+    the same way."""
+    files = {} if unquantized is None else {verify_gguf(unquantized).file_type or Path(unquantized).stem: Path(unquantized)}
+    files.update(quants)
     rows = measure_against_teacher(heldout_reference(ctx), files, speed=speed)
     write_quants_report(rows, out_dir)
     return rows

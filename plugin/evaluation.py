@@ -215,8 +215,9 @@ class TeacherQuants:
         quantized = {c.quant: c.path for c in rows if c.model == "teacher" and c.path.parent == self.folder
                      and c.path != self.base}
         if quantized and any((stored_quant_row(p) or {}).get("teacher_reference") != reference_key
-                             for p in [self.base, *quantized.values()]):
-            measure_heldout_quants(self.quant_ctx, self.base, quantized, self.folder, speed=self.ctx.settings.speed)
+                             for p in quantized.values()):
+            # the teacher's unquantized GGUF is no row of the report: not measured
+            measure_heldout_quants(self.quant_ctx, None, quantized, self.folder, speed=self.ctx.settings.speed)
         self.ctx.metrics["teacher_gguf"] = {"folder": str(self.folder), **self.quant_ctx.metrics}
 
 

@@ -292,6 +292,48 @@ def capture_outputs(modules: dict[Any, Any]) -> Iterator[dict[Any, Any]]:
             handle.remove()
 
 
+@contextmanager
+def recorded_outputs(modules: dict[Any, Any]) -> Iterator[dict[Any, list]]:
+    """Every output of each module (the first element of a tuple output), in call order, under its
+    key, during forward passes in the block; detached."""
+    recorded: dict[Any, list] = {key: [] for key in modules}
+    handles = [module.register_forward_hook(
+        lambda mod, args, output, _key=key: recorded[_key].append(
+            (output[0] if isinstance(output, tuple) else output).detach()))
+        for key, module in modules.items()]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def replay_prefix(model, count: int, outputs: list) -> None:
+    """Skip the first ``count`` decoder layers of ``model`` (in place) by replaying what they
+    computed before: its ``count``-th layer returns ``outputs[k]`` on its k-th call (cycling), the
+    ones before it pass their input through. ``outputs`` are that layer's outputs recorded
+    (``recorded_outputs``) on an unchanged model, one per input, in the order the inputs come again."""
+    import torch
+
+    class PassThrough(torch.nn.Module):
+        def forward(self, hidden_states, *args, **kwargs):
+            return hidden_states
+
+    class Replay(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, hidden_states, *args, **kwargs):
+            out = outputs[self.calls % len(outputs)]
+            self.calls += 1
+            return out
+
+    _, layers = decoder_stack(model)
+    for i in range(count):
+        layers[i] = Replay() if i == count - 1 else PassThrough()
+
+
 # ---------------------------------------------------------------- weights that match their config
 SAFETENSORS_MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
 SAFETENSORS_DTYPES = frozenset({"BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16",

@@ -360,12 +360,16 @@ def measured_select_cost(shape: ModelShape, n: int, protected: set[int], metrics
                          seq_len: int) -> dict[str, Any]:
     """Estimated work of ``prune.select: measured``: one teacher pass over the calibration text (the
     repair sums), then each candidate (every contiguous span plus each metric's pick) scored on
-    ``MEASURE_WINDOWS`` windows, with the teacher's logits computed once. FLOPs: 2 x params per token."""
-    candidates = len(contiguous_starts(shape.num_layers, n, protected)) + metrics
+    ``MEASURE_WINDOWS`` windows, with the teacher's logits computed once. A span starting at layer
+    ``s`` runs from its repaired anchor ``s - 1`` on (the layers before it are replayed); a metric's
+    pick is counted whole. FLOPs: 2 x params per token."""
+    starts = contiguous_starts(shape.num_layers, n, protected)
+    candidates = len(starts) + metrics
     windows = min(MEASURE_WINDOWS, samples)
     forwards = samples + windows + candidates * windows
     tokens = forwards * seq_len
-    flops = 2 * shape.params() * samples * seq_len + 2 * (shape.params() + candidates * shape.params(n)) * windows * seq_len
+    scored = sum(shape.params(n + max(0, s - 1)) for s in starts) + metrics * shape.params(n)
+    flops = 2 * shape.params() * samples * seq_len + 2 * (shape.params() + scored) * windows * seq_len
     return {"candidates": candidates, "forward_passes": forwards, "tokens": tokens, "flops": float(flops)}
 
 

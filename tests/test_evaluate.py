@@ -108,6 +108,9 @@ def test_the_same_file_gets_the_same_speed_and_kl_in_quants_json_and_evaluation_
             assert rows[name][key] == stored[key], (name, key)
         assert (rows[name]["kl"], rows[name]["perplexity"]) == (stored["mean_kl"], stored["perplexity"]), name
     assert 0 < rows["teacher Q8_0"]["kl"] < rows["healed F32"]["kl"]  # against the teacher, not the F32 file
+    teacher_table = json.loads(Path(rows["teacher Q8_0"]["path"]).with_name("quants.json").read_text())["quants"]
+    teacher_quants = {r["quant"] for r in rows.values() if r["model"] == "teacher" and r["kind"] == "gguf"}
+    assert {r["name"] for r in teacher_table} == teacher_quants  # the teacher's own F16/F32 is no row: not measured
 
 
 def test_the_quant_table_measures_against_evaluates_teacher_reference(evaluated):

@@ -164,6 +164,42 @@ def test_the_repaired_model_loads_in_stock_transformers_and_matches_the_fit(tiny
         assert torch.equal(loaded(input_ids=ids).logits, expected(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_a_replayed_prefix_skips_its_layers_and_gives_what_they_computed(arch):
+    teacher = tiny_model(arch, 6)
+    windows = _batches(3, 7)
+    with modelio.recorded_outputs({2: teacher.model.layers[2]}) as recorded, torch.no_grad():
+        expected = [teacher(input_ids=w, use_cache=False).logits for w in windows]
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for layer in student.model.layers[:3]:  # were they run, the logits would change
+            for weight in layer.parameters():
+                weight.zero_()
+    modelio.replay_prefix(student, 3, recorded[2])
+    with torch.no_grad():
+        for window, logits in zip(windows, expected):
+            assert torch.equal(student(input_ids=window, use_cache=False).logits, logits)
+
+
+@pytest.mark.parametrize("repaired", [True, False])
+def test_measured_cuts_score_each_cut_as_a_whole_pruned_model_would(repaired):
+    """The cuts after the first start from the teacher's recorded layers: each KL must be the one
+    of the pruned (and repaired) model run whole."""
+    teacher = _loud_span(tiny_model("llama", 8), [3, 4])
+    batches = _batches(10, 3)
+    cuts = {(1, 2): "span", (4, 5): "span", (2, 6): "pick", (5, 6): "span"}
+    stats = repair.collect(teacher, batches, [s for cut in cuts for s in repair.spans_of(cut)]) if repaired else None
+    measured = prune.measure_cuts(teacher, batches, cuts, stats, lambda message: None)
+    windows = torch.cat(batches)[:prune.MEASURE_WINDOWS]
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    for result in measured:
+        removed = result["removed"]
+        tensors = repair.fused_tensors(teacher, repair.fit_spans(teacher, stats, removed)) if repaired else None
+        whole = trainer.heldout_metrics(_pruned(teacher, removed, tensors), teacher, windows, "cpu", vocab)["kl"]
+        assert result["kl"] == pytest.approx(whole, rel=1e-5, abs=1e-7), removed
+    assert len({round(r["kl"], 6) for r in measured}) == len(cuts)  # the cuts differ, so must their KLs
+
+
 def test_measured_select_keeps_the_lowest_kl_cut_when_the_metric_picks_a_worse_one(tiny_model_dir, tmp_path,
                                                                                   calibration_file):
     from ollama_compress import modelio
@@ -221,7 +257,8 @@ def test_dry_run_estimates_the_measured_select_cost(tiny_model_dir):
     assert cost["candidates"] == 3 + 2  # spans starting at 1, 2, 3 plus block_influence's and angular's picks
     assert cost["forward_passes"] == 16 + MEASURE_WINDOWS + 5 * MEASURE_WINDOWS
     shape = model_shape(source)
-    assert cost["flops"] == 2 * shape.params() * 16 * 64 + 2 * (shape.params() + 5 * shape.params(2)) * 8 * 64
+    scored = shape.params(2) + shape.params(3) + shape.params(4) + 2 * shape.params(2)  # spans replay 0, 1, 2 layers
+    assert cost["flops"] == 2 * shape.params() * 16 * 64 + 2 * (shape.params() + scored) * 8 * 64
     layers_given = validate(recipe_dict(source, "t", prune={"layers": [2, 3]}))
     assert "select_measured" not in pipeline.run(layers_given, dry_run=True)["estimate"]
 
