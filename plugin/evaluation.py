@@ -269,11 +269,13 @@ def knowledge_questions() -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def knowledge_sequences(tokenizer) -> list[tuple[list[int], list[list[int]], int]]:
-    """(context tokens, token ids of each choice, index of the right one) per question."""
+def knowledge_sequences(tokenizer, questions: list[dict[str, Any]] | None = None
+                        ) -> list[tuple[list[int], list[list[int]], int]]:
+    """(context tokens, token ids of each choice, index of the right one) per question of
+    ``questions`` (default: the shipped set, ``knowledge_questions``)."""
     prefix = bos_prefix(tokenizer)
     out = []
-    for q in knowledge_questions():
+    for q in questions if questions is not None else knowledge_questions():
         context = prefix + tokenizer(f"Question: {q['question']}\nAnswer:", add_special_tokens=False)["input_ids"]
         choices = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in q["choices"]]
         out.append((context, choices, q["answer"]))

@@ -166,6 +166,19 @@ def test_the_knowledge_set_ships_with_the_package():
         assert len(q["choices"]) == 4 and 0 <= q["answer"] < 4 and len(set(q["choices"])) == 4
 
 
+def test_knowledge_sequences_take_outside_questions_in_the_shipped_format(tiny_model_dir):
+    """bench/fact_check.py scores a set the project does not ship through the same function."""
+    from ollama_compress import modelio
+    from ollama_compress.evaluation import knowledge_sequences
+
+    tokenizer = modelio.load_tokenizer(tiny_model_dir("llama", 2))
+    outside = {"question": "Which metal is liquid at room temperature?", "choices": ["iron", "mercury"], "answer": 1}
+    (context, choices, answer), = knowledge_sequences(tokenizer, [outside])
+    assert tokenizer.decode(context).endswith("Question: Which metal is liquid at room temperature?\nAnswer:")
+    assert [tokenizer.decode(c) for c in choices] == [" iron", " mercury"] and answer == 1
+    assert len(knowledge_sequences(tokenizer)) == len(knowledge_questions())
+
+
 def test_heldout_text_that_was_calibration_text_is_refused(tmp_path, tiny_model_dir):
     text = tmp_path / "same.txt"
     from ollama_compress.hooks.data import default_texts
