@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, help="a run directory (RUN_DIR/runs/NAME)")
     parser.add_argument("--models", nargs="*", type=Path, default=[], help="HF directories or GGUF files")
     parser.add_argument("--limit", type=int, default=0, help="only the first N questions (a quick check)")
+    parser.add_argument("--tokenizer", type=Path, help="an HF directory with the tokenizer (default: the first HF model)")
     args = parser.parse_args()
 
     from ollama_compress import modelio
@@ -75,7 +76,9 @@ def main() -> None:
     if not models:
         sys.exit("fact_check: give --run or --models")
     questions = mmlu_dev_questions()[: args.limit or None]
-    tokenizer_dir = next(p for p in models.values() if p.is_dir())
+    tokenizer_dir = args.tokenizer or next((p for p in models.values() if p.is_dir()), None)
+    if tokenizer_dir is None:
+        sys.exit("fact_check: GGUF files alone: give --tokenizer (the teacher's HF directory)")
     sequences = knowledge_sequences(modelio.load_tokenizer(tokenizer_dir), questions)
     longest = max(len(c) + max(map(len, ch)) for c, ch, _ in sequences)
     result = {"questions": len(questions), "source": "MMLU dev (lm_eval flan_cot_fewshot prompts)", "models": {}}
