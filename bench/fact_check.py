@@ -25,6 +25,12 @@ QUESTION = re.compile(r"Q: (?P<question>.*?)\n\(A\) (?P<a>.*?) \(B\) (?P<b>.*?) 
                       r"A: .*?The answer is \((?P<answer>[ABCD])\)\.?", re.DOTALL)
 
 
+def refuse(message: str) -> None:
+    """Bad input: one line on stderr, exit 2."""
+    print(f"fact_check: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def mmlu_dev_questions() -> list[dict]:
     """``{"question", "choices", "answer"}`` for each dev question whose choices sit on one line."""
     from importlib import resources
@@ -32,7 +38,7 @@ def mmlu_dev_questions() -> list[dict]:
     try:
         text = resources.files("lm_eval").joinpath("tasks/mmlu/flan_cot_fewshot/_cot_prompts.json").read_text()
     except (ModuleNotFoundError, FileNotFoundError):
-        sys.exit("fact_check: needs lm_eval with its MMLU task files (pip install lm_eval)")
+        refuse("needs lm_eval with its MMLU task files (pip install lm_eval)")
     questions = []
     for prompt in json.loads(text).values():
         for block in prompt.split("\n\n"):
@@ -71,14 +77,16 @@ def main() -> None:
     from ollama_compress.options import RunOptions
     from ollama_compress.reference import HFModel
 
+    if args.run and not (args.run / "run.json").is_file():
+        refuse(f"{args.run} has no run.json; give a run directory (RUN_DIR/runs/NAME)")
     models = run_models(args.run) if args.run else {}
     models.update({str(p): p for p in args.models})
     if not models:
-        sys.exit("fact_check: give --run or --models")
+        refuse("give --run or --models")
     questions = mmlu_dev_questions()[: args.limit or None]
     tokenizer_dir = args.tokenizer or next((p for p in models.values() if p.is_dir()), None)
     if tokenizer_dir is None:
-        sys.exit("fact_check: GGUF files alone: give --tokenizer (the teacher's HF directory)")
+        refuse("GGUF files alone: give --tokenizer (the teacher's HF directory)")
     sequences = knowledge_sequences(modelio.load_tokenizer(tokenizer_dir), questions)
     longest = max(len(c) + max(map(len, ch)) for c, ch, _ in sequences)
     result = {"questions": len(questions), "source": "MMLU dev (lm_eval flan_cot_fewshot prompts)", "models": {}}
