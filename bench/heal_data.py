@@ -73,7 +73,7 @@ def main() -> None:
     from ollama_compress.options import RunOptions
     from ollama_compress.hooks.data import (generate_teacher_chat, heal_chat_tokens, load_texts, teacher_gguf,
                                             token_stream, window_views)
-    from ollama_compress.hooks.heal import heal_tokens_needed
+    from ollama_compress.hooks.heal import heal_tokens_planned
     from ollama_compress.hooks.source import resolve_model_dir, source_path
     from ollama_compress.modelio import load_tokenizer
     from ollama_compress.recipe import load_recipe
@@ -84,7 +84,7 @@ def main() -> None:
     tokenizer = load_tokenizer(resolve_model_dir(recipe.source.model, options), options)
     sources = recipe.data.heal_sources()
     (chat_spec,) = [s for s in sources if s.from_ == "teacher"]
-    needed = heal_tokens_needed(recipe.heal)
+    needed = heal_tokens_planned(recipe.heal)  # a minutes budget: as sized for `heal.steps`
     tokens = args.tokens or heal_chat_tokens(chat_spec, recipe.data, recipe.heal, tokenizer)
     load = os.getloadavg()[0]
     print(f"teacher {gguf.name}; heal consumes {needed} tokens; chat to write: {tokens} tokens; "

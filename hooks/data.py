@@ -45,7 +45,7 @@ from ollama_compress.context import StageContext
 from ollama_compress.embedded import cache_dir as user_cache
 from ollama_compress.errors import NotAvailable, UserError
 from ollama_compress.fsutil import Fingerprints, atomic_path, settings_hash
-from ollama_compress.hooks.heal import heal_tokens_needed
+from ollama_compress.hooks.heal import heal_tokens_planned
 from ollama_compress.hooks.source import source_path
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.options import RunOptions
@@ -175,9 +175,7 @@ def heal_chat_tokens(spec: TextSource, data, heal, tokenizer, ctx=None) -> int:
     """
     if spec.tokens is not None:
         return spec.tokens
-    needed = heal_tokens_needed(heal)
-    if needed is None:  # a minutes budget: sized as for the default step count
-        needed = heal.steps * heal.batch_size * heal.seq_len
+    needed = heal_tokens_planned(heal)
     sources = data.heal_sources()
     teachers = [s for s in sources if s.from_ == "teacher"]
     others = sum(len(token_stream(load_texts(s, tokenizer, ctx), tokenizer)) for s in sources if s.from_ != "teacher")

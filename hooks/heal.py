@@ -27,7 +27,7 @@ from ollama_compress.fsutil import (atomic_path, check_output_dir, claim_output_
                                    remove_made_children, settings_hash, write_json)
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.recipe import Data, Heal
-from ollama_compress.reference import teacher_reference
+from ollama_compress.reference import store_figures, teacher_reference
 
 LAYER_MAP = "layer_map.json"
 Log = Callable[[str], None]
@@ -148,6 +148,13 @@ def heal_tokens_needed(settings: Heal) -> int | None:
     """Training tokens this heal will consume (steps x batch_size x seq_len); None for a minutes budget."""
     steps = heal_steps(settings)
     return None if steps is None else steps * settings.batch_size * settings.seq_len
+
+
+def heal_tokens_planned(settings: Heal) -> int:
+    """``heal_tokens_needed``, or for a minutes budget what ``steps`` steps consume: the heal text
+    is sized for this many tokens before the budget sets the real count."""
+    needed = heal_tokens_needed(settings)
+    return needed if needed is not None else settings.steps * settings.batch_size * settings.seq_len
 
 
 def default_eval_every(settings: Heal, heldout_tokens: int) -> int:
@@ -404,11 +411,11 @@ def heal_model(
         records = run.run(eval_seconds=eval_seconds)
     seconds = time.perf_counter() - started
     best_step = run.restore_best()
-    after = measure()
     trained = [r for r in records if "tokens_per_s" in r]
     checks = [{"step": 0, "seconds": 0.0, **{key: before[key] for key in CHECK_FIGURES}}] + [
         {"step": r["step"], "seconds": r.get("elapsed_s"), **{key: r.get(f"heldout_{key}") for key in CHECK_FIGURES}}
         for r in records if "heldout_kl" in r]  # seconds of training and checks (since the resume, if any)
+    after = _figures_at(best_step, checks, before) or measure()
     curve = [[check["step"], check["kl"]] for check in checks]
     stopped = next((r["stopped"] for r in records if "stopped" in r), None)
     result = {
@@ -437,6 +444,8 @@ def heal_model(
             student = trainer.select_trainable(student, settings.train, mapping, settings.lora_rank)
             student.load_state_dict(full)
         _save(student, s_tok, student_dir, out_dir, records, result)
+        store_figures(reference.folder, student_dir, _as_figures(before))  # evaluate's pruned and healed rows
+        store_figures(reference.folder, out_dir, _as_figures(after))
         if checkpoint_dir is not None:
             remove_made(checkpoint_dir)
     accelerator.wait_for_everyone()
@@ -513,6 +522,20 @@ def _checkpoint_to_resume(checkpoint_dir: Path | None, resume: bool | str, finge
         raise UserError(f"{checkpoint_dir} holds a checkpoint of an earlier heal; pass --resume to continue it, "
                         "or delete that directory to start over")
     return latest if resume else None
+
+
+def _figures_at(step: int, checks: list[dict[str, Any]], before: dict[str, float]) -> dict[str, float] | None:
+    """The held-out figures of the weights kept at ``step``: its check's, or None when no check
+    of this run measured them (a heal without checks, or a best step from before a resume)."""
+    check = next((c for c in reversed(checks) if c["step"] == step), None)
+    if check is None or any(check.get(key) is None for key in CHECK_FIGURES):
+        return None
+    return {**before, **{key: check[key] for key in CHECK_FIGURES}}
+
+
+def _as_figures(check: dict[str, float]) -> dict[str, float]:
+    """A heal check's figures under evaluate's names (``reference.FIGURE_KEYS``)."""
+    return {"perplexity": check["ppl"], "kl": check["kl"], "top1_agreement": check["top1"]}
 
 
 def _save(student, tokenizer, student_dir: Path, out_dir: Path, records: list, result: dict) -> None:

@@ -66,8 +66,8 @@ from ollama_compress.fsutil import atomic_path, check_free_space, check_output_d
 from ollama_compress.gguf.arch import ARCHS
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress import modelio
-from ollama_compress.planner import (MEASURED_AUTO_FLOPS, MEASURE_WINDOWS, contiguous_starts, index_runs,
-    measured_select_cost, model_shape)
+from ollama_compress.planner import (FINALISTS, MEASURED_AUTO_FLOPS, MEASURE_WINDOWS, SCREEN_WINDOWS,
+    contiguous_starts, index_runs, measured_select_cost, model_shape, screened)
 from ollama_compress.plugins import capability, get_plugin_manager
 from ollama_compress.recipe import Prune, TextSource, exactly_one
 from ollama_compress.safe_read import read_json
@@ -585,22 +585,38 @@ def unchanged_prefix(removed: Sequence[int], repaired: bool) -> int:
     return max(0, first - 1) if repaired else first
 
 
-def measure_cuts(model, batches: list, cuts: dict[tuple, str], stats: dict | None,
-                 log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """KL to the unpruned ``model`` of each cut (after its linear repair when ``stats`` is given), on the
-    first ``planner.MEASURE_WINDOWS`` calibration windows. The teacher's logits are computed once, and
-    so are the layers a cut leaves unchanged (``unchanged_prefix``): the first cut's pass records the
-    teacher's layer outputs, and each later cut starts from them (``modelio.replay_prefix``)."""
+def score_cuts(model, batches: list, cuts: dict[tuple, str], stats: dict | None,
+               log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Each cut's KL to the unpruned ``model`` (``measure_cuts``) on the first ``MEASURE_WINDOWS``
+    calibration windows; with more than ``FINALISTS`` cuts, every cut is screened on the first
+    ``SCREEN_WINDOWS`` (``screen_kl``) and only the ``FINALISTS`` lowest get ``kl``."""
     import torch
 
+    windows = torch.cat(batches)[:MEASURE_WINDOWS]
+    if not screened(len(cuts), len(windows)):
+        return measure_cuts(model, windows, cuts, stats, log)
+    log(f"screening {len(cuts)} cuts on {SCREEN_WINDOWS} windows; the {FINALISTS} lowest are then scored on "
+        f"{len(windows)}")
+    screen = measure_cuts(model, windows[:SCREEN_WINDOWS], cuts, stats, log, key="screen_kl")
+    finalists = sorted(screen, key=lambda c: (c["screen_kl"], c["removed"]))[:FINALISTS]
+    final = measure_cuts(model, windows, {tuple(c["removed"]): c["by"] for c in finalists}, stats, log)
+    kl = {tuple(c["removed"]): c["kl"] for c in final}
+    return [{**c, **({"kl": kl[tuple(c["removed"])]} if tuple(c["removed"]) in kl else {})} for c in screen]
+
+
+def measure_cuts(model, windows, cuts: dict[tuple, str], stats: dict | None, log: Callable[[str], None],
+                 key: str = "kl") -> list[dict[str, Any]]:
+    """KL to the unpruned ``model`` of each cut (after its linear repair when ``stats`` is given), on the
+    token ``windows``, stored under ``key``. The teacher's logits are computed once, and so are the
+    layers a cut leaves unchanged (``unchanged_prefix``): the first cut's pass records the teacher's
+    layer outputs, and each later cut starts from them (``modelio.replay_prefix``)."""
     from ollama_compress import repair, trainer
 
-    windows = torch.cat(batches)[:MEASURE_WINDOWS]
+    teacher_logits: list = []
     vocab = model.get_output_embeddings().weight.shape[0]
     device = str(next(model.parameters()).device)
     _, layers = modelio.decoder_stack(model)
     prefixes = {removed: unchanged_prefix(removed, stats is not None) for removed in cuts}
-    teacher_logits: list = []
     recorded: dict[int, list] = {}
     results = []
     for removed, label in cuts.items():
@@ -615,8 +631,8 @@ def measure_cuts(model, batches: list, cuts: dict[tuple, str], stats: dict | Non
             kl = trainer.heldout_metrics(student, model, windows, device, vocab, teacher_logits)["kl"]
         recorded = recorded or outputs
         del student
-        results.append({"removed": list(removed), "by": label, "kl": kl})
-        log(f"candidate {list(removed)} ({label}): KL {kl:.4f}")
+        results.append({"removed": list(removed), "by": label, key: kl})
+        log(f"candidate {list(removed)} ({label}): {'screen KL' if key == 'screen_kl' else 'KL'} {kl:.4f}")
     return results
 
 
@@ -643,8 +659,8 @@ def choose_and_repair(model, batches: list, removed: list[int], *, select: str, 
         spans = [span for cut in cuts for span in repair.spans_of(cut)]
         stats = repair.collect(model, batches, spans) if repair_mode == "linear" else None
         log(f"select: measured, scoring {len(cuts)} candidate cuts by KL to the teacher")
-        candidates = measure_cuts(model, batches, cuts, stats, log)
-        best = min(candidates, key=lambda c: (c["kl"], c["removed"]))
+        candidates = score_cuts(model, batches, cuts, stats, log)
+        best = min((c for c in candidates if "kl" in c), key=lambda c: (c["kl"], c["removed"]))
         removed = best["removed"]
         extra["select"] = {"mode": "measured", "repair": repair_mode, "candidates": candidates,
                            "chosen": removed, "metric_pick": picks.get(metric)}

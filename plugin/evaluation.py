@@ -40,7 +40,7 @@ from .planner import gguf_size, model_shape
 from .plugins import call_first, get_plugin_manager
 from .quant_names import NEEDS_IMATRIX, QUANTS, UNQUANTIZED, quantizable
 from .recipe import Evaluate, Export
-from .reference import HFModel, log_softmax, teacher_reference
+from .reference import FIGURE_KEYS, HFModel, known_figures, log_softmax, store_figures, teacher_reference
 from .report import rich_table, run_plan, write_report
 
 QUALITY_RETAINED = (
@@ -240,6 +240,10 @@ class LlamaModel(LlamaScorer):
             out.append(_choice_sum(log_softmax(logits), 0, choice))
         return out
 
+    def greedy_many(self, prompts: list[list[int]], max_new: int, stop: set[int]) -> list[list[int]]:
+        """Greedy continuations of ``prompts`` (up to ``max_new`` tokens, ending before a ``stop`` token)."""
+        return [self.greedy(p, max_new, stop) for p in prompts]
+
     def greedy(self, tokens: list[int], max_new: int, stop: set[int]) -> list[int]:
         self.llm.reset()
         self.llm.eval(tokens)
@@ -259,7 +263,7 @@ def heldout_quality(backend, windows: list[list[int]], teacher_lp) -> dict[str, 
         raise UserError(f"the model's vocabulary of {backend.n_vocab} tokens differs from the teacher's "
                         f"{teacher_lp.shape[1]}; evaluate models that share the teacher's tokenizer")
     quality = quality_against(backend, windows, teacher_lp)
-    return {key: quality[key] for key in ("perplexity", "kl", "top1_agreement")}
+    return {key: quality[key] for key in FIGURE_KEYS}
 
 
 # ---------------------------------------------------------------- knowledge and answers
@@ -288,14 +292,11 @@ def _choice_sum(lp, first: int, choice: list[int]) -> float:
 
 
 def knowledge_accuracy(backend, sequences) -> float:
-    """Share of questions whose right choice has the highest log-likelihood after the question."""
+    """Share of questions whose right choice has the highest log-likelihood after the question
+    (``choice_log_likelihoods`` of either backend)."""
     right = 0
     for context, choices, answer in sequences:
-        if isinstance(backend, LlamaModel):
-            scores = backend.choice_log_likelihoods(context, choices)
-        else:  # PyTorch: the choices in one batch
-            scores = [_choice_sum(lp, len(context) - 1, choice)
-                      for lp, choice in zip(backend.log_probs_many([context + c for c in choices]), choices)]
+        scores = backend.choice_log_likelihoods(context, choices)
         right += int(max(range(len(scores)), key=scores.__getitem__) == answer)
     return right / len(sequences)
 
@@ -347,13 +348,17 @@ def measure_model(ctx: StageContext, model_path: Path) -> dict[str, Any]:
             row.update(perplexity=reference["teacher_perplexity"], kl=0.0, top1_agreement=1.0)
         elif stored and stored.get("teacher_reference") == reference["key"]:  # the quant table's figures
             row.update(perplexity=stored["perplexity"], kl=stored["mean_kl"], top1_agreement=stored["top1_agreement"])
+        elif not is_gguf and (known := known_figures(Path(reference["folder"]), model_path)) is not None:
+            row.update(known)  # measured by heal (or an earlier evaluate) on these very weights
         else:
             row.update(heldout_quality(backend, windows, teacher_lp))
+            if not is_gguf:
+                store_figures(Path(reference["folder"]), model_path, row)
         if sequences:
             row["knowledge_accuracy"] = knowledge_accuracy(backend, sequences)
         stop = stop_tokens(tokenizer, teacher_dir)
-        row["answers"] = [tokenizer.decode(backend.greedy(p, settings.max_new_tokens, stop),
-                                           skip_special_tokens=True).strip() for p in prompts]
+        row["answers"] = [tokenizer.decode(answer, skip_special_tokens=True).strip()
+                          for answer in backend.greedy_many(prompts, settings.max_new_tokens, stop)]
     finally:
         backend.close()
     if is_gguf and settings.speed:
@@ -408,7 +413,7 @@ def measure_row(ctx: StageContext, candidate: Candidate, reference: dict[str, An
     row = {"name": candidate.name, "model": candidate.model, "quant": candidate.quant, "kind": candidate.kind,
            "path": str(candidate.path), **merged, "eval_seconds": round(time.perf_counter() - started, 1)}
     ctx.log(f"evaluated {candidate.name}: " + ", ".join(
-        f"{k} {row[k]:.4g}" for k in ("perplexity", "kl", "top1_agreement") if isinstance(row.get(k), float)))
+        f"{k} {row[k]:.4g}" for k in FIGURE_KEYS if isinstance(row.get(k), float)))
     return row
 
 

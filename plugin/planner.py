@@ -336,7 +336,9 @@ def heal_memory_bytes(teacher: ModelShape, removed: int, settings: Heal, *, devi
 
 
 # ---------------------------------------------------------------- prune.select: measured
-MEASURE_WINDOWS = 8  # calibration windows each candidate cut is scored on (KL to the teacher)
+MEASURE_WINDOWS = 8  # calibration windows the finalist cuts are scored on (KL to the teacher)
+SCREEN_WINDOWS = 2  # the first of them, on which every candidate is screened when there are more than FINALISTS
+FINALISTS = 4  # the candidates with the lowest screen KL, scored again on all MEASURE_WINDOWS
 MEASURED_AUTO_FLOPS = 5e13  # select: auto measures when the estimate is at most this (a few CPU minutes)
 
 
@@ -356,21 +358,35 @@ def contiguous_starts(num_layers: int, n: int, protected: set[int]) -> list[int]
     return [s for s in range(num_layers - n + 1) if not protected.intersection(range(s, s + n))]
 
 
+def screened(candidates: int, windows: int) -> bool:
+    """Whether ``prune.select: measured`` screens its candidates on ``SCREEN_WINDOWS`` windows first."""
+    return candidates > FINALISTS and windows > SCREEN_WINDOWS
+
+
 def measured_select_cost(shape: ModelShape, n: int, protected: set[int], metrics: int, samples: int,
                          seq_len: int) -> dict[str, Any]:
     """Estimated work of ``prune.select: measured``: one teacher pass over the calibration text (the
     repair sums), then each candidate (every contiguous span plus each metric's pick) scored on
-    ``MEASURE_WINDOWS`` windows, with the teacher's logits computed once. A span starting at layer
-    ``s`` runs from its repaired anchor ``s - 1`` on (the layers before it are replayed); a metric's
-    pick is counted whole. FLOPs: 2 x params per token."""
+    ``SCREEN_WINDOWS`` windows and the ``FINALISTS`` lowest on ``MEASURE_WINDOWS`` (all candidates on
+    ``MEASURE_WINDOWS`` when there are no more than ``FINALISTS``), with the teacher's logits computed
+    once. A span starting at layer ``s`` runs from its repaired anchor ``s - 1`` on (the layers before
+    it are replayed); a metric's pick is counted whole; a finalist counts as the average candidate.
+    FLOPs: 2 x params per token."""
     starts = contiguous_starts(shape.num_layers, n, protected)
     candidates = len(starts) + metrics
     windows = min(MEASURE_WINDOWS, samples)
-    forwards = samples + windows + candidates * windows
-    tokens = forwards * seq_len
     scored = sum(shape.params(n + max(0, s - 1)) for s in starts) + metrics * shape.params(n)
-    flops = 2 * shape.params() * samples * seq_len + 2 * (shape.params() + scored) * windows * seq_len
-    return {"candidates": candidates, "forward_passes": forwards, "tokens": tokens, "flops": float(flops)}
+    if screened(candidates, windows):  # the teacher runs on the screen's windows, then on all of them
+        teacher_windows = SCREEN_WINDOWS + windows
+        candidate_windows = candidates * SCREEN_WINDOWS + FINALISTS * windows
+        scored_tokens = (scored * SCREEN_WINDOWS + scored / candidates * FINALISTS * windows) * seq_len
+    else:
+        teacher_windows = windows
+        candidate_windows = candidates * windows
+        scored_tokens = scored * windows * seq_len
+    forwards = samples + teacher_windows + candidate_windows
+    flops = 2 * shape.params() * (samples + teacher_windows) * seq_len + 2 * scored_tokens
+    return {"candidates": candidates, "forward_passes": forwards, "tokens": forwards * seq_len, "flops": float(flops)}
 
 
 # ---------------------------------------------------------------- prune.target.size_mb: cut + quant or quantize only

@@ -26,6 +26,8 @@ REFERENCE_DIR = "teacher-reference"  # under the run's cache/ (or the user cache
 LOGPROBS_FILE = "teacher_logprobs.npy"
 WINDOWS_FILE = "windows.json"
 SUMMARY_FILE = "reference.json"  # written last: a folder without it is incomplete
+FIGURES_DIR = "figures"  # held-out figures of HF models measured against the reference, by the model's sha256
+FIGURE_KEYS = ("perplexity", "kl", "top1_agreement")
 
 
 def log_softmax(logits: Any) -> Any:
@@ -101,7 +103,33 @@ class TeacherReference:
         """The JSON-able form evaluate's hook finds in ``ctx.inputs["heldout_reference"]``."""
         return {"key": self.key, "teacher_dir": str(self.teacher_dir), "windows": str(self.folder / WINDOWS_FILE),
                 "teacher_logprobs": str(self.logprobs_path), "tokens": self.tokens,
-                "teacher_perplexity": self.teacher_perplexity}
+                "teacher_perplexity": self.teacher_perplexity, "folder": str(self.folder)}
+
+
+def _figures_file(folder: Path, model_dir: Path) -> Path:
+    from .embedded import cache_dir
+
+    return Path(folder) / FIGURES_DIR / f"{Fingerprints(cache_dir() / 'fingerprints.json').sha256(model_dir)}.json"
+
+
+def known_figures(folder: Path, model_dir: Path) -> dict[str, float] | None:
+    """``FIGURE_KEYS`` of the HF model ``model_dir`` against the reference in ``folder``, as
+    ``store_figures`` kept them for these very files (same sha256), or None: heal measures the
+    student and the healed model, and evaluate reads those figures instead of measuring again."""
+    try:
+        figures = json.loads(_figures_file(folder, model_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(figures, dict) and all(isinstance(figures.get(k), (int, float)) for k in FIGURE_KEYS)
+    return {k: figures[k] for k in FIGURE_KEYS} if ok else None
+
+
+def store_figures(folder: Path, model_dir: Path, figures: dict[str, float]) -> None:
+    """Keep ``FIGURE_KEYS`` of ``figures`` (the HF model ``model_dir``, measured against the
+    reference in ``folder``) for ``known_figures``."""
+    path = _figures_file(folder, model_dir)
+    path.parent.mkdir(exist_ok=True)
+    write_json(path, {k: float(figures[k]) for k in FIGURE_KEYS})
 
 
 def windows_hash(windows: list[list[int]]) -> str:
@@ -168,6 +196,14 @@ def _compute(teacher_dir: Path, windows: list[list[int]], folder: Path, options:
                                        "tokens": n_scored, "teacher_perplexity": meter.result()["perplexity"]})
 
 
+def _cache_keyword(model: Any) -> str:
+    """The key/value cache's name in ``model.forward`` and its output: ``cache`` since transformers
+    5.x, ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class HFModel:
     """An HF directory in PyTorch (float32) on the run's device; ``loaded``: that model, loaded already."""
 
@@ -193,19 +229,41 @@ class HFModel:
             lp = torch.log_softmax(self.model(input_ids=ids).logits[:, :-1].float(), dim=-1).cpu().numpy()
         return [lp[i, :len(s) - 1] for i, s in enumerate(sequences)]
 
-    def greedy(self, tokens: list[int], max_new: int, stop: set[int]) -> list[int]:
+    def choice_log_likelihoods(self, context: list[int], choices: list[list[int]]) -> list[float]:
+        """Log-likelihood of each choice's tokens after ``context``: the context runs once, and the
+        choices continue from its key/value cache in one batch (right-padded, so causal attention
+        never sees the padding)."""
         import torch
 
-        ids = torch.tensor([tokens], device=self.model.device)
+        device = self.model.device
         with torch.no_grad():
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                                      do_sample=False, eos_token_id=sorted(stop) or None,
-                                      pad_token_id=next(iter(stop), 0))
-        new = out[0, len(tokens):].tolist()
-        for i, token in enumerate(new):
-            if token in stop:
-                return new[:i]
-        return new
+            out = self.model(input_ids=torch.tensor([context], device=device), use_cache=True)
+            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            keyword = _cache_keyword(self.model)
+            cache = getattr(out, keyword)
+            cache.batch_repeat_interleave(len(choices))
+            width = max(map(len, choices))
+            ids = torch.tensor([c + [0] * (width - len(c)) for c in choices], device=device)
+            lp = torch.log_softmax(self.model(input_ids=ids, **{keyword: cache}).logits.float(), dim=-1)
+        return [float(first[c[0]] + sum(lp[row, i, t] for i, t in enumerate(c[1:]))) for row, c in enumerate(choices)]
+
+    def greedy_many(self, prompts: list[list[int]], max_new: int, stop: set[int]) -> list[list[int]]:
+        """Greedy continuations of ``prompts`` (up to ``max_new`` tokens, ending before a ``stop``
+        token), generated in one left-padded batch."""
+        import torch
+
+        width = max(map(len, prompts))
+        pad = min(stop, default=0)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
+        with torch.no_grad():
+            out = self.model.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                                      eos_token_id=sorted(stop) or None, pad_token_id=pad)
+        answers = []
+        for row in out[:, width:].tolist():
+            end = next((i for i, token in enumerate(row) if token in stop), len(row))
+            answers.append(row[:end])
+        return answers
 
     def close(self) -> None:
         del self.model

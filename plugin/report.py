@@ -331,16 +331,25 @@ def _chosen_by(layer_map: dict[str, Any]) -> str:
 
 
 def candidate_lines(layer_map: dict[str, Any]) -> list[str]:
-    """The cuts ``prune.select: measured`` tried, lowest KL first, the chosen one in bold."""
+    """The cuts ``prune.select: measured`` tried, lowest KL first, the chosen one in bold; when they
+    were screened, the screen's KL too, and the cuts it dropped after the finalists."""
     select = layer_map.get("select") or {}
-    candidates = sorted(select.get("candidates") or [], key=lambda c: c["kl"])
+    candidates = sorted(select.get("candidates") or [],
+                        key=lambda c: ("kl" not in c, c.get("kl", 0.0), c.get("screen_kl", 0.0)))
     if not candidates:
         return []
+    screen = any("screen_kl" in c for c in candidates)
     lines = [f"Cut chosen by measured KL to the teacher on calibration text (repair: {select.get('repair')}):", "",
-             "| removed | candidate of | KL |", "|---|---|---:|"]
+             "| removed | candidate of | KL |" + (" screen KL |" if screen else ""),
+             "|---|---|---:|" + ("---:|" if screen else "")]
     for c in candidates:
         mark = "**" if c["removed"] == select.get("chosen") else ""
-        lines.append(f"| {mark}{c['removed']}{mark} | {c['by']} | {c['kl']:.4f} |")
+        kl = f"{c['kl']:.4f}" if "kl" in c else "-"
+        lines.append(f"| {mark}{c['removed']}{mark} | {c['by']} | {kl} |"
+                     + (f" {c['screen_kl']:.4f} |" if screen else ""))
+    if screen:
+        lines += ["", "Every cut was first screened on fewer windows (screen KL); the lowest were then "
+                      "scored on all of them (KL)."]
     return lines + [""]
 
 

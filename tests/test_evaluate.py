@@ -404,6 +404,36 @@ def test_llama_cpp_scores_each_knowledge_choice_as_a_fresh_evaluation_does(tmp_p
         model.close()
 
 
+def test_pytorch_scores_each_knowledge_choice_as_a_fresh_evaluation_does(tiny_model_dir, arch):
+    """PyTorch too runs the context once and the choices from its cache, in one batch: the same
+    log-likelihoods as running context + choice from scratch, on every architecture."""
+    from ollama_compress.evaluation import _choice_sum, knowledge_sequences
+    from ollama_compress.modelio import load_tokenizer
+    from ollama_compress.options import RunOptions
+    from ollama_compress.reference import HFModel
+
+    teacher = tiny_model_dir(arch, 4)
+    model = HFModel(teacher, RunOptions())
+    for context, choices, _ in knowledge_sequences(load_tokenizer(teacher))[:4]:
+        assert len({len(c) for c in choices}) > 1 or len(choices) > 1
+        fresh = [_choice_sum(model.log_probs(context + c), len(context) - 1, c) for c in choices]
+        assert model.choice_log_likelihoods(context, choices) == pytest.approx(fresh, rel=1e-4, abs=1e-4)
+
+
+def test_pytorch_greedy_answers_in_one_batch_equal_one_at_a_time(tiny_model_dir):
+    """Prompts of different lengths, left-padded into one batch, get the answers each gets alone."""
+    from ollama_compress.options import RunOptions
+    from ollama_compress.reference import HFModel
+
+    model = HFModel(tiny_model_dir("llama", 4), RunOptions())
+    prompts = [[1, 500, 600, 700, 800, 900], [1, 42], [1, 7000, 7001, 7002]]
+    alone = [model.greedy_many([p], 12, {0})[0] for p in prompts]
+    assert [len(a) for a in alone] == [12, 12, 12]
+    assert model.greedy_many(prompts, 12, {0}) == alone
+    stop = {alone[1][3]}  # an answer ends before its stop token
+    assert model.greedy_many(prompts, 12, stop)[1] == alone[1][:alone[1].index(alone[1][3])]
+
+
 def test_llama_cpp_log_probabilities_do_not_depend_on_the_thread_count(tmp_path, tiny_model_dir):
     """Quality passes use every free core (``LlamaScorer``'s default); the figures stay the same."""
     import numpy as np

@@ -275,6 +275,10 @@ def test_a_token_budget_sets_the_step_count_exactly():
     assert heal_hooks.heal_steps(rounded_up) == 17
     assert heal_hooks.heal_tokens_needed(quick(steps=7, batch_size=3, seq_len=16)) == 7 * 3 * 16
     assert heal_hooks.heal_steps(quick(budget={"minutes": 5})) is None  # set on the machine
+    # the heal text is sized before that: for `steps` steps
+    minutes = quick(steps=9, batch_size=2, seq_len=32, budget={"minutes": 5})
+    assert heal_hooks.heal_tokens_needed(minutes) is None and heal_hooks.heal_tokens_planned(minutes) == 9 * 64
+    assert heal_hooks.heal_tokens_planned(exact) == 1024
     with pytest.raises(Exception, match="exactly one of minutes or tokens"):
         quick(budget={"minutes": 5, "tokens": 100})
 

@@ -1,5 +1,6 @@
 """The teacher reference: heal computes the teacher's held-out log-probabilities once into the run's
-cache, evaluate reads them without running the teacher again, and both give one KL for one model."""
+cache, evaluate reads them without running the teacher again, and both give one KL for one model:
+heal's, which evaluate reads instead of measuring the pruned and healed models again."""
 from __future__ import annotations
 
 import json
@@ -9,11 +10,12 @@ import numpy as np
 import pytest
 
 from ollama_compress.context import StageContext
-from ollama_compress.evaluation import evaluate_run
+from ollama_compress.evaluation import evaluate_run, heldout_quality
 from ollama_compress.hooks.heal import heal_model
 from ollama_compress.hooks.prune import prune_dir
 from ollama_compress.recipe import validate
-from ollama_compress.reference import REFERENCE_DIR, QualityMeter
+from ollama_compress.options import RunOptions
+from ollama_compress.reference import REFERENCE_DIR, HFModel, QualityMeter, known_figures, store_figures
 
 HEAL_TEXT = "The quick brown fox jumps over the lazy dog while the farmer counts seven sheep in the field. " * 2
 
@@ -54,6 +56,29 @@ def test_heal_computes_the_reference_once_and_evaluate_measures_its_kl_the_same(
     assert rows["teacher"]["perplexity"] == pytest.approx(result["ppl_teacher"], rel=1e-6)
     assert rows["pruned"]["kl"] == pytest.approx(result["kl_before"], abs=1e-4)
     assert json.loads((folder / "reference.json").read_text())["dtype"] == "float32"
+
+    # heal's figures are those of the saved weights, measured afresh
+    windows = json.loads((folder / "windows.json").read_text())
+    teacher_lp = np.load(folder / "teacher_logprobs.npy")
+    for model_dir in (student, healed):
+        fresh = heldout_quality(HFModel(model_dir, RunOptions()), windows, teacher_lp)
+        assert known_figures(folder, model_dir) == pytest.approx(fresh, rel=1e-4, abs=1e-5)
+
+    # evaluate read them: the stored figure is what it reports, until the weights change
+    store_figures(folder, healed, {"perplexity": 9.0, "kl": 1.25, "top1_agreement": 0.5})
+    assert _evaluated(recipe, run, teacher, student, healed, "again")["healed"]["kl"] == 1.25
+    (healed / "heal.json").write_text("{}")
+    assert _evaluated(recipe, run, teacher, student, healed, "changed")["healed"]["kl"] == pytest.approx(
+        rows["healed"]["kl"], abs=1e-4)
+
+
+def _evaluated(recipe, run: Path, teacher: Path, student: Path, healed: Path, name: str) -> dict:
+    out = run / name
+    out.mkdir()
+    ctx = StageContext(stage="evaluate", recipe=recipe, run_dir=run, out_dir=out, section="evaluate",
+                       inputs={"teacher_dir": str(teacher), "pruned_dir": str(student), "healed_dir": str(healed)})
+    evaluate_run(ctx)
+    return {r["name"]: r for r in ctx.metrics["evaluation"]["rows"]}
 
 
 def test_the_quality_meter_on_known_distributions():

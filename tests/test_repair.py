@@ -189,8 +189,8 @@ def test_measured_cuts_score_each_cut_as_a_whole_pruned_model_would(repaired):
     batches = _batches(10, 3)
     cuts = {(1, 2): "span", (4, 5): "span", (2, 6): "pick", (5, 6): "span"}
     stats = repair.collect(teacher, batches, [s for cut in cuts for s in repair.spans_of(cut)]) if repaired else None
-    measured = prune.measure_cuts(teacher, batches, cuts, stats, lambda message: None)
     windows = torch.cat(batches)[:prune.MEASURE_WINDOWS]
+    measured = prune.measure_cuts(teacher, windows, cuts, stats, lambda message: None)
     vocab = teacher.get_output_embeddings().weight.shape[0]
     for result in measured:
         removed = result["removed"]
@@ -217,10 +217,38 @@ def test_measured_select_keeps_the_lowest_kl_cut_when_the_metric_picks_a_worse_o
     candidates = {tuple(c["removed"]): c for c in select["candidates"]}
     assert set(candidates) == {(s, s + 1) for s in range(1, 6)}  # every span avoiding layers 0 and 7
     assert "block_influence" in candidates[(3, 4)]["by"]
-    best = min(candidates.values(), key=lambda c: c["kl"])
+    # five candidates: all screened, the FINALISTS lowest scored on every window
+    by_screen = sorted(candidates.values(), key=lambda c: c["screen_kl"])
+    assert [("kl" in c) for c in by_screen] == [True] * prune.FINALISTS + [False] * (5 - prune.FINALISTS)
+    best = min((c for c in candidates.values() if "kl" in c), key=lambda c: c["kl"])
     assert result["removed"] == best["removed"] == select["chosen"] != [3, 4]
-    assert best["kl"] < candidates[(3, 4)]["kl"]
-    assert sum(m.startswith("candidate ") for m in messages) == 5
+    assert best["screen_kl"] < candidates[(3, 4)]["screen_kl"]
+    assert sum(m.startswith("candidate ") for m in messages) == 5 + prune.FINALISTS
+
+
+@pytest.mark.parametrize("count", [3, 6])
+def test_screened_cuts_keep_the_finalists_kl_on_every_window(count):
+    """With more cuts than FINALISTS, each is screened on SCREEN_WINDOWS windows and the lowest are
+    scored again on all of them; with fewer, every cut is scored on all windows at once."""
+    teacher = _loud_span(tiny_model("llama", 8), [3, 4])
+    batches = _batches(10, 3)
+    cuts = dict(list({(1, 2): "span", (2, 3): "span", (3, 4): "span", (4, 5): "span", (5, 6): "span",
+                      (2, 6): "pick"}.items())[:count])
+    stats = repair.collect(teacher, batches, [s for cut in cuts for s in repair.spans_of(cut)])
+    scored = prune.score_cuts(teacher, batches, cuts, stats, lambda message: None)
+    windows = torch.cat(batches)[:prune.MEASURE_WINDOWS]
+    whole = {tuple(c["removed"]): c["kl"] for c in prune.measure_cuts(teacher, windows, cuts, stats, lambda m: None)}
+    assert [tuple(c["removed"]) for c in scored] == list(cuts)
+    if count <= prune.FINALISTS:
+        assert all("screen_kl" not in c for c in scored)
+        assert {tuple(c["removed"]): c["kl"] for c in scored} == pytest.approx(whole, rel=1e-6)
+        return
+    screen = {tuple(c["removed"]): c["kl"] for c in prune.measure_cuts(
+        teacher, windows[:prune.SCREEN_WINDOWS], cuts, stats, lambda m: None)}
+    assert {tuple(c["removed"]): c["screen_kl"] for c in scored} == pytest.approx(screen, rel=1e-6)
+    finalists = sorted(screen, key=screen.get)[:prune.FINALISTS]
+    assert {tuple(c["removed"]): c["kl"] for c in scored if "kl" in c} == pytest.approx(
+        {cut: whole[cut] for cut in finalists}, rel=1e-6)
 
 
 def test_auto_measures_small_models_and_refuses_measured_with_explicit_layers(tiny_model_dir):
@@ -247,7 +275,7 @@ def test_bad_repair_and_select_settings_are_one_line_exit_2(tiny_model_dir, tmp_
 # ---------------------------------------------------------------- dry run and report
 def test_dry_run_estimates_the_measured_select_cost(tiny_model_dir):
     from ollama_compress import pipeline
-    from ollama_compress.planner import MEASURE_WINDOWS, model_shape
+    from ollama_compress.planner import FINALISTS, MEASURE_WINDOWS, SCREEN_WINDOWS, model_shape
     from ollama_compress.recipe import validate
 
     source = tiny_model_dir("llama", 6)
@@ -255,10 +283,14 @@ def test_dry_run_estimates_the_measured_select_cost(tiny_model_dir):
                                   prune={"remove": 2, "report_metrics": ["angular"]}))
     cost = pipeline.run(recipe, dry_run=True)["estimate"]["select_measured"]
     assert cost["candidates"] == 3 + 2  # spans starting at 1, 2, 3 plus block_influence's and angular's picks
-    assert cost["forward_passes"] == 16 + MEASURE_WINDOWS + 5 * MEASURE_WINDOWS
+    # five candidates: each on the SCREEN_WINDOWS, the FINALISTS again on all MEASURE_WINDOWS; the
+    # teacher on both sets of windows
+    teacher_windows = SCREEN_WINDOWS + MEASURE_WINDOWS
+    assert cost["forward_passes"] == 16 + teacher_windows + 5 * SCREEN_WINDOWS + FINALISTS * MEASURE_WINDOWS
     shape = model_shape(source)
     scored = shape.params(2) + shape.params(3) + shape.params(4) + 2 * shape.params(2)  # spans replay 0, 1, 2 layers
-    assert cost["flops"] == 2 * shape.params() * 16 * 64 + 2 * (shape.params() + scored) * 8 * 64
+    assert cost["flops"] == pytest.approx(2 * shape.params() * (16 + teacher_windows) * 64
+                                          + 2 * scored * (SCREEN_WINDOWS + FINALISTS / 5 * MEASURE_WINDOWS) * 64)
     layers_given = validate(recipe_dict(source, "t", prune={"layers": [2, 3]}))
     assert "select_measured" not in pipeline.run(layers_given, dry_run=True)["estimate"]
 
@@ -274,3 +306,9 @@ def test_the_report_lists_the_measured_candidates_lowest_kl_first():
         "| removed | candidate of | KL |", "|---|---|---:|",
         "| **[2, 3]** | span | 0.2500 |", "| [1, 2] | span, block_influence | 0.5000 |", ""]
     assert candidate_lines({"removed": [2, 3]}) == []
+    layer_map["select"]["candidates"] = [{**c, "screen_kl": c["kl"] + 0.1} for c in layer_map["select"]["candidates"]]
+    layer_map["select"]["candidates"].append({"removed": [3, 4], "by": "span", "screen_kl": 0.05})
+    assert candidate_lines(layer_map)[2:7] == [
+        "| removed | candidate of | KL | screen KL |", "|---|---|---:|---:|",
+        "| **[2, 3]** | span | 0.2500 | 0.3500 |", "| [1, 2] | span, block_influence | 0.5000 | 0.6000 |",
+        "| [3, 4] | span | - | 0.0500 |"]
