@@ -6,6 +6,8 @@ by transformers' GGUF loader, so a Q4 GGUF yields float weights equal to what ll
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import re
 from pathlib import Path
@@ -65,6 +67,43 @@ def _strip_quantization(model) -> None:
         del model.config.quantization_config
 
 
+@contextlib.contextmanager
+def _gguf_metadata_parsed_once():
+    """Within this block, transformers parses each GGUF's metadata once.
+
+    Loading the tokenizer and the model, transformers reads the file's metadata three times
+    (config, tokenizer config, config again) and opens it once more for the weights; gguf-py
+    takes seconds a time over a 49k-token vocabulary. The file is opened once here, its metadata
+    parsed once, and each caller gets its own copy of the parse.
+    """
+    import gguf
+    import transformers.modeling_gguf_pytorch_utils as loader
+
+    open_reader, parse = gguf.GGUFReader, loader.load_gguf_checkpoint
+    readers: dict[tuple[str, str], object] = {}
+    parsed: dict[str, dict] = {}
+
+    def reader_once(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = open_reader(path, mode)
+        return readers[key]
+
+    def parse_once(path, return_tensors=False, *args, **kwargs):
+        if return_tensors or args or kwargs:
+            return parse(path, return_tensors, *args, **kwargs)
+        key = os.fspath(path)
+        if key not in parsed:
+            parsed[key] = parse(path, return_tensors=False)
+        return copy.deepcopy(parsed[key])
+
+    gguf.GGUFReader, loader.load_gguf_checkpoint = reader_once, parse_once
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, loader.load_gguf_checkpoint = open_reader, parse
+
+
 def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32") -> Path:
     """Write a clean HF directory for ``gguf_path`` into the existing directory ``out_dir``."""
     import torch
@@ -76,10 +115,11 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
                      f"the import of {gguf_path.name}")
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=getattr(torch, dtype), local_files_only=True
-        )
+        with _gguf_metadata_parsed_once():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=name, dtype=getattr(torch, dtype), local_files_only=True
+            )
     except (ValueError, KeyError, OSError, RuntimeError, TypeError, AttributeError, ArithmeticError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{gguf_path}: transformers cannot load this GGUF ({first[:300]})") from None

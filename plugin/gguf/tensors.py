@@ -248,14 +248,7 @@ def width_warnings(source: Path) -> list[str]:
     """The width warnings of an HF directory (from its tensor plan) or of a GGUF file (from its tensor index)."""
     source = Path(source)
     if source.is_file() and source.suffix == ".gguf":
-        from gguf import GGUFReader
-
-        verify_gguf(source)
-        try:
-            reader = GGUFReader(source)
-        except Exception as exc:  # gguf-py raises ValueError and others for bad files
-            raise UserError(f"{source} is not a readable GGUF file: {exc}") from None
-        return width_warnings_of((t.name, tuple(int(d) for d in reversed(t.shape))) for t in reader.tensors)
+        return width_warnings_of((t.name, tuple(reversed(t.shape))) for t in verify_gguf(source).tensors)
     planned, _ = plan_tensors(source, "F16")
     return width_warnings_of((t.name, t.shape) for t in planned)
 
