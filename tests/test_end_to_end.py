@@ -22,7 +22,8 @@ def test_demo_recipe_end_to_end(tmp_path, smollm2_hf, ollama_server):  # noqa: F
     proc = cli("run", "smollm2-135m-demo", "--out", out, "--set", f"source.model={smollm2_hf}",
                "--set", f"ollama.host={ollama_server.host}", "--set", "ollama.parameters.num_ctx=512",
                "--set", "data.calibration.samples=8", "--set", "data.heldout.samples=4",
-               "--set", "heal.budget=null", "--set", "heal.steps=6", "--set", "heal.checkpoint_every=3",  # a short heal: the bench measures the full one
+               "--set", "heal.budget=null", "--set", "heal.steps=6", "--set", "heal.batch_size=1",  # a short heal:
+               "--set", "heal.checkpoint_every=3",  # the bench measures the full one
                "--set", "evaluate.teacher_quants=[Q4_K_M, IQ3_M]",
                "--set", "prune.select=metric",  # measured selection is covered in test_repair; it costs minutes here
                "--set", "evaluate.max_new_tokens=8")
