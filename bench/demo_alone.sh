@@ -23,11 +23,15 @@ SAMPLER=$!
 STAMP='import sys, time
 t0 = time.time()
 for line in sys.stdin:
-    sys.stdout.write(f"{time.strftime(\"%H:%M:%S\")} +{time.time() - t0:7.1f} {line}"); sys.stdout.flush()'
+    now = time.strftime("%H:%M:%S")
+    sys.stdout.write(f"{now} +{time.time() - t0:7.1f} {line}")
+    sys.stdout.flush()'
 cd "$RUN"
 /usr/bin/time -v ollama-compress run smollm2-135m-demo > "$OUT/demo.out" 2> >(python3 -u -c "$STAMP" > "$OUT/demo.err")
-echo $? > "$OUT/demo.rc"
+CODE=$?
+echo $CODE > "$OUT/demo.rc"
 kill $SAMPLER
+if [ "$CODE" != 0 ]; then echo "demo_alone: the demo failed (exit $CODE); see $OUT/demo.err" >&2; exit 1; fi
 OLLAMA=$(ls -d "$CACHE"/ollama-*/bin | head -1)/ollama
 "$OLLAMA" serve > "$OUT/ollama-serve.log" 2>&1 &
 SERVE=$!
