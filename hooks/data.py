@@ -166,16 +166,17 @@ def window_views(tokens_needed: int, tokens_available: int) -> float:
     return tokens_needed / max(1, tokens_available)
 
 
-def heal_chat_tokens(spec: TextSource, data, heal, tokenizer, ctx=None) -> int:
+def heal_chat_tokens(spec: TextSource, data, heal, tokenizer, ctx=None, planned: int | None = None) -> int:
     """Tokens of teacher chat that ``spec`` (a `teacher` entry of ``data.heal``) writes for ``heal``.
 
     ``spec.tokens`` when given; else what the heal still lacks after its other sources so that
     each window is seen at most ``MAX_WINDOW_VIEWS`` times, split evenly over the `teacher` entries
-    (0 when the other sources suffice). A minutes budget is sized as ``heal.steps`` steps.
+    (0 when the other sources suffice), for ``planned`` trained tokens (default
+    ``heal_tokens_planned``: a minutes budget as ``heal.steps`` steps).
     """
     if spec.tokens is not None:
         return spec.tokens
-    needed = heal_tokens_planned(heal)
+    needed = planned if planned is not None else heal_tokens_planned(heal)
     sources = data.heal_sources()
     teachers = [s for s in sources if s.from_ == "teacher"]
     others = sum(len(token_stream(load_texts(s, tokenizer, ctx), tokenizer)) for s in sources if s.from_ != "teacher")

@@ -371,6 +371,7 @@ class TrainState:
     best_kl: float | None = None
     best_step: int = 0
     stale: int = 0  # evaluations since the last improvement
+    planned_tokens: int | None = None  # what the heal text was sized for, once set after the first steps
 
 
 Progress = Callable[[dict[str, Any]], None]
@@ -471,6 +472,7 @@ class Trainer:
         self.optimizer, self.scheduler = acc.prepare_optimizer(optimizer), acc.prepare_scheduler(scheduler)
         self.state = TrainState(micro_batch=config.micro_batch)
         self.best: dict[str, torch.Tensor] | None = None  # trainable weights at the best held-out KL
+        self.elapsed = 0.0  # seconds in ``run`` so far, across calls
 
     # -------------------------------------------------------- checkpoints
     def resume(self, path: Path) -> int:
@@ -489,14 +491,14 @@ class Trainer:
                             "resume with the same ones, or delete it to start over")
         self.state = TrainState(step=state["step"], micro_batch=state["micro_batch"], log=state.get("log", []),
                                 best_kl=state.get("best_kl"), best_step=state.get("best_step", 0),
-                                stale=state.get("stale", 0))
+                                stale=state.get("stale", 0), planned_tokens=state.get("planned_tokens"))
         self.config.steps = state.get("steps_total", self.config.steps)
         return self.state.step
 
     def _state_record(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "micro_batch": self.state.micro_batch, "log": self.state.log,
                 "steps_total": self.config.steps, "best_kl": self.state.best_kl, "best_step": self.state.best_step,
-                "stale": self.state.stale}
+                "stale": self.state.stale, "planned_tokens": self.state.planned_tokens}
 
     def checkpoint(self) -> Path | None:
         """Save a resumable checkpoint (every process calls this; rank 0 writes, or all write shards)."""
@@ -635,18 +637,20 @@ class Trainer:
         cfg.steps = max(self.state.step, int(cfg.budget_seconds / per_step_total))
 
     # -------------------------------------------------------- the run
-    def run(self, eval_seconds: float = 0.0) -> list[dict[str, Any]]:
-        """Train up to ``config.steps`` (set from the budget after MEASURE_STEPS when it is in minutes);
-        ``eval_seconds``: the time of one held-out evaluation, counted in a minutes budget."""
+    def run(self, eval_seconds: float = 0.0, stop_at: int | None = None) -> list[dict[str, Any]]:
+        """Train up to ``config.steps`` (set from the budget after MEASURE_STEPS when it is in minutes),
+        or up to ``stop_at`` steps; a later call continues. ``eval_seconds``: the time of one held-out
+        evaluation, counted in a minutes budget."""
         cfg = self.config
         self.student.train()
         self.teacher.eval()
         tokens_per_step = cfg.batch_size * cfg.seq_len
         started = self.clock()
+        before = self.elapsed
         done_here = 0
         stopped_early = False
         with stop_on_signals() as flag:
-            while self.state.step < cfg.steps:
+            while self.state.step < min(cfg.steps, stop_at if stop_at is not None else cfg.steps):
                 step = self.state.step
                 t0 = self.clock()
                 if done_here == 0:
@@ -669,7 +673,7 @@ class Trainer:
                 last = self.state.step >= cfg.steps
                 if self.evaluate is not None and cfg.eval_every and (self.state.step % cfg.eval_every == 0 or last):
                     record.update(self._evaluate())
-                    record["elapsed_s"] = round(self.clock() - started, 3)  # since this process's first step
+                    record["elapsed_s"] = round(before + self.clock() - started, 3)  # in run, since the first step
                     if self._plateau() and not last:
                         stopped_early = True
                         record["stopped"] = f"plateau: no better held-out KL in {cfg.patience} evaluations"
@@ -692,6 +696,7 @@ class Trainer:
                 if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0 \
                         and self.state.step < cfg.steps:
                     self.checkpoint()
+        self.elapsed = before + self.clock() - started
         return self.state.log
 
     def _write_log(self, record: dict[str, Any]) -> None:

@@ -252,3 +252,8 @@ def test_default_heal_data_is_the_corpus_plus_teacher_chat_sized_by_the_heal(smo
     assert data.heal_chat_tokens(chat, Data(), Heal(steps=2, batch_size=1, seq_len=64), smollm2_tokenizer) == 0
     sized = Data.model_validate({"heal": [{"from": "default"}, {"from": "teacher", "tokens": 1234}]})
     assert data.heal_chat_tokens(sized.heal_sources()[1], sized, demo, smollm2_tokenizer) == 1234
+    # a minutes budget: sized for the tokens the heal is expected to train here, when that was measured
+    budget = Heal(steps=60, batch_size=4, seq_len=256, budget={"minutes": 10})
+    assert data.heal_chat_tokens(chat, Data(), budget, smollm2_tokenizer) == tokens  # unmeasured: heal.steps
+    assert data.heal_chat_tokens(chat, Data(), budget, smollm2_tokenizer, planned=40960) == 20480 - corpus
+    assert data.heal_chat_tokens(chat, Data(), budget, smollm2_tokenizer, planned=8192) == 0
