@@ -57,6 +57,7 @@ DEFAULT_FILES = {"calibration": "calibration.txt", "heldout": "heldout.txt"}
 
 PROMPTS_FILE = "prompts.jsonl"  # the shipped prompt set of `teacher` (one {"category", "prompt"} a line)
 MAX_WINDOW_VIEWS = 2  # with the default heal data, no heal token window is seen more than this many times
+HEAL_PLANNED_KEY = "heal_planned_tokens"  # the heal stage's output: the tokens its teacher chat was sized for
 TEACHER_CHAT_VERSION = 1  # part of the cache key: bump when the generated text would change
 
 
@@ -171,11 +172,13 @@ def heal_chat_tokens(spec: TextSource, data, heal, tokenizer, ctx=None, planned:
 
     ``spec.tokens`` when given; else what the heal still lacks after its other sources so that
     each window is seen at most ``MAX_WINDOW_VIEWS`` times, split evenly over the `teacher` entries
-    (0 when the other sources suffice), for ``planned`` trained tokens (default
-    ``heal_tokens_planned``: a minutes budget as ``heal.steps`` steps).
+    (0 when the other sources suffice), for ``planned`` trained tokens (default: what the run's heal
+    stage sized it for, ``ctx.inputs[HEAL_PLANNED_KEY]``, else ``heal_tokens_planned``).
     """
     if spec.tokens is not None:
         return spec.tokens
+    if planned is None:
+        planned = (getattr(ctx, "inputs", None) or {}).get(HEAL_PLANNED_KEY)
     needed = planned if planned is not None else heal_tokens_planned(heal)
     sources = data.heal_sources()
     teachers = [s for s in sources if s.from_ == "teacher"]

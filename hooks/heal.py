@@ -151,10 +151,27 @@ def heal_tokens_needed(settings: Heal) -> int | None:
 
 
 def heal_tokens_planned(settings: Heal) -> int:
-    """``heal_tokens_needed``, or for a minutes budget what ``steps`` steps consume: the heal text
-    is sized for this many tokens before the budget sets the real count."""
+    """``heal_tokens_needed``, or for a minutes budget what ``steps`` steps consume (what the teacher
+    chat is sized for when it cannot wait for the first steps to be timed: ``chat_waits_for_budget``)."""
     needed = heal_tokens_needed(settings)
     return needed if needed is not None else settings.steps * settings.batch_size * settings.seq_len
+
+
+PLANNED_TOKENS_STEP = 4096  # a minutes budget's measured plan is rounded up to this, so a cached chat serves again
+
+
+def budget_tokens_planned(steps: int, settings: Heal) -> int:
+    """The tokens a minutes budget consumes once its first steps set ``steps``, rounded up to
+    ``PLANNED_TOKENS_STEP``."""
+    tokens = steps * settings.batch_size * settings.seq_len
+    return PLANNED_TOKENS_STEP * math.ceil(tokens / PLANNED_TOKENS_STEP)
+
+
+def chat_waits_for_budget(settings: Heal, data: Data) -> bool:
+    """Whether the teacher chat is written after the first steps are timed: a minutes budget and a
+    `teacher` heal source whose size is left to the heal."""
+    return heal_tokens_needed(settings) is None and any(
+        s.from_ == "teacher" and s.tokens is None for s in data.heal_sources())
 
 
 def default_eval_every(settings: Heal, heldout_tokens: int) -> int:
@@ -167,17 +184,49 @@ def default_eval_every(settings: Heal, heldout_tokens: int) -> int:
 
 
 # ---------------------------------------------------------------- data
-def heal_texts(data: Data, tokenizer, teacher_dir: Path, ctx: StageContext | None, settings: Heal | None = None,
-               log: Log = lambda message: None) -> list[str]:
-    """The heal's texts from every ``data.heal`` source; `teacher` chat sized for ``settings``."""
+def heal_texts_by_source(data: Data, tokenizer, teacher_dir: Path, ctx: StageContext | None,
+                         settings: Heal | None = None, log: Log = lambda message: None,
+                         planned: int | None = None) -> dict[str, list[str]]:
+    """The heal's texts by ``data.heal`` key (``data.heal[i]`` for a list); `teacher` chat sized for
+    ``settings`` and ``planned`` trained tokens (``heal_chat_tokens``)."""
     from ollama_compress.hooks.data import heal_chat_tokens, load_texts
 
-    texts: list[str] = []
-    for spec in data.heal_sources():
-        tokens = (heal_chat_tokens(spec, data, settings, tokenizer, ctx)
+    sources = data.heal_sources()
+    texts: dict[str, list[str]] = {}
+    for i, spec in enumerate(sources):
+        tokens = (heal_chat_tokens(spec, data, settings, tokenizer, ctx, planned)
                   if spec.from_ == "teacher" and settings is not None else None)
-        texts.extend(load_texts(spec, tokenizer, ctx, model=teacher_dir, tokens=tokens, log=log))
+        key = f"data.heal[{i}]" if isinstance(data.heal, list) else "data.heal"
+        texts[key] = load_texts(spec, tokenizer, ctx, model=teacher_dir, tokens=tokens, log=log)
     return texts
+
+
+def heal_texts(data: Data, tokenizer, teacher_dir: Path, ctx: StageContext | None, settings: Heal | None = None,
+               log: Log = lambda message: None, planned: int | None = None) -> list[str]:
+    """``heal_texts_by_source`` joined in order."""
+    return [t for texts in heal_texts_by_source(data, tokenizer, teacher_dir, ctx, settings, log, planned).values()
+            for t in texts]
+
+
+def heal_stream(data: Data, tokenizer, teacher_dir: Path, ctx: StageContext | None, settings: Heal,
+                held_windows: list[list[int]], log: Log, planned: int | None = None) -> list[int]:
+    """The heal's token stream (``heal_texts_by_source``), after checking that no held-out window
+    shares text with any of its sources."""
+    from ollama_compress.hooks.data import bos_prefix, check_heldout_unseen, token_stream
+
+    by_source = heal_texts_by_source(data, tokenizer, teacher_dir, ctx, settings, log, planned)
+    check_heldout_unseen(held_windows, {key: [token_stream(texts, tokenizer)] for key, texts in by_source.items()},
+                         skip=len(bos_prefix(tokenizer)))
+    return token_stream([t for texts in by_source.values() for t in texts], tokenizer)
+
+
+def log_window_views(planned: int, stream: list[int], log: Log, how: str = "") -> None:
+    from ollama_compress.hooks.data import MAX_WINDOW_VIEWS, window_views
+
+    views = window_views(planned, len(stream))
+    log(f"heal data: {len(stream)} tokens for {planned} consumed{how}: each window is seen {views:.2f} times"
+        + ("" if views <= MAX_WINDOW_VIEWS else
+           f", more than {MAX_WINDOW_VIEWS}: add heal text or a teacher source (data.heal)"))
 
 
 # ---------------------------------------------------------------- progress
@@ -313,20 +362,22 @@ def heal_model(
     needed = check_memory(student_dir, teacher_dir, settings, device, compute_dtype is not None, max_memory_gib,
                           accelerator.num_processes if sharded else 1)
 
-    from ollama_compress.hooks.data import MAX_WINDOW_VIEWS, token_stream, unseen_heldout_windows, window_views
+    from ollama_compress.hooks.data import unseen_heldout_windows, window_views
 
     if resume is True:  # --resume without a checkpoint is refused before any slow work
         _checkpoint_to_resume(checkpoint_dir, True, "")
-    held_windows = unseen_heldout_windows(data, s_tok, ctx, teacher_dir)
+    held_windows = unseen_heldout_windows(data, s_tok, ctx, teacher_dir, heal=False)  # the heal text: below
     held = torch.tensor(held_windows, dtype=torch.long)
-    texts = heal_texts(data, s_tok, teacher_dir, ctx, settings, log)
-    stream = token_stream(texts, s_tok)
-    planned = heal_tokens_needed(settings)
-    if planned is not None:
-        views = window_views(planned, len(stream))
-        log(f"heal data: {len(stream)} tokens for {planned} consumed: each window is seen {views:.2f} times"
-            + ("" if views <= MAX_WINDOW_VIEWS else
-               f", more than {MAX_WINDOW_VIEWS}: add heal text or a teacher source (data.heal)"))
+    planned = heal_tokens_planned(settings)
+    # a minutes budget's chat is written once the first steps, on the other sources, set the step count
+    chat_waits = chat_waits_for_budget(settings, data)
+    stream = heal_stream(data, s_tok, teacher_dir, ctx, settings, held_windows, log, 0 if chat_waits else planned)
+    if chat_waits and len(stream) < settings.seq_len + 1:  # nothing to time the first steps on: heal.steps
+        chat_waits = False
+        stream = heal_stream(data, s_tok, teacher_dir, ctx, settings, held_windows, log, planned)
+        log_window_views(planned, stream, log, f" if {settings.steps} steps (heal.steps) fit in the budget")
+    elif heal_tokens_needed(settings) is not None:
+        log_window_views(planned, stream, log)
     if len(stream) < settings.seq_len + 1:
         raise UserError(f"the heal text has only {len(stream)} tokens, fewer than heal.seq_len={settings.seq_len}; "
                         "give more text (data.heal) or a smaller seq_len")
@@ -406,10 +457,21 @@ def heal_model(
         f"tokens, train {settings.train}, losses {', '.join(f'{t.name}x{t.weight:g}' for t in terms)}; "
         f"held-out KL to the teacher {before['kl']:.4f}, checked every {cfg.eval_every} steps")
     started = time.perf_counter()
+    chat_seconds = 0.0
+    if chat_waits:
+        if run.state.planned_tokens is None:  # the first steps set the budget's step count
+            with ProgressReport(console, cfg.steps, log) as report:
+                run.on_step = report
+                run.run(eval_seconds=eval_seconds, stop_at=trainer.MEASURE_STEPS)
+            run.state.planned_tokens = budget_tokens_planned(cfg.steps, settings)
+        chat_started = time.perf_counter()
+        run.stream = heal_stream(data, s_tok, teacher_dir, ctx, settings, held_windows, log, run.state.planned_tokens)
+        chat_seconds = time.perf_counter() - chat_started
+        log_window_views(run.state.planned_tokens, run.stream, log, f" ({cfg.steps} steps fit in the budget)")
     with ProgressReport(console, cfg.steps, log) as report:
         run.on_step = report
         records = run.run(eval_seconds=eval_seconds)
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - chat_seconds
     best_step = run.restore_best()
     trained = [r for r in records if "tokens_per_s" in r]
     checks = [{"step": 0, "seconds": 0.0, **{key: before[key] for key in CHECK_FIGURES}}] + [
@@ -425,12 +487,13 @@ def heal_model(
         "top1_before": before["top1"], "top1_after": after["top1"],
         "ppl_teacher": before["teacher_ppl"], "ppl_before": before["ppl"], "ppl_after": after["ppl"],
         "tokens_per_s": (sum(r["tokens_per_s"] for r in trained) / len(trained)) if trained else None,
-        "train_seconds": round(seconds, 1), "heal_tokens": len(stream), "memory_estimate_bytes": needed,
+        "train_seconds": round(seconds, 1), "heal_tokens": len(run.stream), "memory_estimate_bytes": needed,
         "trained_tokens": run.state.step * settings.batch_size * settings.seq_len,
         "heldout_curve": curve, "heldout_checks": checks, "best_step": best_step, "stopped_early": stopped,
-        "dtype": choice.record(), "threads": threads,
+        "dtype": choice.record(), "threads": threads, "planned_tokens": run.state.planned_tokens or planned,
+        "chat_seconds": round(chat_seconds, 1),
     }
-    result["window_views"] = round(window_views(result["trained_tokens"], len(stream)), 2)  # times each window was seen
+    result["window_views"] = round(window_views(result["trained_tokens"], len(run.stream)), 2)  # times each window was seen
     if stopped:
         log(f"heal stopped at step {run.state.step}: {stopped}")
     kept = f"step {best_step}" if best_step else "no check beat the start: the unhealed weights are kept"

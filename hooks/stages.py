@@ -15,6 +15,7 @@ from ollama_compress.context import StageContext
 from ollama_compress.errors import StageFailed
 from ollama_compress.evaluation import evaluate_run
 from ollama_compress.hooks import quantize
+from ollama_compress.hooks.data import HEAL_PLANNED_KEY
 from ollama_compress.hooks.source import resolve_model_dir
 from ollama_compress.hookspecs import hookimpl
 from ollama_compress.ollama_server import ensure_server
@@ -67,7 +68,8 @@ def _heal(ctx: StageContext) -> dict[str, Any]:
     teacher = ctx.section_as(Heal).teacher
     teacher_dir = resolve_model_dir(teacher, ctx.options) if teacher else Path(ctx.inputs["teacher_dir"])
     model_dir = call_first("heal", ctx=ctx, student_dir=Path(ctx.inputs["model_dir"]), teacher_dir=teacher_dir)
-    return {"model_dir": str(model_dir), "healed_dir": str(model_dir)}
+    planned = {HEAL_PLANNED_KEY: ctx.metrics["planned_tokens"]} if "planned_tokens" in ctx.metrics else {}
+    return {"model_dir": str(model_dir), "healed_dir": str(model_dir), **planned}
 
 
 @step("export")

@@ -378,7 +378,7 @@ Progress = Callable[[dict[str, Any]], None]
 
 
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)  # a collective that waits longer ends the run
-MEASURE_STEPS = 2  # heal.budget.minutes: steps timed before the total is set
+MEASURE_STEPS = 3  # heal.budget.minutes: steps run before the total is set (the first one warms up, untimed)
 MIN_IMPROVEMENT = 1e-3  # relative drop of held-out KL that counts as progress for heal.patience
 
 
@@ -626,15 +626,16 @@ class Trainer:
     def _plateau(self) -> bool:
         return bool(self.config.patience) and self.state.stale >= self.config.patience
 
-    def _set_budget_steps(self, seconds_per_step: float, eval_seconds: float) -> None:
-        """heal.budget.minutes: the total steps that fit, from the measured step (and evaluation) time."""
+    def _set_budget_steps(self, elapsed: float, seconds_per_step: float, eval_seconds: float) -> None:
+        """heal.budget.minutes: the total steps that fit: ``elapsed`` seconds so far, then steps of the
+        measured time (the steps after the first, which warms up) and their share of the evaluations."""
         cfg = self.config
-        seconds = torch.tensor([[seconds_per_step, eval_seconds]], dtype=torch.float64)
+        seconds = torch.tensor([[elapsed, seconds_per_step, eval_seconds]], dtype=torch.float64)
         if self.world > 1:  # every process takes the slowest one's figures, so all stop together
             seconds = self.accelerator.gather(seconds.to(self.accelerator.device)).cpu()
-        per_step, per_eval = (float(v) for v in seconds.max(dim=0).values)
+        spent, per_step, per_eval = (float(v) for v in seconds.max(dim=0).values)
         per_step_total = per_step + (per_eval / cfg.eval_every if cfg.eval_every else 0.0)
-        cfg.steps = max(self.state.step, int(cfg.budget_seconds / per_step_total))
+        cfg.steps = self.state.step + max(0, int((cfg.budget_seconds - spent) / per_step_total))
 
     # -------------------------------------------------------- the run
     def run(self, eval_seconds: float = 0.0, stop_at: int | None = None) -> list[dict[str, Any]]:
@@ -648,6 +649,7 @@ class Trainer:
         started = self.clock()
         before = self.elapsed
         done_here = 0
+        warmed = started  # the end of this call's first step
         stopped_early = False
         with stop_on_signals() as flag:
             while self.state.step < min(cfg.steps, stop_at if stop_at is not None else cfg.steps):
@@ -665,8 +667,11 @@ class Trainer:
                 seconds = self.clock() - t0
                 done_here += 1
                 self.state.step = step + 1
+                if done_here == 1:
+                    warmed = self.clock()
                 if cfg.budget_seconds is not None and done_here == MEASURE_STEPS and step + 1 == MEASURE_STEPS:
-                    self._set_budget_steps((self.clock() - started) / done_here, eval_seconds)
+                    now = self.clock()
+                    self._set_budget_steps(now - started, (now - warmed) / (done_here - 1), eval_seconds)
                 record = {"step": self.state.step, **{k: round(v, 6) for k, v in totals.items()},
                           "lr": self.scheduler.get_last_lr()[0], "seconds": round(seconds, 3),
                           "tokens_per_s": round(tokens_per_step / max(seconds, 1e-9), 1)}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -257,3 +258,5 @@ def test_default_heal_data_is_the_corpus_plus_teacher_chat_sized_by_the_heal(smo
     assert data.heal_chat_tokens(chat, Data(), budget, smollm2_tokenizer) == tokens  # unmeasured: heal.steps
     assert data.heal_chat_tokens(chat, Data(), budget, smollm2_tokenizer, planned=40960) == 20480 - corpus
     assert data.heal_chat_tokens(chat, Data(), budget, smollm2_tokenizer, planned=8192) == 0
+    healed_run = SimpleNamespace(inputs={data.HEAL_PLANNED_KEY: 40960})  # a later stage of a healed run
+    assert data.heal_chat_tokens(chat, Data(), budget, smollm2_tokenizer, healed_run) == 20480 - corpus

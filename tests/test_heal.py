@@ -222,6 +222,20 @@ def _trainer(student_dir, teacher_dir, checkpoint_dir, on_step=None, steps=6, **
     return trainer.Trainer(student, teacher, stream, cfg, on_step=on_step)
 
 
+def test_a_run_stopped_at_a_step_continues_as_one_run(student_dir, teacher_dir, tmp_path):
+    straight = _trainer(student_dir, teacher_dir, None, steps=4)
+    whole = [r["loss"] for r in straight.run()]
+    split = _trainer(student_dir, teacher_dir, None, steps=4)
+    assert len(split.run(stop_at=2)) == 2 and split.state.step == 2
+    first = split.elapsed
+    assert [r["loss"] for r in split.run()] == whole  # the same windows, lr and weights, step for step
+    assert split.state.step == 4 and split.elapsed > first > 0
+    split.state.planned_tokens = 12288  # what the heal text was sized for travels with a checkpoint
+    split.checkpoint_dir = tmp_path / "checkpoints"
+    resumed = _trainer(student_dir, teacher_dir, None, steps=4)
+    assert resumed.resume(split.checkpoint()) == 4 and resumed.state.planned_tokens == 12288
+
+
 def test_resume_after_sigint_reaches_the_same_weights_as_an_uninterrupted_run(student_dir, teacher_dir, tmp_path):
     straight = _trainer(student_dir, teacher_dir, tmp_path / "a")
     straight.run()
@@ -289,17 +303,28 @@ def test_a_minutes_budget_sets_the_steps_from_the_measured_step_time(student_dir
     def ten_seconds_a_step() -> float:  # the injected clock: every finished step took 10 s
         return runs["run"].state.step * 10.0
 
+    assert trainer.MEASURE_STEPS == 3
     run = _trainer(student_dir, teacher_dir, None, steps=trainer.MEASURE_STEPS, budget_seconds=95.0)
     runs["run"] = run
     run.clock = ten_seconds_a_step
-    assert len(run.run()) == 9 and run.config.steps == 9  # 95 s / 10 s per step
+    assert len(run.run()) == 9 and run.config.steps == 9  # 3 steps in 30 s, then 65 s / 10 s per step
 
     evaluated = _trainer(student_dir, teacher_dir, None, steps=trainer.MEASURE_STEPS, budget_seconds=95.0,
                          eval_every=3)
     runs["run"] = evaluated
     evaluated.clock, evaluated.evaluate = ten_seconds_a_step, lambda: 1.0
-    evaluated.run(eval_seconds=6.0)  # 10 s + 6 s / 3 per step
-    assert evaluated.config.steps == 7 and evaluated.state.step == 7
+    evaluated.run(eval_seconds=6.0)  # then 65 s / (10 s + 6 s / 3) per step
+    assert evaluated.config.steps == 8 and evaluated.state.step == 8
+
+    def slow_first_step() -> float:  # 40 s to warm up, then 10 s a step
+        step = runs["run"].state.step
+        return 0.0 if step == 0 else 30.0 + 10.0 * step
+
+    warming = _trainer(student_dir, teacher_dir, None, steps=trainer.MEASURE_STEPS, budget_seconds=95.0)
+    runs["run"] = warming
+    warming.clock = slow_first_step
+    warming.run()  # the first step is not taken for a typical one: 3 steps in 60 s, then 35 s / 10 s
+    assert warming.config.steps == 6
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:

@@ -144,6 +144,29 @@ def test_heal_chat_keeps_each_window_seen_at_most_twice(tiny_gguf, smollm2_token
     assert corpus_tokens < sizes[20] < sizes[40]
 
 
+def test_a_minutes_budget_writes_the_chat_its_timed_steps_need(tiny_model_dir, smollm2_tokenizer, tmp_path,
+                                                              monkeypatch):
+    from ollama_compress.hooks.heal import budget_tokens_planned, heal_model
+
+    monkeypatch.setenv("OLLAMA_COMPRESS_CACHE", str(tmp_path / "cache"))
+    student, teacher = tiny_model_dir("llama", 2), tiny_model_dir("llama", 2, seed=1)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("A short heal corpus about rivers and rain. " * 12)
+    mix = Data.model_validate({"heldout": {"from": "default", "split": "heldout", "samples": 2, "seq_len": 32},
+                               "heal": [{"from": "text", "path": str(corpus)},
+                                        {"from": "teacher", "prompts": PROMPTS, "max_new_tokens": 16}]})
+    corpus_tokens = len(data.token_stream(data.load_texts(mix.heal_sources()[0]), smollm2_tokenizer))
+    settings = Heal(budget={"minutes": 0.02}, batch_size=2, seq_len=32, dtype="float32", checkpoint_every=0,
+                    patience=0, loss={"kl": 1.0})
+    lines: list[str] = []
+    result = heal_model(student, teacher, tmp_path / "healed", settings, mix, log=lines.append)
+    # the first steps set the step count; then the chat is written for exactly those steps
+    assert result["steps"] > 2 and result["planned_tokens"] == budget_tokens_planned(result["steps"], settings)
+    assert result["heal_tokens"] >= result["planned_tokens"] / data.MAX_WINDOW_VIEWS > corpus_tokens
+    assert result["window_views"] <= data.MAX_WINDOW_VIEWS
+    assert any(f"({result['steps']} steps fit in the budget)" in line for line in lines)
+
+
 @pytest.mark.parametrize("setting, words", [
     ("{from: teacher, temperature: -1}", "temperature"),
     ("{from: teacher, top_p: 0}", "top_p"),
