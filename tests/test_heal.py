@@ -303,28 +303,28 @@ def test_a_minutes_budget_sets_the_steps_from_the_measured_step_time(student_dir
     def ten_seconds_a_step() -> float:  # the injected clock: every finished step took 10 s
         return runs["run"].state.step * 10.0
 
-    assert trainer.MEASURE_STEPS == 3
-    run = _trainer(student_dir, teacher_dir, None, steps=trainer.MEASURE_STEPS, budget_seconds=95.0)
+    assert (trainer.MEASURE_STEPS, trainer.WARMUP_STEPS) == (5, 3)
+    run = _trainer(student_dir, teacher_dir, None, steps=trainer.MEASURE_STEPS, budget_seconds=125.0)
     runs["run"] = run
     run.clock = ten_seconds_a_step
-    assert len(run.run()) == 9 and run.config.steps == 9  # 3 steps in 30 s, then 65 s / 10 s per step
+    assert len(run.run()) == 12 and run.config.steps == 12  # 5 steps in 50 s, then 75 s / 10 s per step
 
-    evaluated = _trainer(student_dir, teacher_dir, None, steps=trainer.MEASURE_STEPS, budget_seconds=95.0,
+    evaluated = _trainer(student_dir, teacher_dir, None, steps=trainer.MEASURE_STEPS, budget_seconds=125.0,
                          eval_every=3)
     runs["run"] = evaluated
     evaluated.clock, evaluated.evaluate = ten_seconds_a_step, lambda: 1.0
-    evaluated.run(eval_seconds=6.0)  # then 65 s / (10 s + 6 s / 3) per step
-    assert evaluated.config.steps == 8 and evaluated.state.step == 8
+    evaluated.run(eval_seconds=6.0)  # then 75 s / (10 s + 6 s / 3) per step
+    assert evaluated.config.steps == 11 and evaluated.state.step == 11
 
-    def slow_first_step() -> float:  # 40 s to warm up, then 10 s a step
+    def slow_first_steps() -> float:  # 40 s, 20 s and 15 s to warm up, then 10 s a step
         step = runs["run"].state.step
-        return 0.0 if step == 0 else 30.0 + 10.0 * step
+        return [0.0, 40.0, 60.0, 75.0][step] if step < 4 else 75.0 + 10.0 * (step - 3)
 
-    warming = _trainer(student_dir, teacher_dir, None, steps=trainer.MEASURE_STEPS, budget_seconds=95.0)
+    warming = _trainer(student_dir, teacher_dir, None, steps=trainer.MEASURE_STEPS, budget_seconds=125.0)
     runs["run"] = warming
-    warming.clock = slow_first_step
-    warming.run()  # the first step is not taken for a typical one: 3 steps in 60 s, then 35 s / 10 s
-    assert warming.config.steps == 6
+    warming.clock = slow_first_steps
+    warming.run()  # the warm-up steps are not taken for typical ones: 5 steps in 95 s, then 30 s / 10 s
+    assert warming.config.steps == 8
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
