@@ -487,16 +487,19 @@ def _span_hashes(ids: list[int], step: int) -> set[bytes]:
             for i in range(0, len(array) - HELDOUT_SPAN + 1, step)}
 
 
+def heal_source_key(data: Any, index: int) -> str:
+    """The recipe key of ``data.heal``'s source ``index``: ``data.heal[i]`` for a list, else ``data.heal``."""
+    return f"data.heal[{index}]" if isinstance(data.heal, list) else "data.heal"
+
+
 def training_streams(data: Any, tokenizer, ctx=None, model=None, heal: bool = True) -> dict[str, list[list[int]]]:
     """Token windows each stage calibrates or trains on, by recipe key: ``data.calibration``'s
     windows and (``heal``) each ``data.heal`` source's whole stream."""
     batches = calibration_batches(data.calibration, tokenizer, ctx=ctx, model=model)
     streams = {"data.calibration": [row for batch in batches for row in batch.tolist()]}
     if heal:
-        sources = data.heal_sources()
-        for i, spec in enumerate(sources):
-            key = f"data.heal[{i}]" if isinstance(data.heal, list) else "data.heal"
-            streams[key] = [token_stream(load_texts(spec, tokenizer, ctx, model=model), tokenizer)]
+        for i, spec in enumerate(data.heal_sources()):
+            streams[heal_source_key(data, i)] = [token_stream(load_texts(spec, tokenizer, ctx, model=model), tokenizer)]
     return streams
 
 

@@ -189,15 +189,13 @@ def heal_texts_by_source(data: Data, tokenizer, teacher_dir: Path, ctx: StageCon
                          planned: int | None = None) -> dict[str, list[str]]:
     """The heal's texts by ``data.heal`` key (``data.heal[i]`` for a list); `teacher` chat sized for
     ``settings`` and ``planned`` trained tokens (``heal_chat_tokens``)."""
-    from ollama_compress.hooks.data import heal_chat_tokens, load_texts
+    from ollama_compress.hooks.data import heal_chat_tokens, heal_source_key, load_texts
 
-    sources = data.heal_sources()
     texts: dict[str, list[str]] = {}
-    for i, spec in enumerate(sources):
+    for i, spec in enumerate(data.heal_sources()):
         tokens = (heal_chat_tokens(spec, data, settings, tokenizer, ctx, planned)
                   if spec.from_ == "teacher" and settings is not None else None)
-        key = f"data.heal[{i}]" if isinstance(data.heal, list) else "data.heal"
-        texts[key] = load_texts(spec, tokenizer, ctx, model=teacher_dir, tokens=tokens, log=log)
+        texts[heal_source_key(data, i)] = load_texts(spec, tokenizer, ctx, model=teacher_dir, tokens=tokens, log=log)
     return texts
 
 
