@@ -6,7 +6,9 @@ batch 4 x seq 256, ``kl`` + ``hidden_mse``, train all, ``heal.dtype: auto``, thr
 ``hooks.heal.heal_model`` (the function behind the heal stage and command). In the same process it
 first measures the CPU's bf16 and fp32 matmul rates at the heal's shapes with
 ``machine.matmul_rate`` (the measurement ``heal.dtype: auto`` decides by; the heal reuses it).
-Then ``--warmup`` untimed steps, ``--steps`` timed ones and one profiled step.
+Then ``--warmup`` untimed steps (by default the trainer's own ``WARMUP_STEPS``, which are slower),
+``--steps`` timed ones and one profiled step. Held-out checks are off (``heal.eval_every=0``): the
+figure is the training step, and a check inside a timed step would be counted as training.
 
 It prints one JSON line: tokens/s, achieved GFLOP/s counting (2 x teacher params + 6 x student
 params) per token, the ratio to the faster matmul rate (the issue's goal: >= 0.6), peak RSS, the
@@ -110,7 +112,7 @@ def run_cpu(args) -> dict:
     threads = machine.use_physical_cores()
     teacher, pruned = teacher_and_pruned()
     steps = args.warmup + args.steps + 1
-    overrides = [f"heal.steps={steps}", "heal.checkpoint_every=0", "data.heal={from: default}",
+    overrides = [f"heal.steps={steps}", "heal.checkpoint_every=0", "heal.eval_every=0", "data.heal={from: default}",
                  "data.heldout={from: default, split: heldout, samples: 2, seq_len: 256}", *args.overrides]
     settings, _ = command_settings(str(pruned), overrides)  # the demo's heal: the recipe defaults
     tokens = settings.batch_size * settings.seq_len
@@ -248,7 +250,8 @@ def main() -> int:
     where.add_argument("--cpu", action="store_true", help="the demo's heal on this CPU (default without CUDA)")
     where.add_argument("--gpu", action="store_true", help="the Qwen2.5-3B-shaped heal on CUDA")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: cpu 8, gpu 6)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: cpu 1, gpu 2)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps first (default: cpu the trainer's WARMUP_STEPS, gpu 2)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="cpu: a heal.* or data.* override (e.g. heal.dtype=float32)")
     parser.add_argument("--profile-out", type=Path, default=Path("runs/bench-heal/profile-step.txt"))
@@ -267,7 +270,9 @@ def main() -> int:
     if args.steps is None:
         args.steps = 6 if gpu else 8
     if args.warmup is None:
-        args.warmup = 2 if gpu else 1
+        from ollama_compress.trainer import WARMUP_STEPS
+
+        args.warmup = 2 if gpu else WARMUP_STEPS
     args.warmup = max(args.warmup, 0 if gpu else 1)  # cpu: the first step's time also holds the loading
     if gpu:
         return run_gpu(args)
