@@ -460,7 +460,7 @@ def heal_model(
         if run.state.planned_tokens is None:  # the first steps set the budget's step count
             with ProgressReport(console, cfg.steps, log) as report:
                 run.on_step = report
-                run.run(eval_seconds=eval_seconds, stop_at=trainer.MEASURE_STEPS)
+                run.run(eval_seconds=eval_seconds, stop_at=cfg.steps)  # MEASURE_STEPS more, then the total is set
             run.state.planned_tokens = budget_tokens_planned(cfg.steps, settings)
         chat_started = time.perf_counter()
         run.stream = heal_stream(data, s_tok, teacher_dir, ctx, settings, held_windows, log, run.state.planned_tokens)

@@ -163,11 +163,12 @@ def step_windows(stream: list[int], step: int, count: int, seq_len: int, seed: i
 
 
 # ---------------------------------------------------------------- schedule
-def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the peak lr at ``step`` (0-based): linear warmup, then decay to 10%."""
+def lr_factor(step: int, steps: int | None, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak lr at ``step`` (0-based): linear warmup, then decay to 10% at ``steps``
+    (``None``: not known yet, as in a minutes budget's first steps: the peak is held)."""
     if warmup and step < warmup:
         return (step + 1) / warmup
-    if schedule == "constant":
+    if schedule == "constant" or steps is None:
         return 1.0
     progress = (step - warmup) / max(1, steps - warmup)
     if schedule == "linear":
@@ -372,6 +373,7 @@ class TrainState:
     best_step: int = 0
     stale: int = 0  # evaluations since the last improvement
     planned_tokens: int | None = None  # what the heal text was sized for, once set after the first steps
+    steps_fixed: bool = True  # False while a minutes budget's first steps run: the total is not known yet
 
 
 Progress = Callable[[dict[str, Any]], None]
@@ -466,12 +468,12 @@ class Trainer:
         else:  # replicated: DDP has nothing to do for a model without trainable weights
             self.teacher_module = ForwardModule(teacher)
         self.params = list(trainable_parameters(self.student_module).values())
+        self.state = TrainState(micro_batch=config.micro_batch, steps_fixed=config.budget_seconds is None)
         optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay,
                                       betas=(0.9, 0.95), **adamw_kernel(self.params))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, config.steps, config.warmup, config.schedule))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+            s, config.steps if self.state.steps_fixed else None, config.warmup, config.schedule))
         self.optimizer, self.scheduler = acc.prepare_optimizer(optimizer), acc.prepare_scheduler(scheduler)
-        self.state = TrainState(micro_batch=config.micro_batch)
         self.best: dict[str, torch.Tensor] | None = None  # trainable weights at the best held-out KL
         self.elapsed = 0.0  # seconds in ``run`` so far, across calls
 
@@ -492,14 +494,20 @@ class Trainer:
                             "resume with the same ones, or delete it to start over")
         self.state = TrainState(step=state["step"], micro_batch=state["micro_batch"], log=state.get("log", []),
                                 best_kl=state.get("best_kl"), best_step=state.get("best_step", 0),
-                                stale=state.get("stale", 0), planned_tokens=state.get("planned_tokens"))
+                                stale=state.get("stale", 0), planned_tokens=state.get("planned_tokens"),
+                                steps_fixed=state.get("steps_fixed", state["step"] >= MEASURE_STEPS))
         self.config.steps = state.get("steps_total", self.config.steps)
+        if self.config.budget_seconds is not None and not self.state.steps_fixed:
+            # stopped before the budget was timed: this process times its own first steps (the
+            # seconds before the stop are not counted)
+            self.config.steps = self.state.step + MEASURE_STEPS
         return self.state.step
 
     def _state_record(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "micro_batch": self.state.micro_batch, "log": self.state.log,
                 "steps_total": self.config.steps, "best_kl": self.state.best_kl, "best_step": self.state.best_step,
-                "stale": self.state.stale, "planned_tokens": self.state.planned_tokens}
+                "stale": self.state.stale, "planned_tokens": self.state.planned_tokens,
+                "steps_fixed": self.state.steps_fixed}
 
     def checkpoint(self) -> Path | None:
         """Save a resumable checkpoint (every process calls this; rank 0 writes, or all write shards)."""
@@ -637,6 +645,7 @@ class Trainer:
         spent, per_step, per_eval = (float(v) for v in seconds.max(dim=0).values)
         per_step_total = per_step + (per_eval / cfg.eval_every if cfg.eval_every else 0.0)
         cfg.steps = self.state.step + max(0, int((cfg.budget_seconds - spent) / per_step_total))
+        self.state.steps_fixed = True
 
     # -------------------------------------------------------- the run
     def run(self, eval_seconds: float = 0.0, stop_at: int | None = None) -> list[dict[str, Any]]:
@@ -670,7 +679,7 @@ class Trainer:
                 self.state.step = step + 1
                 if done_here == WARMUP_STEPS:
                     warmed = self.clock()
-                if cfg.budget_seconds is not None and done_here == MEASURE_STEPS and step + 1 == MEASURE_STEPS:
+                if not self.state.steps_fixed and done_here == MEASURE_STEPS:
                     now = self.clock()
                     self._set_budget_steps(now - started, (now - warmed) / (MEASURE_STEPS - WARMUP_STEPS),
                                            eval_seconds)

@@ -327,6 +327,34 @@ def test_a_minutes_budget_sets_the_steps_from_the_measured_step_time(student_dir
     assert warming.config.steps == 8
 
 
+def test_a_minutes_budget_holds_the_peak_lr_until_its_total_is_known(student_dir, teacher_dir):
+    run = _trainer(student_dir, teacher_dir, None, steps=trainer.MEASURE_STEPS, budget_seconds=125.0)
+    run.clock = lambda: run.state.step * 10.0
+    lrs = [r["lr"] for r in run.run()]  # each the lr of the next step; warmup is 1 step here
+    peak, measured = run.config.lr, trainer.MEASURE_STEPS
+    assert len(lrs) == 12 and lrs[:measured] == [peak] * measured  # no cosine over a provisional total
+    assert all(a > b for a, b in zip(lrs[measured - 1:], lrs[measured:]))  # then the decay over all 12
+    assert lrs[-1] == pytest.approx(0.1 * peak)
+
+
+def test_a_heal_stopped_before_its_budget_was_timed_times_it_after_the_resume(student_dir, teacher_dir, tmp_path):
+    def interrupt_at_3(record):
+        if record.get("step") == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first = _trainer(student_dir, teacher_dir, tmp_path / "b", on_step=interrupt_at_3, steps=trainer.MEASURE_STEPS,
+                     budget_seconds=125.0)
+    first.clock = lambda: first.state.step * 10.0
+    with pytest.raises(trainer.HealInterrupted, match="SIGINT at step 3"):
+        first.run()
+    resumed = _trainer(student_dir, teacher_dir, tmp_path / "b", steps=trainer.MEASURE_STEPS, budget_seconds=125.0)
+    resumed.clock = lambda: resumed.state.step * 10.0
+    assert resumed.resume(trainer.latest_checkpoint(tmp_path / "b")) == 3
+    assert not resumed.state.steps_fixed and resumed.config.steps == 3 + trainer.MEASURE_STEPS
+    resumed.run()  # steps 4-8 in 50 s, the 7th and 8th timed, then 75 s / 10 s per step
+    assert resumed.state.steps_fixed and resumed.config.steps == 15 and resumed.state.step == 15
+
+
 def _snapshot(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.trainable_parameters(model).items()}
 
