@@ -199,13 +199,6 @@ def heal_texts_by_source(data: Data, tokenizer, teacher_dir: Path, ctx: StageCon
     return texts
 
 
-def heal_texts(data: Data, tokenizer, teacher_dir: Path, ctx: StageContext | None, settings: Heal | None = None,
-               log: Log = lambda message: None, planned: int | None = None) -> list[str]:
-    """``heal_texts_by_source`` joined in order."""
-    return [t for texts in heal_texts_by_source(data, tokenizer, teacher_dir, ctx, settings, log, planned).values()
-            for t in texts]
-
-
 def heal_stream(data: Data, tokenizer, teacher_dir: Path, ctx: StageContext | None, settings: Heal,
                 held_windows: list[list[int]], log: Log, planned: int | None = None) -> list[int]:
     """The heal's token stream (``heal_texts_by_source``), after checking that no held-out window
@@ -521,7 +514,7 @@ def iterative_healer(teacher_dir: Path, settings: Heal, data: Data, *, options: 
     Trains the layers next to the cuts with ``train: neighbours``, every decoder layer otherwise.
     """
     from ollama_compress import trainer
-    from ollama_compress.hooks.data import token_stream, unseen_heldout_windows
+    from ollama_compress.hooks.data import unseen_heldout_windows
 
     options = options or RunOptions()
     device = options.resolved_device()
@@ -530,9 +523,8 @@ def iterative_healer(teacher_dir: Path, settings: Heal, data: Data, *, options: 
 
     def setup() -> None:  # on the first removal, after prune has checked its own input
         tokenizer = modelio.load_tokenizer(teacher_dir, options)
-        unseen_heldout_windows(data, tokenizer, ctx, teacher_dir)
-        texts = heal_texts(data, tokenizer, teacher_dir, ctx, settings, log)
-        loaded["stream"] = token_stream(texts, tokenizer)
+        held = unseen_heldout_windows(data, tokenizer, ctx, teacher_dir, heal=False)  # the heal text: next line
+        loaded["stream"] = heal_stream(data, tokenizer, teacher_dir, ctx, settings, held, log)
         loaded["teacher"] = modelio.load_model(teacher_dir, options, device=device).requires_grad_(False)
 
     def between_steps(model, step: int, student_to_teacher: list[int]) -> None:

@@ -545,6 +545,18 @@ def test_iterative_prune_heals_between_removals(teacher_dir, tmp_path):
     assert any(changed)
 
 
+def test_the_iterative_heal_refuses_heal_text_that_holds_the_held_out_text(student_dir, teacher_dir, tmp_path):
+    from ollama_compress.hooks.data import default_texts
+
+    held = tmp_path / "held.txt"
+    held.write_text(default_texts(Data().heldout)[0][:2000])
+    mixed = Data.model_validate({"heldout": {"from": "text", "path": str(held), "samples": 2, "seq_len": 32},
+                                 "heal": [{"from": "default"}, {"from": "text", "path": str(held)}]})
+    healer = heal_hooks.iterative_healer(teacher_dir, quick(iterative_steps=1), mixed)
+    with pytest.raises(UserError, match=r"data.heldout shares text with data.heal\[1\]"):
+        healer(modelio.load_model(student_dir), 0, [0, 1, 4, 5])
+
+
 def test_lora_trains_adapters_only_or_says_how_to_install_peft(student_dir):
     model = modelio.load_model(student_dir)
     try:

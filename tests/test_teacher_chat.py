@@ -11,8 +11,7 @@ from helpers import assert_clean_error, cli
 from ollama_compress import teacher_chat
 from ollama_compress.errors import UserError
 from ollama_compress.hooks import data
-from ollama_compress.hooks.heal import heal_tokens_needed
-from ollama_compress.hooks.heal import heal_texts
+from ollama_compress.hooks.heal import heal_stream, heal_tokens_needed
 from ollama_compress.recipe import Data, Heal, TextSource
 
 PROMPTS = ["Name a fruit.", "Say hello.", "Count to three.", "What is rain?", "Write a word.", "Tell a joke."]
@@ -137,7 +136,7 @@ def test_heal_chat_keeps_each_window_seen_at_most_twice(tiny_gguf, smollm2_token
     sizes = {}
     for steps in (1, 20, 40):
         heal = Heal(steps=steps, batch_size=2, seq_len=32)
-        stream = data.token_stream(heal_texts(mix, smollm2_tokenizer, tiny_gguf, None, heal), smollm2_tokenizer)
+        stream = heal_stream(mix, smollm2_tokenizer, tiny_gguf, None, heal, [], lambda message: None)
         sizes[steps] = len(stream)
         assert data.window_views(heal_tokens_needed(heal), len(stream)) <= data.MAX_WINDOW_VIEWS
     assert sizes[1] <= corpus_tokens + 1  # the corpus suffices: no chat written
