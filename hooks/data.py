@@ -21,7 +21,9 @@ A recipe ``data`` entry (``TextSource``) names a *kind* of source in ``from``:
   Its size: ``tokens``, else (in ``data.heal``) what keeps each heal window seen at most twice
   (``heal_chat_tokens``), else ``samples x seq_len``. The teacher GGUF is the source GGUF, or the
   teacher exported and quantized through the hooks. Cached by content in the user cache
-  (``~/.cache/ollama-compress/teacher-chat``).
+  (``~/.cache/ollama-compress/teacher-chat``). ``write: text``: no prompt and no chat template; each
+  sample starts from the model's start token alone, so the text follows what the teacher writes
+  by itself (web-like prose, lists, code), not what the prompt set asks for.
 
 Plugins add kinds through ``register_data_sources``; a kind's function is
 ``fn(spec, tokenizer, ctx) -> list[str]``. ``calibration_batches`` joins the texts with the EOS token
@@ -223,6 +225,12 @@ def _nonempty_prompts(prompts: list, where: str) -> list:
     return prompts
 
 
+def _require_tokenizer(tokenizer):
+    if tokenizer is None:
+        raise UserError("data source 'teacher' needs the model's tokenizer")
+    return tokenizer
+
+
 def _chat_template_tokenizer(tokenizer):
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise UserError("data source 'teacher' needs the model's tokenizer with a chat template")
@@ -300,53 +308,54 @@ def _sampling(spec: TextSource):
 
 
 def teacher_chat_file(spec: TextSource, gguf: Path, tokenizer, tokens: int, cache_dir=None) -> Path:
-    """Where the chat of these settings is cached: the user cache, named by a hash of everything
-    the text depends on (the teacher GGUF's sha256, prompts, chat template, sampling, size)."""
+    """Where the text of these settings is cached: the user cache, named by a hash of everything
+    the text depends on (the teacher GGUF's sha256, prompts and chat template or ``write: text``,
+    sampling, size)."""
     sha = Fingerprints(user_cache() / "fingerprints.json").sha256(gguf)
-    key = settings_hash(TEACHER_CHAT_VERSION, sha, teacher_prompts(spec), tokenizer.chat_template,
-                        vars(_sampling(spec)), tokens)
+    writes = (teacher_prompts(spec), tokenizer.chat_template) if spec.write == "chat" else ("text from the start token",)
+    key = settings_hash(TEACHER_CHAT_VERSION, sha, *writes, vars(_sampling(spec)), tokens)
     return Path(cache_dir or user_cache() / "teacher-chat") / f"{key[:24]}.jsonl"
 
 
 def generate_teacher_chat(spec: TextSource, gguf: Path, tokenizer, tokens: int, batch: int | None = None,
                           chat=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Conversations written by the teacher until they hold ``tokens`` tokens, and the figures.
+    """Conversations (``write: text``: texts) written by the teacher until they hold ``tokens`` tokens,
+    and the figures.
 
     Conversation ``i`` answers prompt ``i mod len(prompts)`` (sampled with its own seed, so a
     prompt used again gets another reply); each is ``{category, prompt, reply, tokens}``, where
-    ``tokens`` counts the whole rendered conversation as the heal tokenizes it.
+    ``tokens`` counts the whole rendered conversation as the heal tokenizes it. Text ``i`` starts
+    from the start token with its own seed; its record has category ``text`` and an empty prompt.
     """
     from ollama_compress import teacher_chat
 
-    prompts = teacher_prompts(spec)
+    prompts = teacher_prompts(spec) if spec.write == "chat" else [("text", "")]
     sampling = _sampling(spec)
-    rendered: dict[int, str] = {}
 
-    def text(i: int) -> str:
+    def prompt(i: int) -> str | list[int]:
         if i >= len(prompts) and sampling.temperature == 0:
-            raise UserError(f"data source 'teacher': {tokens} tokens need more than the {len(prompts)} prompts, and "
-                            "greedy decoding (temperature: 0) would repeat their replies; give more prompts, fewer "
-                            "tokens or a temperature above 0")
-        rendered[i] = prompt_text(tokenizer, prompts[i % len(prompts)][1])
-        return rendered[i]
+            raise UserError(f"data source 'teacher': {tokens} tokens need more than {len(prompts)} greedy "
+                            "replies, which would repeat; give more prompts, fewer tokens or a temperature above 0")
+        return prompt_text(tokenizer, prompts[i % len(prompts)][1]) if spec.write == "chat" else [engine.start_token()]
 
     records: list[dict[str, Any]] = []
 
     def enough(replies: list[list[int]]) -> bool:
         for i in range(len(records), len(replies)):
-            category, prompt = prompts[i % len(prompts)]
+            category, asked = prompts[i % len(prompts)]
             reply = engine.detokenize(replies[i]).strip()
-            count = len(tokenizer(conversation_text(tokenizer, prompt, reply), add_special_tokens=False)["input_ids"])
-            records.append({"category": category, "prompt": prompt, "reply": reply, "tokens": count,
+            count = len(tokenizer(heal_text(tokenizer, spec, asked, reply), add_special_tokens=False)["input_ids"])
+            records.append({"category": category, "prompt": asked, "reply": reply, "tokens": count,
                             "new_tokens": len(replies[i])})
         return sum(r["tokens"] for r in records) >= tokens
 
-    longest = max(len(tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"]) for _, p in prompts)
+    longest = 1 if spec.write == "text" else max(
+        len(tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"]) for _, p in prompts)
     started = time.perf_counter()
     engine = chat or teacher_chat.LlamaChat(gguf, batch or teacher_chat.DEFAULT_BATCH,
                                             longest + 16 + sampling.max_new_tokens)
     try:
-        teacher_chat.generate_replies(engine, text, sampling, enough)
+        teacher_chat.generate_replies(engine, prompt, sampling, enough)
         decode_calls = engine.decode_calls
     finally:
         if chat is None:
@@ -359,16 +368,23 @@ def generate_teacher_chat(spec: TextSource, gguf: Path, tokenizer, tokens: int, 
     return records, figures
 
 
+def heal_text(tokenizer, spec: TextSource, prompt: str, reply: str) -> str:
+    """A record of the teacher's as the heal reads it: the conversation in the chat template, or the text."""
+    return conversation_text(tokenizer, prompt, reply) if spec.write == "chat" else reply
+
+
 def teacher_texts(spec: TextSource, tokenizer=None, ctx=None, model=None, cache_dir=None, tokens: int | None = None,
                   log=None) -> list[str]:
-    """Conversations the teacher writes with llama.cpp from the prompt set, chat-formatted; cached.
+    """Conversations the teacher writes with llama.cpp from the prompt set, chat-formatted (``write:
+    text``: text it writes from its start token alone); cached.
 
     ``tokens``: how much to write (default: ``spec.tokens``, else derived from the recipe's heal, else
     ``samples x seq_len``); 0 writes nothing. ``model`` is a GGUF, an HF directory or a loaded model
     (without it, ``ctx.inputs`` names one).
     """
     log = log or (ctx.log if ctx is not None else (lambda message: None))
-    tokenizer = _chat_template_tokenizer(tokenizer)
+    tokenizer = _chat_template_tokenizer(tokenizer) if spec.write == "chat" else _require_tokenizer(tokenizer)
+    what = "teacher chat" if spec.write == "chat" else "teacher text"
     tokens = tokens if tokens is not None else _chat_token_target(spec, tokenizer, ctx)
     if tokens == 0:
         return []
@@ -376,18 +392,17 @@ def teacher_texts(spec: TextSource, tokenizer=None, ctx=None, model=None, cache_
     cache_file = teacher_chat_file(spec, gguf, tokenizer, tokens, cache_dir)
     if cache_file.is_file():
         records = [json.loads(line) for line in cache_file.read_text(encoding="utf-8").splitlines() if line]
-        log(f"teacher chat: reusing {len(records)} conversations ({sum(r['tokens'] for r in records)} tokens) "
-            f"from {cache_file}")
+        log(f"{what}: reusing {len(records)} samples ({sum(r['tokens'] for r in records)} tokens) from {cache_file}")
     else:
-        log(f"teacher chat: writing {tokens} tokens of conversations with llama.cpp from {gguf.name}")
+        log(f"{what}: writing {tokens} tokens with llama.cpp from {gguf.name}")
         records, figures = generate_teacher_chat(spec, gguf, tokenizer, tokens)
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache_file) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        log(f"teacher chat: {figures['conversations']} conversations, {figures['tokens']} tokens in "
+        log(f"{what}: {figures['conversations']} samples, {figures['tokens']} tokens in "
             f"{figures['seconds']:.0f} s ({figures['new_tokens_per_s']:.0f} generated tokens/s, "
             f"{figures['batch']} at once, {figures['threads']} threads); cached in {cache_file}")
-    return [conversation_text(tokenizer, r["prompt"], r["reply"]) for r in records]
+    return [heal_text(tokenizer, spec, r["prompt"], r["reply"]) for r in records]
 
 
 @hookimpl
@@ -396,7 +411,8 @@ def register_data_sources(register) -> None:
     register("text", text_file_texts, "a plain UTF-8 text file (path)")
     register("jsonl", jsonl_texts, "JSON lines with a 'text' or chat 'messages' field (path)")
     register("hf", hf_texts, "a Hugging Face dataset by name (dataset, split); needs 'datasets' and a network")
-    register("teacher", teacher_texts, "chat the teacher writes with llama.cpp from a prompt set (prompts or path), cached")
+    register("teacher", teacher_texts, "chat the teacher writes with llama.cpp from a prompt set (prompts or path), "
+                                       "or text from nothing (write: text); cached")
 
 
 # ---------------------------------------------------------------- public API

@@ -101,6 +101,7 @@ class TextSource(Strict):
     dataset: str | None = None  # HF dataset name for `hf` (needs the datasets package and a network)
     split: str = "train"  # dataset split for `hf`
     prompts: list[str] | None = None  # prompts for `teacher` (default: `path`, JSON lines with `prompt`, or the shipped set)
+    write: Literal["chat", "text"] = "chat"  # `teacher`: replies to the prompts, or text from its start token alone
     tokens: int | None = Field(None, ge=1, le=100_000_000)  # `teacher`: tokens of chat to write (default: from the heal)
     temperature: float = Field(0.7, ge=0, le=5)  # `teacher` sampling; 0: greedy
     top_p: float = Field(0.9, gt=0, le=1)  # `teacher` nucleus sampling
@@ -115,9 +116,12 @@ class TextSource(Strict):
 class Data(Strict):
     calibration: TextSource = TextSource()
     heldout: TextSource = TextSource(split="heldout", samples=16)
-    # heal text: one source or a list whose texts are joined; by default the shipped corpus plus teacher-written
-    # chat, as much as keeps each heal window seen at most twice (hooks/data.py, heal_chat_tokens)
-    heal: Union[TextSource, list[TextSource]] = [TextSource(), TextSource.model_validate({"from": "teacher"})]
+    # heal text: one source or a list whose texts are joined; by default the shipped corpus plus, in equal parts,
+    # teacher-written chat and text the teacher writes from nothing, as much as keeps each heal window seen at
+    # most twice (hooks/data.py, heal_chat_tokens)
+    heal: Union[TextSource, list[TextSource]] = [
+        TextSource(), TextSource.model_validate({"from": "teacher"}),
+        TextSource.model_validate({"from": "teacher", "write": "text", "temperature": 1.0, "top_p": 0.95})]
 
     @field_validator("heal")
     @classmethod

@@ -149,6 +149,11 @@ class LlamaChat:
             pieces.extend(buf.raw[:max(0, n)])
         return pieces.decode("utf-8", errors="replace")
 
+    def start_token(self) -> int:
+        """The token text starts from: the model's BOS, else its EOS (which then separates texts)."""
+        bos = self.lib.llama_vocab_bos(self.vocab)
+        return bos if bos >= 0 else self.lib.llama_vocab_eos(self.vocab)
+
     def is_end(self, token: int) -> bool:
         return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
 
@@ -227,9 +232,10 @@ def _llama_cpp():
     return llama_cpp
 
 
-def generate_replies(chat: LlamaChat, texts: Callable[[int], str], sampling: Sampling,
+def generate_replies(chat: LlamaChat, texts: Callable[[int], str | list[int]], sampling: Sampling,
                      enough: Callable[[list[list[int]]], bool]) -> list[list[int]]:
-    """Replies 0, 1, 2... to the rendered prompts ``texts(i)`` until ``enough(replies so far, in order)``.
+    """Replies 0, 1, 2... to the prompts ``texts(i)`` (rendered text, or token ids) until ``enough(replies
+    so far, in order)``.
 
     The result is the shortest prefix of replies, in index order, that is enough: the same for any
     batch size of ``chat``.
@@ -237,7 +243,8 @@ def generate_replies(chat: LlamaChat, texts: Callable[[int], str], sampling: Sam
     def jobs() -> Iterator[tuple[int, list[int]]]:
         i = 0
         while True:
-            yield i, chat.tokenize(texts(i))
+            prompt = texts(i)
+            yield i, chat.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
             i += 1
 
     done: dict[int, list[int]] = {}

@@ -179,6 +179,39 @@ def test_knowledge_sequences_take_outside_questions_in_the_shipped_format(tiny_m
     assert len(knowledge_sequences(tokenizer)) == len(knowledge_questions())
 
 
+OUTSIDE_TEXT = " ".join(f"Crate {i} left the dock at {i % 12 + 1} o'clock with {i * 7 % 13} sacks of grain." for i in range(400))
+
+
+def fact_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fact_check", Path(__file__).parents[1] / "bench" / "fact_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_outside_heldout_text_is_measured_against_the_teacher_and_shipped_text_is_refused(tmp_path, tiny_model_dir):
+    """bench/fact_check.py's held-out text the project does not ship: the teacher's own weights
+    under another name score KL 0, another model does not, and a shipped text is refused."""
+    from ollama_compress import modelio
+    from ollama_compress.hooks.data import default_texts
+    from ollama_compress.recipe import TextSource
+
+    fact_check = fact_check_module()
+    teacher = tiny_model_dir("llama", 2)
+    copy = shutil.copytree(teacher, tmp_path / "teacher-copy")
+    figures = fact_check.heldout_figures(teacher, {"teacher": teacher, "copy": copy, "other": tiny_model_dir("llama", 3)},
+                                         {"outside": OUTSIDE_TEXT}, tmp_path / "run")
+    rows = figures["outside"]["models"]
+    assert set(rows) == {"copy", "other"} and figures["outside"]["tokens"] == 16 * 255
+    assert rows["copy"]["kl"] == pytest.approx(0, abs=1e-4) and rows["copy"]["perplexity_ratio"] == pytest.approx(1, abs=1e-3)
+    assert rows["other"]["kl"] > 0.01 and rows["other"]["top1"] < 1
+    tokenizer = modelio.load_tokenizer(teacher)
+    with pytest.raises(UserError, match="shares text with the shipped heldout text"):
+        fact_check.outside_windows(default_texts(TextSource(split="heldout"))[0], tokenizer)
+
+
 def test_heldout_text_that_was_calibration_text_is_refused(tmp_path, tiny_model_dir):
     text = tmp_path / "same.txt"
     from ollama_compress.hooks.data import default_texts

@@ -121,9 +121,36 @@ def test_few_prompts_cycle_with_new_replies(tiny_gguf, smollm2_tokenizer):
     assert [r["prompt"] for r in records] == [PROMPTS[i % 2] for i in range(len(records))]
     assert records[0]["reply"] != records[2]["reply"]  # the same prompt, another seed
     assert [r["prompt"] for r in again] == [r["prompt"] for r in records]
-    with pytest.raises(UserError, match="greedy decoding"):
+    with pytest.raises(UserError, match="greedy replies"):
         data.generate_teacher_chat(_spec(prompts=PROMPTS[:2], temperature=0), tiny_gguf, smollm2_tokenizer,
                                    tokens=400)
+
+
+def test_text_from_nothing_has_no_prompt_or_template_and_its_own_cache(tiny_gguf, smollm2_tokenizer, tmp_path):
+    spec = _spec(write="text", temperature=1.0, top_p=0.95, max_new_tokens=24)
+    records, figures = data.generate_teacher_chat(spec, tiny_gguf, smollm2_tokenizer, tokens=300)
+    assert {(r["category"], r["prompt"]) for r in records} == {("text", "")} and figures["tokens"] >= 300
+    assert len({r["reply"] for r in records}) == len(records) > 1  # each sample has its own seed
+    texts = data.load_texts(spec, smollm2_tokenizer, model=tiny_gguf, cache_dir=tmp_path, tokens=300)
+    assert texts == [r["reply"] for r in records]
+    assert not any("<|im_start|>" in t or "<|im_end|>" in t for t in texts)
+    chat = data.load_texts(_spec(temperature=1.0, top_p=0.95, max_new_tokens=24, prompts=PROMPTS), smollm2_tokenizer,
+                           model=tiny_gguf, cache_dir=tmp_path, tokens=300)
+    assert chat[0].startswith(data.prompt_text(smollm2_tokenizer, PROMPTS[0]))
+    assert len(list(tmp_path.glob("*.jsonl"))) == 2  # chat and text are cached apart
+    with pytest.raises(UserError, match="greedy replies"):
+        data.generate_teacher_chat(_spec(write="text", temperature=0), tiny_gguf, smollm2_tokenizer, tokens=300)
+
+
+def test_the_default_heal_data_splits_the_teacher_text_evenly_between_chat_and_free_text(smollm2_tokenizer):
+    defaults = Data()
+    chat, free = [s for s in defaults.heal_sources() if s.from_ == "teacher"]
+    assert (chat.write, free.write) == ("chat", "text") and (free.temperature, free.top_p) == (1.0, 0.95)
+    heal = Heal(steps=100, batch_size=4, seq_len=256)
+    sizes = [data.heal_chat_tokens(s, defaults, heal, smollm2_tokenizer) for s in (chat, free)]
+    corpus = len(data.token_stream(data.load_texts(defaults.heal_sources()[0]), smollm2_tokenizer))
+    assert sizes[0] == sizes[1] > 0
+    assert corpus + sum(sizes) >= heal_tokens_needed(heal) / data.MAX_WINDOW_VIEWS > corpus + sizes[0]
 
 
 def test_heal_chat_keeps_each_window_seen_at_most_twice(tiny_gguf, smollm2_tokenizer, tmp_path, monkeypatch):
