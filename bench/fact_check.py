@@ -115,14 +115,20 @@ def outside_texts(files: list[Path]) -> dict[str, str]:
     return texts
 
 
-def outside_windows(text: str, tokenizer) -> list[list[int]]:
-    """``text`` cut like ``data.heldout``; a UserError if it shares a 32-token span with a shipped text."""
-    from ollama_compress.hooks.data import check_heldout_unseen, default_texts, text_windows, token_stream
+def shipped_streams(tokenizer) -> dict[str, list[list[int]]]:
+    """The shipped calibration and held-out texts as token streams, for ``check_heldout_unseen``."""
+    from ollama_compress.hooks.data import default_texts, token_stream
     from ollama_compress.recipe import TextSource
 
+    return {f"the shipped {split} text": [token_stream(default_texts(TextSource(split=split)), tokenizer)]
+            for split in ("calibration", "heldout")}
+
+
+def outside_windows(text: str, tokenizer, shipped: dict[str, list[list[int]]]) -> list[list[int]]:
+    """``text`` cut like ``data.heldout``; a UserError if it shares a 32-token span with a ``shipped`` stream."""
+    from ollama_compress.hooks.data import check_heldout_unseen, text_windows
+
     windows = text_windows([text], tokenizer, OUTSIDE_SAMPLES, OUTSIDE_SEQ_LEN, seed=0)
-    shipped = {f"the shipped {split} text": [token_stream(default_texts(TextSource(split=split)), tokenizer)]
-               for split in ("calibration", "heldout")}
     check_heldout_unseen(windows, shipped, skip=len(windows[0]) - OUTSIDE_SEQ_LEN)
     return windows
 
@@ -137,9 +143,10 @@ def heldout_figures(teacher_dir: Path, models: dict[str, Path], texts: dict[str,
     from ollama_compress.reference import HFModel, teacher_reference
 
     tokenizer = modelio.load_tokenizer(teacher_dir)
+    shipped = shipped_streams(tokenizer)
     figures = {}
     for text_name, text in texts.items():
-        windows = outside_windows(text, tokenizer)
+        windows = outside_windows(text, tokenizer, shipped)
         reference = teacher_reference(teacher_dir, windows, run_dir=run, text=text_name)
         rows = {}
         for name, path in models.items():
@@ -186,6 +193,7 @@ def main() -> None:
     models.update({str(p): p for p in args.models})
     if not models:
         refuse("give --run or --models")
+    texts = {} if args.no_text else outside_texts(args.text)
     questions = mmlu_dev_questions()[: args.limit or None]
     tokenizer_dir = args.tokenizer or next((p for p in models.values() if p.is_dir()), None)
     if tokenizer_dir is None:
@@ -203,9 +211,9 @@ def main() -> None:
                                   "stderr": round(math.sqrt(share * (1 - share) / len(questions)), 4)}
         print(name, result["models"][name], file=sys.stderr, flush=True)
     teacher = args.teacher or models.get("teacher")
-    if not args.no_text and teacher is not None:
+    if texts and teacher is not None:
         try:
-            result["heldout"] = heldout_figures(teacher, models, outside_texts(args.text), args.run)
+            result["heldout"] = heldout_figures(teacher, models, texts, args.run)
         except UserError as exc:
             refuse(str(exc))
     print(json.dumps(result))

@@ -225,15 +225,11 @@ def _nonempty_prompts(prompts: list, where: str) -> list:
     return prompts
 
 
-def _require_tokenizer(tokenizer):
-    if tokenizer is None:
-        raise UserError("data source 'teacher' needs the model's tokenizer")
-    return tokenizer
-
-
-def _chat_template_tokenizer(tokenizer):
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise UserError("data source 'teacher' needs the model's tokenizer with a chat template")
+def _teacher_tokenizer(tokenizer, spec: TextSource):
+    """``tokenizer``, which chat (``write: chat``) needs with a chat template."""
+    chat = spec.write == "chat"
+    if tokenizer is None or (chat and not getattr(tokenizer, "chat_template", None)):
+        raise UserError("data source 'teacher' needs the model's tokenizer" + (" with a chat template" if chat else ""))
     return tokenizer
 
 
@@ -383,7 +379,7 @@ def teacher_texts(spec: TextSource, tokenizer=None, ctx=None, model=None, cache_
     (without it, ``ctx.inputs`` names one).
     """
     log = log or (ctx.log if ctx is not None else (lambda message: None))
-    tokenizer = _chat_template_tokenizer(tokenizer) if spec.write == "chat" else _require_tokenizer(tokenizer)
+    tokenizer = _teacher_tokenizer(tokenizer, spec)
     what = "teacher chat" if spec.write == "chat" else "teacher text"
     tokens = tokens if tokens is not None else _chat_token_target(spec, tokenizer, ctx)
     if tokens == 0:

@@ -209,7 +209,8 @@ def test_outside_heldout_text_is_measured_against_the_teacher_and_shipped_text_i
     assert rows["other"]["kl"] > 0.01 and rows["other"]["top1"] < 1
     tokenizer = modelio.load_tokenizer(teacher)
     with pytest.raises(UserError, match="shares text with the shipped heldout text"):
-        fact_check.outside_windows(default_texts(TextSource(split="heldout"))[0], tokenizer)
+        fact_check.outside_windows(default_texts(TextSource(split="heldout"))[0], tokenizer,
+                                   fact_check.shipped_streams(tokenizer))
 
 
 def test_heldout_text_that_was_calibration_text_is_refused(tmp_path, tiny_model_dir):
